@@ -1,0 +1,111 @@
+//! Where work runs: the CPU backend or one CUDA device.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::gpu::{self, GpuDevice};
+
+#[derive(Clone)]
+pub enum Device {
+    /// The multi-threaded CPU backend (host memory).
+    Cpu,
+    /// One CUDA device (sm_90a kernels).
+    Cuda(Arc<GpuDevice>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceInfo {
+    /// "cpu" or "cuda".
+    pub kind: &'static str,
+    pub name: String,
+    pub ordinal: usize,
+    /// (major, minor); (0, 0) on the CPU backend.
+    pub compute_capability: (i32, i32),
+    /// Multiprocessors on CUDA; worker threads on the CPU backend.
+    pub multiprocessors: usize,
+    pub total_memory: u64,
+}
+
+impl Device {
+    pub fn cpu() -> Device {
+        Device::Cpu
+    }
+
+    /// Opens CUDA device `ordinal`. Fails with `ERR_GPU_UNAVAILABLE` (no driver, no such
+    /// device, not sm_90) or `ERR_KERNELS_UNAVAILABLE` (built without nvcc): never falls
+    /// back to the CPU silently.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        Ok(Device::Cuda(GpuDevice::open(ordinal)?))
+    }
+
+    /// CUDA device 0 when it is usable, else the CPU backend.
+    pub fn best() -> Device {
+        Device::cuda(0).unwrap_or(Device::Cpu)
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+
+    pub fn info(&self) -> DeviceInfo {
+        match self {
+            Device::Cpu => DeviceInfo {
+                kind: "cpu",
+                name: format!("CPU backend ({} threads)", rayon::current_num_threads()),
+                ordinal: 0,
+                compute_capability: (0, 0),
+                multiprocessors: rayon::current_num_threads(),
+                total_memory: 0,
+            },
+            Device::Cuda(g) => g.info().clone(),
+        }
+    }
+
+    /// Waits for all queued work; on CUDA also reports errors that kernels flagged on the
+    /// device (a bad device-resident block index or sequence length) as typed errors.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(g) => g.synchronize(),
+        }
+    }
+
+    /// Two handles to the same device.
+    pub fn same(&self, other: &Device) -> bool {
+        match (self, other) {
+            (Device::Cpu, Device::Cpu) => true,
+            (Device::Cuda(a), Device::Cuda(b)) => Arc::ptr_eq(a, b) || a.ordinal() == b.ordinal(),
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "Device::Cpu"),
+            Device::Cuda(g) => write!(f, "Device::Cuda({})", g.ordinal()),
+        }
+    }
+}
+
+/// Whether a CUDA GPU can be used, and why not.
+#[derive(Debug, Clone)]
+pub struct GpuStatus {
+    pub available: bool,
+    pub device_count: usize,
+    pub kernels_built: bool,
+    /// Why the GPU path is unusable, when it is.
+    pub reason: Option<String>,
+}
+
+pub fn gpu_status() -> GpuStatus {
+    gpu::status()
+}

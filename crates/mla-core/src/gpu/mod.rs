@@ -1,0 +1,184 @@
+//! The CUDA runtime: device discovery, memory, streams and the embedded sm_90a kernels.
+//!
+//! libcuda is loaded at run time (cudarc's dynamic loading), and only after checking that
+//! it exists, so a process on a machine without a driver gets `ERR_GPU_UNAVAILABLE`
+//! instead of a crash.
+
+mod buffer;
+pub mod ops;
+pub mod kernels;
+pub mod launch;
+pub mod params;
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{result, sys, CudaContext, CudaStream};
+
+pub use buffer::DeviceBuffer;
+
+use crate::device::{DeviceInfo, GpuStatus};
+use crate::error::{ErrorCode, MlaError, Result};
+
+/// Why the CUDA driver cannot be used at all (checked once per process).
+fn driver_problem() -> Option<String> {
+    static PROBLEM: OnceLock<Option<String>> = OnceLock::new();
+    PROBLEM
+        .get_or_init(|| {
+            // SAFETY: only probes dlopen; no driver symbol is touched when absent.
+            if !unsafe { sys::is_culib_present() } {
+                return Some("the CUDA driver library (libcuda.so) was not found".into());
+            }
+            match std::panic::catch_unwind(result::init) {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("cuInit failed: {e:?}")),
+                Err(_) => Some("the CUDA driver library could not be loaded".into()),
+            }
+        })
+        .clone()
+}
+
+fn device_count() -> Result<usize> {
+    if let Some(p) = driver_problem() {
+        return Err(MlaError::new(ErrorCode::GpuUnavailable, p));
+    }
+    Ok(result::device::get_count()? as usize)
+}
+
+/// Whether the GPU path is usable, and why not.
+pub fn status() -> GpuStatus {
+    let kernels_built = mla_kernels::available();
+    let (count, mut reason) = match device_count() {
+        Ok(0) => (0, Some("no CUDA device is visible".to_string())),
+        Ok(n) => (n, None),
+        Err(e) => (0, Some(e.message)),
+    };
+    if reason.is_none() && !kernels_built {
+        reason = Some(format!("this build has no GPU kernels: {}", mla_kernels::UNAVAILABLE_REASON));
+    }
+    GpuStatus { available: reason.is_none(), device_count: count, kernels_built, reason }
+}
+
+/// One opened CUDA device: its primary context, a default stream, the loaded kernels and
+/// the device-side error flag that kernels set on bad device-resident input.
+pub struct GpuDevice {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: DeviceInfo,
+    kernels: kernels::Kernels,
+    error_flag: DeviceBuffer,
+    /// Serialises read-and-clear of the error flag.
+    flag_lock: Mutex<()>,
+}
+
+impl GpuDevice {
+    pub fn open(ordinal: usize) -> Result<Arc<GpuDevice>> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(MlaError::arg(ErrorCode::GpuUnavailable, "device", format!("an ordinal below {count}"), ordinal));
+        }
+        if !mla_kernels::available() {
+            return Err(MlaError::new(
+                ErrorCode::KernelsUnavailable,
+                format!("this build has no GPU kernels: {}", mla_kernels::UNAVAILABLE_REASON),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // Buffers here are raw allocations ordered on our own streams.
+        unsafe { ctx.disable_event_tracking() };
+        let cc = ctx.compute_capability()?;
+        if cc != (9, 0) {
+            return Err(MlaError::arg(
+                ErrorCode::GpuUnavailable,
+                "device compute capability",
+                "9.0 (Hopper: the kernels are sm_90a)",
+                format!("{}.{}", cc.0, cc.1),
+            ));
+        }
+        let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let info = DeviceInfo {
+            kind: "cuda",
+            name: ctx.name()?,
+            ordinal,
+            compute_capability: cc,
+            multiprocessors: sms,
+            total_memory: ctx.total_mem()? as u64,
+        };
+        let stream = ctx.new_stream()?;
+        let kernels = kernels::Kernels::load(&ctx)?;
+        let error_flag = DeviceBuffer::alloc(&ctx, &stream, 4)?;
+        error_flag.fill(0)?;
+        Ok(Arc::new(GpuDevice { ordinal, ctx, stream, info, kernels, error_flag, flag_lock: Mutex::new(()) }))
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// The stream that memory operations and, by default, decode steps are ordered on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// A new stream on this device, for callers that overlap independent work.
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        Ok(self.ctx.new_stream()?)
+    }
+    pub fn kernels(&self) -> &kernels::Kernels {
+        &self.kernels
+    }
+    /// Device address of the error flag (an int kernels OR `MLA_ERR_*` bits into).
+    pub fn error_flag_ptr(&self) -> u64 {
+        self.error_flag.ptr()
+    }
+    pub fn free_memory(&self) -> Result<u64> {
+        self.ctx.bind_to_thread()?;
+        Ok(result::mem_get_info()?.0 as u64)
+    }
+
+    pub fn alloc_zeroed(&self, nbytes: usize) -> Result<DeviceBuffer> {
+        let b = DeviceBuffer::alloc(&self.ctx, &self.stream, nbytes)?;
+        b.fill(0)?;
+        Ok(b)
+    }
+
+    pub fn upload(&self, bytes: &[u8]) -> Result<DeviceBuffer> {
+        let mut b = DeviceBuffer::alloc(&self.ctx, &self.stream, bytes.len())?;
+        b.write(0, bytes)?;
+        Ok(b)
+    }
+
+    /// Waits for every stream of this context, then turns a flagged device error into a
+    /// typed error (and clears the flag).
+    pub fn synchronize(&self) -> Result<()> {
+        self.ctx.synchronize()?;
+        self.take_device_error()
+    }
+
+    /// Reads and clears the device error flag (the device must be idle or synchronised).
+    pub fn take_device_error(&self) -> Result<()> {
+        let _g = self.flag_lock.lock().unwrap();
+        let bytes = self.error_flag.download()?;
+        let flag = i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        if flag == 0 {
+            return Ok(());
+        }
+        self.error_flag.fill(0)?;
+        if flag & params::MLA_ERR_BLOCK_INDEX != 0 {
+            return Err(MlaError::new(
+                ErrorCode::BlockIndexOutOfRange,
+                "block_table: a device-resident block index that would be read is outside [0, num_blocks); \
+                 the kernel skipped it and the outputs of this step are not valid",
+            ));
+        }
+        Err(MlaError::new(
+            ErrorCode::SeqlenOutOfRange,
+            "cache_seqlens: a device-resident length is outside [0, max_blocks_per_seq * 64]; \
+             the outputs of this step are not valid",
+        ))
+    }
+}

@@ -1,0 +1,65 @@
+//! Mirrors of `kernels/sm90/mla_params.cuh`, field for field.
+
+use cudarc::driver::DeviceRepr;
+
+pub const MLA_ERR_BLOCK_INDEX: i32 = 1;
+pub const MLA_ERR_SEQLEN: i32 = 2;
+pub const MLA_META_INTS: usize = 8;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct MlaPlanParams {
+    pub seqlens: u64,
+    pub metadata: u64,
+    pub num_splits: u64,
+    pub error_flag: u64,
+    pub b: i32,
+    pub num_parts: i32,
+    pub block_size: i32,
+    pub fixed_cost: i32,
+    pub max_seqlen: i32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct MlaDecodeParams {
+    pub q: u64,
+    pub kv: u64,
+    pub block_table: u64,
+    pub seqlens: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub oaccum: u64,
+    pub lseaccum: u64,
+    pub metadata: u64,
+    pub num_splits: u64,
+    pub error_flag: u64,
+    pub b: i32,
+    pub s_q: i32,
+    pub h_q: i32,
+    pub rows: i32,
+    pub num_blocks: i32,
+    pub max_blocks_per_seq: i32,
+    pub num_parts: i32,
+    pub causal: i32,
+    pub scale: f32,
+    pub scale_log2: f32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct MlaCombineParams {
+    pub oaccum: u64,
+    pub lseaccum: u64,
+    pub num_splits: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub b: i32,
+    pub s_q: i32,
+    pub h_q: i32,
+    pub rows: i32,
+}
+
+unsafe impl DeviceRepr for MlaPlanParams {}
+unsafe impl DeviceRepr for MlaDecodeParams {}
+unsafe impl DeviceRepr for MlaCombineParams {}

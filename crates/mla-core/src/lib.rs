@@ -1,0 +1,47 @@
+//! MLA (DeepSeek-V2/V3 Multi-head Latent Attention) decoding over a paged latent KV cache.
+//!
+//! The contract (shapes, semantics, accuracy) is FlashMLA's dense decoder: one 576-wide latent
+//! row per token (d = 576), V is the first dv = 512 columns of K, one KV head, block size 64.
+//!
+//! ```no_run
+//! use mla_core::{Device, DType, Tensor, plan, decode, DecodeOptions};
+//! let dev = Device::best();                       // CUDA if usable, else the CPU backend
+//! let (b, s_q, h_q) = (2, 1, 16);
+//! let q = Tensor::from_f32(&dev, &vec![0.01; b * s_q * h_q * 576], &[b, s_q, h_q, 576], DType::BF16)?;
+//! let kv = Tensor::from_f32(&dev, &vec![0.01; 4 * 64 * 576], &[4, 64, 1, 576], DType::BF16)?;
+//! let block_table = Tensor::from_i32(&dev, &[0, 1, 2, 3], &[2, 2])?;
+//! let seqlens = Tensor::from_i32(&dev, &[100, 70], &[2])?;
+//! let p = plan(&seqlens, s_q * h_q, 1)?;
+//! let r = decode(&q, &kv, &block_table, &seqlens, &p, &DecodeOptions::default())?;
+//! dev.synchronize()?;
+//! let out = r.out.to_f32()?;   // [b, s_q, h_q, 512]
+//! # Ok::<(), mla_core::MlaError>(())
+//! ```
+
+pub mod cache;
+pub mod cpu;
+pub mod decode;
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod gpu;
+pub mod plan;
+pub mod tensor;
+pub mod validate;
+
+pub use cache::{KvCache, KvCacheConfig, SeqId};
+pub use decode::{decode, DecodeOptions, DecodeOutput};
+pub use device::{Device, DeviceInfo};
+pub use dtype::DType;
+pub use error::{ErrorCode, MlaError, Result};
+pub use plan::{plan, Plan};
+pub use tensor::Tensor;
+
+/// Latent width of one cached token (512 no-RoPE + 64 RoPE values).
+pub const HEAD_DIM: usize = 576;
+/// Width of V (the first 512 columns of the latent row).
+pub const HEAD_DIM_V: usize = 512;
+/// Tokens per cache block (FlashMLA's page size).
+pub const BLOCK_SIZE: usize = 64;
+/// Work-unit cost of one split, in blocks, used by the scheduler (`plan`).
+pub const SPLIT_FIXED_COST: usize = 5;

@@ -1,0 +1,211 @@
+//! Split-KV scheduling metadata (FlashMLA's `get_mla_metadata`).
+//!
+//! Every sequence's blocks are divided among `num_parts` workers (SM parts on the GPU,
+//! threads on the CPU) so that each gets about the same cost, where a segment of `n`
+//! blocks costs `n + SPLIT_FIXED_COST` (the fixed cost of a split: loading q, writing a
+//! partial result, merging it). A sequence cut into several segments is merged by the
+//! combine pass. The result depends only on `cache_seqlens` and the part count, and the
+//! GPU kernel (`kernels/sm90/mla_plan.cu`) computes exactly [`host_plan`] on the device.
+//!
+//! Layout (int32): `metadata[num_parts][8]` = begin_seq, begin_block, end_seq, end_block
+//! (exclusive, within end_seq), the split index within begin_seq of the part's first
+//! segment, then zeros; `num_splits[b + 1]` = exclusive prefix sum of splits per sequence.
+
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{ErrorCode, MlaError, Result};
+use crate::gpu::DeviceBuffer;
+use crate::tensor::Tensor;
+use crate::{BLOCK_SIZE, HEAD_DIM_V, SPLIT_FIXED_COST};
+
+pub const META_INTS: usize = 8;
+/// Query rows one GPU thread block handles.
+pub const GPU_ROW_TILE: usize = 64;
+
+/// Scheduling metadata for one decode step, plus (on the GPU) the workspace for partial
+/// results of split sequences. Reuse it for every layer of the step.
+pub struct Plan {
+    pub batch: usize,
+    /// Query rows per sequence and KV head (s_q * h_q / h_kv) this plan was made for.
+    pub rows: usize,
+    pub num_parts: usize,
+    /// [num_parts, 8] int32.
+    pub metadata: Tensor,
+    /// [b + 1] int32.
+    pub num_splits: Tensor,
+    /// GPU only: partial outputs [b + num_parts, rows, 512] f32 then lse [b + num_parts, rows].
+    pub(crate) workspace: Option<DeviceBuffer>,
+}
+
+impl Plan {
+    pub fn device(&self) -> &Device {
+        self.metadata.device()
+    }
+}
+
+/// How many parts the device splits the work into.
+pub fn num_parts_for(device: &Device, rows: usize) -> usize {
+    match device {
+        Device::Cpu => rayon::current_num_threads().max(1),
+        Device::Cuda(g) => (g.info().multiprocessors / rows.div_ceil(GPU_ROW_TILE).max(1)).max(1),
+    }
+}
+
+/// The scheduler, on the host. Returns (metadata, num_splits). Lengths outside
+/// [0, max_seqlen] must have been rejected before.
+pub fn host_plan(seqlens: &[i32], num_parts: usize) -> (Vec<i32>, Vec<i32>) {
+    let b = seqlens.len();
+    let fixed = SPLIT_FIXED_COST as i64;
+    let nb: Vec<i64> = seqlens.iter().map(|&l| (l.max(0) as i64 + BLOCK_SIZE as i64 - 1) / BLOCK_SIZE as i64).collect();
+    let total: i64 = nb.iter().map(|&n| if n > 0 { n + fixed } else { 0 }).sum();
+    // Each part wastes at most `fixed` units at its end, so this covers all the work.
+    let payload = ((total + num_parts as i64 - 1) / num_parts as i64).max(1) + fixed;
+    let mut meta = vec![0i32; num_parts * META_INTS];
+    let mut num_splits = vec![0i32; b + 1];
+    let (mut seq, mut blk, mut splits_in_seq) = (0usize, 0i64, 0i32);
+    for p in 0..num_parts {
+        let m = &mut meta[p * META_INTS..(p + 1) * META_INTS];
+        m[0] = seq as i32;
+        m[1] = blk as i32;
+        m[4] = splits_in_seq;
+        let mut remain = payload;
+        while seq < b {
+            let left = nb[seq] - blk;
+            if left > 0 {
+                if remain <= fixed {
+                    break;
+                }
+                let take = left.min(remain - fixed);
+                remain -= take + fixed;
+                blk += take;
+                splits_in_seq += 1;
+                if blk < nb[seq] {
+                    break; // this part is full in the middle of the sequence
+                }
+            }
+            num_splits[seq + 1] = num_splits[seq] + splits_in_seq;
+            seq += 1;
+            blk = 0;
+            splits_in_seq = 0;
+        }
+        m[2] = seq as i32;
+        m[3] = blk as i32;
+    }
+    debug_assert_eq!(seq, b, "the plan must cover every sequence");
+    (meta, num_splits)
+}
+
+/// Computes the plan for `seqlens` ([b] int32) on the device that holds it, for
+/// `rows` = s_q * h_q / h_kv query rows per KV head. On CUDA this is a kernel reading the
+/// device-resident lengths (no host synchronisation); a bad length is reported by the
+/// device's next `synchronize()`.
+pub fn plan(seqlens: &Tensor, rows: usize, h_kv: usize) -> Result<Plan> {
+    if seqlens.dtype() != DType::I32 {
+        return Err(MlaError::arg(ErrorCode::DtypeMismatch, "cache_seqlens", "int32", seqlens.dtype()));
+    }
+    if seqlens.shape().len() != 1 {
+        return Err(MlaError::arg(ErrorCode::ShapeMismatch, "cache_seqlens", "shape [b]", format!("{:?}", seqlens.shape())));
+    }
+    if h_kv != 1 {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, "h_kv", 1, h_kv));
+    }
+    if rows == 0 {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, "rows (s_q * h_q / h_kv)", "at least 1", rows));
+    }
+    let b = seqlens.shape()[0];
+    let device = seqlens.device().clone();
+    let num_parts = num_parts_for(&device, rows);
+    match &device {
+        Device::Cpu => {
+            let lens = seqlens.host().unwrap().as_i32();
+            if let Some((i, &l)) = lens.iter().enumerate().find(|(_, &l)| l < 0) {
+                return Err(MlaError::arg(ErrorCode::SeqlenOutOfRange, &format!("cache_seqlens[{i}]"), ">= 0", l));
+            }
+            let (meta, splits) = host_plan(lens, num_parts);
+            Ok(Plan {
+                batch: b,
+                rows,
+                num_parts,
+                metadata: Tensor::from_i32(&device, &meta, &[num_parts, META_INTS])?,
+                num_splits: Tensor::from_i32(&device, &splits, &[b + 1])?,
+                workspace: None,
+            })
+        }
+        Device::Cuda(g) => {
+            let metadata = Tensor::zeros(&device, &[num_parts, META_INTS], DType::I32)?;
+            let num_splits = Tensor::zeros(&device, &[b + 1], DType::I32)?;
+            let slots = b + num_parts;
+            let workspace = g.alloc_zeroed(slots * rows * (HEAD_DIM_V + 1) * 4)?;
+            let mut p = Plan { batch: b, rows, num_parts, metadata, num_splits, workspace: Some(workspace) };
+            crate::gpu::ops::plan_into(g, seqlens, &mut p, None, i32::MAX)?;
+            Ok(p)
+        }
+    }
+}
+
+/// Recomputes `plan` in place from new lengths (same batch size and rows): on CUDA this
+/// enqueues the plan kernel only, so it can be captured in a CUDA graph and replayed.
+pub fn replan(seqlens: &Tensor, plan: &mut Plan) -> Result<()> {
+    if seqlens.shape() != [plan.batch] {
+        return Err(MlaError::arg(ErrorCode::ShapeMismatch, "cache_seqlens", format!("[{}]", plan.batch), format!("{:?}", seqlens.shape())));
+    }
+    match seqlens.device() {
+        Device::Cpu => {
+            let (meta, splits) = host_plan(seqlens.host().unwrap().as_i32(), plan.num_parts);
+            plan.metadata.write_bytes(0, crate::tensor::as_bytes(&meta))?;
+            plan.num_splits.write_bytes(0, crate::tensor::as_bytes(&splits))
+        }
+        Device::Cuda(g) => crate::gpu::ops::plan_into(g, seqlens, plan, None, i32::MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn covered(seqlens: &[i32], parts: usize) {
+        let (meta, splits) = host_plan(seqlens, parts);
+        let mut seen = vec![0i64; seqlens.len()];
+        let mut seg_count = vec![0i32; seqlens.len()];
+        for p in 0..parts {
+            let m = &meta[p * META_INTS..];
+            let (bs, bb, es, eb) = (m[0] as usize, m[1] as i64, m[2] as usize, m[3] as i64);
+            for s in bs..=es.min(seqlens.len() - 1) {
+                let nb = (seqlens[s] as i64 + 63) / 64;
+                let lo = if s == bs { bb } else { 0 };
+                let hi = if s == es { eb } else { nb };
+                if hi > lo {
+                    let local = if s == bs { m[4] } else { 0 };
+                    assert_eq!(local, seg_count[s], "split index of seq {s} in part {p}");
+                    seg_count[s] += 1;
+                    seen[s] += hi - lo;
+                }
+            }
+        }
+        for (s, &l) in seqlens.iter().enumerate() {
+            assert_eq!(seen[s], (l as i64 + 63) / 64, "blocks of seq {s}");
+            assert_eq!(splits[s + 1] - splits[s], seg_count[s], "num_splits of seq {s}");
+        }
+    }
+
+    #[test]
+    fn every_block_is_assigned_once() {
+        covered(&[4096; 128], 132);
+        covered(&[1, 63, 64, 65, 140, 0, 0, 4096], 132);
+        covered(&[4641, 45118, 1730, 1696], 132);
+        covered(&[0, 0, 0], 7);
+        covered(&[100, 0, 3000, 1, 0], 2);
+        covered(&[70000], 1);
+        for parts in [1, 2, 3, 16, 33, 66, 132] {
+            covered(&[4096, 0, 8192, 64, 65, 1, 16384, 5000], parts);
+        }
+    }
+
+    #[test]
+    fn short_sequences_are_not_split() {
+        let (_, splits) = host_plan(&[64; 128], 132);
+        for s in 0..128 {
+            assert_eq!(splits[s + 1] - splits[s], 1);
+        }
+    }
+}

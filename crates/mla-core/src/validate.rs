@@ -1,0 +1,161 @@
+//! Argument checks done before anything is launched (the contract's "Bad input").
+
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{ErrorCode, MlaError, Result};
+use crate::plan::Plan;
+use crate::tensor::Tensor;
+use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
+
+/// The sizes of one decode call, once checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeShape {
+    pub b: usize,
+    pub s_q: usize,
+    pub h_q: usize,
+    pub h_kv: usize,
+    pub num_blocks: usize,
+    pub max_blocks_per_seq: usize,
+    pub dtype: DType,
+}
+
+impl DecodeShape {
+    /// Query rows per sequence and KV head.
+    pub fn rows(&self) -> usize {
+        self.s_q * self.h_q / self.h_kv
+    }
+}
+
+fn shape_err(arg: &str, expected: impl std::fmt::Display, t: &Tensor) -> MlaError {
+    MlaError::arg(ErrorCode::ShapeMismatch, arg, expected, format!("{:?}", t.shape()))
+}
+
+fn want_dtype(arg: &str, t: &Tensor, d: DType) -> Result<()> {
+    if t.dtype() != d {
+        return Err(MlaError::arg(ErrorCode::DtypeMismatch, arg, d, t.dtype()));
+    }
+    Ok(())
+}
+
+fn want_device(arg: &str, t: &Tensor, dev: &Device) -> Result<()> {
+    if !t.device().same(dev) {
+        return Err(MlaError::arg(
+            ErrorCode::DeviceMismatch,
+            arg,
+            format!("a tensor on {:?} (where q is)", dev),
+            format!("{:?}", t.device()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks shapes, dtypes, devices, d / dv / block_size / h_kv and the plan. On the CPU
+/// backend it also checks every length and every block index that will be read; on CUDA
+/// those live on the device and the kernels check them there.
+pub fn check_decode(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Tensor, plan: &Plan) -> Result<DecodeShape> {
+    let dev = q.device().clone();
+    if q.shape().len() != 4 {
+        return Err(shape_err("q", "rank 4 [b, s_q, h_q, 576]", q));
+    }
+    if !q.dtype().is_half() {
+        return Err(MlaError::arg(ErrorCode::DtypeMismatch, "q", "bf16 or fp16", q.dtype()));
+    }
+    let (b, s_q, h_q, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    if d != HEAD_DIM {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, "q head dim (d)", HEAD_DIM, d));
+    }
+    if s_q == 0 || h_q == 0 {
+        return Err(MlaError::arg(ErrorCode::ShapeMismatch, "q", "s_q >= 1 and h_q >= 1", format!("{:?}", q.shape())));
+    }
+    want_device("kv_cache", kv, &dev)?;
+    if kv.shape().len() != 4 {
+        return Err(shape_err("kv_cache", "rank 4 [num_blocks, 64, h_kv, 576]", kv));
+    }
+    want_dtype("kv_cache", kv, q.dtype())?;
+    let (num_blocks, block_size, h_kv, dk) = (kv.shape()[0], kv.shape()[1], kv.shape()[2], kv.shape()[3]);
+    if block_size != BLOCK_SIZE {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, "kv_cache block_size", BLOCK_SIZE, block_size));
+    }
+    if dk != HEAD_DIM {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, "kv_cache head dim (d)", HEAD_DIM, dk));
+    }
+    if h_kv != 1 {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, "kv_cache h_kv", 1, h_kv));
+    }
+    if h_q % h_kv != 0 {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, "h_q", format!("a multiple of h_kv = {h_kv}"), h_q));
+    }
+    want_device("block_table", block_table, &dev)?;
+    want_dtype("block_table", block_table, DType::I32)?;
+    if block_table.shape().len() != 2 || block_table.shape()[0] != b {
+        return Err(shape_err("block_table", format!("[{b}, max_blocks_per_seq]"), block_table));
+    }
+    let max_blocks_per_seq = block_table.shape()[1];
+    want_device("cache_seqlens", seqlens, &dev)?;
+    want_dtype("cache_seqlens", seqlens, DType::I32)?;
+    if seqlens.shape() != [b] {
+        return Err(shape_err("cache_seqlens", format!("[{b}]"), seqlens));
+    }
+    if !plan.device().same(&dev) {
+        return Err(MlaError::arg(ErrorCode::DeviceMismatch, "plan", format!("{:?}", dev), format!("{:?}", plan.device())));
+    }
+    let shape = DecodeShape { b, s_q, h_q, h_kv, num_blocks, max_blocks_per_seq, dtype: q.dtype() };
+    if plan.batch != b || plan.rows != shape.rows() {
+        return Err(MlaError::arg(
+            ErrorCode::InvalidArgument,
+            "plan",
+            format!("a plan for b = {b} and s_q * h_q / h_kv = {}", shape.rows()),
+            format!("b = {}, rows = {}", plan.batch, plan.rows),
+        ));
+    }
+    if let (Some(lens), Some(bt)) = (seqlens.host(), block_table.host()) {
+        check_host_indices(&shape, lens.as_i32(), bt.as_i32())?;
+    }
+    Ok(shape)
+}
+
+/// Lengths within [0, max_blocks_per_seq * 64] and every block index that will be read
+/// within [0, num_blocks). Entries past a sequence's blocks are never looked at.
+pub fn check_host_indices(s: &DecodeShape, seqlens: &[i32], block_table: &[i32]) -> Result<()> {
+    let max_len = s.max_blocks_per_seq * BLOCK_SIZE;
+    for (i, &l) in seqlens.iter().enumerate() {
+        if l < 0 || l as usize > max_len {
+            return Err(MlaError::arg(ErrorCode::SeqlenOutOfRange, &format!("cache_seqlens[{i}]"), format!("within [0, {max_len}]"), l));
+        }
+        let used = (l as usize).div_ceil(BLOCK_SIZE);
+        for j in 0..used {
+            let idx = block_table[i * s.max_blocks_per_seq + j];
+            if idx < 0 || idx as usize >= s.num_blocks {
+                return Err(MlaError::arg(
+                    ErrorCode::BlockIndexOutOfRange,
+                    &format!("block_table[{i}][{j}]"),
+                    format!("a block index within [0, {})", s.num_blocks),
+                    idx,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks caller-provided outputs of `decode_into`.
+pub fn check_outputs(s: &DecodeShape, dev: &Device, out: &Tensor, lse: &Tensor) -> Result<()> {
+    want_device("out", out, dev)?;
+    want_device("lse", lse, dev)?;
+    want_dtype("out", out, s.dtype)?;
+    want_dtype("lse", lse, DType::F32)?;
+    if out.shape() != [s.b, s.s_q, s.h_q, HEAD_DIM_V] {
+        return Err(shape_err("out", format!("[{}, {}, {}, {}]", s.b, s.s_q, s.h_q, HEAD_DIM_V), out));
+    }
+    if lse.shape() != [s.b, s.h_q, s.s_q] {
+        return Err(shape_err("lse", format!("[{}, {}, {}]", s.b, s.h_q, s.s_q), lse));
+    }
+    Ok(())
+}
+
+pub fn check_scale(scale: f32) -> Result<()> {
+    if !scale.is_finite() || scale <= 0.0 {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, "softmax_scale", "a finite value > 0", scale));
+    }
+    Ok(())
+}

@@ -1,0 +1,62 @@
+// Kernel parameter blocks shared by the CUDA kernels and the Rust launcher
+// (crates/mla-core/src/gpu/params.rs mirrors them field for field, #[repr(C)]).
+#pragma once
+#include <stdint.h>
+
+// Bits OR-ed into the device error flag (one int per device).
+#define MLA_ERR_BLOCK_INDEX 1   // a block index that would be read is outside [0, num_blocks)
+#define MLA_ERR_SEQLEN      2   // a cache_seqlens value is outside [0, max_blocks_per_seq * 64]
+
+// Scheduling metadata, one row of MLA_META_INTS ints per SM part:
+//   [0] begin_seq  [1] begin_block  [2] end_seq  [3] end_block (exclusive, in end_seq)
+//   [4] split index (within begin_seq) of the part's first segment   [5..7] zero
+// num_splits has b + 1 ints: the exclusive prefix sum of splits per sequence.
+#define MLA_META_INTS 8
+
+struct MlaPlanParams {
+    const int* seqlens;      // [b]
+    int* metadata;           // [num_parts, MLA_META_INTS]
+    int* num_splits;         // [b + 1]
+    int* error_flag;         // 1 int
+    int b;
+    int num_parts;
+    int block_size;          // 64
+    int fixed_cost;          // work units one split costs on top of its blocks
+    int max_seqlen;          // max_blocks_per_seq * block_size
+};
+
+struct MlaDecodeParams {
+    const void* q;           // [b, s_q, h_q, 576]        bf16 / fp16
+    const void* kv;          // [num_blocks, 64, 1, 576]  bf16 / fp16
+    const int* block_table;  // [b, max_blocks_per_seq]
+    const int* seqlens;      // [b]
+    void* out;               // [b, s_q, h_q, 512]        bf16 / fp16
+    float* lse;              // [b, h_q, s_q]
+    float* oaccum;           // [b + num_parts, rows, 512] partial outputs of split sequences
+    float* lseaccum;         // [b + num_parts, rows]
+    const int* metadata;     // [num_parts, MLA_META_INTS]
+    const int* num_splits;   // [b + 1]
+    int* error_flag;
+    int b;
+    int s_q;
+    int h_q;
+    int rows;                // s_q * h_q (h_kv = 1): query rows per sequence
+    int num_blocks;
+    int max_blocks_per_seq;
+    int num_parts;
+    int causal;
+    float scale;             // softmax scale
+    float scale_log2;        // softmax scale * log2(e)
+};
+
+struct MlaCombineParams {
+    const float* oaccum;
+    const float* lseaccum;
+    const int* num_splits;
+    void* out;
+    float* lse;
+    int b;
+    int s_q;
+    int h_q;
+    int rows;
+};
