@@ -1,6 +1,651 @@
-// Placeholder: replaced by the nvcc pipeline.
-use std::{env, fs, path::PathBuf};
+//! Compiles `<repo root>/kernels/<arch dir>/*.cu` to cubins with nvcc and generates
+//! `OUT_DIR/registry.rs` (the `MODULES` table, `UNAVAILABLE_REASON`, `NVCC_VERSION`).
+//!
+//! nvcc is looked for, in order, at `$MLA_NVCC`, `<repo root>/.cuda/bin/nvcc` (made by
+//! `scripts/install-cuda.sh`), `$CUDA_HOME/bin/nvcc`, and `nvcc` on `PATH`. Without nvcc
+//! the build succeeds with an empty registry (CPU-only). With nvcc, a kernel that fails to
+//! compile fails the build, unless `MLA_ALLOW_KERNEL_FAILURE=1` (then: CPU-only, and
+//! `UNAVAILABLE_REASON` says why).
+//!
+//! Other knobs: `MLA_KERNELS_VERBOSE=1` prints ptxas's whole report as cargo warnings;
+//! `MLA_NVCC_FLAGS` appends flags (space-separated) to every nvcc command line.
+//! Each module is cached in OUT_DIR under a hash of its inputs (source, every header under
+//! kernels/, nvcc and its version, flags), so a rerun only recompiles what changed.
+
+use std::collections::BTreeMap;
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+/// One kernel directory per target architecture. Add a row to build another folder
+/// (e.g. `sm80` with `arch=compute_80,code=sm_80`, `sm120` with `arch=compute_120a,code=sm_120a`).
+struct ArchTarget {
+    /// Folder under `kernels/`.
+    dir: &'static str,
+    /// Value of `Module::arch`.
+    arch: &'static str,
+    /// nvcc's code-generation flags for this folder.
+    gencode: &'static [&'static str],
+}
+
+const TARGETS: &[ArchTarget] = &[ArchTarget {
+    dir: "sm90",
+    arch: "sm_90a",
+    gencode: &["-gencode", "arch=compute_90a,code=sm_90a"],
+}];
+
+/// Flags for every kernel. No fast math: precision matters (see the accuracy contract).
+const COMMON_FLAGS: &[&str] = &["-cubin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v"];
+
+/// Extensions of files that any kernel may include (all of them under kernels/ are
+/// dependencies of every module).
+const HEADER_EXTS: &[&str] = &["cuh", "h", "hpp", "inc", "inl"];
+
+/// Environment variables that change what gets built.
+const TRACKED_ENV: &[&str] = &[
+    "MLA_NVCC",
+    "CUDA_HOME",
+    "MLA_NVCC_FLAGS",
+    "MLA_KERNELS_VERBOSE",
+    "MLA_ALLOW_KERNEL_FAILURE",
+    "NVCC_PREPEND_FLAGS",
+    "NVCC_APPEND_FLAGS",
+    "NVCC_CCBIN",
+];
+
+struct Job {
+    name: String, // "sm90/mla_decode"
+    arch: &'static str,
+    src: PathBuf,
+    cubin: PathBuf,
+    report: PathBuf,
+    stamp: PathBuf,
+    args: Vec<String>,
+    hash: String,
+}
+
+struct Built {
+    name: String,
+    arch: &'static str,
+    cubin: PathBuf,
+    report: String,
+    /// Compiler diagnostics other than ptxas's info lines (warnings).
+    diagnostics: Vec<String>,
+}
+
 fn main() {
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
-    fs::write(out.join("registry.rs"), "pub static MODULES: &[Module] = &[];\npub static UNAVAILABLE_REASON: &str = \"placeholder\";\npub static NVCC_VERSION: &str = \"\";\n").unwrap();
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let root = manifest
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| manifest.join("../.."));
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let kernels_dir = root.join("kernels");
+
+    println!("cargo:rerun-if-changed=build.rs");
+    for v in TRACKED_ENV {
+        println!("cargo:rerun-if-env-changed={v}");
+    }
+    // Directories are scanned recursively by cargo (new or removed files count); every file
+    // is also named, as the contract asks.
+    if kernels_dir.is_dir() {
+        println!("cargo:rerun-if-changed={}", kernels_dir.display());
+        for f in walk(&kernels_dir) {
+            println!("cargo:rerun-if-changed={}", f.display());
+        }
+    }
+
+    let nvcc = match find_nvcc(&root) {
+        Ok(n) => n,
+        Err(looked) => {
+            let reason = format!("nvcc not found (looked in {looked}): building without GPU kernels; run scripts/install-cuda.sh");
+            println!("cargo:warning={reason}");
+            // Only existing paths may be watched (a missing one reruns this script, and
+            // rebuilds every dependent crate, on every build), so nothing is watched for a
+            // later install: scripts/install-cuda.sh touches this build.rs instead.
+            println!("cargo:available=0");
+            write_registry(&out_dir, &[], &reason, "");
+            return;
+        }
+    };
+    println!("cargo:rerun-if-changed={}", nvcc.path.display());
+    let allow_failure = env_flag("MLA_ALLOW_KERNEL_FAILURE");
+    let verbose = env_flag("MLA_KERNELS_VERBOSE");
+
+    let (version, version_text) = match nvcc_version(&nvcc.path) {
+        Ok(v) => v,
+        Err(e) => {
+            let reason = format!(
+                "nvcc at {} ({}) does not run: {e}",
+                nvcc.path.display(),
+                nvcc.how
+            );
+            fail_or_degrade(allow_failure, &out_dir, &reason, "", &[]);
+            return;
+        }
+    };
+    println!("cargo:nvcc_version={version}");
+
+    // Collect the sources, one job per .cu file.
+    let headers_hash = {
+        let mut h = Fnv::new();
+        for f in walk(&kernels_dir) {
+            if f.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| HEADER_EXTS.contains(&e))
+            {
+                h.str(&f.to_string_lossy());
+                h.bytes(&fs::read(&f).unwrap_or_default());
+            }
+        }
+        h.finish()
+    };
+    let extra_flags: Vec<String> = env::var("MLA_NVCC_FLAGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let mut jobs = Vec::new();
+    let mut sizes = Vec::new();
+    for t in TARGETS {
+        let dir = kernels_dir.join(t.dir);
+        let mut srcs: Vec<PathBuf> = list_cu(&dir);
+        srcs.sort();
+        let out = out_dir.join(t.dir);
+        fs::create_dir_all(&out).unwrap();
+        for src in srcs {
+            let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+            let cubin = out.join(format!("{stem}.cubin"));
+            let mut args: Vec<String> = t.gencode.iter().map(|s| s.to_string()).collect();
+            args.extend(COMMON_FLAGS.iter().map(|s| s.to_string()));
+            args.push(format!("-I{}", dir.display()));
+            args.push(format!("-I{}", kernels_dir.display()));
+            args.extend(extra_flags.iter().cloned());
+            let mut h = Fnv::new();
+            h.str(&nvcc.path.to_string_lossy());
+            h.str(&version_text);
+            for a in &args {
+                h.str(a);
+            }
+            for v in ["NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN"] {
+                h.str(&env::var(v).unwrap_or_default());
+            }
+            h.str(&headers_hash);
+            h.str(&src.to_string_lossy());
+            h.bytes(&fs::read(&src).unwrap_or_default());
+            sizes.push(fs::metadata(&src).map(|m| m.len()).unwrap_or(0));
+            jobs.push(Job {
+                name: format!("{}/{stem}", t.dir),
+                arch: t.arch,
+                report: out.join(format!("{stem}.ptxas.txt")),
+                stamp: out.join(format!("{stem}.stamp")),
+                src,
+                cubin,
+                args,
+                hash: h.finish(),
+            });
+        }
+    }
+    // Arch folders with sources but no TARGETS row are not built: say so.
+    if let Ok(rd) = fs::read_dir(&kernels_dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_dir()
+                && !TARGETS.iter().any(|t| t.dir == name)
+                && !list_cu(&e.path()).is_empty()
+            {
+                println!("cargo:warning=kernels/{name}/ has .cu files but no target in crates/mla-kernels/build.rs TARGETS: not built");
+            }
+        }
+    }
+
+    // Compile in parallel, largest source first (it is likely the slowest).
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+    let workers = env::var("NUM_JOBS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        })
+        .clamp(1, jobs.len().max(1));
+    let queue = Mutex::new(order.into_iter());
+    let results: Vec<Mutex<Option<Result<Built, String>>>> =
+        jobs.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let next = queue.lock().unwrap().next();
+                let Some(i) = next else { break };
+                let r = compile(&nvcc.path, &jobs[i]);
+                *results[i].lock().unwrap() = Some(r);
+            });
+        }
+    });
+
+    let mut built = Vec::new();
+    let mut failures = Vec::new();
+    for (job, r) in jobs.iter().zip(results) {
+        match r.into_inner().unwrap().expect("every job ran") {
+            Ok(b) => built.push(b),
+            Err(out) => failures.push((job.name.clone(), out)),
+        }
+    }
+
+    for b in &built {
+        for d in &b.diagnostics {
+            println!("cargo:warning={}: {d}", b.name);
+        }
+        if verbose {
+            for line in b.report.lines() {
+                println!("cargo:warning={}: {line}", b.name);
+            }
+        }
+        for line in summarize(&b.report) {
+            println!("cargo:warning={} ({}): {line}", b.name, b.arch);
+        }
+    }
+
+    if !failures.is_empty() {
+        let names: Vec<&str> = failures.iter().map(|(n, _)| n.as_str()).collect();
+        let reason = format!(
+            "kernel(s) {} failed to compile with nvcc {version} ({})",
+            names.join(", "),
+            nvcc.path.display()
+        );
+        fail_or_degrade(allow_failure, &out_dir, &reason, &version, &failures);
+        return;
+    }
+
+    println!("cargo:available={}", if built.is_empty() { 0 } else { 1 });
+    let reason = if built.is_empty() {
+        format!(
+            "no kernel sources (*.cu) found under {}",
+            kernels_dir.display()
+        )
+    } else {
+        String::new()
+    };
+    write_registry(&out_dir, &built, &reason, &version);
+}
+
+/// A kernel failed (or nvcc does not run): fail the build with nvcc's output, or, with
+/// MLA_ALLOW_KERNEL_FAILURE=1, build without GPU kernels.
+fn fail_or_degrade(
+    allow: bool,
+    out_dir: &Path,
+    reason: &str,
+    version: &str,
+    failures: &[(String, String)],
+) {
+    if allow {
+        let reason = format!("{reason}; building without GPU kernels (MLA_ALLOW_KERNEL_FAILURE=1)");
+        println!("cargo:warning={reason}");
+        for (name, out) in failures {
+            for line in out.lines().filter(|l| l.contains("error")).take(20) {
+                println!("cargo:warning={name}: {line}");
+            }
+        }
+        println!("cargo:available=0");
+        write_registry(out_dir, &[], &reason, version);
+        return;
+    }
+    for (name, out) in failures {
+        eprintln!("==== nvcc output for {name} ====\n{out}");
+    }
+    eprintln!("error: {reason}.\nA broken kernel does not silently make a CPU-only build; set MLA_ALLOW_KERNEL_FAILURE=1 to build without GPU kernels anyway.");
+    std::process::exit(1);
+}
+
+struct Nvcc {
+    path: PathBuf,
+    how: &'static str,
+}
+
+/// $MLA_NVCC, <root>/.cuda/bin/nvcc, $CUDA_HOME/bin/nvcc, nvcc on PATH. An explicit
+/// MLA_NVCC that does not exist means "not found" (it is not skipped).
+fn find_nvcc(root: &Path) -> Result<Nvcc, String> {
+    if let Some(p) = env::var_os("MLA_NVCC").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if is_executable(&p) {
+            Ok(Nvcc {
+                path: p,
+                how: "MLA_NVCC",
+            })
+        } else {
+            Err(format!("MLA_NVCC={} (no such executable)", p.display()))
+        };
+    }
+    let mut looked = vec!["MLA_NVCC (unset)".to_string()];
+    let local = root.join(".cuda/bin/nvcc");
+    if is_executable(&local) {
+        return Ok(Nvcc {
+            path: local,
+            how: "repo .cuda",
+        });
+    }
+    looked.push(local.display().to_string());
+    match env::var_os("CUDA_HOME").filter(|p| !p.is_empty()) {
+        Some(h) => {
+            let p = PathBuf::from(h).join("bin/nvcc");
+            if is_executable(&p) {
+                return Ok(Nvcc {
+                    path: p,
+                    how: "CUDA_HOME",
+                });
+            }
+            looked.push(p.display().to_string());
+        }
+        None => looked.push("$CUDA_HOME/bin/nvcc (CUDA_HOME unset)".to_string()),
+    }
+    if let Some(path) = env::var_os("PATH") {
+        for dir in env::split_paths(&path) {
+            let p = dir.join("nvcc");
+            if is_executable(&p) {
+                return Ok(Nvcc {
+                    path: p,
+                    how: "PATH",
+                });
+            }
+        }
+    }
+    looked.push("PATH".to_string());
+    Err(looked.join(", "))
+}
+
+fn is_executable(p: &Path) -> bool {
+    match fs::metadata(p) {
+        #[cfg(unix)]
+        Ok(m) => {
+            use std::os::unix::fs::PermissionsExt;
+            m.is_file() && m.permissions().mode() & 0o111 != 0
+        }
+        #[cfg(not(unix))]
+        Ok(m) => m.is_file(),
+        Err(_) => false,
+    }
+}
+
+/// ("13.0.88", whole `nvcc --version` text).
+fn nvcc_version(nvcc: &Path) -> Result<(String, String), String> {
+    let out = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!(
+            "`nvcc --version` exited with {}: {}",
+            out.status,
+            text.trim()
+        ));
+    }
+    let v = text
+        .lines()
+        .find_map(|l| l.split(", V").nth(1).filter(|_| l.contains("release")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| text.lines().last().unwrap_or("").trim().to_string());
+    Ok((v, text))
+}
+
+fn compile(nvcc: &Path, job: &Job) -> Result<Built, String> {
+    let read_cached = || -> Option<String> {
+        let stamp = fs::read_to_string(&job.stamp).ok()?;
+        if stamp.trim() != job.hash || !job.cubin.is_file() {
+            return None;
+        }
+        fs::read_to_string(&job.report).ok()
+    };
+    if let Some(report) = read_cached() {
+        return Ok(Built {
+            name: job.name.clone(),
+            arch: job.arch,
+            cubin: job.cubin.clone(),
+            report,
+            diagnostics: vec![],
+        });
+    }
+    let _ = fs::remove_file(&job.stamp);
+    let tmp = job.cubin.with_extension("cubin.tmp");
+    let out = Command::new(nvcc)
+        .args(&job.args)
+        .arg(&job.src)
+        .arg("-o")
+        .arg(&tmp)
+        .output()
+        .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let _ = fs::remove_file(&tmp);
+        return Err(format!(
+            "$ {} {} {} -o {}\n{}",
+            nvcc.display(),
+            job.args.join(" "),
+            job.src.display(),
+            tmp.display(),
+            text
+        ));
+    }
+    fs::rename(&tmp, &job.cubin).map_err(|e| format!("moving {}: {e}", tmp.display()))?;
+    let (report, diagnostics) = split_output(&text);
+    fs::write(&job.report, &report).unwrap();
+    fs::write(&job.stamp, &job.hash).unwrap();
+    Ok(Built {
+        name: job.name.clone(),
+        arch: job.arch,
+        cubin: job.cubin.clone(),
+        report,
+        diagnostics,
+    })
+}
+
+/// Splits nvcc's output into ptxas's resource report (without the run-dependent
+/// "Compile time" lines) and the other diagnostics (compiler warnings).
+fn split_output(text: &str) -> (String, Vec<String>) {
+    let mut report = String::new();
+    let mut diags = Vec::new();
+    let mut in_ptxas = false;
+    for line in text.lines() {
+        if line.starts_with("ptxas info")
+            || line.starts_with("ptxas warning")
+            || line.starts_with("ptxas ")
+        {
+            in_ptxas = true;
+            if line.contains("Compile time") {
+                continue;
+            }
+            report.push_str(line);
+            report.push('\n');
+        } else if in_ptxas && line.starts_with("    ") {
+            report.push_str(line);
+            report.push('\n');
+        } else if !line.trim().is_empty() {
+            in_ptxas = false;
+            diags.push(line.to_string());
+        }
+    }
+    // ptxas warnings (e.g. ignored setmaxnreg) are worth seeing without the verbose switch.
+    diags.extend(
+        report
+            .lines()
+            .filter(|l| l.starts_with("ptxas warning"))
+            .map(String::from),
+    );
+    (report, diags)
+}
+
+#[derive(Default)]
+struct FnStats {
+    entry: bool,
+    regs: Option<u64>,
+    smem: u64,
+    stack: u64,
+    spill_st: u64,
+    spill_ld: u64,
+}
+
+/// One line per entry function: registers, shared memory, stack, spills.
+fn summarize(report: &str) -> Vec<String> {
+    let mut fns: BTreeMap<String, FnStats> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in report.lines() {
+        let body = line
+            .split_once(':')
+            .map(|(_, r)| r.trim())
+            .unwrap_or(line.trim());
+        if let Some(rest) = body.strip_prefix("Compiling entry function '") {
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            if !fns.contains_key(&name) {
+                order.push(name.clone());
+            }
+            fns.entry(name.clone()).or_default().entry = true;
+            cur = Some(name);
+        } else if let Some(rest) = body.strip_prefix("Function properties for ") {
+            let name = rest.trim().to_string();
+            if !fns.contains_key(&name) {
+                order.push(name.clone());
+            }
+            fns.entry(name.clone()).or_default();
+            cur = Some(name);
+        } else if line.contains("bytes stack frame") {
+            if let Some(f) = cur.as_ref().and_then(|c| fns.get_mut(c)) {
+                f.stack = number_before(line, "bytes stack frame");
+                f.spill_st = number_before(line, "bytes spill stores");
+                f.spill_ld = number_before(line, "bytes spill loads");
+            }
+        } else if body.starts_with("Used ") {
+            if let Some(f) = cur.as_ref().and_then(|c| fns.get_mut(c)) {
+                f.regs = Some(number_before(body, "registers"));
+                f.smem = number_before(body, "bytes smem");
+            }
+        }
+    }
+    order
+        .iter()
+        .filter_map(|name| {
+            let f = &fns[name];
+            if !f.entry {
+                return None;
+            }
+            let mut s = format!(
+                "{name}: {} registers, {} B smem, {} B stack, spill stores {} B, spill loads {} B",
+                f.regs.map(|r| r.to_string()).unwrap_or_else(|| "?".into()),
+                f.smem,
+                f.stack,
+                f.spill_st,
+                f.spill_ld
+            );
+            if f.spill_st > 0 || f.spill_ld > 0 {
+                s.push_str("  <-- SPILLS");
+            }
+            Some(s)
+        })
+        .collect()
+}
+
+/// The integer just before `unit` in `s` ("... 44 registers" -> 44); 0 when absent.
+fn number_before(s: &str, unit: &str) -> u64 {
+    let Some(i) = s.find(unit) else { return 0 };
+    s[..i]
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .rfind(|w| !w.is_empty())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(0)
+}
+
+fn write_registry(out_dir: &Path, built: &[Built], reason: &str, version: &str) {
+    let mut s = String::from("// Generated by crates/mla-kernels/build.rs.\n");
+    s.push_str("pub static MODULES: &[Module] = &[\n");
+    for b in built {
+        writeln!(
+            s,
+            "    Module {{ name: {:?}, arch: {:?}, cubin: include_bytes!({:?}), resource_report: {:?} }},",
+            b.name,
+            b.arch,
+            b.cubin.to_string_lossy(),
+            b.report
+        )
+        .unwrap();
+    }
+    s.push_str("];\n");
+    writeln!(s, "pub static UNAVAILABLE_REASON: &str = {reason:?};").unwrap();
+    writeln!(s, "pub static NVCC_VERSION: &str = {version:?};").unwrap();
+    let path = out_dir.join("registry.rs");
+    if fs::read_to_string(&path).ok().as_deref() != Some(s.as_str()) {
+        fs::write(&path, s).unwrap();
+    }
+}
+
+fn env_flag(name: &str) -> bool {
+    matches!(
+        env::var(name).as_deref(),
+        Ok("1") | Ok("true") | Ok("yes") | Ok("on")
+    )
+}
+
+/// `*.cu` files directly in `dir`.
+fn list_cu(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return vec![];
+    };
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "cu"))
+        .collect()
+}
+
+/// Every file under `dir`, sorted (hidden entries skipped).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// FNV-1a, 64 bit: a stable hash for the per-module cache stamps.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 ^= x as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // Length separator, so that ("ab","c") and ("a","bc") differ.
+        for x in (b.len() as u64).to_le_bytes() {
+            self.0 ^= x as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+    fn finish(&self) -> String {
+        format!("{:016x}", self.0)
+    }
 }

@@ -29,6 +29,7 @@ impl DecodeOptions {
     }
 }
 
+#[derive(Debug)]
 pub struct DecodeOutput {
     /// [b, s_q, h_q, 512], q's dtype.
     pub out: Tensor,

@@ -29,7 +29,7 @@ pub mod plan;
 pub mod tensor;
 pub mod validate;
 
-pub use cache::{KvCache, KvCacheConfig, SeqId};
+pub use cache::{KvCache, KvCacheConfig, SeqId, BLOCK_TABLE_PAD};
 pub use decode::{decode, DecodeOptions, DecodeOutput};
 pub use device::{Device, DeviceInfo};
 pub use dtype::DType;

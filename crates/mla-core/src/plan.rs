@@ -95,17 +95,28 @@ pub fn host_plan(seqlens: &[i32], num_parts: usize) -> (Vec<i32>, Vec<i32>) {
     (meta, num_splits)
 }
 
-/// Computes the plan for `seqlens` ([b] int32) on the device that holds it, for
-/// `rows` = s_q * h_q / h_kv query rows per KV head. On CUDA this is a kernel reading the
-/// device-resident lengths (no host synchronisation); a bad length is reported by the
-/// device's next `synchronize()`.
-pub fn plan(seqlens: &Tensor, rows: usize, h_kv: usize) -> Result<Plan> {
+/// int32 [b]; on the CPU backend also no negative length (on CUDA the kernel checks).
+fn check_seqlens(seqlens: &Tensor) -> Result<()> {
     if seqlens.dtype() != DType::I32 {
         return Err(MlaError::arg(ErrorCode::DtypeMismatch, "cache_seqlens", "int32", seqlens.dtype()));
     }
     if seqlens.shape().len() != 1 {
         return Err(MlaError::arg(ErrorCode::ShapeMismatch, "cache_seqlens", "shape [b]", format!("{:?}", seqlens.shape())));
     }
+    if let Some(h) = seqlens.host() {
+        if let Some((i, &l)) = h.as_i32().iter().enumerate().find(|(_, &l)| l < 0) {
+            return Err(MlaError::arg(ErrorCode::SeqlenOutOfRange, &format!("cache_seqlens[{i}]"), ">= 0", l));
+        }
+    }
+    Ok(())
+}
+
+/// Computes the plan for `seqlens` ([b] int32) on the device that holds it, for
+/// `rows` = s_q * h_q / h_kv query rows per KV head. On CUDA this is a kernel reading the
+/// device-resident lengths (no host synchronisation); a bad length is reported by the
+/// device's next `synchronize()`.
+pub fn plan(seqlens: &Tensor, rows: usize, h_kv: usize) -> Result<Plan> {
+    check_seqlens(seqlens)?;
     if h_kv != 1 {
         return Err(MlaError::arg(ErrorCode::InvalidArgument, "h_kv", 1, h_kv));
     }
@@ -117,11 +128,7 @@ pub fn plan(seqlens: &Tensor, rows: usize, h_kv: usize) -> Result<Plan> {
     let num_parts = num_parts_for(&device, rows);
     match &device {
         Device::Cpu => {
-            let lens = seqlens.host().unwrap().as_i32();
-            if let Some((i, &l)) = lens.iter().enumerate().find(|(_, &l)| l < 0) {
-                return Err(MlaError::arg(ErrorCode::SeqlenOutOfRange, &format!("cache_seqlens[{i}]"), ">= 0", l));
-            }
-            let (meta, splits) = host_plan(lens, num_parts);
+            let (meta, splits) = host_plan(seqlens.host().unwrap().as_i32(), num_parts);
             Ok(Plan {
                 batch: b,
                 rows,
@@ -146,6 +153,15 @@ pub fn plan(seqlens: &Tensor, rows: usize, h_kv: usize) -> Result<Plan> {
 /// Recomputes `plan` in place from new lengths (same batch size and rows): on CUDA this
 /// enqueues the plan kernel only, so it can be captured in a CUDA graph and replayed.
 pub fn replan(seqlens: &Tensor, plan: &mut Plan) -> Result<()> {
+    replan_on(seqlens, plan, None)
+}
+
+/// [`replan`] on a given CUDA stream (None: the device's own stream).
+pub fn replan_on(seqlens: &Tensor, plan: &mut Plan, stream: Option<std::sync::Arc<cudarc::driver::CudaStream>>) -> Result<()> {
+    check_seqlens(seqlens)?;
+    if !seqlens.device().same(plan.device()) {
+        return Err(MlaError::arg(ErrorCode::DeviceMismatch, "cache_seqlens", format!("{:?}", plan.device()), format!("{:?}", seqlens.device())));
+    }
     if seqlens.shape() != [plan.batch] {
         return Err(MlaError::arg(ErrorCode::ShapeMismatch, "cache_seqlens", format!("[{}]", plan.batch), format!("{:?}", seqlens.shape())));
     }
@@ -155,7 +171,7 @@ pub fn replan(seqlens: &Tensor, plan: &mut Plan) -> Result<()> {
             plan.metadata.write_bytes(0, crate::tensor::as_bytes(&meta))?;
             plan.num_splits.write_bytes(0, crate::tensor::as_bytes(&splits))
         }
-        Device::Cuda(g) => crate::gpu::ops::plan_into(g, seqlens, plan, None, i32::MAX),
+        Device::Cuda(g) => crate::gpu::ops::plan_into(g, seqlens, plan, stream, i32::MAX),
     }
 }
 

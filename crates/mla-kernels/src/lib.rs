@@ -2,6 +2,13 @@
 //!
 //! Each `kernels/<arch>/<name>.cu` becomes one cubin, embedded here. When nvcc was not
 //! found at build time the registry is empty and [`UNAVAILABLE_REASON`] says why.
+//!
+//! Generated statics (see `build.rs`):
+//! - `MODULES: &[Module]`: every compiled module, sorted by name within each arch folder;
+//! - `UNAVAILABLE_REASON: &str`: empty when kernels were built, else why not (nvcc not
+//!   found, or a kernel failed with `MLA_ALLOW_KERNEL_FAILURE=1`);
+//! - `NVCC_VERSION: &str`: the version of the nvcc that built them (e.g. `13.0.88`),
+//!   empty when none was found.
 
 include!(concat!(env!("OUT_DIR"), "/registry.rs"));
 
@@ -26,4 +33,64 @@ pub fn module(name: &str) -> Option<&'static Module> {
 /// Whether any GPU kernel was compiled into this build.
 pub fn available() -> bool {
     !MODULES.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_is_consistent() {
+        if !available() {
+            assert!(
+                !UNAVAILABLE_REASON.is_empty(),
+                "an empty registry must say why"
+            );
+            return;
+        }
+        assert!(UNAVAILABLE_REASON.is_empty());
+        assert!(!NVCC_VERSION.is_empty());
+        for m in MODULES {
+            assert!(!m.cubin.is_empty(), "{}: empty cubin", m.name);
+            assert_eq!(&m.cubin[..4], b"\x7fELF", "{}: not an ELF cubin", m.name);
+            assert!(m.name.contains('/'), "{}: name is <arch>/<stem>", m.name);
+            assert!(m.arch.starts_with("sm_"), "{}: arch {}", m.name, m.arch);
+            assert!(
+                m.resource_report.contains("ptxas"),
+                "{}: no ptxas report",
+                m.name
+            );
+            assert!(
+                std::ptr::eq(module(m.name).unwrap(), m),
+                "{}: duplicate name",
+                m.name
+            );
+        }
+    }
+
+    #[test]
+    fn sm90_modules_define_their_entry_points() {
+        if !available() {
+            return;
+        }
+        // The launcher (crates/mla-core/src/gpu/ops.rs) looks these up by name.
+        for (module_name, entries) in [
+            ("sm90/mla_plan", &["mla_plan_kernel"][..]),
+            (
+                "sm90/mla_combine",
+                &["mla_combine_bf16", "mla_combine_fp16"][..],
+            ),
+        ] {
+            let Some(m) = module(module_name) else {
+                panic!("{module_name} was not built")
+            };
+            for e in entries {
+                let needle = format!("Compiling entry function '{e}'");
+                assert!(
+                    m.resource_report.contains(&needle),
+                    "{module_name}: no entry {e}"
+                );
+            }
+        }
+    }
 }

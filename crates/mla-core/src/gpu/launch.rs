@@ -24,3 +24,13 @@ pub unsafe fn launch<P: DeviceRepr>(f: &CudaFunction, stream: &CudaStream, dims:
     result::launch_kernel(f.cu_function(), dims.grid, dims.block, dims.smem, stream.cu_stream(), &mut args)?;
     Ok(())
 }
+
+/// Launches `f` with an explicit argument list (pointers to each argument value).
+///
+/// # Safety
+/// As [`launch`]; `args` must match the kernel's parameter list.
+pub unsafe fn launch_args(f: &CudaFunction, stream: &CudaStream, dims: &LaunchDims, args: &mut [*mut c_void]) -> Result<()> {
+    stream.context().bind_to_thread()?;
+    result::launch_kernel(f.cu_function(), dims.grid, dims.block, dims.smem, stream.cu_stream(), args)?;
+    Ok(())
+}

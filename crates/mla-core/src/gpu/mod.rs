@@ -5,8 +5,10 @@
 //! instead of a crash.
 
 mod buffer;
-pub mod ops;
+pub mod graph;
 pub mod kernels;
+pub mod ops;
+pub mod util;
 pub mod launch;
 pub mod params;
 

@@ -1,0 +1,82 @@
+//! Device-side helpers for benchmarks and tests: random fills and the copy ceiling.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys, CudaStream};
+
+use super::launch::{launch_args, LaunchDims};
+use super::GpuDevice;
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{ErrorCode, MlaError, Result};
+use crate::tensor::Tensor;
+
+/// Fills a bf16 / fp16 CUDA tensor with approximately normal(0, std) values, clamped to
+/// [-clamp, clamp] when clamp > 0, generated on the device from `seed`.
+pub fn fill_random(t: &mut Tensor, seed: u64, std: f32, clamp: f32) -> Result<()> {
+    let g = match t.device() {
+        Device::Cuda(g) => g.clone(),
+        Device::Cpu => return Err(MlaError::new(ErrorCode::DeviceMismatch, "fill_random: a CUDA tensor is needed")),
+    };
+    let name = match t.dtype() {
+        DType::BF16 => "mla_fill_random_bf16",
+        DType::F16 => "mla_fill_random_fp16",
+        d => return Err(MlaError::arg(ErrorCode::DtypeMismatch, "tensor", "bf16 or fp16", d)),
+    };
+    let f = g.kernels().function(name, 0)?;
+    let (mut ptr, mut n, mut seed, mut std, mut clamp) = (t.device_ptr().unwrap(), t.numel() as u64, seed, std, clamp);
+    let mut args = [
+        &mut ptr as *mut u64 as *mut c_void,
+        &mut n as *mut u64 as *mut c_void,
+        &mut seed as *mut u64 as *mut c_void,
+        &mut std as *mut f32 as *mut c_void,
+        &mut clamp as *mut f32 as *mut c_void,
+    ];
+    let dims = LaunchDims { grid: (g.info().multiprocessors as u32 * 8, 1, 1), block: (256, 1, 1), smem: 0 };
+    unsafe { launch_args(&f, g.stream(), &dims, &mut args) }
+}
+
+/// Milliseconds between two points on a stream, measured with CUDA events.
+pub struct Timer {
+    start: cudarc::driver::CudaEvent,
+    stop: cudarc::driver::CudaEvent,
+    stream: Arc<CudaStream>,
+}
+
+impl Timer {
+    pub fn new(g: &GpuDevice, stream: &Arc<CudaStream>) -> Result<Timer> {
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        Ok(Timer { start: g.context().new_event(flags)?, stop: g.context().new_event(flags)?, stream: stream.clone() })
+    }
+    pub fn start(&self) -> Result<()> {
+        Ok(self.start.record(&self.stream)?)
+    }
+    /// Records the stop event, waits for it and returns the elapsed milliseconds.
+    pub fn stop(&self) -> Result<f32> {
+        self.stop.record(&self.stream)?;
+        self.stop.synchronize()?;
+        Ok(self.start.elapsed_ms(&self.stop)?)
+    }
+}
+
+/// The device-to-device copy ceiling in GB/s (bytes read + bytes written), as the
+/// contract measures it: median of `reps` copies of `bytes` bytes.
+pub fn copy_ceiling_gbps(g: &GpuDevice, bytes: usize, reps: usize) -> Result<f64> {
+    let src = g.alloc_zeroed(bytes)?;
+    let dst = g.alloc_zeroed(bytes)?;
+    let stream = g.stream();
+    let timer = Timer::new(g, stream)?;
+    let mut times = Vec::with_capacity(reps);
+    for i in 0..reps + 2 {
+        timer.start()?;
+        unsafe { result::memcpy_dtod_async(dst.ptr(), src.ptr(), bytes, stream.cu_stream())? };
+        let ms = timer.stop()?;
+        if i >= 2 {
+            times.push(ms as f64);
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let med = times[times.len() / 2];
+    Ok(2.0 * bytes as f64 / (med * 1e-3) / 1e9)
+}

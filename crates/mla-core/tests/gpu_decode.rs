@@ -1,0 +1,296 @@
+//! GPU decode on a CUDA device against the float64 reference and the CPU backend.
+//!
+//! Without a usable GPU every test prints "SKIPPED (no GPU: ...)" and returns; with
+//! MLA_TEST_DEVICE=cuda (the GPU suite sets it) a missing GPU fails instead.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Case, Inputs, Rng};
+use mla_core::decode::decode_into;
+use mla_core::gpu::graph::capture;
+use mla_core::gpu::util::fill_random;
+use mla_core::plan::{host_plan, replan_on};
+use mla_core::{decode, plan, DType, DecodeOptions, Device, ErrorCode, Tensor, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
+
+fn gpu(test: &str) -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if std::env::var("MLA_TEST_DEVICE").as_deref() == Ok("cuda") {
+                panic!("MLA_TEST_DEVICE=cuda but no usable GPU: {e}");
+            }
+            println!("SKIPPED {test} (no GPU: {e})");
+            None
+        }
+    }
+}
+
+/// Runs `case` on `dev` with outputs poisoned (0xFF bytes: NaN) before the run.
+fn run_on(dev: &Device, inp: &Inputs, causal: bool) -> (Vec<f32>, Vec<f32>) {
+    let t = inp.tensors(dev);
+    let p = plan(&t.seqlens, inp.case.s_q * inp.case.h_q, 1).unwrap();
+    let c = &inp.case;
+    let mut out = Tensor::zeros(dev, &[c.b(), c.s_q, c.h_q, HEAD_DIM_V], c.dtype).unwrap();
+    let mut lse = Tensor::zeros(dev, &[c.b(), c.h_q, c.s_q], DType::F32).unwrap();
+    out.fill_bytes(0xFF).unwrap();
+    lse.fill_bytes(0xFF).unwrap();
+    let opts = DecodeOptions { causal, ..Default::default() };
+    decode_into(&t.q, &t.kv, &t.block_table, &t.seqlens, &p, &opts, &mut out, &mut lse).unwrap();
+    dev.synchronize().unwrap();
+    (out.to_f32().unwrap(), lse.to_f32().unwrap())
+}
+
+fn check_case(dev: &Device, case: Case, rng: &mut Rng) {
+    for causal in [true, false] {
+        for unit_normal in [false, true] {
+            let inp = Inputs::random(case.clone(), unit_normal, rng);
+            let (out, lse) = run_on(dev, &inp, causal);
+            let (ref_out, ref_lse) = inp.reference(causal, None);
+            let what = format!("{case:?} causal={causal} unit_normal={unit_normal} seed={:#x}", inp.seed);
+            common::assert_accuracy(&out, &lse, &ref_out, &ref_lse, case.dtype, &what);
+            // The CPU backend on the same inputs agrees within rounding of the output type.
+            let (cpu_out, cpu_lse) = run_on(&Device::Cpu, &inp, causal);
+            common::assert_close_to_cpu(&out, &lse, &cpu_out, &cpu_lse, case.dtype, &what);
+        }
+    }
+}
+
+#[test]
+fn edge_cases_match_reference_and_cpu() {
+    let Some(dev) = gpu("edge_cases_match_reference_and_cpu") else { return };
+    let mut rng = Rng::fresh();
+    for dtype in [DType::BF16, DType::F16] {
+        for &h_q in &[1, 3, 16, 63, 64, 128] {
+            for &s_q in &[1, 2, 4] {
+                let lens = vec![0, 1, 20, 63, 64, 65, 140, 4096];
+                check_case(&dev, Case::new(dtype, h_q, s_q, lens).shared_blocks(true), &mut rng);
+            }
+        }
+    }
+}
+
+#[test]
+fn seqlen_zero_only_and_single_token() {
+    let Some(dev) = gpu("seqlen_zero_only_and_single_token") else { return };
+    let mut rng = Rng::fresh();
+    for lens in [vec![0, 0, 0], vec![1], vec![0, 1, 0, 2]] {
+        check_case(&dev, Case::new(DType::BF16, 16, 2, lens), &mut rng);
+    }
+}
+
+/// FlashMLA's grid at full size on the GPU; the float64 reference checks a sample of
+/// sequences of every configuration (the longest and a random one), and the whole output
+/// must be finite.
+#[test]
+fn flashmla_grid_accuracy() {
+    let Some(dev) = gpu("flashmla_grid_accuracy") else { return };
+    let mut rng = Rng::fresh();
+    let quick = std::env::var("MLA_GRID_QUICK").is_ok();
+    let means: &[usize] = if quick { &[4096] } else { &[4096, 8192, 16384] };
+    for &mean in means {
+        for &h_q in &[16, 32, 64, 128] {
+            for &s_q in &[1, 2] {
+                for varlen in [false, true] {
+                    let lens: Vec<i32> = (0..128)
+                        .map(|_| if varlen { ((mean as f64 + rng.normal() * mean as f64 / 2.0).round() as i32).max(s_q as i32) } else { mean as i32 })
+                        .collect();
+                    grid_case(&dev, &mut rng, h_q, s_q, &lens, &format!("mean={mean} h_q={h_q} s_q={s_q} varlen={varlen}"));
+                }
+            }
+        }
+    }
+}
+
+fn grid_case(dev: &Device, rng: &mut Rng, h_q: usize, s_q: usize, lens: &[i32], what: &str) {
+    let b = lens.len();
+    let nb: Vec<usize> = lens.iter().map(|&l| (l as usize).div_ceil(BLOCK_SIZE)).collect();
+    let max_nb = *nb.iter().max().unwrap();
+    let total: usize = nb.iter().sum();
+    // Each sequence owns its blocks, in a shuffled order; tails are garbage.
+    let mut ids: Vec<i32> = (0..total as i32).collect();
+    rng.shuffle(&mut ids);
+    let mut table = vec![2147480000; b * max_nb];
+    let mut k = 0;
+    for i in 0..b {
+        for j in 0..nb[i] {
+            table[i * max_nb + j] = ids[k];
+            k += 1;
+        }
+    }
+    let seed = rng.next_u64();
+    let mut kv = Tensor::zeros(dev, &[total, BLOCK_SIZE, 1, HEAD_DIM], DType::BF16).unwrap();
+    fill_random(&mut kv, seed, 0.1, 1.0).unwrap();
+    let mut q = Tensor::zeros(dev, &[b, s_q, h_q, HEAD_DIM], DType::BF16).unwrap();
+    fill_random(&mut q, seed ^ 1, 0.1, 1.0).unwrap();
+    let bt = Tensor::from_i32(dev, &table, &[b, max_nb]).unwrap();
+    let sl = Tensor::from_i32(dev, lens, &[b]).unwrap();
+    let p = plan(&sl, s_q * h_q, 1).unwrap();
+    let opts = DecodeOptions { causal: true, ..Default::default() };
+    let r = decode(&q, &kv, &bt, &sl, &p, &opts).unwrap();
+    dev.synchronize().unwrap();
+    let out = r.out.to_f32().unwrap();
+    let lse = r.lse.to_f32().unwrap();
+    assert!(out.iter().all(|x| x.is_finite()), "{what}: non-finite output");
+    assert!(lse.iter().all(|x| x.is_finite()), "{what}: non-finite lse");
+    // Reference for the longest sequence and one random sequence.
+    let longest = (0..b).max_by_key(|&i| lens[i]).unwrap();
+    let sample = [longest, (rng.next_u64() % b as u64) as usize];
+    let inp = Inputs::from_device(&q, &kv, &table, max_nb, lens, DType::BF16, seed);
+    for &i in &sample {
+        let (ref_out, ref_lse) = inp.reference(true, Some(i));
+        let rows = s_q * h_q;
+        let o = &out[i * rows * HEAD_DIM_V..(i + 1) * rows * HEAD_DIM_V];
+        let l = &lse[i * rows..(i + 1) * rows];
+        common::assert_accuracy(o, l, &ref_out, &ref_lse, DType::BF16, &format!("{what} seq {i} (len {})", lens[i]));
+    }
+}
+
+#[test]
+fn plan_kernel_equals_host_plan() {
+    let Some(dev) = gpu("plan_kernel_equals_host_plan") else { return };
+    let mut rng = Rng::fresh();
+    for (b, rows) in [(1, 16), (4, 64), (128, 16), (128, 256), (1000, 32), (3, 1)] {
+        let lens: Vec<i32> = (0..b).map(|_| if rng.next_u64() % 7 == 0 { 0 } else { (rng.next_u64() % 20000) as i32 }).collect();
+        let sl = Tensor::from_i32(&dev, &lens, &[b]).unwrap();
+        let p = plan(&sl, rows, 1).unwrap();
+        dev.synchronize().unwrap();
+        let (meta, splits) = host_plan(&lens, p.num_parts);
+        assert_eq!(p.metadata.to_i32().unwrap(), meta, "metadata, b={b} rows={rows}");
+        assert_eq!(p.num_splits.to_i32().unwrap(), splits, "num_splits, b={b} rows={rows}");
+    }
+}
+
+/// plan + decode + combine captured once in a CUDA graph, replayed after new lengths
+/// (and new block tables) are written into the same device tensors.
+#[test]
+fn cuda_graph_capture_and_replay() {
+    let Some(dev) = gpu("cuda_graph_capture_and_replay") else { return };
+    let Device::Cuda(g) = &dev else { unreachable!() };
+    let mut rng = Rng::fresh();
+    let (h_q, s_q) = (16, 2);
+    let max_len = 3000;
+    let lens0 = vec![100, 2000, 0, 3000, 65];
+    let case = Case::new(DType::BF16, h_q, s_q, lens0.clone()).max_len(max_len);
+    let inp = Inputs::random(case.clone(), false, &mut rng);
+    let t = inp.tensors(&dev);
+    let mut seqlens = t.seqlens;
+    let mut p = plan(&seqlens, s_q * h_q, 1).unwrap();
+    let mut out = Tensor::zeros(&dev, &[lens0.len(), s_q, h_q, HEAD_DIM_V], DType::BF16).unwrap();
+    let mut lse = Tensor::zeros(&dev, &[lens0.len(), h_q, s_q], DType::F32).unwrap();
+    let stream: Arc<_> = g.new_stream().unwrap();
+    let opts = DecodeOptions { causal: true, stream: Some(stream.clone()), ..Default::default() };
+    // Warm-up outside capture loads the kernels.
+    replan_on(&seqlens, &mut p, Some(stream.clone())).unwrap();
+    decode_into(&t.q, &t.kv, &t.block_table, &seqlens, &p, &opts, &mut out, &mut lse).unwrap();
+    dev.synchronize().unwrap();
+    let graph = {
+        let (sl, pp, o, l) = (&seqlens, &mut p, &mut out, &mut lse);
+        capture(&stream, || {
+            replan_on(sl, pp, Some(stream.clone()))?;
+            decode_into(&t.q, &t.kv, &t.block_table, sl, pp, &opts, o, l)
+        })
+        .unwrap()
+    };
+    for lens in [lens0.clone(), vec![3000, 1, 64, 0, 2999], vec![0, 0, 0, 0, 1], vec![1500, 1500, 1500, 1500, 1500]] {
+        seqlens.write_bytes(0, mla_core::tensor::as_bytes(&lens)).unwrap();
+        out.fill_bytes(0xFF).unwrap();
+        lse.fill_bytes(0xFF).unwrap();
+        dev.synchronize().unwrap();
+        graph.launch().unwrap();
+        dev.synchronize().unwrap();
+        let inp2 = inp.with_lens(&lens);
+        let (ref_out, ref_lse) = inp2.reference(true, None);
+        common::assert_accuracy(&out.to_f32().unwrap(), &lse.to_f32().unwrap(), &ref_out, &ref_lse, DType::BF16, &format!("graph replay lens={lens:?}"));
+    }
+}
+
+#[test]
+fn bad_device_block_index_is_a_typed_error() {
+    let Some(dev) = gpu("bad_device_block_index_is_a_typed_error") else { return };
+    let mut rng = Rng::fresh();
+    let inp = Inputs::random(Case::new(DType::BF16, 16, 1, vec![100, 200]), false, &mut rng);
+    let t = inp.tensors(&dev);
+    let max_nb = t.block_table.shape()[1];
+    for bad in [inp.num_blocks() as i32, -1, i32::MAX] {
+        let mut table = inp.block_table.clone();
+        table[max_nb + 1] = bad; // block 1 of sequence 1 is read (200 tokens = 4 blocks)
+        let bt = Tensor::from_i32(&dev, &table, &[2, max_nb]).unwrap();
+        let p = plan(&t.seqlens, 16, 1).unwrap();
+        let r = decode(&t.q, &t.kv, &bt, &t.seqlens, &p, &DecodeOptions::default());
+        assert!(r.is_ok(), "device-resident indices are checked on the device");
+        let e = dev.synchronize().unwrap_err();
+        assert_eq!(e.code, ErrorCode::BlockIndexOutOfRange, "{e}");
+        // The flag is cleared: a good step afterwards succeeds.
+        decode(&t.q, &t.kv, &t.block_table, &t.seqlens, &p, &DecodeOptions::default()).unwrap();
+        dev.synchronize().unwrap();
+    }
+    // A garbage entry past the used blocks is never read: no error.
+    let mut table = inp.block_table.clone();
+    table[max_nb - 1] = -5;
+    let bt = Tensor::from_i32(&dev, &table, &[2, max_nb]).unwrap();
+    let p = plan(&t.seqlens, 16, 1).unwrap();
+    decode(&t.q, &t.kv, &bt, &t.seqlens, &p, &DecodeOptions::default()).unwrap();
+    dev.synchronize().unwrap();
+}
+
+#[test]
+fn bad_device_seqlen_is_a_typed_error() {
+    let Some(dev) = gpu("bad_device_seqlen_is_a_typed_error") else { return };
+    let mut rng = Rng::fresh();
+    let inp = Inputs::random(Case::new(DType::BF16, 16, 1, vec![100, 200]), false, &mut rng);
+    let t = inp.tensors(&dev);
+    let max_len = (t.block_table.shape()[1] * BLOCK_SIZE) as i32;
+    for bad in [-1, max_len + 1] {
+        let sl = Tensor::from_i32(&dev, &[100, bad], &[2]).unwrap();
+        let p = plan(&sl, 16, 1).unwrap();
+        decode(&t.q, &t.kv, &t.block_table, &sl, &p, &DecodeOptions::default()).unwrap();
+        let e = dev.synchronize().unwrap_err();
+        assert_eq!(e.code, ErrorCode::SeqlenOutOfRange, "{e}");
+    }
+}
+
+#[test]
+fn host_checks_still_run_for_device_tensors() {
+    let Some(dev) = gpu("host_checks_still_run_for_device_tensors") else { return };
+    let q = Tensor::zeros(&dev, &[2, 1, 16, 512], DType::BF16).unwrap();
+    let kv = Tensor::zeros(&dev, &[4, 64, 1, 576], DType::BF16).unwrap();
+    let bt = Tensor::from_i32(&dev, &[0, 1, 2, 3], &[2, 2]).unwrap();
+    let sl = Tensor::from_i32(&dev, &[10, 10], &[2]).unwrap();
+    let p = plan(&sl, 16, 1).unwrap();
+    let e = decode(&q, &kv, &bt, &sl, &p, &DecodeOptions::default()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    let cpu_sl = Tensor::from_i32(&Device::Cpu, &[10, 10], &[2]).unwrap();
+    let q = Tensor::zeros(&dev, &[2, 1, 16, 576], DType::BF16).unwrap();
+    let e = decode(&q, &kv, &bt, &cpu_sl, &p, &DecodeOptions::default()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::DeviceMismatch);
+}
+
+/// The reduced set compute-sanitizer runs (memcheck, racecheck): splits, causal rows
+/// with no keys, every row tile, both dtypes, and a bad index. Run with --ignored.
+#[test]
+#[ignore = "run by scripts/gpu-suite.sh under compute-sanitizer"]
+fn sanitizer_small_cases() {
+    let Some(dev) = gpu("sanitizer_small_cases") else { return };
+    let mut rng = Rng::fresh();
+    for (dtype, h_q, s_q, lens) in [
+        (DType::BF16, 16, 1, vec![0, 1, 65, 700]),
+        (DType::F16, 3, 4, vec![2, 140, 0]),
+        (DType::BF16, 64, 2, vec![300, 64]),
+        (DType::BF16, 128, 1, vec![130]),
+    ] {
+        let inp = Inputs::random(Case::new(dtype, h_q, s_q, lens), false, &mut rng);
+        let (out, lse) = run_on(&dev, &inp, true);
+        let (ref_out, ref_lse) = inp.reference(true, None);
+        common::assert_accuracy(&out, &lse, &ref_out, &ref_lse, dtype, "sanitizer case");
+    }
+    let inp = Inputs::random(Case::new(DType::BF16, 16, 1, vec![100, 200]), false, &mut rng);
+    let t = inp.tensors(&dev);
+    let mut table = inp.block_table.clone();
+    table[t.block_table.shape()[1] + 2] = 1 << 30;
+    let bt = Tensor::from_i32(&dev, &table, &[2, t.block_table.shape()[1]]).unwrap();
+    let p = plan(&t.seqlens, 16, 1).unwrap();
+    decode(&t.q, &t.kv, &bt, &t.seqlens, &p, &DecodeOptions::default()).unwrap();
+    assert_eq!(dev.synchronize().unwrap_err().code, ErrorCode::BlockIndexOutOfRange);
+}

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The whole GPU suite on a lent GPU machine, in one call (run from the repo root there,
+# after scripts/prepare-device.sh here). Writes logs under $OUT (or ./gpu-out) and prints
+# a short table last.  Stages: info, rust tests, sanitizer, typescript tests, bench.
+#   bash scripts/gpu-suite.sh [stage ...]     (default: all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+stages=${*:-"info rust sanitizer ts bench"}
+declare -A result
+export MLA_TEST_DEVICE=cuda
+
+run_stage() {  # name, command...
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "=== $name: $*"
+  if "$@" >"$OUT/$name.log" 2>&1; then result[$name]="pass ($((SECONDS - t0)) s)"; else result[$name]="FAIL rc=$? ($((SECONDS - t0)) s)"; fi
+  tail -n 25 "$OUT/$name.log"
+}
+
+for s in $stages; do
+  case $s in
+    info) run_stage info bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nvcc --version | tail -1' ;;
+    rust) run_stage rust .device/bin/gpu_decode --test-threads=1 ;;
+    sanitizer)
+      run_stage memcheck compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
+      run_stage racecheck compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_ ;;
+    ts)
+      if [[ -f .device/node.xz ]]; then
+        mkdir -p /tmp/nodebin && xz -dc .device/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node
+        (cd .device/pkg && [[ -f ../node_modules.tar.xz ]] && tar -xJf ../node_modules.tar.xz)
+        run_stage ts bash -c 'cd .device/pkg && PATH=/tmp/nodebin:$PATH node node_modules/ava/entrypoints/cli.mjs "dist/__test__/**/*.test.js" --serial --timeout=5m'
+      else
+        result[ts]="not carried"
+      fi ;;
+    bench)
+      run_stage matmul python3 -c '
+import torch
+a=torch.randn(8192,8192,device="cuda",dtype=torch.bfloat16); b=torch.randn(8192,8192,device="cuda",dtype=torch.bfloat16)
+for _ in range(3): a@b
+torch.cuda.synchronize(); s=torch.cuda.Event(enable_timing=True); e=torch.cuda.Event(enable_timing=True); ts=[]
+for _ in range(10):
+    s.record(); a@b; e.record(); e.synchronize(); ts.append(s.elapsed_time(e))
+ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e12))'
+      mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" | grep -o '^[0-9]*' || true)
+      run_stage bench .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench.csv" --anchors .device/anchors/flashmla-h100.csv,.device/anchors/flashmla-h100-beyond.csv ${BENCH_ARGS:-} ;;
+  esac
+done
+
+echo
+echo "=== summary"
+for s in info rust memcheck racecheck ts matmul bench; do
+  [[ -n "${result[$s]:-}" ]] && printf '%-10s %s\n' "$s" "${result[$s]}"
+done
+grep -h "test result\|passed\|failed" "$OUT"/rust.log "$OUT"/ts.log 2>/dev/null | tail -4
+grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log 2>/dev/null
+grep -h "copy ceiling\|matmul\|geometric" "$OUT"/bench.log "$OUT"/matmul.log 2>/dev/null
