@@ -25,18 +25,16 @@ impl Kernels {
         Ok(Kernels { modules, functions: Default::default() })
     }
 
-    /// The function `name` from whichever module defines it, with its dynamic shared
-    /// memory limit raised to `smem_bytes` when that is above the 48 KiB default.
-    pub fn function(&self, name: &str, smem_bytes: u32) -> Result<CudaFunction> {
+    /// The function `name` of module `module` (`<arch>/<file stem>`), with its dynamic
+    /// shared memory limit raised to `smem_bytes` when that is above the 48 KiB default.
+    pub fn function(&self, module: &str, name: &str, smem_bytes: u32) -> Result<CudaFunction> {
         let mut cache = self.functions.lock().unwrap();
         if let Some(f) = cache.get(name) {
             return Ok(f.clone());
         }
-        let f = self
-            .modules
-            .iter()
-            .find_map(|(_, m)| m.load_function(name).ok())
-            .ok_or_else(|| MlaError::new(ErrorCode::KernelsUnavailable, format!("kernel {name} is not in this build")))?;
+        let missing = || MlaError::new(ErrorCode::KernelsUnavailable, format!("kernel {module}:{name} is not in this build"));
+        let m = self.modules.iter().find(|(n, _)| *n == module).ok_or_else(missing)?;
+        let f = m.1.load_function(name).map_err(|_| missing())?;
         if smem_bytes > 48 * 1024 {
             f.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

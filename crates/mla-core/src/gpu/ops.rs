@@ -25,7 +25,7 @@ fn pick_stream<'a>(g: &'a GpuDevice, s: &'a Option<Arc<CudaStream>>) -> &'a Arc<
 
 /// Enqueues the plan kernel: metadata and num_splits from device-resident lengths.
 pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Option<Arc<CudaStream>>, max_seqlen: i32) -> Result<()> {
-    let f = g.kernels().function("mla_plan_kernel", 0)?;
+    let f = g.kernels().function("sm90/mla_plan", "mla_plan_kernel", 0)?;
     let p = MlaPlanParams {
         seqlens: ptr(seqlens),
         metadata: ptr(&plan.metadata),
@@ -86,7 +86,7 @@ pub fn decode_into(
     };
     let tile = row_tile(rows);
     let smem = decode_smem_bytes(tile) as u32;
-    let f = g.kernels().function(&format!("mla_decode_{ty}_m{tile}"), smem)?;
+    let f = g.kernels().function("sm90/mla_decode", &format!("mla_decode_{ty}_m{tile}"), smem)?;
     let oaccum = ws.ptr();
     let lseaccum = oaccum + slots * rows as u64 * HEAD_DIM_V as u64 * 4;
     let p = MlaDecodeParams {
@@ -115,7 +115,7 @@ pub fn decode_into(
     let dims = LaunchDims { grid: (plan.num_parts as u32, rows.div_ceil(tile) as u32, 1), block: (256, 1, 1), smem };
     unsafe { launch(&f, stream, &dims, &p)? };
 
-    let fc = g.kernels().function(&format!("mla_combine_{ty}"), 0)?;
+    let fc = g.kernels().function("sm90/mla_combine", &format!("mla_combine_{ty}"), 0)?;
     let c = MlaCombineParams {
         oaccum,
         lseaccum,

@@ -24,7 +24,7 @@ pub fn fill_random(t: &mut Tensor, seed: u64, std: f32, clamp: f32) -> Result<()
         DType::F16 => "mla_fill_random_fp16",
         d => return Err(MlaError::arg(ErrorCode::DtypeMismatch, "tensor", "bf16 or fp16", d)),
     };
-    let f = g.kernels().function(name, 0)?;
+    let f = g.kernels().function("sm90/mla_util", name, 0)?;
     let (mut ptr, mut n, mut seed, mut std, mut clamp) = (t.device_ptr().unwrap(), t.numel() as u64, seed, std, clamp);
     let mut args = [
         &mut ptr as *mut u64 as *mut c_void,
