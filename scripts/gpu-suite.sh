@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-stages=${*:-"info rust sanitizer ts bench"}
+stages=${*:-"info sass rust rust-mma sanitizer ts bench"}
 declare -A result
 export MLA_TEST_DEVICE=cuda
 
@@ -22,7 +22,10 @@ run_stage() {  # name, command...
 for s in $stages; do
   case $s in
     info) run_stage info bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nvcc --version | tail -1' ;;
+    sass) run_stage sass bash -c 'for c in .device/cubins/*.cubin; do printf "%-28s HGMMA %4d  HMMA %4d  LDL/STL %d\n" "$(basename $c)" "$(cuobjdump --dump-sass $c | grep -c HGMMA)" "$(cuobjdump --dump-sass $c | grep -c "HMMA")" "$(cuobjdump --dump-sass $c | grep -cE "LDL|STL")"; done' ;;
     rust) run_stage rust .device/bin/gpu_decode --test-threads=1 ;;
+    # The mma.sync kernels on every row count (by default they only take h_q * s_q <= 16).
+    rust-mma) run_stage rust-mma env MLA_DECODE_KERNEL=mma .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ --include-ignored ;;
     sanitizer)
       run_stage memcheck compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
       run_stage racecheck compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_ ;;
@@ -44,15 +47,19 @@ for _ in range(10):
     s.record(); a@b; e.record(); e.synchronize(); ts.append(s.elapsed_time(e))
 ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e12))'
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" | grep -o '^[0-9]*' || true)
-      run_stage bench .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench.csv" --anchors .device/anchors/flashmla-h100.csv,.device/anchors/flashmla-h100-beyond.csv ${BENCH_ARGS:-} ;;
+      anchors=.device/anchors/flashmla-h100.csv,.device/anchors/flashmla-h100-beyond.csv
+      for v in ${BENCH_VARIANTS:-default}; do
+        run_stage "bench-$v" env MLA_DECODE_KERNEL=$v .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-$v.csv" --anchors $anchors ${BENCH_ARGS:-}
+      done ;;
   esac
 done
 
 echo
 echo "=== summary"
-for s in info rust memcheck racecheck ts matmul bench; do
+for s in info sass rust rust-mma memcheck racecheck ts matmul bench-default bench-mma bench-wgmma; do
   [[ -n "${result[$s]:-}" ]] && printf '%-10s %s\n' "$s" "${result[$s]}"
 done
-grep -h "test result\|passed\|failed" "$OUT"/rust.log "$OUT"/ts.log 2>/dev/null | tail -4
+grep -h "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/ts.log 2>/dev/null | tail -6
 grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log 2>/dev/null
-grep -h "copy ceiling\|matmul\|geometric" "$OUT"/bench.log "$OUT"/matmul.log 2>/dev/null
+cat "$OUT"/sass.log 2>/dev/null
+grep -h "copy ceiling\|matmul\|geometric" "$OUT"/bench-*.log "$OUT"/matmul.log 2>/dev/null

@@ -19,6 +19,9 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="gpu_decode": print(m["executable"])' \
   | tail -1 | xargs -I{} cp {} "$out/bin/gpu_decode"
 cp target/release/examples/gpu_bench "$out/bin/"
+# The cubins, for reading their SASS there (cuobjdump).
+mkdir -p "$out/cubins"
+cp "$(ls -td target/release/build/mla-kernels-*/out | head -1)"/*/*.cubin "$out/cubins/"
 strip "$out/bin/"* || true
 
 # Anchors (../shared does not travel with the working tree).

@@ -11,19 +11,12 @@
 // Cache blocks stream through a two-stage cp.async pipeline; rows past the sequence end
 // are zero-filled in shared memory (never read from memory that may hold NaN), and every
 // block index is checked against num_blocks before it is dereferenced.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <math_constants.h>
-
-#include "mla_params.cuh"
+#include "mla_common.cuh"
 
 namespace {
 
-constexpr int D = 576;        // latent width (K)
-constexpr int DV = 512;       // V width (first DV columns of K)
-constexpr int BS = 64;        // tokens per cache block
+using namespace mla;
 constexpr int THREADS = 256;  // 8 warps
-constexpr int CHUNKS = D / 8; // 16-byte chunks per row
 
 // Byte offset of the 16-byte chunk `chunk` of row `row` in a swizzled tile whose rows
 // are `row_bytes` long (a multiple of 128): XOR-ing the chunk with row % 8 spreads the
@@ -31,17 +24,6 @@ constexpr int CHUNKS = D / 8; // 16-byte chunks per row
 __device__ __forceinline__ uint32_t swz(int row, int chunk, int row_bytes) {
     return row * row_bytes + ((chunk ^ (row & 7)) << 4);
 }
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t* r, uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -55,31 +37,20 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t* r, uint32_t addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
-template <typename T> struct Ty;
-template <> struct Ty<__nv_bfloat16> {
-    __device__ static void mma(float* c, const uint32_t* a, const uint32_t* b) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-    __device__ static uint32_t pack(float x, float y) {
-        __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
-        return *reinterpret_cast<uint32_t*>(&v);
-    }
-};
-template <> struct Ty<__half> {
-    __device__ static void mma(float* c, const uint32_t* a, const uint32_t* b) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-    __device__ static uint32_t pack(float x, float y) {
-        __half2 v = __floats2half2_rn(x, y);
-        return *reinterpret_cast<uint32_t*>(&v);
-    }
-};
+// mma.sync m16n8k16, fp32 accumulation.
+template <typename T> __device__ void mma16816(float* c, const uint32_t* a, const uint32_t* b);
+template <> __device__ void mma16816<__nv_bfloat16>(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ void mma16816<__half>(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
 
 // Shared memory plan (bytes), kept in step with decode_smem_bytes() in gpu/ops.rs.
 template <int M> struct Smem {
@@ -105,7 +76,6 @@ __device__ void decode_tile(const MlaDecodeParams& p, char* smem) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int rg = warp % RG, cg = warp / RG;
     const int g = lane >> 2, t4 = lane & 3;
-    const int part = blockIdx.x;
     const int r0 = blockIdx.y * M;    // first query row of this tile
     const uint32_t sbase = smem_u32(smem);
     float* red_max = reinterpret_cast<float*>(smem + L::RED_MAX);
@@ -115,23 +85,8 @@ __device__ void decode_tile(const MlaDecodeParams& p, char* smem) {
     float* row_a = reinterpret_cast<float*>(smem + L::ROW_A);
     const char* kv = static_cast<const char*>(p.kv);
 
-    const int* meta = p.metadata + part * MLA_META_INTS;
-    const int begin_seq = meta[0], begin_blk = meta[1], end_seq = min(meta[2], p.b - 1), end_blk = meta[3];
-
-    for (int seq = max(begin_seq, 0); seq <= end_seq; ++seq) {
-        int len = p.seqlens[seq];
-        if (len < 0 || len > p.max_blocks_per_seq * BS) {
-            if (tid == 0) atomicOr(p.error_flag, MLA_ERR_SEQLEN);
-            len = 0;
-        }
-        const int nblk = (len + BS - 1) / BS;
-        const int lo = seq == begin_seq ? begin_blk : 0;
-        const int hi = min(seq == meta[2] ? end_blk : nblk, nblk);
-        if (hi <= lo) continue;
-        const int nsplit = p.num_splits[seq + 1] - p.num_splits[seq];
-        const int slot = p.num_splits[seq] + (seq == begin_seq ? meta[4] : 0);
-        const int* bt = p.block_table + (size_t)seq * p.max_blocks_per_seq;
-
+    for_each_segment(p, [&](const Segment& sg) {
+        const int seq = sg.seq, len = sg.len, lo = sg.lo, hi = sg.hi;
         __syncthreads();  // the previous segment is done with the row stats and buffers
         if (tid < M) { row_m[tid] = -CUDART_INF_F; row_l[tid] = 0.f; }
 
@@ -145,13 +100,9 @@ __device__ void decode_tile(const MlaDecodeParams& p, char* smem) {
             }
         }
         auto load_block = [&](int n, int stage) {
-            int idx = bt[n];
+            bool bad;
+            const int idx = checked_block(p, seq, n, bad);
             const int valid = min(BS, len - n * BS);
-            const bool bad = idx < 0 || idx >= p.num_blocks;
-            if (bad) {
-                if (tid == 0) atomicOr(p.error_flag, MLA_ERR_BLOCK_INDEX);
-                idx = 0;
-            }
             const char* src = kv + (size_t)idx * BS * D * 2;
             const uint32_t dst = sbase + (stage ? L::K1 : L::K0);
             for (int c = tid; c < BS * CHUNKS; c += THREADS) {
@@ -167,11 +118,7 @@ __device__ void decode_tile(const MlaDecodeParams& p, char* smem) {
         // key each may attend to (exclusive bound).
         int key_end[2];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = r0 + rg * 16 + g + h * 8;
-            const int j = r / p.h_q;
-            key_end[h] = r >= p.rows ? 0 : (p.causal ? len - p.s_q + 1 + j : len);
-        }
+        for (int h = 0; h < 2; ++h) key_end[h] = key_end_of_row(p, r0 + rg * 16 + g + h * 8, len);
 
         float o[RG][8][4];
 #pragma unroll
@@ -203,15 +150,15 @@ __device__ void decode_tile(const MlaDecodeParams& p, char* smem) {
                 if constexpr (NT1 == 1) {
                     uint32_t bf[2];
                     ldsm_x2(bf, sk + swz(key0 + (lane & 7), kk * 2 + ((lane >> 3) & 1), D * 2));
-                    Ty<T>::mma(s[0], af, bf);
+                    mma16816<T>(s[0], af, bf);
                 } else {
 #pragma unroll
                     for (int np = 0; np < NT1 / 2; ++np) {
                         uint32_t bf[4];
                         const int grp = lane >> 3;
                         ldsm_x4(bf, sk + swz(key0 + np * 16 + (lane & 7) + (grp >> 1) * 8, kk * 2 + (grp & 1), D * 2));
-                        Ty<T>::mma(s[np * 2], af, bf);
-                        Ty<T>::mma(s[np * 2 + 1], af, bf + 2);
+                        mma16816<T>(s[np * 2], af, bf);
+                        mma16816<T>(s[np * 2 + 1], af, bf + 2);
                     }
                 }
             }
@@ -308,8 +255,8 @@ __device__ void decode_tile(const MlaDecodeParams& p, char* smem) {
                     ldsm_x4_t(vf, sk + swz(kk * 16 + (lane & 15), warp * 8 + np * 2 + (lane >> 4), D * 2));
 #pragma unroll
                     for (int a = 0; a < RG; ++a) {
-                        Ty<T>::mma(o[a][np * 2], pf[a], vf);
-                        Ty<T>::mma(o[a][np * 2 + 1], pf[a], vf + 2);
+                        mma16816<T>(o[a][np * 2], pf[a], vf);
+                        mma16816<T>(o[a][np * 2 + 1], pf[a], vf + 2);
                     }
                 }
             }
@@ -317,41 +264,20 @@ __device__ void decode_tile(const MlaDecodeParams& p, char* smem) {
         }
 
         // ---- epilogue: normalise and write (final, or a partial for combine) ----
-        const bool direct = nsplit == 1;
 #pragma unroll
         for (int a = 0; a < RG; ++a)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int row = a * 16 + g + h * 8;
-                const int r = r0 + row;
-                if (r >= p.rows) continue;
+                if (r0 + row >= p.rows) continue;
                 const float l = row_l[row];
                 const float inv = l > 0.f ? 1.f / l : 0.f;
-                if (direct) {
-                    T* out = static_cast<T*>(p.out) + ((size_t)seq * p.rows + r) * DV + warp * 64 + t4 * 2;
 #pragma unroll
-                    for (int b = 0; b < 8; ++b)
-                        *reinterpret_cast<uint32_t*>(out + b * 8) = Ty<T>::pack(o[a][b][h * 2] * inv, o[a][b][h * 2 + 1] * inv);
-                } else {
-                    float* out = p.oaccum + ((size_t)slot * p.rows + r) * DV + warp * 64 + t4 * 2;
-#pragma unroll
-                    for (int b = 0; b < 8; ++b)
-                        *reinterpret_cast<float2*>(out + b * 8) = make_float2(o[a][b][h * 2] * inv, o[a][b][h * 2 + 1] * inv);
-                }
+                for (int b = 0; b < 8; ++b)
+                    write_out2<T>(p, sg, r0 + row, warp * 64 + b * 8 + t4 * 2, o[a][b][h * 2] * inv, o[a][b][h * 2 + 1] * inv);
             }
-        if (tid < M && r0 + tid < p.rows) {
-            const int r = r0 + tid;
-            const float l = row_l[tid];
-            // ln(sum exp(s)) = (m + log2(l)) * ln 2, with m in log2 units.
-            const float lse = l > 0.f ? (row_m[tid] + log2f(l)) * 0.69314718055994531f : (direct ? CUDART_INF_F : -CUDART_INF_F);
-            if (direct) {
-                const int j = r / p.h_q, h = r % p.h_q;
-                p.lse[((size_t)seq * p.h_q + h) * p.s_q + j] = lse;
-            } else {
-                p.lseaccum[(size_t)slot * p.rows + r] = lse;
-            }
-        }
-    }
+        if (tid < M && r0 + tid < p.rows) write_lse(p, sg, r0 + tid, row_m[tid], row_l[tid]);
+    });
 }
 
 }  // namespace

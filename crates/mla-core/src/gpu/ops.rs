@@ -41,25 +41,52 @@ pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Optio
     unsafe { launch(&f, pick_stream(g, &stream), &dims, &p) }
 }
 
-/// Rows per thread block of the decode kernel for `rows` query rows: 16, 32 or 64.
-pub fn row_tile(rows: usize) -> usize {
-    if rows <= 16 {
-        16
-    } else if rows <= 32 {
-        32
-    } else {
-        GPU_ROW_TILE
-    }
+/// Which decode kernel runs a shape. Every kernel takes tiles of at most 64 rows, so the
+/// plan's part count (multiprocessors / ceil(rows / 64)) fills the chip either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// mma.sync m16n8k16, tiles of 16, 32 or 64 rows (`mla_decode.cu`).
+    MmaSync { tile: usize },
+    /// wgmma, tiles of 64 rows, two warpgroups (`mla_decode_wgmma.cu`).
+    Wgmma,
 }
 
-/// Dynamic shared memory of the decode kernel for a row tile (see mla_decode.cu).
-pub fn decode_smem_bytes(tile: usize) -> usize {
-    let q = tile * HEAD_DIM * 2;
-    let kv = 2 * BLOCK_SIZE * HEAD_DIM * 2;
-    let p = tile * BLOCK_SIZE * 2;
-    let red = 2 * 8 * tile * 4 / (tile / 16); // partial row max / sum per column group of warps
-    let stats = 3 * tile * 4;
-    q + kv + p + red + stats
+impl DecodeKernel {
+    /// The default by shape: up to 32 rows the mma.sync kernel (16- or 32-row tiles, no
+    /// padding) is memory-bound and measured faster; above that wgmma's rate wins
+    /// (BENCHMARKS.md, 2026-11-28). MLA_DECODE_KERNEL=mma|wgmma overrides it (for
+    /// benchmarking the variants).
+    pub fn for_rows(rows: usize) -> DecodeKernel {
+        let mma = DecodeKernel::MmaSync { tile: if rows <= 16 { 16 } else if rows <= 32 { 32 } else { GPU_ROW_TILE } };
+        match std::env::var("MLA_DECODE_KERNEL").as_deref() {
+            Ok("mma") => mma,
+            Ok("wgmma") => DecodeKernel::Wgmma,
+            _ if rows <= 32 => mma,
+            _ => DecodeKernel::Wgmma,
+        }
+    }
+    pub fn tile(self) -> usize {
+        match self {
+            DecodeKernel::MmaSync { tile } => tile,
+            DecodeKernel::Wgmma => GPU_ROW_TILE,
+        }
+    }
+    /// (module, function, dynamic shared memory bytes), kept in step with the kernels'
+    /// `Smem` layouts.
+    fn function(self, ty: &str) -> (&'static str, String, usize) {
+        let kv = 2 * BLOCK_SIZE * HEAD_DIM * 2;
+        match self {
+            DecodeKernel::MmaSync { tile } => {
+                let bytes = tile * HEAD_DIM * 2 + kv + tile * BLOCK_SIZE * 2 + 1024 + 3 * tile * 4;
+                ("sm90/mla_decode", format!("mla_decode_{ty}_m{tile}"), bytes)
+            }
+            DecodeKernel::Wgmma => {
+                let t = GPU_ROW_TILE;
+                let bytes = t * HEAD_DIM * 2 + kv + t * BLOCK_SIZE * 2 + 4 * t * 4 + 3 * t * 4 + 1024;
+                ("sm90/mla_decode_wgmma", format!("mla_decode_{ty}_wg64"), bytes)
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -84,9 +111,11 @@ pub fn decode_into(
         DType::BF16 => "bf16",
         _ => "fp16",
     };
-    let tile = row_tile(rows);
-    let smem = decode_smem_bytes(tile) as u32;
-    let f = g.kernels().function("sm90/mla_decode", &format!("mla_decode_{ty}_m{tile}"), smem)?;
+    let kernel = DecodeKernel::for_rows(rows);
+    let tile = kernel.tile();
+    let (module, name, smem) = kernel.function(ty);
+    let smem = smem as u32;
+    let f = g.kernels().function(module, &name, smem)?;
     let oaccum = ws.ptr();
     let lseaccum = oaccum + slots * rows as u64 * HEAD_DIM_V as u64 * 4;
     let p = MlaDecodeParams {
