@@ -118,6 +118,8 @@ fn main() -> mla_core::Result<()> {
     let flag = |k: &str| args.iter().any(|a| a == k);
     let opt = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
     let quick = flag("--quick");
+    // --filter tag/s_q/mean/h_q/varlen (any prefix, e.g. grid/1/4096/128): run only those.
+    let filter = opt("--filter").unwrap_or_default();
     let matmul_tflops: f64 = opt("--matmul-tflops").and_then(|s| s.parse().ok()).unwrap_or(f64::NAN);
     let reps: usize = opt("--reps").and_then(|s| s.parse().ok()).unwrap_or(30);
     let mut anchors = HashMap::new();
@@ -142,6 +144,9 @@ fn main() -> mla_core::Result<()> {
     let mut speedups = Vec::new();
     for (ci, c) in configs(quick).iter().enumerate() {
         let lens = seqlens_for(c, &mut rng);
+        if !format!("{}/{}/{}/{}/{}", c.tag, c.s_q, c.mean, c.h_q, c.varlen as u8).starts_with(&filter) {
+            continue;
+        }
         let b = lens.len();
         let nb: Vec<usize> = lens.iter().map(|&l| (l as usize).div_ceil(BLOCK_SIZE)).collect();
         let max_nb = *nb.iter().max().unwrap();

@@ -1,0 +1,176 @@
+//! `KvCache`: the paged latent cache of `mla_core::cache`, shared with async decodes.
+
+use std::sync::{Arc, Mutex};
+
+use mla_core::{ErrorCode, KvCacheConfig, SeqId};
+use napi_derive::napi;
+
+use crate::device::{parse_dtype, Device};
+use crate::error::{core, disposed, err, Result};
+use crate::tensor::{lock, Tensor, TensorSrc};
+
+/// Native side of `KvCache` in index.ts. The core cache sits behind a mutex: a decode
+/// that reads the pool holds it while it runs, and cache calls made meanwhile wait.
+#[napi]
+pub struct KvCache {
+    inner: Option<Arc<Mutex<mla_core::KvCache>>>,
+}
+
+/// `KvCache.batch()`: a block table and lengths for a list of sequences.
+#[napi(object, object_from_js = false)]
+pub struct CacheBatch {
+    /// [b, max_blocks_per_seq] int32.
+    pub block_table: Tensor,
+    /// [b] int32.
+    pub cache_seqlens: Tensor,
+}
+
+fn seq_id(seq: i64) -> Result<SeqId> {
+    if seq < 0 {
+        return Err(err(
+            ErrorCode::UnknownSequence,
+            format!("sequence: expected an id returned by this cache, got {seq}"),
+        ));
+    }
+    Ok(SeqId(seq as u64))
+}
+
+impl KvCache {
+    fn get(&self) -> Result<&Arc<Mutex<mla_core::KvCache>>> {
+        self.inner.as_ref().ok_or_else(|| disposed("cache"))
+    }
+    fn with<R>(&self, f: impl FnOnce(&mut mla_core::KvCache) -> mla_core::Result<R>) -> Result<R> {
+        let c = self.get()?;
+        let mut g = lock(c);
+        core(|| f(&mut g))
+    }
+}
+
+#[napi]
+impl KvCache {
+    /// A pool of `num_blocks` blocks of 64 latent rows (576 values each) on `device`.
+    #[napi(constructor)]
+    pub fn new(device: &Device, num_blocks: i64, dtype: String) -> Result<KvCache> {
+        let d = device.get()?;
+        let dtype = parse_dtype(&dtype)?;
+        if num_blocks < 0 {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("numBlocks: expected a count >= 0, got {num_blocks}"),
+            ));
+        }
+        let c = core(|| {
+            mla_core::KvCache::new(
+                d,
+                KvCacheConfig {
+                    num_blocks: num_blocks as usize,
+                    dtype,
+                },
+            )
+        })?;
+        Ok(KvCache {
+            inner: Some(Arc::new(Mutex::new(c))),
+        })
+    }
+
+    /// A new, empty sequence; returns its id.
+    #[napi]
+    pub fn create_sequence(&self) -> Result<i64> {
+        self.with(|c| Ok(c.create_sequence().0 as i64))
+    }
+
+    /// Appends latent rows given as f32 (rounded to the cache's dtype); length must be a
+    /// multiple of 576.
+    #[napi]
+    pub fn append_f32(&self, seq: i64, rows: &[f32]) -> Result<()> {
+        let s = seq_id(seq)?;
+        self.with(|c| c.append_f32(s, rows))
+    }
+
+    /// Appends latent rows given as raw bf16 / fp16 bits of the cache's dtype.
+    #[napi]
+    pub fn append_bits(&self, seq: i64, rows: &[u16]) -> Result<()> {
+        let s = seq_id(seq)?;
+        self.with(|c| c.append(s, rows))
+    }
+
+    /// A new sequence sharing `seq`'s blocks (copy-on-write); returns its id.
+    #[napi]
+    pub fn fork(&self, seq: i64) -> Result<i64> {
+        let s = seq_id(seq)?;
+        self.with(|c| c.fork(s).map(|n| n.0 as i64))
+    }
+
+    /// Frees `seq` (its blocks return to the pool when no other sequence shares them).
+    #[napi]
+    pub fn free(&self, seq: i64) -> Result<()> {
+        let s = seq_id(seq)?;
+        self.with(|c| c.free(s))
+    }
+
+    #[napi]
+    pub fn seq_len(&self, seq: i64) -> Result<u32> {
+        let s = seq_id(seq)?;
+        self.with(|c| c.seq_len(s).map(|n| n as u32))
+    }
+
+    #[napi]
+    pub fn block_ids(&self, seq: i64) -> Result<Vec<i32>> {
+        let s = seq_id(seq)?;
+        self.with(|c| c.block_ids(s))
+    }
+
+    /// Ids of the live sequences.
+    #[napi]
+    pub fn sequences(&self) -> Result<Vec<i64>> {
+        self.with(|c| Ok(c.sequences().into_iter().map(|s| s.0 as i64).collect()))
+    }
+
+    #[napi(getter)]
+    pub fn num_blocks(&self) -> Result<u32> {
+        self.with(|c| Ok(c.num_blocks() as u32))
+    }
+
+    #[napi(getter)]
+    pub fn free_blocks(&self) -> Result<u32> {
+        self.with(|c| Ok(c.free_blocks() as u32))
+    }
+
+    #[napi(getter)]
+    pub fn dtype(&self) -> Result<String> {
+        self.with(|c| Ok(c.dtype().name().to_string()))
+    }
+
+    #[napi(getter)]
+    pub fn device(&self) -> Result<Device> {
+        self.with(|c| Ok(Device::wrap(c.device().clone())))
+    }
+
+    /// Block table [b, maxBlocksPerSeq] and lengths [b] for `seqs`, on the cache's device.
+    #[napi]
+    pub fn batch(&self, seqs: Vec<i64>, max_blocks_per_seq: Option<u32>) -> Result<CacheBatch> {
+        let ids = seqs.into_iter().map(seq_id).collect::<Result<Vec<_>>>()?;
+        let (bt, lens) = self.with(|c| c.batch(&ids, max_blocks_per_seq.map(|m| m as usize)))?;
+        Ok(CacheBatch {
+            block_table: Tensor::owned(bt),
+            cache_seqlens: Tensor::owned(lens),
+        })
+    }
+
+    /// The pool [numBlocks, 64, 1, 576] as a tensor view (no copy), usable as `kvCache`.
+    #[napi(getter)]
+    pub fn tensor(&self) -> Result<Tensor> {
+        Ok(Tensor::view(TensorSrc::CachePool(self.get()?.clone())))
+    }
+
+    #[napi(getter)]
+    pub fn disposed(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    /// Releases this handle (pool views and pending decodes keep the pool alive).
+    #[napi]
+    pub fn dispose(&mut self) {
+        self.inner = None;
+    }
+}

@@ -1,0 +1,258 @@
+//! `Device`: the CPU backend or one CUDA device.
+
+use mla_core::{DType, ErrorCode};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+
+use crate::error::{core, core_async, disposed, err, reject_with_code, Failure, Result};
+use crate::plan::Plan;
+use crate::tensor::Tensor;
+
+/// Whether the CUDA path can be used, and why not.
+#[napi(object)]
+pub struct GpuStatus {
+    pub available: bool,
+    pub device_count: u32,
+    pub kernels_built: bool,
+    pub reason: Option<String>,
+}
+
+/// `mla_core::device::gpu_status()`.
+#[napi]
+pub fn gpu_status() -> Result<GpuStatus> {
+    let s = core(|| Ok(mla_core::device::gpu_status()))?;
+    Ok(GpuStatus {
+        available: s.available,
+        device_count: s.device_count as u32,
+        kernels_built: s.kernels_built,
+        reason: s.reason,
+    })
+}
+
+#[napi(object)]
+pub struct DeviceInfo {
+    pub kind: String,
+    pub name: String,
+    pub ordinal: u32,
+    /// [major, minor]; [0, 0] on the CPU backend.
+    pub compute_capability: Vec<i32>,
+    /// Multiprocessors on CUDA; worker threads on the CPU backend.
+    pub multiprocessors: u32,
+    /// Bytes of device memory (0 on the CPU backend).
+    pub total_memory: f64,
+}
+
+/// A compute device (native side of `Device` in index.ts).
+#[napi]
+pub struct Device {
+    inner: Option<mla_core::Device>,
+}
+
+impl Device {
+    pub fn wrap(d: mla_core::Device) -> Device {
+        Device { inner: Some(d) }
+    }
+    pub fn get(&self) -> Result<&mla_core::Device> {
+        self.inner.as_ref().ok_or_else(|| disposed("device"))
+    }
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    DType::parse(s).ok_or_else(|| {
+        err(
+            ErrorCode::DtypeMismatch,
+            format!("dtype: expected one of 'bf16', 'fp16', 'fp32', 'int32', got '{s}'"),
+        )
+    })
+}
+
+fn dims(shape: &[i64]) -> Result<Vec<usize>> {
+    shape
+        .iter()
+        .map(|&d| {
+            if d < 0 || d > u32::MAX as i64 {
+                Err(err(
+                    ErrorCode::ShapeMismatch,
+                    format!("shape: expected non-negative extents, got {shape:?}"),
+                ))
+            } else {
+                Ok(d as usize)
+            }
+        })
+        .collect()
+}
+
+#[napi]
+impl Device {
+    /// Opens a device: "auto" (CUDA device 0 when usable, else the CPU backend), "cpu",
+    /// "cuda" (device 0) or "cuda:N". Asking for CUDA never falls back to the CPU: it
+    /// throws ERR_GPU_UNAVAILABLE or ERR_KERNELS_UNAVAILABLE.
+    #[napi(factory)]
+    pub fn open(spec: Option<String>) -> Result<Device> {
+        let spec = spec.unwrap_or_else(|| "auto".to_string());
+        let d = match spec.as_str() {
+            "auto" => core(|| Ok(mla_core::Device::best()))?,
+            "cpu" => mla_core::Device::cpu(),
+            "cuda" => core(|| mla_core::Device::cuda(0))?,
+            s => match s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                Some(n) => core(|| mla_core::Device::cuda(n))?,
+                None => {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!("device: expected 'auto', 'cpu', 'cuda' or 'cuda:<n>', got '{s}'"),
+                    ))
+                }
+            },
+        };
+        Ok(Device::wrap(d))
+    }
+
+    /// "cpu" or "cuda".
+    #[napi(getter)]
+    pub fn kind(&self) -> Result<String> {
+        Ok(self.get()?.kind().to_string())
+    }
+
+    #[napi(getter)]
+    pub fn info(&self) -> Result<DeviceInfo> {
+        let i = self.get()?.info();
+        Ok(DeviceInfo {
+            kind: i.kind.to_string(),
+            name: i.name,
+            ordinal: i.ordinal as u32,
+            compute_capability: vec![i.compute_capability.0, i.compute_capability.1],
+            multiprocessors: i.multiprocessors as u32,
+            total_memory: i.total_memory as f64,
+        })
+    }
+
+    #[napi(getter)]
+    pub fn disposed(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    /// Whether `other` is the same device (same backend and ordinal).
+    #[napi]
+    pub fn same(&self, other: &Device) -> Result<bool> {
+        Ok(self.get()?.same(other.get()?))
+    }
+
+    /// Waits for queued work on the libuv thread pool; reports device-side errors.
+    #[napi]
+    pub fn synchronize(&self) -> Result<AsyncTask<SyncTask>> {
+        Ok(AsyncTask::new(SyncTask {
+            device: self.get()?.clone(),
+            result: None,
+        }))
+    }
+
+    #[napi]
+    pub fn synchronize_sync(&self) -> Result<()> {
+        let d = self.get()?;
+        core(|| d.synchronize())
+    }
+
+    /// Drops this handle (tensors keep their device alive).
+    #[napi]
+    pub fn dispose(&mut self) {
+        self.inner = None;
+    }
+
+    /// A tensor from f32 values rounded to `dtype` (bf16, fp16 or fp32).
+    #[napi]
+    pub fn tensor_from_f32(&self, data: &[f32], shape: Vec<i64>, dtype: String) -> Result<Tensor> {
+        let d = self.get()?;
+        let dt = parse_dtype(&dtype)?;
+        let shape = dims(&shape)?;
+        let t = core(|| mla_core::Tensor::from_f32(d, data, &shape, dt))?;
+        Ok(Tensor::owned(t))
+    }
+
+    /// A 16-bit float tensor from raw bf16 / fp16 bits.
+    #[napi]
+    pub fn tensor_from_bits(&self, data: &[u16], shape: Vec<i64>, dtype: String) -> Result<Tensor> {
+        let d = self.get()?;
+        let dt = parse_dtype(&dtype)?;
+        let shape = dims(&shape)?;
+        let t = core(|| mla_core::Tensor::from_half_bits(d, data, &shape, dt))?;
+        Ok(Tensor::owned(t))
+    }
+
+    /// An int32 tensor.
+    #[napi]
+    pub fn tensor_from_i32(&self, data: &[i32], shape: Vec<i64>) -> Result<Tensor> {
+        let d = self.get()?;
+        let shape = dims(&shape)?;
+        let t = core(|| mla_core::Tensor::from_i32(d, data, &shape))?;
+        Ok(Tensor::owned(t))
+    }
+
+    /// A zero-filled tensor.
+    #[napi]
+    pub fn zeros(&self, shape: Vec<i64>, dtype: String) -> Result<Tensor> {
+        let d = self.get()?;
+        let dt = parse_dtype(&dtype)?;
+        let shape = dims(&shape)?;
+        let t = core(|| mla_core::Tensor::zeros(d, &shape, dt))?;
+        Ok(Tensor::owned(t))
+    }
+
+    /// Scheduling metadata for `cache_seqlens` (a [b] int32 tensor on this device):
+    /// `mla_core::plan(seqlens, s_q * h_q / h_kv, h_kv)`.
+    #[napi]
+    pub fn plan(&self, cache_seqlens: &Tensor, s_q: i64, h_q: i64, h_kv: i64) -> Result<Plan> {
+        let d = self.get()?.clone();
+        for (name, v) in [("s_q", s_q), ("h_q", h_q), ("h_kv", h_kv)] {
+            if v < 1 {
+                return Err(err(
+                    ErrorCode::InvalidArgument,
+                    format!("{name}: expected at least 1, got {v}"),
+                ));
+            }
+        }
+        let src = cache_seqlens.src()?;
+        src.with(|t| {
+            if !t.device().same(&d) {
+                return Err(err(
+                    ErrorCode::DeviceMismatch,
+                    format!(
+                        "cache_seqlens: expected a tensor on {d:?} (the plan's device), got {:?}",
+                        t.device()
+                    ),
+                ));
+            }
+            let rows = (s_q * h_q / h_kv) as usize;
+            core(|| mla_core::plan(t, rows, h_kv as usize))
+        })
+        .map(Plan::wrap)
+    }
+}
+
+/// `Device.synchronize()` on the libuv thread pool.
+pub struct SyncTask {
+    device: mla_core::Device,
+    result: Option<Failure>,
+}
+
+impl Task for SyncTask {
+    type Output = ();
+    type JsValue = ();
+
+    fn compute(&mut self) -> napi::Result<()> {
+        let d = self.device.clone();
+        if let Err(f) = core_async(|| core(|| d.synchronize())) {
+            self.result = Some(f);
+        }
+        Ok(())
+    }
+
+    fn resolve(&mut self, env: Env, _: ()) -> napi::Result<()> {
+        match self.result.take() {
+            None => Ok(()),
+            Some(f) => Err(reject_with_code(&env, f)),
+        }
+    }
+}

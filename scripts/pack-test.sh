@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# npm pack test: packs the platform package (npm/linux-x64-gnu + the built .node) and the
+# main package, installs both tarballs into a fresh project with no registry access, and
+# loads the package with plain node (require and import) to run a tiny CPU decode. Also
+# type-checks a TypeScript consumer against the shipped .d.ts.
+#
+# Needs: `npm run build` done (the .node, binding.js/.d.ts and dist/ exist).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+node_file=mla-decode.linux-x64-gnu.node
+for f in "$node_file" binding.js binding.d.ts dist/index.js dist/index.d.ts; do
+  [[ -f $f ]] || { echo "pack-test: $f is missing: run 'npm run build' first" >&2; exit 1; }
+done
+version=$(node -p "require('./package.json').version")
+platform_version=$(node -p "require('./npm/linux-x64-gnu/package.json').version")
+[[ $version == "$platform_version" ]] || { echo "pack-test: version $version != platform package $platform_version" >&2; exit 1; }
+[[ $(node -p "require('./package.json').optionalDependencies['mla-decode-linux-x64-gnu']") == "$version" ]] \
+  || { echo "pack-test: optionalDependencies must pin mla-decode-linux-x64-gnu@$version" >&2; exit 1; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/mla-pack-test.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/platform" "$work/tarballs" "$work/app"
+
+echo "== pack mla-decode-linux-x64-gnu@$version"
+cp npm/linux-x64-gnu/package.json npm/linux-x64-gnu/README.md "$work/platform/"
+cp "$node_file" "$work/platform/"
+(cd "$work/platform" && npm pack --silent --pack-destination "$work/tarballs" >/dev/null)
+echo "== pack mla-decode@$version"
+npm pack --silent --pack-destination "$work/tarballs" >/dev/null
+ls -l "$work/tarballs"
+main_tgz=$work/tarballs/mla-decode-$version.tgz
+plat_tgz=$work/tarballs/mla-decode-linux-x64-gnu-$version.tgz
+if tar -tzf "$main_tgz" | grep -q '\.node$'; then
+  echo "pack-test: the main package must not carry the .node (it belongs to the platform package)" >&2
+  exit 1
+fi
+tar -tzf "$main_tgz" | sed 's/^/   main: /'
+tar -tzf "$plat_tgz" | sed 's/^/   platform: /'
+
+echo "== install both tarballs into a fresh project (offline)"
+cd "$work/app"
+printf '{ "name": "mla-pack-test-app", "version": "1.0.0", "private": true }\n' > package.json
+npm install --offline --no-audit --no-fund --no-save --loglevel=error "$plat_tgz" "$main_tgz"
+[[ -f node_modules/mla-decode/dist/index.js ]]
+[[ -f node_modules/mla-decode-linux-x64-gnu/$node_file ]]
+
+cat > smoke.cjs <<'JS'
+const assert = require('node:assert')
+const m = require('mla-decode')
+const dev = m.Device.open('cpu')
+const cache = new m.KvCache(dev, { numBlocks: 4, dtype: 'bf16' })
+const a = cache.createSequence()
+const b = cache.createSequence()
+cache.append(a, new Float32Array(100 * 576).fill(0.01))
+cache.append(b, new Float32Array(3 * 576).fill(0.02))
+const { blockTable, cacheSeqlens } = cache.batch([a, b])
+const q = dev.tensor(new Float32Array(2 * 16 * 576).fill(0.01), [2, 1, 16, 576], 'bf16')
+const { out, lse } = m.decodeSync({ q, kvCache: cache, blockTable, cacheSeqlens })
+const o = out.toFloat32ArraySync()
+assert.deepStrictEqual(out.shape, [2, 1, 16, 512])
+assert.ok(Math.abs(o[0] - 0.01) < 1e-4 && Math.abs(o[o.length - 1] - 0.02) < 1e-4, `out ${o[0]} ${o[o.length - 1]}`)
+const l = lse.toFloat32ArraySync()
+assert.ok(Math.abs(l[0] - (Math.log(100) + 576 * 0.01 * 0.01 / 24)) < 1e-3, `lse ${l[0]}`)
+try { m.Device.open('bogus') } catch (e) { assert.ok(e instanceof m.MlaError && e.code === 'ERR_INVALID_ARGUMENT') }
+const loaded = Object.keys(require.cache).find((k) => k.endsWith('.node'))
+assert.ok(loaded && loaded.includes('node_modules/mla-decode-linux-x64-gnu/'), `native module loaded from ${loaded}`)
+console.log(`require: ok (${dev.info.name}; native module from ${loaded.slice(loaded.indexOf('node_modules'))}; gpu: ${JSON.stringify(m.gpuStatus())})`)
+JS
+node smoke.cjs
+
+cat > smoke.mjs <<'JS'
+import { Device, decode, getMlaMetadata, flashMlaWithKvcache, f32ToBf16, bf16ToF32 } from 'mla-decode'
+const dev = Device.open('cpu')
+const q = dev.tensor(f32ToBf16(new Float32Array(1 * 2 * 3 * 576).fill(0.5)), [1, 2, 3, 576], 'bf16')
+const kv = dev.tensor(new Float32Array(2 * 64 * 576).fill(0.25), [2, 64, 1, 576], 'bf16')
+const bt = dev.tensor(new Int32Array([1, 2147480000]), [1, 2])
+const sl = dev.tensor(new Int32Array([10]), [1])
+const { out } = await decode({ q, kvCache: kv, blockTable: bt, cacheSeqlens: sl, causal: true })
+if (out.toFloat32ArraySync()[0] !== 0.25) throw new Error('decode result')
+const md = getMlaMetadata(sl, 2 * 3, 1)
+const [o2, lse] = await flashMlaWithKvcache(q, kv, bt, sl, 512, md.tileSchedulerMetadata, md.numSplits, undefined, true)
+if (o2.shape.join() !== '1,2,3,512' || lse.shape.join() !== '1,3,2') throw new Error('shapes')
+if (bf16ToF32(f32ToBf16(new Float32Array([1.5])))[0] !== 1.5) throw new Error('conversion')
+console.log('import: ok')
+JS
+node smoke.mjs
+
+cat > consumer.ts <<'TS'
+import { Device, KvCache, decode, MlaError, type ErrorCode, type DecodeResult } from 'mla-decode'
+async function main(): Promise<void> {
+  using dev = Device.open('auto')
+  using cache = new KvCache(dev, { numBlocks: 2 })
+  const s: number = cache.createSequence()
+  cache.append(s, new Float32Array(576))
+  const { blockTable, cacheSeqlens } = cache.batch([s])
+  const q = dev.tensor(new Float32Array(576), [1, 1, 1, 576], 'bf16')
+  const r: DecodeResult = await decode({ q, kvCache: cache, blockTable, cacheSeqlens })
+  const code: ErrorCode = 'ERR_SHAPE'
+  const e = new MlaError(code, 'x')
+  const p: bigint | null = r.out.devicePtr
+  void e; void p
+}
+void main()
+TS
+cat > tsconfig.json <<'JSON'
+{ "compilerOptions": { "strict": true, "noEmit": true, "module": "node16", "moduleResolution": "node16",
+  "target": "ES2022", "lib": ["ES2022", "ESNext.Disposable"], "types": [], "skipLibCheck": false },
+  "files": ["consumer.ts"] }
+JSON
+"$root/node_modules/.bin/tsc" -p tsconfig.json
+echo "typescript consumer: ok"
+echo "pack-test: ok"
