@@ -26,6 +26,12 @@ for s in $stages; do
     rust) run_stage rust .device/bin/gpu_decode --test-threads=1 ;;
     # The mma.sync kernels on every row count (by default they only take h_q * s_q <= 16).
     rust-mma) run_stage rust-mma env MLA_DECODE_KERNEL=mma .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ --include-ignored ;;
+    # Every other variant on the edge cases (pass the names in VARIANTS).
+    rust-variants) for v in ${VARIANTS:-}; do
+        run_stage "rust-$v" env MLA_DECODE_KERNEL=$v .device/bin/gpu_decode --test-threads=1 edge_cases graph sanitizer_ --include-ignored
+        run_stage "memcheck-$v" env MLA_DECODE_KERNEL=$v compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
+        run_stage "racecheck-$v" env MLA_DECODE_KERNEL=$v compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
+      done ;;
     sanitizer)
       run_stage memcheck compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
       run_stage racecheck compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_ ;;
@@ -56,7 +62,7 @@ done
 
 echo
 echo "=== summary"
-for s in info sass rust rust-mma memcheck racecheck ts matmul bench-default bench-mma bench-wgmma; do
+for s in info sass rust rust-mma ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck ts matmul bench-default bench-mma bench-wgmma bench-wgmma-pipe; do
   [[ -n "${result[$s]:-}" ]] && printf '%-10s %s\n' "$s" "${result[$s]}"
 done
 grep -h "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/ts.log 2>/dev/null | tail -6

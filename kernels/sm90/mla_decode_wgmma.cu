@@ -53,7 +53,7 @@ template <> struct Mma<__half> {
     __device__ static void pv(float* d, uint64_t a, uint64_t b) { wgmma_n256t_fp16(d, a, b); }
 };
 
-template <typename T>
+template <typename T, bool PIPE>
 __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
     using L = Smem;
     // Swizzle atoms are 1024 bytes: the hardware's pattern follows address bits, so the
@@ -105,18 +105,10 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
         float o[128];
 #pragma unroll
         for (int i = 0; i < 128; ++i) o[i] = 0.f;
+        float s[16];
 
-        for (int n = sg.lo; n < sg.hi; ++n) {
-            const int stage = (n - sg.lo) & 1;
-            if (n + 1 < sg.hi) load_block(n + 1, stage ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-            fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads async
-            __syncthreads();
-            const uint32_t sk = sbase + (stage ? L::K1 : L::K0);
-
-            // ---- 1. S = Q K^T, keys wg*32 .. +32 ----
-            float s[16];
+        // 1. issue S = Q K^T for keys wg*32 .. +32 of the block in stage `sk` (async).
+        auto issue_s = [&](uint32_t sk) {
 #pragma unroll
             for (int i = 0; i < 16; ++i) s[i] = 0.f;
             wgmma_fence();
@@ -126,9 +118,11 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
                 Mma<T>::qk(s, sw128_desc(sbase + L::Q + off, 16, 1024), sw128_desc(sk + off + wg * 32 * 128, 16, 1024));
             }
             wgmma_commit();
-            wgmma_wait<0>();
+        };
 
-            // ---- 2. online softmax (log2 domain) ----
+        // 2. online softmax of block n (log2 domain): P to shared memory, the rescale
+        // factor of every row in row_a, running max and sum updated. Ends synchronised.
+        auto softmax_to_p = [&](int n) {
             float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F;
 #pragma unroll
             for (int i = 0; i < 16; ++i) {
@@ -175,8 +169,10 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
                 row_l[tid] = row_l[tid] * row_a[tid] + red_sum[tid] + red_sum[M + tid];
                 row_m[tid] = fmaxf(row_m[tid], fmaxf(red_max[tid], red_max[M + tid]));
             }
+        };
 
-            // ---- 3. O = O * alpha + P V, columns wg*256 .. +256 ----
+        // 3. O = O * alpha + P V for columns wg*256 .. +256 of the block in `sk` (async).
+        auto issue_pv = [&](uint32_t sk) {
             const float a0 = row_a[row0], a1 = row_a[row1];
 #pragma unroll
             for (int i = 0; i < 128; i += 4) {
@@ -189,8 +185,57 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
                 Mma<T>::pv(o, sw128_desc(sbase + L::P + ks * 32, 16, 1024),
                            sw128_desc(sk + wg * 4 * REGION + ks * 16 * 128, REGION, 1024));
             wgmma_commit();
+        };
+        auto stage_addr = [&](int st) { return sbase + (st ? L::K1 : L::K0); };
+
+        if constexpr (!PIPE) {
+            // Each block in turn: S, softmax, PV; the next block loads meanwhile.
+            for (int n = sg.lo; n < sg.hi; ++n) {
+                const int stage = (n - sg.lo) & 1;
+                if (n + 1 < sg.hi) load_block(n + 1, stage ^ 1);
+                cp_async_commit();
+                cp_async_wait<1>();
+                fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads async
+                __syncthreads();
+                issue_s(stage_addr(stage));
+                wgmma_wait<0>();
+                softmax_to_p(n);
+                issue_pv(stage_addr(stage));
+                wgmma_wait<0>();
+                __syncthreads();  // the stage and P are free; row stats are final for this block
+            }
+        } else {
+            // Software pipeline: the tensor cores run PV(n) and then S(n + 1) back to back,
+            // and block n + 2 starts loading as soon as PV(n) has released its stage,
+            // while S(n + 1) still computes.
+            if (sg.lo + 1 < sg.hi) load_block(sg.lo + 1, 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+            fence_proxy_async();
+            __syncthreads();
+            issue_s(stage_addr(0));
             wgmma_wait<0>();
-            __syncthreads();  // the stage and P are free; row stats are final for this block
+            // The loop never branches around a wgmma (a divergent path makes ptxas
+            // serialise them all, C7518): the last block is peeled off.
+            int n = sg.lo;
+            for (; n + 1 < sg.hi; ++n) {
+                const int stage = (n - sg.lo) & 1;
+                softmax_to_p(n);
+                issue_pv(stage_addr(stage));
+                cp_async_wait<0>();  // this thread's copies of block n + 1 have landed
+                fence_proxy_async();
+                __syncthreads();     // ... and everyone's
+                issue_s(stage_addr(stage ^ 1));
+                wgmma_wait<1>();     // PV(n) done (groups retire in order)
+                __syncthreads();     // stage `stage` and P are free
+                if (n + 2 < sg.hi) load_block(n + 2, stage);
+                cp_async_commit();
+                wgmma_wait<0>();     // S(n + 1) done
+            }
+            softmax_to_p(n);
+            issue_pv(stage_addr((n - sg.lo) & 1));
+            wgmma_wait<0>();
+            __syncthreads();
         }
 
         // ---- epilogue: normalise and write (final, or a partial for combine) ----
@@ -208,11 +253,13 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) mla_decode_bf16_wg64(const MlaDecodeParams p) {
-    extern __shared__ __align__(1024) char smem[];
-    decode_tile_wg<__nv_bfloat16>(p, smem);
-}
-extern "C" __global__ void __launch_bounds__(THREADS, 1) mla_decode_fp16_wg64(const MlaDecodeParams p) {
-    extern __shared__ __align__(1024) char smem[];
-    decode_tile_wg<__half>(p, smem);
-}
+#define MLA_DECODE_WG_KERNEL(NAME, T, PIPE)                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const MlaDecodeParams p) { \
+        extern __shared__ __align__(1024) char smem[];                                       \
+        decode_tile_wg<T, PIPE>(p, smem);                                                    \
+    }
+
+MLA_DECODE_WG_KERNEL(mla_decode_bf16_wg64, __nv_bfloat16, false)
+MLA_DECODE_WG_KERNEL(mla_decode_fp16_wg64, __half, false)
+MLA_DECODE_WG_KERNEL(mla_decode_bf16_wg64p, __nv_bfloat16, true)
+MLA_DECODE_WG_KERNEL(mla_decode_fp16_wg64p, __half, true)

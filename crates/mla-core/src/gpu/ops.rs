@@ -47,8 +47,9 @@ pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Optio
 pub enum DecodeKernel {
     /// mma.sync m16n8k16, tiles of 16, 32 or 64 rows (`mla_decode.cu`).
     MmaSync { tile: usize },
-    /// wgmma, tiles of 64 rows, two warpgroups (`mla_decode_wgmma.cu`).
-    Wgmma,
+    /// wgmma, tiles of 64 rows, two warpgroups (`mla_decode_wgmma.cu`); `pipelined`
+    /// overlaps PV of one block with S of the next and with the load of the one after.
+    Wgmma { pipelined: bool },
 }
 
 impl DecodeKernel {
@@ -60,15 +61,16 @@ impl DecodeKernel {
         let mma = DecodeKernel::MmaSync { tile: if rows <= 16 { 16 } else if rows <= 32 { 32 } else { GPU_ROW_TILE } };
         match std::env::var("MLA_DECODE_KERNEL").as_deref() {
             Ok("mma") => mma,
-            Ok("wgmma") => DecodeKernel::Wgmma,
+            Ok("wgmma") => DecodeKernel::Wgmma { pipelined: false },
+            Ok("wgmma-pipe") => DecodeKernel::Wgmma { pipelined: true },
             _ if rows <= 32 => mma,
-            _ => DecodeKernel::Wgmma,
+            _ => DecodeKernel::Wgmma { pipelined: false },
         }
     }
     pub fn tile(self) -> usize {
         match self {
             DecodeKernel::MmaSync { tile } => tile,
-            DecodeKernel::Wgmma => GPU_ROW_TILE,
+            DecodeKernel::Wgmma { .. } => GPU_ROW_TILE,
         }
     }
     /// (module, function, dynamic shared memory bytes), kept in step with the kernels'
@@ -80,10 +82,11 @@ impl DecodeKernel {
                 let bytes = tile * HEAD_DIM * 2 + kv + tile * BLOCK_SIZE * 2 + 1024 + 3 * tile * 4;
                 ("sm90/mla_decode", format!("mla_decode_{ty}_m{tile}"), bytes)
             }
-            DecodeKernel::Wgmma => {
+            DecodeKernel::Wgmma { pipelined } => {
                 let t = GPU_ROW_TILE;
                 let bytes = t * HEAD_DIM * 2 + kv + t * BLOCK_SIZE * 2 + 4 * t * 4 + 3 * t * 4 + 1024;
-                ("sm90/mla_decode_wgmma", format!("mla_decode_{ty}_wg64"), bytes)
+                let suffix = if pipelined { "p" } else { "" };
+                ("sm90/mla_decode_wgmma", format!("mla_decode_{ty}_wg64{suffix}"), bytes)
             }
         }
     }
