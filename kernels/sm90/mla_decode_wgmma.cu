@@ -14,6 +14,7 @@
 // row % 8. Cache blocks stream through a two-stage cp.async pipeline; rows past the
 // sequence end and blocks with a bad index are zero-filled, never read.
 #include "mla_common.cuh"
+#include "mla_merge.cuh"
 #include "wgmma.cuh"
 
 namespace {
@@ -53,7 +54,14 @@ template <> struct Mma<__half> {
     __device__ static void pv(float* d, uint64_t a, uint64_t b) { wgmma_n256t_fp16(d, a, b); }
 };
 
-template <typename T, bool PIPE>
+// Loop schedules (kept for comparison; BENCHMARKS.md has their numbers):
+//   V1   load n+1, then S(n), softmax, PV(n), each waited for in turn;
+//   PIPE software pipeline, PV(n) and S(n+1) back to back, load n+2 under S(n+1);
+//   V2   as V1, but the load of n+1 is issued while S(n) runs on the tensor cores, and
+//        the O rescale is skipped by warps whose rows kept their max.
+enum Schedule { V1, PIPE, V2 };
+
+template <typename T, Schedule SCHED>
 __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
     using L = Smem;
     // Swizzle atoms are 1024 bytes: the hardware's pattern follows address bits, so the
@@ -174,10 +182,13 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
         // 3. O = O * alpha + P V for columns wg*256 .. +256 of the block in `sk` (async).
         auto issue_pv = [&](uint32_t sk) {
             const float a0 = row_a[row0], a1 = row_a[row1];
+            // Once a row's max settles its factor is exactly 1: skip 128 multiplies.
+            if (SCHED != V2 || !__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) {
 #pragma unroll
-            for (int i = 0; i < 128; i += 4) {
-                o[i] *= a0; o[i + 1] *= a0;
-                o[i + 2] *= a1; o[i + 3] *= a1;
+                for (int i = 0; i < 128; i += 4) {
+                    o[i] *= a0; o[i + 1] *= a0;
+                    o[i + 2] *= a1; o[i + 3] *= a1;
+                }
             }
             wgmma_fence();
 #pragma unroll
@@ -188,7 +199,22 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
         };
         auto stage_addr = [&](int st) { return sbase + (st ? L::K1 : L::K0); };
 
-        if constexpr (!PIPE) {
+        if constexpr (SCHED == V2) {
+            for (int n = sg.lo; n < sg.hi; ++n) {
+                const int stage = (n - sg.lo) & 1;
+                cp_async_wait<0>();   // block n (and Q) landed: the only group in flight
+                fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads async
+                __syncthreads();
+                issue_s(stage_addr(stage));
+                if (n + 1 < sg.hi) load_block(n + 1, stage ^ 1);  // issued while S(n) runs
+                cp_async_commit();
+                wgmma_wait<0>();
+                softmax_to_p(n);
+                issue_pv(stage_addr(stage));
+                wgmma_wait<0>();
+                __syncthreads();  // the stage and P are free; row stats are final for this block
+            }
+        } else if constexpr (SCHED == V1) {
             // Each block in turn: S, softmax, PV; the next block loads meanwhile.
             for (int n = sg.lo; n < sg.hi; ++n) {
                 const int stage = (n - sg.lo) & 1;
@@ -248,18 +274,22 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
             if (r0 + row1 < p.rows) write_out2<T>(p, sg, r0 + row1, col, o[i + 2] * inv1, o[i + 3] * inv1);
         }
         if (tid < M && r0 + tid < p.rows) write_lse(p, sg, r0 + tid, row_m[tid], row_l[tid]);
+        if (!sg.direct) finish_split<T>(p, sg, r0, M, reinterpret_cast<int*>(red_max));
     });
+    write_empty_sequences<T>(p, r0, M);
 }
 
 }  // namespace
 
-#define MLA_DECODE_WG_KERNEL(NAME, T, PIPE)                                                  \
+#define MLA_DECODE_WG_KERNEL(NAME, T, SCHED)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const MlaDecodeParams p) { \
         extern __shared__ __align__(1024) char smem[];                                       \
-        decode_tile_wg<T, PIPE>(p, smem);                                                    \
+        decode_tile_wg<T, SCHED>(p, smem);                                                    \
     }
 
-MLA_DECODE_WG_KERNEL(mla_decode_bf16_wg64, __nv_bfloat16, false)
-MLA_DECODE_WG_KERNEL(mla_decode_fp16_wg64, __half, false)
-MLA_DECODE_WG_KERNEL(mla_decode_bf16_wg64p, __nv_bfloat16, true)
-MLA_DECODE_WG_KERNEL(mla_decode_fp16_wg64p, __half, true)
+MLA_DECODE_WG_KERNEL(mla_decode_bf16_wg64v1, __nv_bfloat16, V1)
+MLA_DECODE_WG_KERNEL(mla_decode_fp16_wg64v1, __half, V1)
+MLA_DECODE_WG_KERNEL(mla_decode_bf16_wg64p, __nv_bfloat16, PIPE)
+MLA_DECODE_WG_KERNEL(mla_decode_fp16_wg64p, __half, PIPE)
+MLA_DECODE_WG_KERNEL(mla_decode_bf16_wg64, __nv_bfloat16, V2)
+MLA_DECODE_WG_KERNEL(mla_decode_fp16_wg64, __half, V2)

@@ -77,9 +77,14 @@ mod tests {
         for (module_name, entries) in [
             ("sm90/mla_plan", &["mla_plan_kernel"][..]),
             (
-                "sm90/mla_combine",
-                &["mla_combine_bf16", "mla_combine_fp16"][..],
+                "sm90/mla_decode",
+                &["mla_decode_bf16_m16", "mla_decode_bf16_m32", "mla_decode_fp16_m16", "mla_decode_fp16_m32"][..],
             ),
+            (
+                "sm90/mla_decode_wgmma",
+                &["mla_decode_bf16_wg64", "mla_decode_fp16_wg64", "mla_decode_bf16_wg64v1", "mla_decode_bf16_wg64p"][..],
+            ),
+            ("sm90/mla_util", &["mla_fill_random_bf16", "mla_fill_random_fp16"][..]),
         ] {
             let Some(m) = module(module_name) else {
                 panic!("{module_name} was not built")

@@ -1,11 +1,12 @@
-//! The three launches of a decode step on CUDA: plan, split-KV decode, combine.
+//! The launches of a decode step on CUDA: plan (once per step), then split-KV decode,
+//! whose last block per split sequence and row tile merges the partial results.
 
 use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 
 use super::launch::{launch, LaunchDims};
-use super::params::{MlaCombineParams, MlaDecodeParams, MlaPlanParams};
+use super::params::{MlaDecodeParams, MlaPlanParams};
 use super::GpuDevice;
 use crate::decode::DecodeOptions;
 use crate::dtype::DType;
@@ -47,9 +48,19 @@ pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Optio
 pub enum DecodeKernel {
     /// mma.sync m16n8k16, tiles of 16, 32 or 64 rows (`mla_decode.cu`).
     MmaSync { tile: usize },
-    /// wgmma, tiles of 64 rows, two warpgroups (`mla_decode_wgmma.cu`); `pipelined`
-    /// overlaps PV of one block with S of the next and with the load of the one after.
-    Wgmma { pipelined: bool },
+    /// wgmma, tiles of 64 rows, two warpgroups (`mla_decode_wgmma.cu`).
+    Wgmma(WgSchedule),
+}
+
+/// The loop schedules of the wgmma kernel (see mla_decode_wgmma.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WgSchedule {
+    /// Load, S, softmax, PV in turn.
+    V1,
+    /// PV(n) and S(n + 1) back to back, the load of n + 2 under S(n + 1).
+    Pipelined,
+    /// V1 with the next load issued under S(n) and the rescale skipped where it is 1.
+    V2,
 }
 
 impl DecodeKernel {
@@ -61,16 +72,17 @@ impl DecodeKernel {
         let mma = DecodeKernel::MmaSync { tile: if rows <= 16 { 16 } else if rows <= 32 { 32 } else { GPU_ROW_TILE } };
         match std::env::var("MLA_DECODE_KERNEL").as_deref() {
             Ok("mma") => mma,
-            Ok("wgmma") => DecodeKernel::Wgmma { pipelined: false },
-            Ok("wgmma-pipe") => DecodeKernel::Wgmma { pipelined: true },
+            Ok("wgmma") => DecodeKernel::Wgmma(WgSchedule::V2),
+            Ok("wgmma-v1") => DecodeKernel::Wgmma(WgSchedule::V1),
+            Ok("wgmma-pipe") => DecodeKernel::Wgmma(WgSchedule::Pipelined),
             _ if rows <= 32 => mma,
-            _ => DecodeKernel::Wgmma { pipelined: false },
+            _ => DecodeKernel::Wgmma(WgSchedule::V2),
         }
     }
     pub fn tile(self) -> usize {
         match self {
             DecodeKernel::MmaSync { tile } => tile,
-            DecodeKernel::Wgmma { .. } => GPU_ROW_TILE,
+            DecodeKernel::Wgmma(_) => GPU_ROW_TILE,
         }
     }
     /// (module, function, dynamic shared memory bytes), kept in step with the kernels'
@@ -82,10 +94,14 @@ impl DecodeKernel {
                 let bytes = tile * HEAD_DIM * 2 + kv + tile * BLOCK_SIZE * 2 + 1024 + 3 * tile * 4;
                 ("sm90/mla_decode", format!("mla_decode_{ty}_m{tile}"), bytes)
             }
-            DecodeKernel::Wgmma { pipelined } => {
+            DecodeKernel::Wgmma(schedule) => {
                 let t = GPU_ROW_TILE;
                 let bytes = t * HEAD_DIM * 2 + kv + t * BLOCK_SIZE * 2 + 4 * t * 4 + 3 * t * 4 + 1024;
-                let suffix = if pipelined { "p" } else { "" };
+                let suffix = match schedule {
+                    WgSchedule::V1 => "v1",
+                    WgSchedule::Pipelined => "p",
+                    WgSchedule::V2 => "",
+                };
                 ("sm90/mla_decode_wgmma", format!("mla_decode_{ty}_wg64{suffix}"), bytes)
             }
         }
@@ -121,6 +137,7 @@ pub fn decode_into(
     let f = g.kernels().function(module, &name, smem)?;
     let oaccum = ws.ptr();
     let lseaccum = oaccum + slots * rows as u64 * HEAD_DIM_V as u64 * 4;
+    let counters = lseaccum + slots * rows as u64 * 4;
     let p = MlaDecodeParams {
         q: ptr(q),
         kv: ptr(kv),
@@ -133,6 +150,7 @@ pub fn decode_into(
         metadata: ptr(&plan.metadata),
         num_splits: ptr(&plan.num_splits),
         error_flag: g.error_flag_ptr(),
+        counters,
         b: s.b as i32,
         s_q: s.s_q as i32,
         h_q: s.h_q as i32,
@@ -147,18 +165,5 @@ pub fn decode_into(
     let dims = LaunchDims { grid: (plan.num_parts as u32, rows.div_ceil(tile) as u32, 1), block: (256, 1, 1), smem };
     unsafe { launch(&f, stream, &dims, &p)? };
 
-    let fc = g.kernels().function("sm90/mla_combine", &format!("mla_combine_{ty}"), 0)?;
-    let c = MlaCombineParams {
-        oaccum,
-        lseaccum,
-        num_splits: ptr(&plan.num_splits),
-        out: ptr(out),
-        lse: ptr(lse),
-        b: s.b as i32,
-        s_q: s.s_q as i32,
-        h_q: s.h_q as i32,
-        rows: rows as i32,
-    };
-    let dims = LaunchDims { grid: (s.b as u32, rows.div_ceil(8) as u32, 1), block: (256, 1, 1), smem: 0 };
-    unsafe { launch(&fc, stream, &dims, &c) }
+    Ok(())
 }
