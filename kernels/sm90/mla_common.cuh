@@ -45,8 +45,7 @@ template <> struct Ty<__half> {
 // `slot` for the combine pass.
 struct Segment {
     int seq, len, lo, hi, slot;
-    int first, count;  // the sequence's partial slots: first .. first + count
-    bool direct;       // count == 1: write out / lse directly
+    bool direct;
 };
 
 // Calls f(Segment) for each non-empty segment the plan gave part blockIdx.x. Lengths
@@ -68,8 +67,7 @@ __device__ __forceinline__ void for_each_segment(const MlaDecodeParams& p, F&& f
         const int hi = min(seq == end_seq ? end_blk : nblk, nblk);
         if (hi <= lo) continue;
         const int first = p.num_splits[seq];
-        const int count = p.num_splits[seq + 1] - first;
-        Segment s{seq, len, lo, hi, first + (seq == begin_seq ? meta[4] : 0), first, count, count == 1};
+        Segment s{seq, len, lo, hi, first + (seq == begin_seq ? meta[4] : 0), p.num_splits[seq + 1] - first == 1};
         f(s);
     }
 }

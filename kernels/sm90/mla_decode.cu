@@ -12,7 +12,6 @@
 // are zero-filled in shared memory (never read from memory that may hold NaN), and every
 // block index is checked against num_blocks before it is dereferenced.
 #include "mla_common.cuh"
-#include "mla_merge.cuh"
 
 namespace {
 
@@ -278,9 +277,7 @@ __device__ void decode_tile(const MlaDecodeParams& p, char* smem) {
                     write_out2<T>(p, sg, r0 + row, warp * 64 + b * 8 + t4 * 2, o[a][b][h * 2] * inv, o[a][b][h * 2 + 1] * inv);
             }
         if (tid < M && r0 + tid < p.rows) write_lse(p, sg, r0 + tid, row_m[tid], row_l[tid]);
-        if (!sg.direct) finish_split<T>(p, sg, r0, M, reinterpret_cast<int*>(red_max));
     });
-    write_empty_sequences<T>(p, r0, M);
 }
 
 }  // namespace

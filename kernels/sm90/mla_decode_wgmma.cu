@@ -14,7 +14,6 @@
 // row % 8. Cache blocks stream through a two-stage cp.async pipeline; rows past the
 // sequence end and blocks with a bad index are zero-filled, never read.
 #include "mla_common.cuh"
-#include "mla_merge.cuh"
 #include "wgmma.cuh"
 
 namespace {
@@ -274,9 +273,7 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
             if (r0 + row1 < p.rows) write_out2<T>(p, sg, r0 + row1, col, o[i + 2] * inv1, o[i + 3] * inv1);
         }
         if (tid < M && r0 + tid < p.rows) write_lse(p, sg, r0 + tid, row_m[tid], row_l[tid]);
-        if (!sg.direct) finish_split<T>(p, sg, r0, M, reinterpret_cast<int*>(red_max));
     });
-    write_empty_sequences<T>(p, r0, M);
 }
 
 }  // namespace

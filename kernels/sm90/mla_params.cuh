@@ -37,7 +37,6 @@ struct MlaDecodeParams {
     const int* metadata;     // [num_parts, MLA_META_INTS]
     const int* num_splits;   // [b + 1]
     int* error_flag;
-    int* counters;           // [b, ceil(rows / 16)] zero between steps: finished splits per row tile
     int b;
     int s_q;
     int h_q;
@@ -50,3 +49,14 @@ struct MlaDecodeParams {
     float scale_log2;        // softmax scale * log2(e)
 };
 
+struct MlaCombineParams {
+    const float* oaccum;
+    const float* lseaccum;
+    const int* num_splits;
+    void* out;
+    float* lse;
+    int b;
+    int s_q;
+    int h_q;
+    int rows;
+};

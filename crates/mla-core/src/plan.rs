@@ -4,7 +4,7 @@
 //! threads on the CPU) so that each gets about the same cost, where a segment of `n`
 //! blocks costs `n + SPLIT_FIXED_COST` (the fixed cost of a split: loading q, writing a
 //! partial result, merging it). A sequence cut into several segments is merged by the
-//! combine step (fused into the decode kernels on CUDA). The result depends only on `cache_seqlens` and the part count, and the
+//! combine pass. The result depends only on `cache_seqlens` and the part count, and the
 //! GPU kernel (`kernels/sm90/mla_plan.cu`) computes exactly [`host_plan`] on the device.
 //!
 //! Layout (int32): `metadata[num_parts][8]` = begin_seq, begin_block, end_seq, end_block
@@ -33,8 +33,8 @@ pub struct Plan {
     pub metadata: Tensor,
     /// [b + 1] int32.
     pub num_splits: Tensor,
-    /// GPU only: partial outputs [b + num_parts, rows, 512] f32, lse [b + num_parts, rows],
-    /// then split counters [b, ceil(rows / 16)] i32. One decode at a time may use it.
+    /// GPU only: partial outputs [b + num_parts, rows, 512] f32, then lse [b + num_parts,
+    /// rows]. One decode at a time may use it (the binding serialises decodes per plan).
     pub(crate) workspace: Option<DeviceBuffer>,
 }
 
@@ -143,9 +143,7 @@ pub fn plan(seqlens: &Tensor, rows: usize, h_kv: usize) -> Result<Plan> {
             let metadata = Tensor::zeros(&device, &[num_parts, META_INTS], DType::I32)?;
             let num_splits = Tensor::zeros(&device, &[b + 1], DType::I32)?;
             let slots = b + num_parts;
-            // Partial outputs and lse of the split slots, then one counter per sequence and
-            // 16-row tile (zero between steps: the decode kernel resets what it counts).
-            let workspace = g.alloc_zeroed(slots * rows * (HEAD_DIM_V + 1) * 4 + b * rows.div_ceil(16) * 4)?;
+            let workspace = g.alloc_zeroed(slots * rows * (HEAD_DIM_V + 1) * 4)?;
             let mut p = Plan { batch: b, rows, num_parts, metadata, num_splits, workspace: Some(workspace) };
             crate::gpu::ops::plan_into(g, seqlens, &mut p, None, i32::MAX)?;
             Ok(p)

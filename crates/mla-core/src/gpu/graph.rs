@@ -1,4 +1,4 @@
-//! CUDA-graph capture of decode steps: capture plan + decode (with its fused combine) once, then replay
+//! CUDA-graph capture of decode steps: capture plan + decode + combine once, then replay
 //! with new lengths written into the same device tensors (no host synchronisation).
 
 use std::sync::Arc;

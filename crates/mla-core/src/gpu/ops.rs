@@ -1,12 +1,11 @@
-//! The launches of a decode step on CUDA: plan (once per step), then split-KV decode,
-//! whose last block per split sequence and row tile merges the partial results.
+//! The three launches of a decode step on CUDA: plan, split-KV decode, combine.
 
 use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 
 use super::launch::{launch, LaunchDims};
-use super::params::{MlaDecodeParams, MlaPlanParams};
+use super::params::{MlaCombineParams, MlaDecodeParams, MlaPlanParams};
 use super::GpuDevice;
 use crate::decode::DecodeOptions;
 use crate::dtype::DType;
@@ -137,7 +136,6 @@ pub fn decode_into(
     let f = g.kernels().function(module, &name, smem)?;
     let oaccum = ws.ptr();
     let lseaccum = oaccum + slots * rows as u64 * HEAD_DIM_V as u64 * 4;
-    let counters = lseaccum + slots * rows as u64 * 4;
     let p = MlaDecodeParams {
         q: ptr(q),
         kv: ptr(kv),
@@ -150,7 +148,6 @@ pub fn decode_into(
         metadata: ptr(&plan.metadata),
         num_splits: ptr(&plan.num_splits),
         error_flag: g.error_flag_ptr(),
-        counters,
         b: s.b as i32,
         s_q: s.s_q as i32,
         h_q: s.h_q as i32,
@@ -165,5 +162,18 @@ pub fn decode_into(
     let dims = LaunchDims { grid: (plan.num_parts as u32, rows.div_ceil(tile) as u32, 1), block: (256, 1, 1), smem };
     unsafe { launch(&f, stream, &dims, &p)? };
 
-    Ok(())
+    let fc = g.kernels().function("sm90/mla_combine", &format!("mla_combine_{ty}"), 0)?;
+    let c = MlaCombineParams {
+        oaccum,
+        lseaccum,
+        num_splits: ptr(&plan.num_splits),
+        out: ptr(out),
+        lse: ptr(lse),
+        b: s.b as i32,
+        s_q: s.s_q as i32,
+        h_q: s.h_q as i32,
+        rows: rows as i32,
+    };
+    let dims = LaunchDims { grid: (s.b as u32, rows.div_ceil(8) as u32, 1), block: (256, 1, 1), smem: 0 };
+    unsafe { launch(&fc, stream, &dims, &c) }
 }

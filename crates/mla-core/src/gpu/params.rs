@@ -34,7 +34,6 @@ pub struct MlaDecodeParams {
     pub metadata: u64,
     pub num_splits: u64,
     pub error_flag: u64,
-    pub counters: u64,
     pub b: i32,
     pub s_q: i32,
     pub h_q: i32,
@@ -47,5 +46,20 @@ pub struct MlaDecodeParams {
     pub scale_log2: f32,
 }
 
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct MlaCombineParams {
+    pub oaccum: u64,
+    pub lseaccum: u64,
+    pub num_splits: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub b: i32,
+    pub s_q: i32,
+    pub h_q: i32,
+    pub rows: i32,
+}
+
 unsafe impl DeviceRepr for MlaPlanParams {}
 unsafe impl DeviceRepr for MlaDecodeParams {}
+unsafe impl DeviceRepr for MlaCombineParams {}
