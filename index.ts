@@ -875,3 +875,154 @@ export function decodeFlops(seqlens: ArrayLike<number>, sQ: number, hQ: number):
   for (let i = 0; i < seqlens.length; i++) total += seqlens[i]!
   return 2 * sQ * total * hQ * (HEAD_DIM + HEAD_DIM_V)
 }
+
+// ---------------------------------------------------------------------------------------
+// Benchmark (the engine of `npx mla-decode bench`)
+
+/**
+ * The contract's benchmark, one configuration at a time (the `mla-decode bench` command
+ * is built on it). Times are medians of timed decode steps after warm-up (CUDA events on
+ * CUDA, a wall clock on the CPU backend) on random inputs, with block tables that map
+ * each sequence to its own blocks; rates use the contract's formulas
+ * ({@link decodeBytes}, {@link decodeFlops}).
+ *
+ * @example
+ * ```ts
+ * import { Device, bench } from 'mla-decode'
+ * using dev = Device.open()
+ * console.log('copy ceiling', await bench.copyCeiling(dev), 'GB/s')
+ * for (const c of bench.configs(bench.defaultSuite(dev), { quick: true })) {
+ *   const m = await bench.run(dev, c)
+ *   console.log(c.label, m.ms.toFixed(3), 'ms', m.gbps.toFixed(0), 'GB/s')
+ * }
+ * ```
+ */
+export namespace bench {
+  /**
+   * A suite of configurations: `'flashmla'` (FlashMLA's grid: b = 128, mean length 4096,
+   * 8192, 16384, h_q 16..128, s_q 1 and 2, fixed and variable lengths; then its
+   * beyond-grid shapes: short contexts, an imbalanced batch, multi-token prediction),
+   * `'cpu'` (a reduced grid for the CPU backend: b = 8, means 1024 and 4096, h_q 16 and
+   * 128) or `'tiny'` (a few small shapes, for tests).
+   */
+  export type Suite = 'flashmla' | 'cpu' | 'tiny'
+
+  /** One benchmark shape. */
+  export interface Config {
+    /** `'grid'`, `'short'`, `'imbalanced'`, `'mtp'` (FlashMLA's names) or another tag. */
+    tag: string
+    /** Batch size. */
+    b: number
+    /** Query tokens per sequence. */
+    sQ: number
+    /** Mean cache length (0 when `lens` is given). */
+    mean: number
+    /** Query heads. */
+    hQ: number
+    /** Lengths drawn from Normal(mean, mean / 2), clamped to >= sQ (a fixed seed). */
+    varlen: boolean
+    /** Exact lengths (b of them). */
+    lens?: number[]
+    /** `'tag/sQ/mean/hQ/varlen'`, e.g. `'grid/1/4096/64/0'`: the anchors' key. */
+    label: string
+    /** Whether this is one of FlashMLA's own shapes (one the anchor times apply to). */
+    flashmlaShape: boolean
+  }
+
+  /** The result of {@link bench.run}. */
+  export interface Measurement {
+    /** Median time of one decode step, milliseconds. */
+    ms: number
+    /** Fastest timed run, milliseconds. */
+    minMs: number
+    /** Slowest timed run, milliseconds. */
+    maxMs: number
+    /** Timed runs. */
+    reps: number
+    /** Batch size measured. */
+    b: number
+    /** Sum of the cache lengths measured. */
+    totalSeqlen: number
+    /** The contract's bytes of one step: (sum(seqlens) * 576 + b*sQ*hQ*576 + b*sQ*hQ*512) * 2. */
+    bytes: number
+    /** The contract's FLOPs of one step: 2 * sQ * sum(seqlens) * hQ * (576 + 512). */
+    flops: number
+    /** bytes / median time, 1e9 bytes per second. */
+    gbps: number
+    /** flops / median time, 1e12 per second. */
+    tflops: number
+  }
+
+  /** Options of {@link bench.run}. */
+  export interface RunOptions {
+    /** Timed runs (default 30 on CUDA, 5 on the CPU backend). */
+    reps?: number
+    /** Element type of q, the cache and out (default `'bf16'`). */
+    dtype?: HalfDType
+    /** Seed of the random lengths and inputs (default: the benchmark's fixed seed). */
+    seed?: number
+  }
+
+  /** The configurations of a suite, in order. `quick`: `'flashmla'` with mean 4096 only; `'cpu'` with mean 1024 only. */
+  export function configs(suite: Suite, opts: { quick?: boolean } = {}): Config[] {
+    if (typeof suite !== 'string') fail('ERR_INVALID_ARGUMENT', `suite: expected a string, got ${describe(suite)}`)
+    return call(() => native.benchConfigs(suite, opts.quick ?? false)).map(fromNative)
+  }
+
+  /** The suite that fits a device: `'flashmla'` on CUDA, `'cpu'` on the CPU backend. */
+  export function defaultSuite(device: Device): Suite {
+    return call(() => native.benchDefaultSuite(want(device, Device, 'device')._n)) as Suite
+  }
+
+  /**
+   * Measures one configuration off the JS thread: random inputs, one plan, warm-up, then
+   * the median of `reps` timed decode steps (causal).
+   */
+  export function run(device: Device, config: Config, opts: RunOptions = {}): Promise<Measurement> {
+    const d = want(device, Device, 'device')._n
+    return callAsync(() => {
+      const c: Native.BenchConfig = {
+        tag: config.tag,
+        b: config.b,
+        sQ: config.sQ,
+        mean: config.mean,
+        hQ: config.hQ,
+        varlen: config.varlen,
+        label: config.label ?? '',
+        flashmlaShape: config.flashmlaShape ?? false,
+      }
+      if (config.lens) c.lens = config.lens
+      return call(() => native.benchRun(d, c, opts.reps, opts.dtype, opts.seed))
+    })
+  }
+
+  /**
+   * The copy ceiling of a device in GB/s (bytes read + written), measured off the JS
+   * thread: 1 GiB device-to-device on CUDA, a 256 MiB host copy on the CPU backend.
+   */
+  export function copyCeiling(device: Device): Promise<number> {
+    const d = want(device, Device, 'device')._n
+    return callAsync(() => call(() => native.benchCopyCeiling(d)))
+  }
+
+  /**
+   * FlashMLA's times (ms) from an anchors CSV, keyed by {@link bench.Config.label}. Reads
+   * the grid format (`peer,b,s_q,mean_sk,h_q,varlen,ms,...`) and the beyond format
+   * (`tag,peer,b,s_q,mean_sk,h_q,ms,...`); only `flashmla` rows.
+   */
+  export function loadAnchors(csvText: string): Map<string, number> {
+    if (typeof csvText !== 'string') fail('ERR_INVALID_ARGUMENT', `csvText: expected a string, got ${describe(csvText)}`)
+    return new Map(Object.entries(call(() => native.benchLoadAnchors(csvText))))
+  }
+
+  /** The anchor time of a configuration, when it is FlashMLA's shape and the anchors have it. */
+  export function anchorFor(anchors: ReadonlyMap<string, number>, config: Config): number | undefined {
+    return config.flashmlaShape ? anchors.get(config.label) : undefined
+  }
+
+  function fromNative(c: Native.BenchConfig): Config {
+    const r: Config = { tag: c.tag, b: c.b, sQ: c.sQ, mean: c.mean, hQ: c.hQ, varlen: c.varlen, label: c.label, flashmlaShape: c.flashmlaShape }
+    if (c.lens != null) r.lens = c.lens
+    return r
+  }
+}

@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-stages=${*:-"info sass rust rust-mma sanitizer ts bench"}
+stages=${*:-"info sass rust rust-mma sanitizer ts bench bench-cli"}
 declare -A result
 export MLA_TEST_DEVICE=cuda
 
@@ -57,15 +57,22 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
       for v in ${BENCH_VARIANTS:-default}; do
         run_stage "bench-$v" env MLA_DECODE_KERNEL=$v .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-$v.csv" --anchors $anchors ${BENCH_ARGS:-}
       done ;;
+    # The user-facing command (TypeScript CLI over the same core): CSV + SVG chart.
+    bench-cli)
+      mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
+      run_stage bench-cli bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --no-progress --out '$OUT/cli' --anchors ../anchors/flashmla-h100.csv,../anchors/flashmla-h100-beyond.csv ${mm:+--matmul-tflops $mm} ${BENCH_ARGS:-}" ;;
   esac
 done
 
 echo
 echo "=== summary"
-for s in info sass rust rust-mma ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck ts matmul bench-default bench-mma bench-wgmma bench-wgmma-pipe; do
+for s in info sass rust rust-mma bench-cli ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck ts matmul bench-default bench-mma bench-wgmma bench-wgmma-pipe; do
   [[ -n "${result[$s]:-}" ]] && printf '%-10s %s\n' "$s" "${result[$s]}"
 done
 grep -h "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/ts.log 2>/dev/null | tail -6
 grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log 2>/dev/null
 cat "$OUT"/sass.log 2>/dev/null
 grep -h "copy ceiling\|matmul\|geometric" "$OUT"/bench-*.log "$OUT"/matmul.log 2>/dev/null
+
+# At most 8 files come back from the device tool: keep the CSVs and the chart, pack the logs.
+(cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log) 2>/dev/null || true

@@ -27,16 +27,19 @@ strip "$out/bin/"* || true
 # Anchors (../shared does not travel with the working tree).
 cp ../shared/anchors/*.csv "$out/anchors/" 2>/dev/null || true
 
-# TypeScript: node binary (xz), the compiled package and the test runner.
-if [[ "${1:-}" != "--no-node" && -f dist/index.js ]]; then
+# TypeScript: node binary (xz), the compiled package and the test runner (ava alone,
+# installed from the npm cache into a scratch folder: the project's node_modules holds
+# the build tools too and is five times larger).
+if [[ "${1:-}" != "--no-node" ]]; then
+  [[ -f dist/index.js && -f mla-decode.linux-x64-gnu.node ]] || { echo "run npm run build first" >&2; exit 1; }
   xz -T2 -6 -c "$(command -v node)" > "$out/node.xz"
   mkdir -p "$out/pkg"
-  cp -r dist package.json "$out/pkg/"
-  cp binding.js binding.d.ts "$out/pkg/" 2>/dev/null || true
-  cp ./*.node "$out/pkg/" 2>/dev/null || true
-  # ava and its dependencies, pruned of docs
-  if [[ -d node_modules ]]; then
-    tar -C . -cJf "$out/node_modules.tar.xz" node_modules
-  fi
+  cp -r dist package.json binding.js binding.d.ts mla-decode.linux-x64-gnu.node "$out/pkg/"
+  ava_version=$(node -p 'require("./node_modules/ava/package.json").version')
+  scratch=$(mktemp -d)
+  (cd "$scratch" && echo '{"name":"ava-only","version":"1.0.0"}' > package.json &&
+    npm install --prefer-offline --no-audit --no-fund "ava@$ava_version" >/dev/null &&
+    tar -cJf "$root/$out/node_modules.tar.xz" node_modules)
+  rm -rf "$scratch"
 fi
 du -sh "$out" "$out"/* | sort -h

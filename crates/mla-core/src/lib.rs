@@ -18,6 +18,7 @@
 //! # Ok::<(), mla_core::MlaError>(())
 //! ```
 
+pub mod bench;
 pub mod cache;
 pub mod cpu;
 pub mod decode;

@@ -11,6 +11,7 @@
 
 #![deny(clippy::all)]
 
+mod bench;
 mod cache;
 mod convert;
 mod decode;

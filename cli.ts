@@ -1,0 +1,523 @@
+#!/usr/bin/env node
+/**
+ * The `mla-decode` command (package bin, compiled to dist/cli.js):
+ *
+ *   mla-decode bench [options]   FlashMLA's benchmark grid and beyond-grid shapes, with the
+ *                                copy ceiling of the same run; a table, bench.csv, bench.svg
+ *   mla-decode info [--device]   GPU status and device facts
+ *   mla-decode --help
+ *
+ * Everything it measures comes from the package's `bench` API (the Rust core's
+ * `mla_core::bench`); this file only parses flags, shows progress and writes files.
+ */
+
+import * as fs from 'node:fs'
+import * as path from 'node:path'
+import { parseArgs } from 'node:util'
+import { Device, MlaError, bench, gpuStatus, type DeviceSpec, type HalfDType } from './index'
+
+const HELP = `mla-decode: MLA decoding (FlashMLA-compatible) for Node.js
+
+Usage:
+  mla-decode bench [options]   run the benchmark; print a table, write CSV + SVG
+  mla-decode info [--device D] GPU status and the device that would run
+  mla-decode --help            this text
+
+bench options:
+  --device auto|cpu|cuda[:n]   device (default auto: CUDA device 0 if usable, else CPU)
+  --quick                      fewer configurations: FlashMLA's grid at mean length 4096
+                               only (plus the beyond-grid shapes); on the CPU backend,
+                               mean 1024 only and no multi-token shapes
+  --suite flashmla|cpu         which configurations (default: flashmla on CUDA, cpu on
+                               the CPU backend). flashmla: FlashMLA's grid (b=128, mean
+                               length 4096/8192/16384, h_q 16/32/64/128, s_q 1/2, fixed
+                               and variable lengths) then short contexts, an imbalanced
+                               batch and multi-token prediction. cpu: a reduced grid
+                               (b=8, means 1024/4096, h_q 16/128, s_q 1/2, fixed and
+                               variable lengths, the imbalanced batch, multi-token at
+                               b=8): the b=128 grid takes far too long on a few
+                               CPU cores (half an hour or more on 2 cores).
+  --reps N                     timed runs per configuration, median reported
+                               (default 30 on CUDA, 5 on the CPU backend)
+  --dtype bf16|fp16            element type (default bf16, as FlashMLA's grid)
+  --filter PREFIX              only labels starting with PREFIX (tag/s_q/mean/h_q/varlen,
+                               e.g. grid/1/4096 or mtp)
+  --anchors FILE[,FILE]        FlashMLA anchor CSVs (e.g. flashmla-h100.csv,
+                               flashmla-h100-beyond.csv): adds anchor ms and speed-up
+                               columns and the geometric mean of the speed-ups
+  --matmul-tflops T            a matmul ceiling for the floor_ms column (default: none,
+                               the floor is then bytes at the copy ceiling)
+  --out DIR                    output directory (default ./bench-out): bench.csv, bench.svg
+  --no-progress                no in-place progress bar (also off when stderr is no TTY)
+
+Timing: median of CUDA-event-timed runs after warm-up (wall clock on the CPU backend).
+GB/s = (sum(seqlens)*576 + b*s_q*h_q*576 + b*s_q*h_q*512) * 2 bytes / time;
+TFLOPS = 2 * s_q * sum(seqlens) * h_q * (576 + 512) / time. The copy ceiling (1 GiB
+device-to-device on CUDA, 256 MiB host copy on the CPU) is measured in the same run;
+compare ratios to it, not raw times across machines.
+
+Exit status: 0 done, 1 a failure (device, measurement, files), 2 a usage error.`
+
+const CSV_HEADER = 'tag,b,s_q,mean_sk,h_q,varlen,ms,gbps,tflops,pct_copy_ceiling,floor_ms,anchor_ms,speedup'
+
+class UsageError extends Error {}
+
+export interface Row {
+  config: bench.Config
+  m: bench.Measurement
+  anchorMs: number | undefined
+}
+
+function version(): string {
+  try {
+    return (JSON.parse(fs.readFileSync(path.join(__dirname, '..', 'package.json'), 'utf8')) as { version: string }).version
+  } catch {
+    return 'unknown'
+  }
+}
+
+function openDevice(spec: string): Device {
+  if (!/^(auto|cpu|cuda(:\d+)?)$/.test(spec)) throw new UsageError(`--device: expected auto, cpu, cuda or cuda:<n>, got '${spec}'`)
+  return Device.open(spec as DeviceSpec)
+}
+
+function positiveInt(name: string, s: string | undefined): number | undefined {
+  if (s === undefined) return undefined
+  const n = Number(s)
+  if (!Number.isInteger(n) || n < 1) throw new UsageError(`--${name}: expected a positive integer, got '${s}'`)
+  return n
+}
+
+// ---------------------------------------------------------------------------------------
+// Formatting
+
+const fmt = {
+  ms: (x: number) => (x >= 100 ? x.toFixed(1) : x >= 10 ? x.toFixed(2) : x >= 1 ? x.toFixed(3) : x.toFixed(4)),
+  gbps: (x: number) => (x >= 100 ? x.toFixed(0) : x.toFixed(1)),
+  tflops: (x: number) => (x >= 10 ? x.toFixed(1) : x >= 0.1 ? x.toFixed(2) : x.toFixed(3)),
+}
+
+function clock(ms: number): string {
+  const s = Math.round(ms / 1000)
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, '0')}`
+}
+
+function geomean(xs: number[]): number | undefined {
+  if (xs.length === 0) return undefined
+  return Math.exp(xs.reduce((a, x) => a + Math.log(x), 0) / xs.length)
+}
+
+function table(rows: Row[], ceiling: number, withAnchors: boolean): string {
+  const head = ['label', 'b', 'ms', 'GB/s', 'TFLOPS', '%copy', ...(withAnchors ? ['anchor ms', 'speedup'] : [])]
+  const body = rows.map((r) => [
+    r.config.label,
+    String(r.m.b),
+    fmt.ms(r.m.ms),
+    fmt.gbps(r.m.gbps),
+    fmt.tflops(r.m.tflops),
+    `${((100 * r.m.gbps) / ceiling).toFixed(1)}%`,
+    ...(withAnchors ? [r.anchorMs !== undefined ? fmt.ms(r.anchorMs) : '-', r.anchorMs !== undefined ? `${(r.anchorMs / r.m.ms).toFixed(3)}x` : '-'] : []),
+  ])
+  const widths = head.map((h, i) => Math.max(h.length, ...body.map((row) => row[i]!.length)))
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ')
+  return [line(head), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)].join('\n')
+}
+
+/** Six significant digits, no exponent for the magnitudes a benchmark produces. */
+function sig(x: number): string {
+  return String(Number(x.toPrecision(6)))
+}
+
+function csv(rows: Row[], ceiling: number, matmulTflops: number): string {
+  const lines = rows.map(({ config: c, m, anchorMs }) => {
+    // The floor: bytes at the copy ceiling or FLOPs at the matmul ceiling, the larger.
+    const floorMs = Math.max(m.bytes / (ceiling * 1e9), Number.isFinite(matmulTflops) ? m.flops / (matmulTflops * 1e12) : 0) * 1e3
+    return [
+      c.tag,
+      m.b,
+      c.sQ,
+      c.mean,
+      c.hQ,
+      c.varlen ? 1 : 0,
+      m.ms.toFixed(5),
+      sig(m.gbps),
+      sig(m.tflops),
+      sig((100 * m.gbps) / ceiling),
+      floorMs.toFixed(5),
+      anchorMs ?? '',
+      anchorMs !== undefined ? (anchorMs / m.ms).toFixed(4) : '',
+    ].join(',')
+  })
+  return [CSV_HEADER, ...lines].join('\n') + '\n'
+}
+
+// ---------------------------------------------------------------------------------------
+// SVG chart (hand-written): two horizontal bar panels, GB/s (with the copy ceiling) and
+// TFLOPS, one row per configuration.
+
+function esc(s: string): string {
+  return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;')
+}
+
+/** Tick step of about `max / 5`: 1, 2 or 5 times a power of ten. */
+function niceStep(max: number): number {
+  const raw = max / 5
+  const p = 10 ** Math.floor(Math.log10(raw))
+  return [1, 2, 5, 10].map((k) => k * p).find((s) => s >= raw) ?? 10 * p
+}
+
+function tagColor(c: bench.Config): string {
+  switch (c.tag) {
+    case 'grid':
+      return c.varlen ? '#7fa8d1' : '#3b6ea5'
+    case 'short':
+      return '#e8912d'
+    case 'imbalanced':
+      return '#c94c4c'
+    case 'mtp':
+      return '#4f9a55'
+    default:
+      return '#8a6fb0'
+  }
+}
+
+export function svgChart(rows: Row[], ceiling: number, title: { device: string; date: string; suite: string; dtype: string; reps: number }): string {
+  const n = rows.length
+  const rowH = 18
+  const barH = 12
+  const labelW = 170
+  const panelW = 430
+  const gap = 70
+  const left = 16
+  const top = 92
+  const x0a = left + labelW // GB/s panel origin
+  const x0b = x0a + panelW + gap // TFLOPS panel origin
+  const width = x0b + panelW + 40
+  const plotH = Math.max(1, n) * rowH
+  const height = top + plotH + 74
+  const withAnchors = rows.some((r) => r.anchorMs !== undefined)
+
+  const maxG = Math.max(ceiling, ...rows.map((r) => r.m.gbps), ...rows.map((r) => (r.anchorMs ? r.m.bytes / (r.anchorMs * 1e-3) / 1e9 : 0))) * 1.08
+  const maxT = Math.max(1e-9, ...rows.map((r) => r.m.tflops), ...rows.map((r) => (r.anchorMs ? r.m.flops / (r.anchorMs * 1e-3) / 1e12 : 0))) * 1.12
+  const stepG = niceStep(maxG)
+  const stepT = niceStep(maxT)
+  const domG = Math.ceil(maxG / stepG) * stepG
+  const domT = Math.ceil(maxT / stepT) * stepT
+  const sx = (v: number, dom: number) => (v / dom) * panelW
+  const num = (v: number) => (Math.round(v * 10) / 10).toString()
+  const tickLabel = (v: number, step: number) => (step >= 1 ? v.toFixed(0) : v.toFixed(Math.min(4, Math.ceil(-Math.log10(step)))))
+
+  const o: string[] = []
+  o.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="Helvetica, Arial, sans-serif" font-size="12">`)
+  o.push(`<rect class="background" x="0" y="0" width="${width}" height="${height}" fill="#ffffff"/>`)
+  o.push(`<text x="${left}" y="26" font-size="17" font-weight="bold">mla-decode bench: ${esc(title.device)}</text>`)
+  o.push(
+    `<text x="${left}" y="46" fill="#444">${esc(title.date)} · ${esc(title.suite)} suite · ${esc(title.dtype)}, causal · median of ${title.reps} runs · copy ceiling ${ceiling.toFixed(0)} GB/s (read + write)</text>`,
+  )
+  // Legend
+  const legend: [string, string][] = [
+    ['grid, fixed lengths', '#3b6ea5'],
+    ['grid, variable lengths', '#7fa8d1'],
+    ['short', '#e8912d'],
+    ['imbalanced', '#c94c4c'],
+    ['mtp', '#4f9a55'],
+  ]
+  const present = new Set(rows.map((r) => (r.config.tag === 'grid' ? (r.config.varlen ? 'grid, variable lengths' : 'grid, fixed lengths') : r.config.tag)))
+  let lx = left
+  for (const [name, color] of legend.filter(([nm]) => present.has(nm))) {
+    o.push(`<rect class="legend" x="${lx}" y="57" width="10" height="10" fill="${color}"/><text x="${lx + 14}" y="66" font-size="11">${esc(name)}</text>`)
+    lx += 24 + name.length * 6.2
+  }
+  if (withAnchors) {
+    o.push(`<line x1="${lx}" y1="56" x2="${lx}" y2="68" stroke="#111" stroke-width="2"/><text x="${lx + 6}" y="66" font-size="11">FlashMLA (anchor)</text>`)
+  }
+
+  for (const [x0, name, dom, step] of [
+    [x0a, 'GB/s', domG, stepG],
+    [x0b, 'TFLOPS', domT, stepT],
+  ] as const) {
+    o.push(`<text x="${x0 + panelW / 2}" y="${top - 8}" text-anchor="middle" font-weight="bold">${name}</text>`)
+    for (let v = 0; v <= dom + step * 1e-9; v += step) {
+      const x = x0 + sx(v, dom)
+      o.push(`<line x1="${num(x)}" y1="${top}" x2="${num(x)}" y2="${top + plotH}" stroke="#e2e2e2"/>`)
+      o.push(`<text x="${num(x)}" y="${top + plotH + 16}" text-anchor="middle" font-size="10" fill="#555">${tickLabel(v, step)}</text>`)
+    }
+    o.push(`<line x1="${x0}" y1="${top}" x2="${x0}" y2="${top + plotH}" stroke="#888"/>`)
+    o.push(`<text x="${x0 + panelW / 2}" y="${top + plotH + 34}" text-anchor="middle" fill="#333">${name}</text>`)
+  }
+
+  rows.forEach((r, i) => {
+    const y = top + i * rowH
+    const yb = y + (rowH - barH) / 2
+    if (i % 2 === 1) o.push(`<rect class="zebra" x="${left}" y="${y}" width="${width - left - 20}" height="${rowH}" fill="#f6f7f9"/>`)
+    o.push(`<text x="${x0a - 8}" y="${y + rowH / 2 + 4}" text-anchor="end" font-family="Menlo, Consolas, monospace" font-size="11">${esc(r.config.label)}</text>`)
+    const color = tagColor(r.config)
+    // FlashMLA's time on the same shape, as a rate: a black marker on the bar's row.
+    const anchorRate = (work: number, scale: number) => (r.anchorMs !== undefined ? work / (r.anchorMs * 1e-3) / scale : undefined)
+    for (const [x0, v, av, dom, unit, cls, digits] of [
+      [x0a, r.m.gbps, anchorRate(r.m.bytes, 1e9), domG, 'GB/s', 'gbps', r.m.gbps >= 100 ? 0 : 1],
+      [x0b, r.m.tflops, anchorRate(r.m.flops, 1e12), domT, 'TFLOPS', 'tflops', r.m.tflops >= 10 ? 1 : r.m.tflops >= 0.1 ? 2 : 3],
+    ] as const) {
+      const w = Math.max(0.5, sx(v, dom))
+      const tip = `${r.config.label} (b=${r.m.b}): ${v.toFixed(digits)} ${unit}, ${fmt.ms(r.m.ms)} ms`
+      o.push(`<rect class="bar ${cls}" x="${x0}" y="${num(yb)}" width="${num(w)}" height="${barH}" fill="${color}"><title>${esc(tip)}</title></rect>`)
+      const ax = av !== undefined ? sx(av, dom) : 0
+      const inside = Math.max(w, ax) > panelW - 44
+      const tx = inside ? x0 + Math.min(w, ax > w ? ax - 4 : w) - 4 : x0 + Math.max(w, ax + 1) + 4
+      o.push(`<text x="${num(tx)}" y="${num(yb + barH - 2)}" font-size="10" ${inside ? 'text-anchor="end" fill="#fff"' : 'fill="#222"'}>${v.toFixed(digits)}</text>`)
+      if (av !== undefined) {
+        const x = num(x0 + ax)
+        o.push(`<line class="anchor" x1="${x}" y1="${y + 1}" x2="${x}" y2="${y + rowH - 1}" stroke="#111" stroke-width="2"><title>FlashMLA: ${fmt.ms(r.anchorMs!)} ms, ${av.toFixed(digits)} ${unit}</title></line>`)
+      }
+    }
+  })
+
+  // The copy ceiling: a vertical line across the GB/s panel.
+  const cx = num(x0a + sx(ceiling, domG))
+  o.push(`<line class="ceiling" x1="${cx}" y1="${top - 4}" x2="${cx}" y2="${top + plotH}" stroke="#d62728" stroke-width="1.5" stroke-dasharray="5,3"/>`)
+  o.push(`<text x="${cx}" y="${top + plotH + 50}" text-anchor="middle" fill="#d62728" font-size="11">copy ceiling ${ceiling.toFixed(0)} GB/s</text>`)
+  o.push('</svg>')
+  return o.join('\n') + '\n'
+}
+
+// ---------------------------------------------------------------------------------------
+// Progress: one line per configuration on stdout; on a TTY also an in-place bar on stderr.
+
+class Progress {
+  private timer: NodeJS.Timeout | undefined
+  private current = ''
+  private done = 0
+  private started = Date.now()
+  private configStarted = Date.now()
+  constructor(
+    private readonly total: number,
+    private readonly live: boolean,
+  ) {}
+
+  begin(what: string, done: number): void {
+    this.current = what
+    this.done = done
+    this.configStarted = Date.now()
+    if (!this.live) return
+    this.draw()
+    this.timer ??= setInterval(() => this.draw(), 200)
+    this.timer.unref()
+  }
+
+  private draw(): void {
+    const cols = process.stderr.columns || 100
+    const width = 24
+    const filled = Math.round((width * this.done) / Math.max(1, this.total))
+    const bar = '█'.repeat(filled) + '░'.repeat(width - filled)
+    const now = Date.now()
+    let line = `  ${bar} ${this.done}/${this.total}  ${this.current}  ${((now - this.configStarted) / 1000).toFixed(1)} s  (elapsed ${clock(now - this.started)})`
+    if (line.length > cols - 1) line = line.slice(0, cols - 1)
+    process.stderr.write(`\r\x1b[K${line}`)
+  }
+
+  /** Prints a line where the bar was (the next begin() or tick draws the bar again below it). */
+  log(line: string): void {
+    if (this.live) process.stderr.write('\r\x1b[K')
+    process.stdout.write(line + '\n')
+  }
+
+  end(): void {
+    if (this.timer) clearInterval(this.timer)
+    this.timer = undefined
+    if (this.live) process.stderr.write('\r\x1b[K')
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Commands
+
+async function cmdBench(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    allowPositionals: false,
+    options: {
+      device: { type: 'string', default: 'auto' },
+      quick: { type: 'boolean', default: false },
+      suite: { type: 'string' },
+      tiny: { type: 'boolean', default: false }, // hidden: the 'tiny' suite (tests)
+      reps: { type: 'string' },
+      dtype: { type: 'string', default: 'bf16' },
+      filter: { type: 'string', default: '' },
+      anchors: { type: 'string' },
+      'matmul-tflops': { type: 'string' },
+      out: { type: 'string', default: 'bench-out' },
+      'no-progress': { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  })
+  if (values.help) {
+    console.log(HELP)
+    return 0
+  }
+  const reps = positiveInt('reps', values.reps)
+  const dtype = values.dtype
+  if (dtype !== 'bf16' && dtype !== 'fp16') throw new UsageError(`--dtype: expected bf16 or fp16, got '${dtype}'`)
+  const matmul = values['matmul-tflops'] === undefined ? NaN : Number(values['matmul-tflops'])
+  if (values['matmul-tflops'] !== undefined && !(matmul > 0)) throw new UsageError(`--matmul-tflops: expected a positive number, got '${values['matmul-tflops']}'`)
+  let suiteOpt = values.suite
+  if (values.tiny) suiteOpt = 'tiny'
+  if (suiteOpt !== undefined && !['flashmla', 'cpu', 'tiny'].includes(suiteOpt)) throw new UsageError(`--suite: expected flashmla or cpu, got '${suiteOpt}'`)
+
+  // Anchors first: a missing file is a usage error before anything runs.
+  const anchors = new Map<string, number>()
+  for (const file of (values.anchors ?? '').split(',').filter((s) => s.length > 0)) {
+    let text: string
+    try {
+      text = fs.readFileSync(file, 'utf8')
+    } catch (e) {
+      throw new UsageError(`--anchors: cannot read '${file}': ${(e as Error).message}`)
+    }
+    const a = bench.loadAnchors(text)
+    if (a.size === 0) throw new UsageError(`--anchors: no FlashMLA rows in '${file}'`)
+    for (const [k, v] of a) anchors.set(k, v)
+  }
+
+  using dev = openDevice(values.device)
+  const info = dev.info
+  const suite = (suiteOpt ?? bench.defaultSuite(dev)) as bench.Suite
+  const configs = bench.configs(suite, { quick: values.quick }).filter((c) => c.label.startsWith(values.filter))
+  if (configs.length === 0) {
+    const all = bench.configs(suite, { quick: values.quick }).map((c) => c.label)
+    throw new UsageError(`--filter: no configuration of the ${suite} suite starts with '${values.filter}'; labels: ${all.slice(0, 6).join(', ')}, ...`)
+  }
+  const effReps = reps ?? (dev.kind === 'cuda' ? 30 : 5)
+  const outDir = path.resolve(values.out)
+  fs.mkdirSync(outDir, { recursive: true })
+
+  console.log(`mla-decode ${version()} bench: ${info.name} (${dev.kind}${dev.kind === 'cuda' ? `:${info.ordinal}, ${info.multiprocessors} SMs` : ''})`)
+  console.log(`suite ${suite}${values.quick ? ' (quick)' : ''}: ${configs.length} configurations, ${dtype}, causal, median of ${effReps} runs${anchors.size ? `, ${anchors.size} anchors` : ''}`)
+  if (suite === 'cpu') console.log('(CPU backend: a reduced grid at b=8; --suite flashmla runs FlashMLA\'s b=128 grid, far too slow on a few cores)')
+
+  const live = process.stderr.isTTY === true && !values['no-progress'] && !process.env.CI
+  const progress = new Progress(configs.length, live)
+  const rows: Row[] = []
+  let ceiling = NaN
+  const date = new Date().toISOString().slice(0, 16).replace('T', ' ') + ' UTC'
+  const writeOutputs = (): string[] => {
+    if (!Number.isFinite(ceiling) || rows.length === 0) return []
+    const csvPath = path.join(outDir, 'bench.csv')
+    const svgPath = path.join(outDir, 'bench.svg')
+    fs.writeFileSync(csvPath, csv(rows, ceiling, matmul))
+    fs.writeFileSync(svgPath, svgChart(rows, ceiling, { device: info.name, date, suite: suite + (values.quick ? ' (quick)' : ''), dtype, reps: effReps }))
+    return [csvPath, svgPath]
+  }
+  // Ctrl-C: keep what was measured.
+  const onSigint = () => {
+    progress.end()
+    const files = writeOutputs()
+    process.stderr.write(`\ninterrupted after ${rows.length}/${configs.length} configurations${files.length ? `; wrote ${files.join(', ')}` : ''}\n`)
+    process.exit(130)
+  }
+  process.once('SIGINT', onSigint)
+
+  try {
+    progress.begin('copy ceiling', 0)
+    ceiling = await bench.copyCeiling(dev)
+    progress.log(`copy ceiling ${ceiling.toFixed(0)} GB/s (${dev.kind === 'cuda' ? '1 GiB device-to-device' : '256 MiB host copy'}, read + write)`)
+    const w = String(configs.length).length
+    for (const [i, c] of configs.entries()) {
+      progress.begin(c.label, i)
+      const m = await bench.run(dev, c, { reps: effReps, dtype: dtype as HalfDType })
+      const anchorMs = bench.anchorFor(anchors, c)
+      rows.push({ config: c, m, anchorMs })
+      const vs = anchorMs !== undefined ? `  ${(anchorMs / m.ms).toFixed(3)}x vs FlashMLA` : ''
+      progress.log(`[${String(i + 1).padStart(w)}/${configs.length}] ${c.label}  ${fmt.ms(m.ms)} ms  ${fmt.gbps(m.gbps)} GB/s  ${fmt.tflops(m.tflops)} TFLOPS${vs}`)
+    }
+  } finally {
+    progress.end()
+    process.removeListener('SIGINT', onSigint)
+  }
+
+  console.log('')
+  console.log(table(rows, ceiling, anchors.size > 0))
+  console.log('')
+  console.log(`copy ceiling ${ceiling.toFixed(0)} GB/s; best ${fmt.gbps(Math.max(...rows.map((r) => r.m.gbps)))} GB/s (${((100 * Math.max(...rows.map((r) => r.m.gbps))) / ceiling).toFixed(1)}% of the ceiling), best ${fmt.tflops(Math.max(...rows.map((r) => r.m.tflops)))} TFLOPS`)
+  if (anchors.size > 0) {
+    const sp = (pred: (r: Row) => boolean) => rows.filter((r) => r.anchorMs !== undefined && pred(r)).map((r) => r.anchorMs! / r.m.ms)
+    const groups: [string, number[]][] = [
+      ['grid', sp((r) => r.config.tag === 'grid')],
+      ['beyond', sp((r) => r.config.tag !== 'grid')],
+      ['all', sp(() => true)],
+    ]
+    let any = false
+    for (const [name, xs] of groups) {
+      const g = geomean(xs)
+      if (g === undefined) continue
+      any = true
+      const slower = xs.filter((x) => x < 1).length
+      console.log(`${name}: geometric mean speed-up vs FlashMLA anchors ${g.toFixed(3)}x over ${xs.length} configurations (${slower} slower)`)
+    }
+    if (!any) console.log('no configuration of this run has an anchor (anchors apply to FlashMLA shapes only: the flashmla suite)')
+  }
+  const files = writeOutputs()
+  const shown = (f: string) => {
+    const r = path.relative(process.cwd(), f)
+    return r && !r.startsWith('..') ? r : f
+  }
+  console.log(`wrote ${files.map(shown).join(', ')}`)
+  return 0
+}
+
+function cmdInfo(argv: string[]): number {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    options: { device: { type: 'string', default: 'auto' }, help: { type: 'boolean', short: 'h', default: false } },
+  })
+  if (values.help) {
+    console.log(HELP)
+    return 0
+  }
+  const s = gpuStatus()
+  console.log(`mla-decode ${version()} (node ${process.version}, ${process.platform}-${process.arch})`)
+  console.log(`gpu: ${s.available ? 'available' : 'unavailable'}; ${s.deviceCount} CUDA device(s); kernels ${s.kernelsBuilt ? 'built (sm_90a)' : 'not built'}${s.reason ? `; ${s.reason}` : ''}`)
+  using dev = openDevice(values.device)
+  const i = dev.info
+  console.log(`device (${values.device}): ${i.name}`)
+  console.log(`  kind ${i.kind}, ordinal ${i.ordinal}${i.kind === 'cuda' ? `, compute capability ${i.computeCapability.join('.')}, ${i.multiprocessors} SMs, ${(i.totalMemory / 2 ** 30).toFixed(1)} GiB` : `, ${i.multiprocessors} threads`}`)
+  console.log(`  bench suite: ${bench.defaultSuite(dev)} (${bench.configs(bench.defaultSuite(dev)).length} configurations)`)
+  return 0
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv
+  switch (cmd) {
+    case undefined:
+    case '-h':
+    case '--help':
+    case 'help':
+      console.log(HELP)
+      return cmd === undefined ? 2 : 0
+    case '-v':
+    case '--version':
+      console.log(version())
+      return 0
+    case 'bench':
+      return cmdBench(rest)
+    case 'info':
+      return cmdInfo(rest)
+    default:
+      throw new UsageError(`unknown command '${cmd}' (expected bench, info or --help)`)
+  }
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then(
+    (code) => {
+      process.exitCode = code
+    },
+    (e: unknown) => {
+      const usage = e instanceof UsageError || (e instanceof Error && (e as { code?: string }).code?.startsWith('ERR_PARSE_ARGS'))
+      if (e instanceof MlaError) console.error(`mla-decode: ${e.code}: ${e.message}`)
+      else console.error(`mla-decode: ${e instanceof Error ? e.message : String(e)}`)
+      if (usage) console.error("run 'mla-decode --help' for the options")
+      process.exitCode = usage ? 2 : 1
+    },
+  )
+}

@@ -1,0 +1,234 @@
+//! The benchmark (`mla_core::bench`) for the `mla-decode bench` command: the suites'
+//! configurations, one configuration measured per async task (so that JS can show
+//! progress between them), the copy ceiling, and the anchors parser.
+
+use std::collections::HashMap;
+
+use mla_core::bench;
+use mla_core::{DType, ErrorCode};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+
+use crate::device::{parse_dtype, Device};
+use crate::error::{core, core_async, err, reject_with_code, Failure, Result};
+
+/// One benchmark shape (`mla_core::bench::BenchConfig`).
+#[napi(object)]
+pub struct BenchConfig {
+    /// "grid", "short", "imbalanced", "mtp" (FlashMLA's names), or another tag.
+    pub tag: String,
+    pub b: u32,
+    pub s_q: u32,
+    /// Mean length (0 when `lens` is given).
+    pub mean: u32,
+    pub h_q: u32,
+    /// Lengths drawn from Normal(mean, mean/2), clamped to >= s_q.
+    pub varlen: bool,
+    /// Exact lengths (b of them).
+    pub lens: Option<Vec<i32>>,
+    /// "tag/s_q/mean/h_q/varlen" (output only: recomputed from the fields on input).
+    pub label: String,
+    /// Whether this is one of FlashMLA's own shapes, i.e. one the anchor times apply to
+    /// (output only).
+    pub flashmla_shape: bool,
+}
+
+impl BenchConfig {
+    fn from_core(c: &bench::BenchConfig) -> BenchConfig {
+        BenchConfig {
+            tag: c.tag.clone(),
+            b: c.b as u32,
+            s_q: c.s_q as u32,
+            mean: c.mean as u32,
+            h_q: c.h_q as u32,
+            varlen: c.varlen,
+            lens: c.lens.clone(),
+            label: c.label(),
+            flashmla_shape: c.is_flashmla_shape(),
+        }
+    }
+
+    fn to_core(&self) -> bench::BenchConfig {
+        bench::BenchConfig {
+            tag: self.tag.clone(),
+            b: self.b as usize,
+            s_q: self.s_q as usize,
+            mean: self.mean as usize,
+            h_q: self.h_q as usize,
+            varlen: self.varlen,
+            lens: self.lens.clone(),
+        }
+    }
+}
+
+/// The result of one configuration (`mla_core::bench::Measurement`).
+#[napi(object)]
+pub struct BenchMeasurement {
+    /// Median time of one decode step, milliseconds.
+    pub ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    /// Timed runs.
+    pub reps: u32,
+    pub b: u32,
+    /// Sum of the lengths measured.
+    pub total_seqlen: f64,
+    /// The contract's byte and FLOP counts of one step.
+    pub bytes: f64,
+    pub flops: f64,
+    pub gbps: f64,
+    pub tflops: f64,
+}
+
+/// The configurations of a suite: "flashmla" (FlashMLA's grid and beyond shapes; `quick`:
+/// mean 4096 only), "cpu" (a reduced grid, b = 8) or "tiny" (tests).
+#[napi]
+pub fn bench_configs(suite: String, quick: Option<bool>) -> Result<Vec<BenchConfig>> {
+    let v = core(|| bench::suite_configs(&suite, quick.unwrap_or(false)))?;
+    Ok(v.iter().map(BenchConfig::from_core).collect())
+}
+
+/// The default suite of a device: "flashmla" on CUDA, "cpu" on the CPU backend.
+#[napi]
+pub fn bench_default_suite(device: &Device) -> Result<String> {
+    Ok(bench::default_suite(device.get()?).to_string())
+}
+
+/// FlashMLA's times (ms) from an anchors CSV (either format), keyed by config label.
+#[napi]
+pub fn bench_load_anchors(csv_text: String) -> Result<HashMap<String, f64>> {
+    core(|| Ok(bench::load_anchors(&csv_text)))
+}
+
+fn seed_of(seed: Option<f64>) -> Result<u64> {
+    match seed {
+        None => Ok(bench::DEFAULT_SEED),
+        Some(s) if s.is_finite() && s >= 0.0 && s.fract() == 0.0 && s <= 9007199254740991.0 => {
+            Ok(s as u64)
+        }
+        Some(s) => Err(err(
+            ErrorCode::InvalidArgument,
+            format!("seed: expected a non-negative integer, got {s}"),
+        )),
+    }
+}
+
+/// Measures one configuration on the libuv thread pool (`mla_core::bench::run_config`):
+/// `reps` timed runs (default 30 on CUDA, 5 on the CPU) after warm-up, bf16 by default.
+#[napi(ts_return_type = "Promise<BenchMeasurement>")]
+pub fn bench_run(
+    device: &Device,
+    config: BenchConfig,
+    reps: Option<u32>,
+    dtype: Option<String>,
+    seed: Option<f64>,
+) -> Result<AsyncTask<BenchRunTask>> {
+    let dev = device.get()?.clone();
+    let dtype = parse_dtype(dtype.as_deref().unwrap_or("bf16"))?;
+    if !dtype.is_half() {
+        return Err(err(
+            ErrorCode::DtypeMismatch,
+            format!("dtype: expected 'bf16' or 'fp16', got '{}'", dtype.name()),
+        ));
+    }
+    let cfg = config.to_core();
+    core(|| cfg.validate())?;
+    let reps = reps.unwrap_or(if dev.is_cuda() { 30 } else { 5 }) as usize;
+    if reps == 0 {
+        return Err(err(
+            ErrorCode::InvalidArgument,
+            "reps: expected at least 1, got 0",
+        ));
+    }
+    Ok(AsyncTask::new(BenchRunTask {
+        dev,
+        cfg,
+        dtype,
+        reps,
+        seed: seed_of(seed)?,
+        failure: None,
+    }))
+}
+
+pub struct BenchRunTask {
+    dev: mla_core::Device,
+    cfg: bench::BenchConfig,
+    dtype: DType,
+    reps: usize,
+    seed: u64,
+    failure: Option<Failure>,
+}
+
+impl Task for BenchRunTask {
+    type Output = Option<bench::Measurement>;
+    type JsValue = BenchMeasurement;
+
+    fn compute(&mut self) -> napi::Result<Self::Output> {
+        let (dev, cfg, dtype, reps, seed) =
+            (&self.dev, &self.cfg, self.dtype, self.reps, self.seed);
+        match core_async(|| core(|| bench::run_config(dev, cfg, dtype, reps, seed))) {
+            Ok(m) => Ok(Some(m)),
+            Err(f) => {
+                self.failure = Some(f);
+                Ok(None)
+            }
+        }
+    }
+
+    fn resolve(&mut self, env: Env, out: Self::Output) -> napi::Result<BenchMeasurement> {
+        match (out, self.failure.take()) {
+            (Some(m), _) => Ok(BenchMeasurement {
+                ms: m.ms,
+                min_ms: m.min_ms,
+                max_ms: m.max_ms,
+                reps: m.reps as u32,
+                b: m.b as u32,
+                total_seqlen: m.total_seqlen as f64,
+                bytes: m.bytes,
+                flops: m.flops,
+                gbps: m.gbps,
+                tflops: m.tflops,
+            }),
+            (None, Some(f)) => Err(reject_with_code(&env, f)),
+            (None, None) => unreachable!(),
+        }
+    }
+}
+
+/// The copy ceiling of a device in GB/s (bytes read + written) on the libuv thread pool:
+/// 1 GiB device-to-device on CUDA, a 256 MiB host copy on the CPU backend.
+#[napi(ts_return_type = "Promise<number>")]
+pub fn bench_copy_ceiling(device: &Device) -> Result<AsyncTask<CopyCeilingTask>> {
+    Ok(AsyncTask::new(CopyCeilingTask {
+        dev: device.get()?.clone(),
+        failure: None,
+    }))
+}
+
+pub struct CopyCeilingTask {
+    dev: mla_core::Device,
+    failure: Option<Failure>,
+}
+
+impl Task for CopyCeilingTask {
+    type Output = f64;
+    type JsValue = f64;
+
+    fn compute(&mut self) -> napi::Result<f64> {
+        let dev = &self.dev;
+        match core_async(|| core(|| bench::copy_ceiling_gbps(dev))) {
+            Ok(g) => Ok(g),
+            Err(f) => {
+                self.failure = Some(f);
+                Ok(f64::NAN)
+            }
+        }
+    }
+
+    fn resolve(&mut self, env: Env, g: f64) -> napi::Result<f64> {
+        match self.failure.take() {
+            None => Ok(g),
+            Some(f) => Err(reject_with_code(&env, f)),
+        }
+    }
+}
