@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Markdown tables for BENCHMARKS.md from benchmark CSVs (gpu_bench example or the CLI).
+
+  python3 bench/report.py table RESULT.csv          # one row per configuration
+  python3 bench/report.py variants A.csv B.csv ...  # key configurations side by side
+"""
+import csv
+import math
+import sys
+
+KEY = [("grid", 1, 4096, 16, 0), ("grid", 2, 4096, 16, 0), ("grid", 1, 4096, 64, 0),
+       ("grid", 1, 4096, 128, 0), ("grid", 2, 4096, 128, 0), ("short", 1, 1024, 16, 0),
+       ("imbalanced", 4, 0, 16, 0)]
+
+
+def rows(path):
+    with open(path) as f:
+        return [r for r in csv.DictReader(f)]
+
+
+def key(r):
+    return (r["tag"], int(r["s_q"]), int(r["mean_sk"]), int(r["h_q"]), int(r["varlen"]))
+
+
+def geomean(xs):
+    xs = [x for x in xs if x > 0]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
+
+
+def table(path):
+    print("| config (tag/s_q/mean/h_q/varlen) | b | ms | GB/s | TFLOPS | % copy ceiling | floor ms | FlashMLA ms | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows(path):
+        sp = float(r["speedup"]) if r.get("speedup") else float("nan")
+        print(f"| {'/'.join(map(str, key(r)))} | {r['b']} | {float(r['ms']):.4f} | {float(r['gbps']):.0f} | "
+              f"{float(r['tflops']):.1f} | {float(r['pct_copy_ceiling']):.1f}% | {float(r['floor_ms']):.4f} | "
+              f"{r.get('anchor_ms') or '-'} | {sp:.3f}x |")
+    rs = rows(path)
+    for tag in ("grid", "short", "imbalanced", "mtp"):
+        s = [float(r["speedup"]) for r in rs if r["tag"] == tag and r.get("speedup")]
+        if s:
+            print(f"\n{tag}: geometric mean speed-up {geomean(s):.3f}x over {len(s)} configurations, "
+                  f"{sum(x < 1 for x in s)} slower than FlashMLA")
+
+
+def variants(paths):
+    print("| config | " + " | ".join(p.split("/")[-1].replace(".csv", "") for p in paths) + " |")
+    print("|---|" + "---:|" * len(paths))
+    data = [{key(r): r for r in rows(p)} for p in paths]
+    for k in KEY:
+        cells = []
+        for d in data:
+            r = d.get(k)
+            cells.append(f"{float(r['ms']):.4f} ms, {float(r['gbps']):.0f} GB/s, {float(r['tflops']):.0f} TF" if r else "-")
+        print(f"| {'/'.join(map(str, k))} | " + " | ".join(cells) + " |")
+    cells = []
+    for d in data:
+        s = [float(r["speedup"]) for k, r in d.items() if k[0] == "grid" and k[2] == 4096 and r.get("speedup")]
+        cells.append(f"{geomean(s):.3f}x" if s else "-")
+    print("| geomean vs FlashMLA, grid at mean 4096 (16 configs) | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    {"table": lambda: table(sys.argv[2]), "variants": lambda: variants(sys.argv[2:])}[sys.argv[1]]()
