@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-stages=${*:-"info sass rust rust-mma sanitizer ts bench bench-cli"}
+stages=${*:-"info sass rust rust-mma sanitizer ts matmul bench-cli"}
 declare -A result
 export MLA_TEST_DEVICE=cuda
 
@@ -43,7 +43,7 @@ for s in $stages; do
       else
         result[ts]="not carried"
       fi ;;
-    bench)
+    matmul)
       run_stage matmul python3 -c '
 import torch
 a=torch.randn(8192,8192,device="cuda",dtype=torch.bfloat16); b=torch.randn(8192,8192,device="cuda",dtype=torch.bfloat16)
@@ -51,7 +51,8 @@ for _ in range(3): a@b
 torch.cuda.synchronize(); s=torch.cuda.Event(enable_timing=True); e=torch.cuda.Event(enable_timing=True); ts=[]
 for _ in range(10):
     s.record(); a@b; e.record(); e.synchronize(); ts.append(s.elapsed_time(e))
-ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e12))'
+ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e12))' ;;
+    bench)
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" | grep -o '^[0-9]*' || true)
       anchors=.device/anchors/flashmla-h100.csv,.device/anchors/flashmla-h100-beyond.csv
       for v in ${BENCH_VARIANTS:-default}; do

@@ -18,6 +18,13 @@ use crate::gpu::DeviceBuffer;
 use crate::tensor::Tensor;
 use crate::{BLOCK_SIZE, HEAD_DIM_V, SPLIT_FIXED_COST};
 
+/// The split cost the scheduler uses: SPLIT_FIXED_COST, or MLA_SPLIT_FIXED_COST when set
+/// (read once; for tuning experiments).
+pub fn split_fixed_cost() -> usize {
+    static COST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COST.get_or_init(|| std::env::var("MLA_SPLIT_FIXED_COST").ok().and_then(|v| v.parse().ok()).unwrap_or(SPLIT_FIXED_COST))
+}
+
 pub const META_INTS: usize = 8;
 /// Query rows one GPU thread block handles.
 pub const GPU_ROW_TILE: usize = 64;
@@ -56,7 +63,7 @@ pub fn num_parts_for(device: &Device, rows: usize) -> usize {
 /// [0, max_seqlen] must have been rejected before.
 pub fn host_plan(seqlens: &[i32], num_parts: usize) -> (Vec<i32>, Vec<i32>) {
     let b = seqlens.len();
-    let fixed = SPLIT_FIXED_COST as i64;
+    let fixed = split_fixed_cost() as i64;
     let nb: Vec<i64> = seqlens.iter().map(|&l| (l.max(0) as i64 + BLOCK_SIZE as i64 - 1) / BLOCK_SIZE as i64).collect();
     let total: i64 = nb.iter().map(|&n| if n > 0 { n + fixed } else { 0 }).sum();
     // Each part wastes at most `fixed` units at its end, so this covers all the work.

@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::plan::{Plan, GPU_ROW_TILE};
 use crate::tensor::Tensor;
 use crate::validate::DecodeShape;
-use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V, SPLIT_FIXED_COST};
+use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
 fn ptr(t: &Tensor) -> u64 {
     t.device_ptr().expect("a CUDA tensor")
@@ -34,7 +34,7 @@ pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Optio
         b: plan.batch as i32,
         num_parts: plan.num_parts as i32,
         block_size: BLOCK_SIZE as i32,
-        fixed_cost: SPLIT_FIXED_COST as i32,
+        fixed_cost: crate::plan::split_fixed_cost() as i32,
         max_seqlen,
     };
     let dims = LaunchDims { grid: (1, 1, 1), block: (256, 1, 1), smem: 0 };
