@@ -18,7 +18,7 @@ if [[ ${MLA_SKIP_CARGO_TEST:-0} != 1 ]]; then
   t0=$SECONDS
   cargo test -p mla-core -p mla-kernels 2>&1 | tee "$logs/cargo.log"
   # The GPU tests pass vacuously without a GPU: show each one's SKIPPED line.
-  cargo test -q -p mla-core --test gpu_decode -- --nocapture 2>&1 | grep -E "^SKIPPED" || true
+  cargo test -q -p mla-core --test gpu_decode -- --nocapture 2>&1 | grep -oE "SKIPPED .*" || true
   summary+=("cargo test: $(grep -c '^test result: ok' "$logs/cargo.log") suites ok, $(awk '/^test result:/ {p += $4; f += $6; i += $8} END {print p " passed, " f " failed, " i " ignored"}' "$logs/cargo.log") ($((SECONDS - t0)) s)")
 fi
 

@@ -69,9 +69,15 @@ __device__ __forceinline__ void combine(const MlaCombineParams& p) {
     const int r = blockIdx.y * MLA_COMBINE_WARPS + warp;
     if (i >= p.b || r >= rows) return;
 
+    // A plan made for other lengths: report it (the combine visits every sequence).
+    if (r == 0 && lane == 0 && p.seqlens[i] != p.plan_seqlens[i]) atomicOr(p.error_flag, MLA_ERR_PLAN);
     const int first = p.num_splits[i];
-    const int n = p.num_splits[i + 1] - first;
+    int n = p.num_splits[i + 1] - first;
     if (n == 1) return;
+    if (first < 0 || n < 0 || first + n > p.slots) {  // never index past the slots
+        if (lane == 0) atomicOr(p.error_flag, MLA_ERR_PLAN);
+        n = 0;
+    }
 
     float acc[MLA_COLS_PER_LANE];
 #pragma unroll

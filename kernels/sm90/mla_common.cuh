@@ -63,11 +63,17 @@ __device__ __forceinline__ void for_each_segment(const MlaDecodeParams& p, F&& f
             len = 0;
         }
         const int nblk = (len + BS - 1) / BS;
-        const int lo = seq == begin_seq ? begin_blk : 0;
+        const int lo = max(seq == begin_seq ? begin_blk : 0, 0);
         const int hi = min(seq == end_seq ? end_blk : nblk, nblk);
         if (hi <= lo) continue;
-        const int first = p.num_splits[seq];
-        Segment s{seq, len, lo, hi, first + (seq == begin_seq ? meta[4] : 0), p.num_splits[seq + 1] - first == 1};
+        const int first = p.num_splits[seq], next = p.num_splits[seq + 1];
+        const int slot = first + (seq == begin_seq ? meta[4] : 0);
+        if (first < 0 || next > p.b + p.num_parts || next - first < 1 || slot < first || slot >= next) {
+            // Metadata that does not fit: never let it steer a write.
+            if (threadIdx.x == 0) atomicOr(p.error_flag, MLA_ERR_PLAN);
+            continue;
+        }
+        Segment s{seq, len, lo, hi, slot, next - first == 1};
         f(s);
     }
 }

@@ -52,7 +52,7 @@ template <> __device__ void mma16816<__half>(float* c, const uint32_t* a, const 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Shared memory plan (bytes), kept in step with decode_smem_bytes() in gpu/ops.rs.
+// Shared memory plan (bytes), kept in step with DecodeKernel::function() in gpu/ops.rs.
 template <int M> struct Smem {
     static constexpr int Q = 0;
     static constexpr int K0 = Q + M * D * 2;

@@ -1,5 +1,5 @@
 // Split-KV MLA decode on Hopper's warpgroup tensor-core instructions (wgmma), for tiles
-// of 64 query rows (h_q * s_q > 16).
+// of 64 query rows (chosen for h_q * s_q > 32).
 //
 // Two warpgroups (256 threads); per 64-token cache block:
 //   1. S = Q K^T: warpgroup wg computes the 64 x 32 scores of keys wg*32.. with 36

@@ -6,6 +6,7 @@
 // Bits OR-ed into the device error flag (one int per device).
 #define MLA_ERR_BLOCK_INDEX 1   // a block index that would be read is outside [0, num_blocks)
 #define MLA_ERR_SEQLEN      2   // a cache_seqlens value is outside [0, max_blocks_per_seq * 64]
+#define MLA_ERR_PLAN        4   // the plan does not fit the lengths (made for other cache_seqlens)
 
 // Scheduling metadata, one row of MLA_META_INTS ints per SM part:
 //   [0] begin_seq  [1] begin_block  [2] end_seq  [3] end_block (exclusive, in end_seq)
@@ -17,6 +18,7 @@ struct MlaPlanParams {
     const int* seqlens;      // [b]
     int* metadata;           // [num_parts, MLA_META_INTS]
     int* num_splits;         // [b + 1]
+    int* plan_seqlens;       // [b]: the lengths the plan was made for (checked by combine)
     int* error_flag;         // 1 int
     int b;
     int num_parts;
@@ -53,10 +55,14 @@ struct MlaCombineParams {
     const float* oaccum;
     const float* lseaccum;
     const int* num_splits;
+    const int* seqlens;      // [b] the lengths of this step
+    const int* plan_seqlens; // [b] the lengths the plan was made for
+    int* error_flag;
     void* out;
     float* lse;
     int b;
     int s_q;
     int h_q;
     int rows;
+    int slots;               // b + num_parts: partial slots in oaccum / lseaccum
 };

@@ -93,6 +93,7 @@ extern "C" __global__ void __launch_bounds__(MLA_PLAN_THREADS, 1) mla_plan_kerne
     bool bad = false;
     for (int i = tid; i < b; i += MLA_PLAN_THREADS) {
         const int len = p.seqlens[i];
+        p.plan_seqlens[i] = len;
         bad |= (len < 0 || len > p.max_seqlen);
         const int nb = blocks_of(len, p.max_seqlen, p.block_size);
         if (i < MLA_PLAN_SMEM_SEQS) nb_s[i] = nb;

@@ -43,8 +43,10 @@ pub fn decode(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Tensor, p
     let s = check_decode(q, kv, block_table, seqlens, plan)?;
     check_scale(opts.scale())?;
     let dev = q.device();
-    let mut out = Tensor::zeros(dev, &[s.b, s.s_q, s.h_q, HEAD_DIM_V], s.dtype)?;
-    let mut lse = Tensor::zeros(dev, &[s.b, s.h_q, s.s_q], DType::F32)?;
+    // Every element is written (decode or combine), so CUDA outputs need no memset, which
+    // would be queued on the device's stream, not on `opts.stream`.
+    let mut out = Tensor::empty(dev, &[s.b, s.s_q, s.h_q, HEAD_DIM_V], s.dtype)?;
+    let mut lse = Tensor::empty(dev, &[s.b, s.h_q, s.s_q], DType::F32)?;
     run(&s, q, kv, block_table, seqlens, plan, opts, &mut out, &mut lse)?;
     Ok(DecodeOutput { out, lse })
 }

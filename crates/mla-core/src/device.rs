@@ -69,11 +69,25 @@ impl Device {
     }
 
     /// Waits for all queued work; on CUDA also reports errors that kernels flagged on the
-    /// device (a bad device-resident block index or sequence length) as typed errors.
+    /// device (a bad device-resident block index or sequence length, a plan that does not
+    /// fit the lengths) as typed errors, and clears them.
+    ///
+    /// The flag is one per device: when several threads decode on one device, use
+    /// [`Device::run_step`], so that each error reaches the step that caused it.
     pub fn synchronize(&self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
             Device::Cuda(g) => g.synchronize(),
+        }
+    }
+
+    /// Runs `enqueue` (which queues work, e.g. `decode`), waits for the device and reports
+    /// the errors the kernels flagged, as one step that no other `run_step` or
+    /// `synchronize` on this device interleaves with.
+    pub fn run_step<T>(&self, enqueue: impl FnOnce() -> Result<T>) -> Result<T> {
+        match self {
+            Device::Cpu => enqueue(),
+            Device::Cuda(g) => g.run_step(enqueue),
         }
     }
 

@@ -30,6 +30,8 @@ pub enum ErrorCode {
     Disposed,
     /// A valid request this version does not implement.
     Unsupported,
+    /// Host or device memory could not be allocated.
+    OutOfMemory,
 }
 
 impl ErrorCode {
@@ -48,6 +50,7 @@ impl ErrorCode {
             ErrorCode::Cuda => "ERR_CUDA",
             ErrorCode::Disposed => "ERR_DISPOSED",
             ErrorCode::Unsupported => "ERR_UNSUPPORTED",
+            ErrorCode::OutOfMemory => "ERR_OUT_OF_MEMORY",
         }
     }
 }
@@ -78,7 +81,8 @@ impl std::error::Error for MlaError {}
 
 impl From<cudarc::driver::DriverError> for MlaError {
     fn from(e: cudarc::driver::DriverError) -> Self {
-        MlaError::new(ErrorCode::Cuda, format!("CUDA driver: {e:?}"))
+        let code = if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY { ErrorCode::OutOfMemory } else { ErrorCode::Cuda };
+        MlaError::new(code, format!("CUDA driver: {e:?}"))
     }
 }
 

@@ -37,11 +37,13 @@ pub struct Plan {
     pub rows: usize,
     pub num_parts: usize,
     /// [num_parts, 8] int32.
-    pub metadata: Tensor,
+    pub(crate) metadata: Tensor,
     /// [b + 1] int32.
-    pub num_splits: Tensor,
-    /// GPU only: partial outputs [b + num_parts, rows, 512] f32, then lse [b + num_parts,
-    /// rows]. One decode at a time may use it (the binding serialises decodes per plan).
+    pub(crate) num_splits: Tensor,
+    /// GPU only: partial outputs [b + num_parts, rows, 512] f32, lse [b + num_parts, rows]
+    /// f32, then the lengths the plan was made for [b] i32 (the combine kernel compares
+    /// them with the step's). One decode at a time may use it (the binding serialises
+    /// decodes per plan).
     pub(crate) workspace: Option<DeviceBuffer>,
 }
 
@@ -49,6 +51,19 @@ impl Plan {
     pub fn device(&self) -> &Device {
         self.metadata.device()
     }
+    /// The scheduling metadata, [num_parts, 8] int32 (FlashMLA's tile_scheduler_metadata).
+    pub fn metadata(&self) -> &Tensor {
+        &self.metadata
+    }
+    /// Exclusive prefix sum of splits per sequence, [b + 1] int32.
+    pub fn num_splits(&self) -> &Tensor {
+        &self.num_splits
+    }
+}
+
+/// Bytes of a CUDA plan's workspace (see [`Plan`]'s `workspace`).
+pub(crate) fn workspace_bytes(b: usize, num_parts: usize, rows: usize) -> usize {
+    (b + num_parts) * rows * (HEAD_DIM_V + 1) * 4 + b * 4
 }
 
 /// How many parts the device splits the work into.
@@ -149,8 +164,7 @@ pub fn plan(seqlens: &Tensor, rows: usize, h_kv: usize) -> Result<Plan> {
         Device::Cuda(g) => {
             let metadata = Tensor::zeros(&device, &[num_parts, META_INTS], DType::I32)?;
             let num_splits = Tensor::zeros(&device, &[b + 1], DType::I32)?;
-            let slots = b + num_parts;
-            let workspace = g.alloc_zeroed(slots * rows * (HEAD_DIM_V + 1) * 4)?;
+            let workspace = g.alloc_zeroed(workspace_bytes(b, num_parts, rows))?;
             let mut p = Plan { batch: b, rows, num_parts, metadata, num_splits, workspace: Some(workspace) };
             crate::gpu::ops::plan_into(g, seqlens, &mut p, None, i32::MAX)?;
             Ok(p)

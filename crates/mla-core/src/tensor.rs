@@ -13,13 +13,20 @@ pub struct HostBuf {
 }
 
 impl HostBuf {
-    pub fn zeroed(len: usize) -> Self {
-        HostBuf { words: vec![0; len.div_ceil(4)], len }
+    /// `len` zero bytes; an allocation failure is an error, not an abort.
+    pub fn zeroed(len: usize) -> Result<Self> {
+        let n = len.div_ceil(4);
+        let mut words = Vec::new();
+        words
+            .try_reserve_exact(n)
+            .map_err(|_| MlaError::new(ErrorCode::OutOfMemory, format!("cannot allocate {len} bytes of host memory")))?;
+        words.resize(n, 0);
+        Ok(HostBuf { words, len })
     }
-    pub fn from_bytes(bytes: &[u8]) -> Self {
-        let mut b = HostBuf::zeroed(bytes.len());
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let mut b = HostBuf::zeroed(bytes.len())?;
         b.bytes_mut().copy_from_slice(bytes);
-        b
+        Ok(b)
     }
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: u32 storage covers `len` bytes; u8 has no alignment needs.
@@ -65,20 +72,41 @@ fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
+/// Bytes of a tensor of `shape` and `dtype`, or ERR_SHAPE when that overflows (every
+/// index computed later assumes the storage matches the shape).
+fn byte_len(shape: &[usize], dtype: DType) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= isize::MAX as usize)
+        .ok_or_else(|| MlaError::arg(ErrorCode::ShapeMismatch, "shape", "a size that fits in memory", format!("{shape:?} of {dtype}")))
+}
+
 impl Tensor {
     /// A tensor of zero bytes (all-zero bits) on `device`.
     pub fn zeros(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let nbytes = numel(shape) * dtype.size();
+        let nbytes = byte_len(shape, dtype)?;
         let storage = match device {
-            Device::Cpu => Storage::Host(HostBuf::zeroed(nbytes)),
+            Device::Cpu => Storage::Host(HostBuf::zeroed(nbytes)?),
             Device::Cuda(g) => Storage::Device(g.alloc_zeroed(nbytes)?),
+        };
+        Ok(Tensor { shape: shape.to_vec(), dtype, device: device.clone(), storage })
+    }
+
+    /// Like [`Tensor::zeros`], but CUDA memory is left unset (no memset is queued): for
+    /// outputs a kernel overwrites entirely.
+    pub fn empty(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let nbytes = byte_len(shape, dtype)?;
+        let storage = match device {
+            Device::Cpu => Storage::Host(HostBuf::zeroed(nbytes)?),
+            Device::Cuda(g) => Storage::Device(g.alloc_uninit(nbytes)?),
         };
         Ok(Tensor { shape: shape.to_vec(), dtype, device: device.clone(), storage })
     }
 
     /// A tensor from raw little-endian element bytes (length must be numel * dtype size).
     pub fn from_bytes(device: &Device, bytes: &[u8], shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let want = numel(shape) * dtype.size();
+        let want = byte_len(shape, dtype)?;
         if bytes.len() != want {
             return Err(MlaError::arg(
                 ErrorCode::ShapeMismatch,
@@ -88,7 +116,7 @@ impl Tensor {
             ));
         }
         let storage = match device {
-            Device::Cpu => Storage::Host(HostBuf::from_bytes(bytes)),
+            Device::Cpu => Storage::Host(HostBuf::from_bytes(bytes)?),
             Device::Cuda(g) => Storage::Device(g.upload(bytes)?),
         };
         Ok(Tensor { shape: shape.to_vec(), dtype, device: device.clone(), storage })
@@ -136,9 +164,6 @@ impl Tensor {
     pub fn storage(&self) -> &Storage {
         &self.storage
     }
-    pub fn storage_mut(&mut self) -> &mut Storage {
-        &mut self.storage
-    }
     /// Host bytes, when the tensor lives on the CPU backend.
     pub fn host(&self) -> Option<&HostBuf> {
         match &self.storage {
@@ -171,7 +196,7 @@ impl Tensor {
     /// Values as f32 (bf16 / fp16 widened exactly).
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let bytes = self.to_bytes()?;
-        let h = HostBuf::from_bytes(&bytes);
+        let h = HostBuf::from_bytes(&bytes)?;
         match self.dtype {
             DType::F32 => Ok(h.as_f32().to_vec()),
             DType::BF16 | DType::F16 => Ok(half_slice_to_f32(h.as_u16(), self.dtype)),
@@ -183,7 +208,7 @@ impl Tensor {
         if self.dtype != DType::I32 {
             return Err(MlaError::arg(ErrorCode::DtypeMismatch, "tensor", "int32", self.dtype));
         }
-        Ok(HostBuf::from_bytes(&self.to_bytes()?).as_i32().to_vec())
+        Ok(HostBuf::from_bytes(&self.to_bytes()?)?.as_i32().to_vec())
     }
 
     /// Overwrites `bytes.len()` bytes starting at byte `offset`.
@@ -232,7 +257,18 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Plain numbers with no padding bytes: what [`as_bytes`] may view.
+pub trait Pod: Copy + sealed::Sealed {}
+macro_rules! pod {
+    ($($t:ty),*) => { $(impl sealed::Sealed for $t {} impl Pod for $t {})* };
+}
+pod!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64);
+
 /// Reinterprets a slice of plain numbers as bytes.
-pub fn as_bytes<T: Copy>(s: &[T]) -> &[u8] {
+pub fn as_bytes<T: Pod>(s: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
 }

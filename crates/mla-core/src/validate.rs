@@ -100,6 +100,7 @@ pub fn check_decode(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Ten
         return Err(MlaError::arg(ErrorCode::DeviceMismatch, "plan", format!("{:?}", dev), format!("{:?}", plan.device())));
     }
     let shape = DecodeShape { b, s_q, h_q, h_kv, num_blocks, max_blocks_per_seq, dtype: q.dtype() };
+    check_limits(&shape)?;
     if plan.batch != b || plan.rows != shape.rows() {
         return Err(MlaError::arg(
             ErrorCode::InvalidArgument,
@@ -112,6 +113,26 @@ pub fn check_decode(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Ten
         check_host_indices(&shape, lens.as_i32(), bt.as_i32())?;
     }
     Ok(shape)
+}
+
+/// Sizes the kernels index with 32-bit ints and launch grids over (b parts of a grid's x,
+/// h_q * s_q / 8 rows of its y): checked for both backends, so that a shape is valid or
+/// not whatever runs it.
+fn check_limits(s: &DecodeShape) -> Result<()> {
+    const MAX_ROWS: usize = 8 * 65535;
+    let i32_max = i32::MAX as usize;
+    if s.rows() > MAX_ROWS {
+        return Err(MlaError::arg(ErrorCode::ShapeMismatch, "q", format!("h_q * s_q / h_kv <= {MAX_ROWS}"), s.rows()));
+    }
+    if s.b > i32_max || s.num_blocks.saturating_mul(BLOCK_SIZE) > i32_max || s.max_blocks_per_seq.saturating_mul(BLOCK_SIZE) > i32_max {
+        return Err(MlaError::arg(
+            ErrorCode::ShapeMismatch,
+            "sizes",
+            "b, num_blocks * 64 and max_blocks_per_seq * 64 below 2^31",
+            format!("b = {}, num_blocks = {}, max_blocks_per_seq = {}", s.b, s.num_blocks, s.max_blocks_per_seq),
+        ));
+    }
+    Ok(())
 }
 
 /// Lengths within [0, max_blocks_per_seq * 64] and every block index that will be read

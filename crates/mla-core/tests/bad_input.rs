@@ -288,3 +288,12 @@ fn decode_into_lse_wrong_shape_or_dtype() {
     rejected_outputs(&mut out, &mut poisoned(&[B, H_Q * S_Q], DType::F32), ErrorCode::ShapeMismatch, "lse");
     rejected_outputs(&mut out, &mut poisoned(&[B, H_Q, S_Q], DType::BF16), ErrorCode::DtypeMismatch, "lse");
 }
+
+#[test]
+fn a_shape_whose_size_overflows_is_rejected() {
+    for shape in [vec![1usize << 31, 1 << 31, 4], vec![usize::MAX, 2]] {
+        let e = Tensor::zeros(&Device::Cpu, &shape, DType::BF16).unwrap_err();
+        assert_eq!(e.code, ErrorCode::ShapeMismatch, "{e}");
+        assert!(e.message.contains("shape"), "{e}");
+    }
+}

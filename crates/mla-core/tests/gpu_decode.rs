@@ -157,8 +157,8 @@ fn plan_kernel_equals_host_plan() {
         let p = plan(&sl, rows, 1).unwrap();
         dev.synchronize().unwrap();
         let (meta, splits) = host_plan(&lens, p.num_parts);
-        assert_eq!(p.metadata.to_i32().unwrap(), meta, "metadata, b={b} rows={rows}");
-        assert_eq!(p.num_splits.to_i32().unwrap(), splits, "num_splits, b={b} rows={rows}");
+        assert_eq!(p.metadata().to_i32().unwrap(), meta, "metadata, b={b} rows={rows}");
+        assert_eq!(p.num_splits().to_i32().unwrap(), splits, "num_splits, b={b} rows={rows}");
     }
 }
 
@@ -187,10 +187,13 @@ fn cuda_graph_capture_and_replay() {
     dev.synchronize().unwrap();
     let graph = {
         let (sl, pp, o, l) = (&seqlens, &mut p, &mut out, &mut lse);
-        capture(&stream, || {
-            replan_on(sl, pp, Some(stream.clone()))?;
-            decode_into(&t.q, &t.kv, &t.block_table, sl, pp, &opts, o, l)
-        })
+        // SAFETY: every tensor and the plan the graph touches live until the end of the test.
+        unsafe {
+            capture(&stream, || {
+                replan_on(sl, pp, Some(stream.clone()))?;
+                decode_into(&t.q, &t.kv, &t.block_table, sl, pp, &opts, o, l)
+            })
+        }
         .unwrap()
     };
     for lens in [lens0.clone(), vec![3000, 1, 64, 0, 2999], vec![0, 0, 0, 0, 1], vec![1500, 1500, 1500, 1500, 1500]] {
@@ -233,6 +236,68 @@ fn bad_device_block_index_is_a_typed_error() {
     let p = plan(&t.seqlens, 16, 1).unwrap();
     decode(&t.q, &t.kv, &bt, &t.seqlens, &p, &DecodeOptions::default()).unwrap();
     dev.synchronize().unwrap();
+}
+
+/// A plan made for other lengths (the lengths changed, no replan) is reported, not used.
+#[test]
+fn stale_plan_is_a_typed_error() {
+    let Some(dev) = gpu("stale_plan_is_a_typed_error") else { return };
+    let mut rng = Rng::fresh();
+    let inp = Inputs::random(Case::new(DType::BF16, 16, 1, vec![3000, 200]), false, &mut rng);
+    let t = inp.tensors(&dev);
+    let mut sl = t.seqlens;
+    let p = plan(&sl, 16, 1).unwrap();
+    dev.synchronize().unwrap();
+    sl.write_bytes(0, mla_core::tensor::as_bytes(&[0i32, 150])).unwrap();
+    decode(&t.q, &t.kv, &t.block_table, &sl, &p, &DecodeOptions::default()).unwrap();
+    let e = dev.synchronize().unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+    assert!(e.message.contains("plan"), "{e}");
+    // After a replan the same step is fine.
+    let p = plan(&sl, 16, 1).unwrap();
+    decode(&t.q, &t.kv, &t.block_table, &sl, &p, &DecodeOptions::default()).unwrap();
+    dev.synchronize().unwrap();
+}
+
+/// Every handle to one GPU is the same device (one stream, one error flag).
+#[test]
+fn one_device_per_ordinal() {
+    let Some(a) = gpu("one_device_per_ordinal") else { return };
+    let b = Device::cuda(0).unwrap();
+    match (&a, &b) {
+        (Device::Cuda(x), Device::Cuda(y)) => assert!(Arc::ptr_eq(x, y)),
+        _ => unreachable!(),
+    }
+}
+
+/// Steps run from several threads at once: each error reaches the step that caused it.
+#[test]
+fn concurrent_steps_get_their_own_errors() {
+    let Some(dev) = gpu("concurrent_steps_get_their_own_errors") else { return };
+    let mut rng = Rng::fresh();
+    let inp = Inputs::random(Case::new(DType::BF16, 16, 1, vec![700, 300]), false, &mut rng);
+    let t = inp.tensors(&dev);
+    let max_nb = t.block_table.shape()[1];
+    let mut table = inp.block_table.clone();
+    table[1] = inp.num_blocks() as i32; // block 1 of sequence 0 is read
+    let bad_bt = Tensor::from_i32(&dev, &table, &[2, max_nb]).unwrap();
+    std::thread::scope(|s| {
+        for bad in [false, true, false, true] {
+            let (dev, t, bad_bt) = (&dev, &t, &bad_bt);
+            s.spawn(move || {
+                for _ in 0..20 {
+                    let bt = if bad { bad_bt } else { &t.block_table };
+                    let p = plan(&t.seqlens, 16, 1).unwrap();
+                    let r = dev.run_step(|| decode(&t.q, &t.kv, bt, &t.seqlens, &p, &DecodeOptions::default()));
+                    match (bad, r) {
+                        (false, Ok(_)) => {}
+                        (true, Err(e)) => assert_eq!(e.code, ErrorCode::BlockIndexOutOfRange, "{e}"),
+                        (bad, r) => panic!("bad={bad}: {:?}", r.map(|_| ())),
+                    }
+                }
+            });
+        }
+    });
 }
 
 #[test]

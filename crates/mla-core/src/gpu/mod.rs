@@ -69,12 +69,28 @@ pub struct GpuDevice {
     info: DeviceInfo,
     kernels: kernels::Kernels,
     error_flag: DeviceBuffer,
-    /// Serialises read-and-clear of the error flag.
-    flag_lock: Mutex<()>,
+    /// Held from a step's launch until its error flag is read (see `run_step`).
+    step_lock: Mutex<()>,
 }
 
+/// One `GpuDevice` per ordinal in the process, so that every handle to a GPU shares its
+/// stream (ordering) and its error flag.
+static OPEN: Mutex<Vec<(usize, std::sync::Weak<GpuDevice>)>> = Mutex::new(Vec::new());
+
 impl GpuDevice {
+    /// The device `ordinal`, opened on first use and shared while any handle lives.
     pub fn open(ordinal: usize) -> Result<Arc<GpuDevice>> {
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(g) = open.iter().find(|(o, _)| *o == ordinal).and_then(|(_, w)| w.upgrade()) {
+            return Ok(g);
+        }
+        let g = GpuDevice::create(ordinal)?;
+        open.push((ordinal, Arc::downgrade(&g)));
+        Ok(g)
+    }
+
+    fn create(ordinal: usize) -> Result<Arc<GpuDevice>> {
         let count = device_count()?;
         if ordinal >= count {
             return Err(MlaError::arg(ErrorCode::GpuUnavailable, "device", format!("an ordinal below {count}"), ordinal));
@@ -110,7 +126,7 @@ impl GpuDevice {
         let kernels = kernels::Kernels::load(&ctx)?;
         let error_flag = DeviceBuffer::alloc(&ctx, &stream, 4)?;
         error_flag.fill(0)?;
-        Ok(Arc::new(GpuDevice { ordinal, ctx, stream, info, kernels, error_flag, flag_lock: Mutex::new(()) }))
+        Ok(Arc::new(GpuDevice { ordinal, ctx, stream, info, kernels, error_flag, step_lock: Mutex::new(()) }))
     }
 
     pub fn ordinal(&self) -> usize {
@@ -148,6 +164,11 @@ impl GpuDevice {
         Ok(b)
     }
 
+    /// An allocation whose contents are left as they are (no memset queued).
+    pub fn alloc_uninit(&self, nbytes: usize) -> Result<DeviceBuffer> {
+        DeviceBuffer::alloc(&self.ctx, &self.stream, nbytes)
+    }
+
     pub fn upload(&self, bytes: &[u8]) -> Result<DeviceBuffer> {
         let mut b = DeviceBuffer::alloc(&self.ctx, &self.stream, bytes.len())?;
         b.write(0, bytes)?;
@@ -157,19 +178,30 @@ impl GpuDevice {
     /// Waits for every stream of this context, then turns a flagged device error into a
     /// typed error (and clears the flag).
     pub fn synchronize(&self) -> Result<()> {
-        self.ctx.synchronize()?;
-        self.take_device_error()
+        let _step = self.step_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.sync_and_take_error()
     }
 
-    /// Reads and clears the device error flag (the device must be idle or synchronised).
-    pub fn take_device_error(&self) -> Result<()> {
-        let _g = self.flag_lock.lock().unwrap();
+    /// See [`crate::Device::run_step`].
+    pub fn run_step<T>(&self, enqueue: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _step = self.step_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let r = enqueue();
+        // Even when enqueueing failed half-way, wait and clear what was flagged, so that
+        // no error leaks into the next step.
+        let s = self.sync_and_take_error();
+        let v = r?;
+        s.map(|_| v)
+    }
+
+    fn sync_and_take_error(&self) -> Result<()> {
+        self.ctx.synchronize()?;
         let bytes = self.error_flag.download()?;
         let flag = i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         if flag == 0 {
             return Ok(());
         }
         self.error_flag.fill(0)?;
+        self.stream.synchronize()?; // cleared before any later step can flag again
         if flag & params::MLA_ERR_BLOCK_INDEX != 0 {
             return Err(MlaError::new(
                 ErrorCode::BlockIndexOutOfRange,
@@ -177,10 +209,17 @@ impl GpuDevice {
                  the kernel skipped it and the outputs of this step are not valid",
             ));
         }
+        if flag & params::MLA_ERR_SEQLEN != 0 {
+            return Err(MlaError::new(
+                ErrorCode::SeqlenOutOfRange,
+                "cache_seqlens: a device-resident length is outside [0, max_blocks_per_seq * 64]; \
+                 the outputs of this step are not valid",
+            ));
+        }
         Err(MlaError::new(
-            ErrorCode::SeqlenOutOfRange,
-            "cache_seqlens: a device-resident length is outside [0, max_blocks_per_seq * 64]; \
-             the outputs of this step are not valid",
+            ErrorCode::InvalidArgument,
+            "plan: the scheduling metadata does not fit these cache_seqlens (a plan made for other \
+             lengths: call replan after the lengths change); the outputs of this step are not valid",
         ))
     }
 }

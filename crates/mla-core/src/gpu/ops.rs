@@ -19,6 +19,11 @@ fn ptr(t: &Tensor) -> u64 {
     t.device_ptr().expect("a CUDA tensor")
 }
 
+/// Where a plan's copy of its lengths sits in its workspace.
+fn plan_seqlens_ptr(ws: u64, plan: &Plan) -> u64 {
+    ws + ((plan.batch + plan.num_parts) * plan.rows * (HEAD_DIM_V + 1) * 4) as u64
+}
+
 fn pick_stream<'a>(g: &'a GpuDevice, s: &'a Option<Arc<CudaStream>>) -> &'a Arc<CudaStream> {
     s.as_ref().unwrap_or(g.stream())
 }
@@ -26,10 +31,12 @@ fn pick_stream<'a>(g: &'a GpuDevice, s: &'a Option<Arc<CudaStream>>) -> &'a Arc<
 /// Enqueues the plan kernel: metadata and num_splits from device-resident lengths.
 pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Option<Arc<CudaStream>>, max_seqlen: i32) -> Result<()> {
     let f = g.kernels().function("sm90/mla_plan", "mla_plan_kernel", 0)?;
+    let ws = plan.workspace.as_ref().expect("a CUDA plan has a workspace");
     let p = MlaPlanParams {
         seqlens: ptr(seqlens),
         metadata: ptr(&plan.metadata),
         num_splits: ptr(&plan.num_splits),
+        plan_seqlens: plan_seqlens_ptr(ws.ptr(), plan),
         error_flag: g.error_flag_ptr(),
         b: plan.batch as i32,
         num_parts: plan.num_parts as i32,
@@ -121,6 +128,9 @@ pub fn decode_into(
     lse: &mut Tensor,
 ) -> Result<()> {
     let rows = s.rows();
+    if s.b == 0 {
+        return Ok(()); // nothing to compute, and a grid of zero blocks is a launch error
+    }
     let ws = plan.workspace.as_ref().expect("a CUDA plan has a workspace");
     let slots = (plan.batch + plan.num_parts) as u64;
     let stream = pick_stream(g, &opts.stream);
@@ -134,6 +144,7 @@ pub fn decode_into(
     let (module, name, smem) = kernel.function(ty);
     let smem = smem as u32;
     let f = g.kernels().function(module, &name, smem)?;
+    let fc = g.kernels().function("sm90/mla_combine", &format!("mla_combine_{ty}"), 0)?;
     let oaccum = ws.ptr();
     let lseaccum = oaccum + slots * rows as u64 * HEAD_DIM_V as u64 * 4;
     let p = MlaDecodeParams {
@@ -162,17 +173,20 @@ pub fn decode_into(
     let dims = LaunchDims { grid: (plan.num_parts as u32, rows.div_ceil(tile) as u32, 1), block: (256, 1, 1), smem };
     unsafe { launch(&f, stream, &dims, &p)? };
 
-    let fc = g.kernels().function("sm90/mla_combine", &format!("mla_combine_{ty}"), 0)?;
     let c = MlaCombineParams {
         oaccum,
         lseaccum,
         num_splits: ptr(&plan.num_splits),
+        seqlens: ptr(seqlens),
+        plan_seqlens: plan_seqlens_ptr(ws.ptr(), plan),
+        error_flag: g.error_flag_ptr(),
         out: ptr(out),
         lse: ptr(lse),
         b: s.b as i32,
         s_q: s.s_q as i32,
         h_q: s.h_q as i32,
         rows: rows as i32,
+        slots: slots as i32,
     };
     let dims = LaunchDims { grid: (s.b as u32, rows.div_ceil(8) as u32, 1), block: (256, 1, 1), smem: 0 };
     unsafe { launch(&fc, stream, &dims, &c) }

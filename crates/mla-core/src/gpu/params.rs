@@ -4,6 +4,7 @@ use cudarc::driver::DeviceRepr;
 
 pub const MLA_ERR_BLOCK_INDEX: i32 = 1;
 pub const MLA_ERR_SEQLEN: i32 = 2;
+pub const MLA_ERR_PLAN: i32 = 4;
 pub const MLA_META_INTS: usize = 8;
 
 #[repr(C)]
@@ -12,6 +13,7 @@ pub struct MlaPlanParams {
     pub seqlens: u64,
     pub metadata: u64,
     pub num_splits: u64,
+    pub plan_seqlens: u64,
     pub error_flag: u64,
     pub b: i32,
     pub num_parts: i32,
@@ -52,12 +54,16 @@ pub struct MlaCombineParams {
     pub oaccum: u64,
     pub lseaccum: u64,
     pub num_splits: u64,
+    pub seqlens: u64,
+    pub plan_seqlens: u64,
+    pub error_flag: u64,
     pub out: u64,
     pub lse: u64,
     pub b: i32,
     pub s_q: i32,
     pub h_q: i32,
     pub rows: i32,
+    pub slots: i32,
 }
 
 unsafe impl DeviceRepr for MlaPlanParams {}
