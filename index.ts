@@ -53,7 +53,7 @@ export const DEFAULT_SOFTMAX_SCALE = 1 / 24
  * | --- | --- |
  * | `ERR_SHAPE` | a tensor has the wrong rank or extent |
  * | `ERR_DTYPE` | a tensor has the wrong element type (or an unknown dtype name) |
- * | `ERR_INVALID_ARGUMENT` | a wrong value: d != 576, block size != 64, h_kv != 1, headDimV != 512, softmaxScale <= 0, a bad device spec... |
+ * | `ERR_INVALID_ARGUMENT` | a wrong value: d != 576, block size != 64, h_kv != 1, headDimV != 512, softmaxScale <= 0, a bad device spec, a count or id that is not an integer in range (1.5, NaN, -1, 2^40), a plan made for another batch or head count; on CUDA also a plan made for other cache lengths (found on the device, reported when the decode settles) |
  * | `ERR_SEQLEN_RANGE` | a cache length outside [0, maxBlocksPerSeq * 64] |
  * | `ERR_BLOCK_INDEX` | a block index that would be read is outside [0, numBlocks) (checked on the device for device-resident tables) |
  * | `ERR_CACHE_EXHAUSTED` | the paged cache has no free block left |
@@ -64,6 +64,7 @@ export const DEFAULT_SOFTMAX_SCALE = 1 / 24
  * | `ERR_DISPOSED` | the object was disposed |
  * | `ERR_DEVICE_MISMATCH` | tensors live on different devices |
  * | `ERR_UNSUPPORTED` | a valid request this version does not implement |
+ * | `ERR_OUT_OF_MEMORY` | host or device memory could not be allocated (a host allocation failed, or CUDA ran out of memory); the request may succeed with smaller sizes or once memory is freed |
  * | `ERR_INTERNAL` | a bug: a panic caught in native code |
  */
 export type ErrorCode =
@@ -80,6 +81,7 @@ export type ErrorCode =
   | 'ERR_DISPOSED'
   | 'ERR_DEVICE_MISMATCH'
   | 'ERR_UNSUPPORTED'
+  | 'ERR_OUT_OF_MEMORY'
   | 'ERR_INTERNAL'
 
 /** Every {@link ErrorCode}, for iteration and checks. */
@@ -97,6 +99,7 @@ export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
   'ERR_DISPOSED',
   'ERR_DEVICE_MISMATCH',
   'ERR_UNSUPPORTED',
+  'ERR_OUT_OF_MEMORY',
   'ERR_INTERNAL',
 ] as const)
 
@@ -157,6 +160,46 @@ async function callAsync<T>(f: () => Promise<T>): Promise<T> {
 
 function fail(code: ErrorCode, message: string): never {
   throw new MlaError(code, message)
+}
+
+// ---------------------------------------------------------------------------------------
+// Integer arguments
+//
+// The binding takes counts and ids as u32 / i64, and napi-rs converts a JS number to those
+// without complaint: 1.5 becomes 1, NaN becomes 0, -1 as a u32 becomes 4294967295. Every
+// integer argument is therefore checked here, before the native call.
+
+/** Largest value of a count the kernels index with 32-bit ints (i32::MAX). */
+const MAX_I32 = 2 ** 31 - 1
+/** Largest tensor extent the binding accepts (u32::MAX). */
+const MAX_EXTENT = 2 ** 32 - 1
+/** Largest block-table width: max_blocks_per_seq * 64 must stay below 2^31 (i32::MAX / 64). */
+const MAX_BLOCKS_PER_SEQ = Math.floor(MAX_I32 / BLOCK_SIZE)
+
+/** How a rejected value is shown in a message. */
+function show(v: unknown): string {
+  if (typeof v === 'number' || typeof v === 'bigint' || typeof v === 'boolean' || v === undefined) return String(v)
+  if (typeof v === 'string') return JSON.stringify(v)
+  return describe(v)
+}
+
+/** `v` when it is an integer within [min, max]; else throws `code` naming `name`. */
+function int(name: string, v: unknown, min: number, max: number, code: ErrorCode = 'ERR_INVALID_ARGUMENT'): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
+    fail(code, `${name}: expected an integer within [${min}, ${max}], got ${show(v)}`)
+  }
+  return v
+}
+
+/**
+ * A sequence id: any safe integer. Negative ones pass through, and the cache reports them
+ * as `ERR_UNKNOWN_SEQUENCE` (no cache ever returns one), like any other id it does not know.
+ */
+function seqId(name: string, v: unknown): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v)) {
+    fail('ERR_INVALID_ARGUMENT', `${name}: expected a sequence id (an integer returned by this cache), got ${show(v)}`)
+  }
+  return v
 }
 
 // ---------------------------------------------------------------------------------------
@@ -250,9 +293,8 @@ export interface DeviceInfo {
 }
 
 function checkShape(shape: unknown): number[] {
-  if (!Array.isArray(shape) || !shape.every((d) => Number.isInteger(d) && d >= 0)) {
-    fail('ERR_SHAPE', `shape: expected an array of non-negative integers, got ${JSON.stringify(shape)}`)
-  }
+  if (!Array.isArray(shape)) fail('ERR_SHAPE', `shape: expected an array of integers within [0, ${MAX_EXTENT}], got ${show(shape)}`)
+  shape.forEach((d, i) => int(`shape[${i}]`, d, 0, MAX_EXTENT, 'ERR_SHAPE'))
   return shape as number[]
 }
 
@@ -382,6 +424,23 @@ export class Device {
    * and reuse it for every layer. `cacheSeqlens` is a `[b]` int32 tensor on this device.
    * On CUDA it is computed on the device from the device-resident lengths.
    *
+   * A plan belongs to the lengths it was made from: call `device.plan` again whenever the
+   * lengths change (in decoding, every step: each appended token changes them), even when
+   * the same `cacheSeqlens` tensor is passed. Reusing a plan for other lengths is
+   * `ERR_INVALID_ARGUMENT` on CUDA, found by the kernels and reported when the decode
+   * settles (its outputs are not returned); the CPU backend recomputes the schedule from
+   * the lengths it is given, so there a stale plan goes unnoticed. A plan for another batch
+   * size or `sQ * hQ / hKv` is `ERR_INVALID_ARGUMENT` on both, before anything runs.
+   *
+   * @example
+   * ```ts
+   * // after appending each sequence's new token (the lengths changed):
+   * const { blockTable, cacheSeqlens } = cache.batch(seqs)
+   * const plan = dev.plan(cacheSeqlens, { hQ: 128 })           // a new plan for the new lengths
+   * for (const q of perLayerQ) await decode({ q, kvCache: cache, blockTable, cacheSeqlens, plan })
+   * plan.dispose()
+   * ```
+   *
    * @param opts.sQ query tokens per sequence (default 1)
    * @param opts.hQ query heads
    * @param opts.hKv KV heads (must be 1, the default)
@@ -389,9 +448,8 @@ export class Device {
   plan(cacheSeqlens: Tensor, opts: { sQ?: number; hQ: number; hKv?: number }): Plan {
     const t = want(cacheSeqlens, Tensor, 'cacheSeqlens')
     const { sQ = 1, hQ, hKv = 1 } = opts ?? ({} as { hQ: number })
-    for (const [k, v] of [['sQ', sQ], ['hQ', hQ], ['hKv', hKv]] as const) {
-      if (!Number.isInteger(v) || v < 1) fail('ERR_INVALID_ARGUMENT', `${k}: expected an integer >= 1, got ${String(v)}`)
-    }
+    for (const [k, v] of [['sQ', sQ], ['hQ', hQ], ['hKv', hKv]] as const) int(k, v, 1, MAX_I32)
+    if (sQ * hQ > MAX_I32) fail('ERR_INVALID_ARGUMENT', `sQ * hQ: expected at most ${MAX_I32}, got ${sQ} * ${hQ} = ${sQ * hQ}`)
     return Plan._wrap(call(() => this._n.plan(t._n, sQ, hQ, hKv)))
   }
 
@@ -525,13 +583,17 @@ export class Tensor {
 
 /**
  * Split-KV scheduling metadata for one decode step (see {@link Device.plan} and
- * {@link getMlaMetadata}). Reuse it for every layer of the step.
+ * {@link getMlaMetadata}). Reuse it for every layer of the step, and make a new one when
+ * the cache lengths change (a plan made for other lengths is `ERR_INVALID_ARGUMENT` on
+ * CUDA; see {@link Device.plan}).
+ *
+ * {@link tileSchedulerMetadata} and {@link numSplits} are views of the plan's memory with
+ * lifetimes of their own: each keeps the plan's memory alive (natively) until it is
+ * disposed or garbage collected, and disposing the plan does not dispose them.
  */
 export class Plan {
   /** @internal */
   readonly _n: Native.Plan
-  #meta: Tensor | undefined
-  #splits: Tensor | undefined
 
   private constructor(n: Native.Plan) {
     this._n = n
@@ -557,22 +619,32 @@ export class Plan {
   /**
    * `[numParts, 8]` int32: per part, begin_seq, begin_block, end_seq, end_block, the
    * split index of its first segment, then zeros.
+   *
+   * Each access returns a new handle viewing the plan's tensor (no copy). The handle keeps
+   * the plan's memory alive: it stays usable after {@link dispose}, until it is disposed
+   * itself (or garbage collected).
    */
   get tileSchedulerMetadata(): Tensor {
-    return (this.#meta ??= Tensor._wrap(call(() => this._n.tileSchedulerMetadata)))
+    return Tensor._wrap(call(() => this._n.tileSchedulerMetadata))
   }
-  /** `[b + 1]` int32: exclusive prefix sum of splits per sequence. */
+  /**
+   * `[b + 1]` int32: exclusive prefix sum of splits per sequence. Like
+   * {@link tileSchedulerMetadata}, a new handle per access that outlives {@link dispose}.
+   */
   get numSplits(): Tensor {
-    return (this.#splits ??= Tensor._wrap(call(() => this._n.numSplits)))
+    return Tensor._wrap(call(() => this._n.numSplits))
   }
   /** Whether {@link dispose} was called. */
   get disposed(): boolean {
     return this._n.disposed
   }
-  /** Releases this handle (and its metadata tensor handles). */
+  /**
+   * Releases this handle. It does not dispose the {@link tileSchedulerMetadata} /
+   * {@link numSplits} tensors handed out earlier (those of {@link getMlaMetadata}
+   * included): they keep the plan's memory (and on CUDA its workspace) alive until they are
+   * disposed as well, and a decode given them keeps working.
+   */
   dispose(): void {
-    this.#meta?.dispose()
-    this.#splits?.dispose()
     this._n.dispose()
   }
   /** Same as {@link dispose} (for `using`). */
@@ -616,7 +688,7 @@ export class KvCache {
   constructor(device: Device, opts: KvCacheOptions) {
     const d = want(device, Device, 'device')
     const { numBlocks, dtype = 'bf16' } = opts ?? ({} as KvCacheOptions)
-    if (!Number.isInteger(numBlocks) || numBlocks < 0) fail('ERR_INVALID_ARGUMENT', `numBlocks: expected an integer >= 0, got ${String(numBlocks)}`)
+    int('numBlocks', numBlocks, 0, MAX_I32)
     this._n = call(() => new native.KvCache(d._n, numBlocks, dtype))
   }
 
@@ -631,6 +703,7 @@ export class KvCache {
    * multiple of 576. All or nothing: on `ERR_CACHE_EXHAUSTED` the sequence is unchanged.
    */
   append(seq: number, rows: Float32Array | Uint16Array): void {
+    seqId('seq', seq)
     if (rows instanceof Float32Array) return call(() => this._n.appendF32(seq, rows))
     if (rows instanceof Uint16Array) return call(() => this._n.appendBits(seq, rows))
     fail('ERR_INVALID_ARGUMENT', `rows: expected a Float32Array or Uint16Array, got ${describe(rows)}`)
@@ -638,21 +711,25 @@ export class KvCache {
 
   /** A new sequence sharing `seq`'s tokens (copy-on-write); returns its id. */
   fork(seq: number): number {
+    seqId('seq', seq)
     return call(() => this._n.fork(seq))
   }
 
   /** Frees `seq`; its blocks return to the pool once no other sequence shares them. */
   free(seq: number): void {
+    seqId('seq', seq)
     call(() => this._n.free(seq))
   }
 
   /** Tokens in `seq`. */
   seqLen(seq: number): number {
+    seqId('seq', seq)
     return call(() => this._n.seqLen(seq))
   }
 
   /** The pool blocks holding `seq`'s tokens, in order. */
   blockIds(seq: number): number[] {
+    seqId('seq', seq)
     return call(() => this._n.blockIds(seq))
   }
 
@@ -685,6 +762,8 @@ export class KvCache {
    */
   batch(seqs: number[], maxBlocksPerSeq?: number): { blockTable: Tensor; cacheSeqlens: Tensor } {
     if (!Array.isArray(seqs)) fail('ERR_INVALID_ARGUMENT', `seqs: expected an array of sequence ids, got ${describe(seqs)}`)
+    seqs.forEach((s, i) => seqId(`seqs[${i}]`, s))
+    if (maxBlocksPerSeq !== undefined) int('maxBlocksPerSeq', maxBlocksPerSeq, 1, MAX_BLOCKS_PER_SEQ)
     const r = call(() => this._n.batch(seqs, maxBlocksPerSeq))
     return { blockTable: Tensor._wrap(r.blockTable), cacheSeqlens: Tensor._wrap(r.cacheSeqlens) }
   }
@@ -754,9 +833,23 @@ function nativeArgs(a: DecodeArgs) {
 /**
  * One MLA decode step: attention of `q` over each sequence's cached latent rows. Runs on
  * the libuv thread pool (the JS thread stays free) and resolves once the results are
- * complete: on CUDA it synchronises the device, so device-side index errors reject with a
- * typed error (`ERR_BLOCK_INDEX`, `ERR_SEQLEN_RANGE`). Every argument is checked first;
- * a violation rejects with the code of the rule and launches nothing.
+ * complete.
+ *
+ * Errors: the JS types, the integer arguments, and every shape, dtype and device rule
+ * (including a plan made for another batch size or `sQ * hQ / hKv`) are checked before
+ * anything runs; a violation rejects with the code of the rule and launches nothing. The
+ * values inside `blockTable` and `cacheSeqlens` are checked where they live:
+ *
+ * - on the CPU backend, before anything runs (`ERR_BLOCK_INDEX`, `ERR_SEQLEN_RANGE`);
+ * - on CUDA (device-resident tables), by the kernels, after the launch: a block index that
+ *   would be read outside `[0, numBlocks)` (`ERR_BLOCK_INDEX`), a length outside
+ *   `[0, maxBlocksPerSeq * 64]` (`ERR_SEQLEN_RANGE`), or a `plan` made for other lengths
+ *   (`ERR_INVALID_ARGUMENT`, see {@link Device.plan}) reject when the promise settles. The
+ *   kernels skip what they cannot read, and that step's outputs are discarded, not
+ *   returned; the error reaches this decode only (each decode waits for the device as one
+ *   step that no other decode on the device interleaves with).
+ *
+ * Memory that cannot be allocated (host or device) rejects with `ERR_OUT_OF_MEMORY`.
  *
  * @example
  * ```ts
@@ -771,7 +864,11 @@ export function decode(args: DecodeArgs): Promise<DecodeResult> {
   })
 }
 
-/** {@link decode} on the calling thread (for scripts; blocks the event loop). */
+/**
+ * {@link decode} on the calling thread (for scripts; blocks the event loop). It throws what
+ * {@link decode} rejects with; on CUDA it waits for the device, so the device-side checks
+ * are reported by this call too.
+ */
 export function decodeSync(args: DecodeArgs): DecodeResult {
   const r = call(() => native.decodeSync(...nativeArgs(args)))
   return { out: Tensor._wrap(r.out), lse: Tensor._wrap(r.lse) }
@@ -786,7 +883,10 @@ export function decodeSync(args: DecodeArgs): DecodeResult {
  * @param cacheSeqlens `[b]` int32 tensor.
  * @param numHeadsPerHeadK `s_q * h_q / h_kv`.
  * @param numHeadsK `h_kv` (must be 1).
- * @returns the two metadata tensors, and the {@link Plan} they belong to.
+ * @returns the two metadata tensors, and the {@link Plan} they belong to. The tensors keep
+ * the plan's memory alive on their own: disposing `plan` does not dispose them. As with
+ * {@link Device.plan}, call this again whenever the lengths change (a plan reused for other
+ * lengths is `ERR_INVALID_ARGUMENT` on CUDA).
  */
 export function getMlaMetadata(
   cacheSeqlens: Tensor,
@@ -794,8 +894,9 @@ export function getMlaMetadata(
   numHeadsK: number,
 ): { tileSchedulerMetadata: Tensor; numSplits: Tensor; plan: Plan } {
   const t = want(cacheSeqlens, Tensor, 'cacheSeqlens')
-  for (const [k, v] of [['numHeadsPerHeadK', numHeadsPerHeadK], ['numHeadsK', numHeadsK]] as const) {
-    if (!Number.isInteger(v) || v < 1) fail('ERR_INVALID_ARGUMENT', `${k}: expected an integer >= 1, got ${String(v)}`)
+  for (const [k, v] of [['numHeadsPerHeadK', numHeadsPerHeadK], ['numHeadsK', numHeadsK]] as const) int(k, v, 1, MAX_I32)
+  if (numHeadsPerHeadK * numHeadsK > MAX_I32) {
+    fail('ERR_INVALID_ARGUMENT', `numHeadsPerHeadK * numHeadsK: expected at most ${MAX_I32}, got ${numHeadsPerHeadK} * ${numHeadsK} = ${numHeadsPerHeadK * numHeadsK}`)
   }
   // rows = sQ * hQ / hKv = numHeadsPerHeadK: pass sQ = 1, hQ = numHeadsPerHeadK * numHeadsK.
   const plan = t.device.plan(t, { sQ: 1, hQ: numHeadsPerHeadK * numHeadsK, hKv: numHeadsK })
@@ -828,7 +929,7 @@ export async function flashMlaWithKvcache(
   softmaxScale?: number | null,
   causal?: boolean,
 ): Promise<[Tensor, Tensor]> {
-  if (headDimV !== HEAD_DIM_V) fail('ERR_INVALID_ARGUMENT', `head_dim_v: expected ${HEAD_DIM_V}, got ${String(headDimV)}`)
+  if (headDimV !== HEAD_DIM_V) fail('ERR_INVALID_ARGUMENT', `head_dim_v: expected ${HEAD_DIM_V}, got ${show(headDimV)}`)
   const plan = planOf(tileSchedulerMetadata, numSplits)
   const r = await decode({
     q,
@@ -981,6 +1082,18 @@ export namespace bench {
   export function run(device: Device, config: Config, opts: RunOptions = {}): Promise<Measurement> {
     const d = want(device, Device, 'device')._n
     return callAsync(() => {
+      if (config == null || typeof config !== 'object') fail('ERR_INVALID_ARGUMENT', `config: expected a bench.Config, got ${show(config)}`)
+      if (opts == null || typeof opts !== 'object') fail('ERR_INVALID_ARGUMENT', `opts: expected an options object, got ${show(opts)}`)
+      // Counts go to the binding as u32 / i32: checked here, where 1.5 or -1 would be
+      // truncated or wrapped there. Their meaning (b >= 1, lens.length == b, ...) is checked
+      // natively.
+      for (const k of ['b', 'sQ', 'mean', 'hQ'] as const) int(`config.${k}`, config[k], 0, MAX_I32)
+      if (config.lens != null) {
+        if (!Array.isArray(config.lens)) fail('ERR_INVALID_ARGUMENT', `config.lens: expected an array of lengths, got ${show(config.lens)}`)
+        config.lens.forEach((l, i) => int(`config.lens[${i}]`, l, 0, MAX_I32))
+      }
+      if (opts.reps !== undefined) int('reps', opts.reps, 1, MAX_I32)
+      if (opts.seed !== undefined) int('seed', opts.seed, 0, Number.MAX_SAFE_INTEGER)
       const c: Native.BenchConfig = {
         tag: config.tag,
         b: config.b,

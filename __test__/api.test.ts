@@ -1,6 +1,8 @@
 // The TypeScript API surface on the CPU backend: conversions, devices, tensors, plans,
 // errors, disposal, concurrency.
 
+import * as fs from 'node:fs'
+import * as path from 'node:path'
 import test from 'ava'
 import {
   BLOCK_SIZE,
@@ -20,6 +22,7 @@ import {
   f16ToF32,
   f32ToBf16,
   f32ToF16,
+  flashMlaWithKvcache,
   getMlaMetadata,
   gpuStatus,
 } from '../index'
@@ -32,7 +35,15 @@ test('constants', (t) => {
   t.is(HEAD_DIM_V, 512)
   t.is(BLOCK_SIZE, 64)
   t.is(DEFAULT_SOFTMAX_SCALE, 1 / 24)
-  t.is(ERROR_CODES.length, 14)
+})
+
+test('ERROR_CODES lists every code of the Rust core (and ERR_INTERNAL), each once', (t) => {
+  const src = fs.readFileSync(path.join(__dirname, '..', '..', 'crates', 'mla-core', 'src', 'error.rs'), 'utf8')
+  const core = [...new Set([...src.matchAll(/"(ERR_[A-Z_]+)"/g)].map((m) => m[1]!))]
+  t.true(core.includes('ERR_OUT_OF_MEMORY'))
+  t.deepEqual([...ERROR_CODES].sort(), [...core, 'ERR_INTERNAL'].sort())
+  t.is(new Set(ERROR_CODES).size, ERROR_CODES.length)
+  t.true(Object.isFrozen(ERROR_CODES))
 })
 
 test('bf16 conversions round to nearest even and keep specials', (t) => {
@@ -180,6 +191,30 @@ test('getMlaMetadata returns the plan and its tensors', (t) => {
   t.true(md.tileSchedulerMetadata.sameStorage(md.plan.tileSchedulerMetadata))
   t.true(md.numSplits.sameStorage(md.plan.numSplits))
   t.false(md.numSplits.sameStorage(md.tileSchedulerMetadata))
+})
+
+test('disposing a plan leaves the metadata tensors handed out usable (they keep the plan alive)', async (t) => {
+  const a = {
+    q: cpu.tensor(new Float32Array(2 * 16 * HEAD_DIM).fill(0.01), [2, 1, 16, HEAD_DIM], 'bf16'),
+    kv: cpu.tensor(new Float32Array(4 * 64 * HEAD_DIM).fill(0.01), [4, 64, 1, HEAD_DIM], 'bf16'),
+    bt: cpu.tensor(new Int32Array([0, 1, 2, 3]), [2, 2]),
+    sl: cpu.tensor(new Int32Array([100, 70]), [2]),
+  }
+  const md = getMlaMetadata(a.sl, 16, 1)
+  const before = md.numSplits.toInt32ArraySync()
+  md.plan.dispose()
+  t.true(md.plan.disposed)
+  t.false(md.tileSchedulerMetadata.disposed)
+  t.false(md.numSplits.disposed)
+  t.deepEqual(md.numSplits.toInt32ArraySync(), before)
+  t.throws(() => md.plan.numSplits, { instanceOf: MlaError, message: /disposed/ })
+  const [out] = await flashMlaWithKvcache(a.q, a.kv, a.bt, a.sl, 512, md.tileSchedulerMetadata, md.numSplits)
+  t.deepEqual(out.shape, [2, 1, 16, HEAD_DIM_V])
+  // And the other way round: disposing a metadata tensor leaves the plan usable.
+  const plan = cpu.plan(a.sl, { hQ: 16 })
+  plan.tileSchedulerMetadata.dispose()
+  t.false(plan.tileSchedulerMetadata.disposed)
+  t.deepEqual(plan.tileSchedulerMetadata.shape, [plan.numParts, 8])
 })
 
 test('MlaError carries the code and the native message', (t) => {

@@ -1,6 +1,7 @@
 // The paged cache through the TypeScript API: append, fork (copy-on-write), free,
 // exhaustion, batch.
 
+import { spawnSync } from 'node:child_process'
 import test, { type ExecutionContext } from 'ava'
 import { Device, KvCache, MlaError, decode, type ErrorCode } from '../index'
 import { D, Rng, BASE_SEED, randomF32, toBits } from './_helpers'
@@ -196,4 +197,36 @@ test('a decode holding the pool and cache calls made meanwhile', async (t) => {
   const { out } = await pending
   t.deepEqual(out.shape, [4, 1, 64, 512])
   t.false(Array.from(await out.toFloat32Array()).some((x) => !Number.isFinite(x)))
+})
+
+// Run in a child process: a deadlock would leave libuv threads blocked forever, which
+// would keep this worker alive; the child is killed when it does not settle in time.
+const SWAPPED_ROLES = `
+const { Device, KvCache, decode } = require(${JSON.stringify(require.resolve('../index'))})
+const cpu = Device.open('cpu')
+const D = 576, N = 16, L = 256
+const [A, B] = [new KvCache(cpu, { numBlocks: N }), new KvCache(cpu, { numBlocks: N })]
+// q = one pool viewed as [N, 64, 1, 576] (b = N, sQ = 64, hQ = 1), kvCache = the other.
+const bt = new Int32Array(N * (L / 64)).map((_, i) => i % N)
+const args = (q, kv) => ({ q: q.tensor, kvCache: kv, blockTable: cpu.tensor(bt, [N, L / 64]), cacheSeqlens: cpu.tensor(new Int32Array(N).fill(L), [N]) })
+;(async () => {
+  for (let round = 0; round < 6; round++) {
+    const p = []
+    for (let i = 0; i < 8; i++) p.push(decode(i % 2 ? args(A, B) : args(B, A)))
+    await Promise.all(p)
+  }
+  console.log('settled')
+})().catch((e) => { console.error(e); process.exit(2) })
+`
+
+test('decodes with two pools in swapped roles (q = A.tensor, kv = B and the reverse) never deadlock', (t) => {
+  const r = spawnSync(process.execPath, ['-e', SWAPPED_ROLES], {
+    encoding: 'utf8',
+    timeout: 60_000,
+    killSignal: 'SIGKILL',
+    env: { ...process.env, UV_THREADPOOL_SIZE: '8' },
+  })
+  t.is(r.signal, null, `the decodes did not settle within 60 s (deadlock?): killed by ${r.signal}\n${r.stderr}`)
+  t.is(r.status, 0, r.stderr)
+  t.is(r.stdout.trim(), 'settled')
 })

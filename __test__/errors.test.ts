@@ -7,6 +7,7 @@ import {
   ERROR_CODES,
   KvCache,
   MlaError,
+  bench,
   decode,
   decodeSync,
   flashMlaWithKvcache,
@@ -218,4 +219,92 @@ test("Device.open('cuda') never falls back to the CPU", async (t) => {
   await expectCode(t, () => Device.open(`cuda:${s.deviceCount}`), 'ERR_GPU_UNAVAILABLE')
   t.is(Device.open('auto').kind, 'cpu')
   t.is(Device.open().kind, 'cpu')
+})
+
+// Integer arguments: napi-rs would truncate or wrap them (1.5 -> 1, NaN -> 0, -1 as a u32
+// -> 4294967295), so the TypeScript layer checks each one before the native call.
+const notIntegers: [string, unknown][] = [
+  ['fractional', 1.5],
+  ['NaN', NaN],
+  ['Infinity', Infinity],
+  ['a string', '1'],
+]
+
+test('integer arguments: fractional, NaN, negative, huge -> an error naming the argument', async (t) => {
+  const sl = cpu.tensor(new Int32Array([100, 70]), [2])
+  using cache = new KvCache(cpu, { numBlocks: 4 })
+  const s = cache.createSequence()
+  cache.append(s, new Float32Array(70 * D))
+  for (const [what, v] of notIntegers) {
+    const n = v as number
+    t.log(what)
+    await expectCode(t, () => cache.append(n, new Float32Array(D)), 'ERR_INVALID_ARGUMENT', 'seq')
+    await expectCode(t, () => cache.seqLen(n), 'ERR_INVALID_ARGUMENT', 'seq')
+    await expectCode(t, () => cache.fork(n), 'ERR_INVALID_ARGUMENT', 'seq')
+    await expectCode(t, () => cache.free(n), 'ERR_INVALID_ARGUMENT', 'seq')
+    await expectCode(t, () => cache.blockIds(n), 'ERR_INVALID_ARGUMENT', 'seq')
+    await expectCode(t, () => cache.batch([s, n]), 'ERR_INVALID_ARGUMENT', 'seqs[1]')
+    await expectCode(t, () => cache.batch([s], n), 'ERR_INVALID_ARGUMENT', 'maxBlocksPerSeq')
+    await expectCode(t, () => cpu.plan(sl, { sQ: n, hQ: 16 }), 'ERR_INVALID_ARGUMENT', 'sQ')
+    await expectCode(t, () => cpu.plan(sl, { hQ: n }), 'ERR_INVALID_ARGUMENT', 'hQ')
+    await expectCode(t, () => cpu.plan(sl, { hQ: 16, hKv: n }), 'ERR_INVALID_ARGUMENT', 'hKv')
+    await expectCode(t, () => getMlaMetadata(sl, n, 1), 'ERR_INVALID_ARGUMENT', 'numHeadsPerHeadK')
+    await expectCode(t, () => getMlaMetadata(sl, 16, n), 'ERR_INVALID_ARGUMENT', 'numHeadsK')
+    await expectCode(t, () => new KvCache(cpu, { numBlocks: n }), 'ERR_INVALID_ARGUMENT', 'numBlocks')
+    await expectCode(t, () => cpu.zeros([2, n], 'int32'), 'ERR_SHAPE', 'shape[1]')
+    await expectCode(t, () => cpu.tensor(new Int32Array(2), [n]), 'ERR_SHAPE', 'shape[0]')
+    const a = valid()
+    await expectCode(t, () => flashMlaWithKvcache(a.q, a.kvCache as Tensor, a.blockTable, a.cacheSeqlens, n, null, null), 'ERR_INVALID_ARGUMENT', 'head_dim_v')
+  }
+  // The message shows the expected range and the value that came.
+  const e = t.throws(() => cache.batch([s], 1.5), { instanceOf: MlaError })
+  t.is(e?.message, 'maxBlocksPerSeq: expected an integer within [1, 33554431], got 1.5')
+  // Negative and too large: -1 would wrap to 4294967295 as a u32.
+  await expectCode(t, () => cache.batch([s], -1), 'ERR_INVALID_ARGUMENT', 'got -1')
+  await expectCode(t, () => cache.batch([s], 2 ** 32 - 1), 'ERR_INVALID_ARGUMENT', 'maxBlocksPerSeq')
+  await expectCode(t, () => cache.batch([s], 2 ** 25), 'ERR_INVALID_ARGUMENT', '33554431')
+  await expectCode(t, () => cpu.plan(sl, { hQ: -16 }), 'ERR_INVALID_ARGUMENT', 'hQ')
+  await expectCode(t, () => cpu.plan(sl, { hQ: 2 ** 31 }), 'ERR_INVALID_ARGUMENT', '2147483647')
+  await expectCode(t, () => cpu.plan(sl, { sQ: 2 ** 31 - 1, hQ: 2 ** 31 - 1 }), 'ERR_INVALID_ARGUMENT', 'sQ * hQ')
+  await expectCode(t, () => new KvCache(cpu, { numBlocks: 2 ** 40 }), 'ERR_INVALID_ARGUMENT', 'numBlocks')
+  await expectCode(t, () => getMlaMetadata(sl, 2 ** 31 - 1, 2), 'ERR_INVALID_ARGUMENT', 'numHeadsPerHeadK * numHeadsK')
+  await expectCode(t, () => cpu.zeros([2 ** 32], 'int32'), 'ERR_SHAPE', '4294967295')
+  await expectCode(t, () => cache.seqLen(2 ** 53), 'ERR_INVALID_ARGUMENT', 'seq')
+  // A negative integer id is an id no cache returns: ERR_UNKNOWN_SEQUENCE, like any other.
+  await expectCode(t, () => cache.seqLen(-1), 'ERR_UNKNOWN_SEQUENCE')
+  // Nothing was changed by the rejected calls.
+  t.is(cache.seqLen(s), 70)
+  t.deepEqual(cache.sequences(), [s])
+})
+
+test('bench.run: integer fields of the config and options are checked', async (t) => {
+  const c = bench.configs('tiny')[0]!
+  await expectCode(t, () => bench.run(cpu, { ...c, b: 1.5 }), 'ERR_INVALID_ARGUMENT', 'config.b')
+  await expectCode(t, () => bench.run(cpu, { ...c, hQ: -1 }), 'ERR_INVALID_ARGUMENT', 'config.hQ')
+  await expectCode(t, () => bench.run(cpu, { ...c, sQ: NaN }), 'ERR_INVALID_ARGUMENT', 'config.sQ')
+  await expectCode(t, () => bench.run(cpu, { ...c, lens: [1, 2.5] }), 'ERR_INVALID_ARGUMENT', 'config.lens[1]')
+  await expectCode(t, () => bench.run(cpu, c, { reps: 0.5 }), 'ERR_INVALID_ARGUMENT', 'reps')
+  await expectCode(t, () => bench.run(cpu, c, { reps: -1 }), 'ERR_INVALID_ARGUMENT', 'reps')
+})
+
+test('the native shape check names its real limit (u32::MAX)', async (t) => {
+  // Below index.ts: the binding itself, past the TypeScript checks.
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const native = require('../../binding.js') as typeof import('../binding')
+  const dev = native.Device.open('cpu')
+  const e = t.throws(() => dev.zeros([2, 2 ** 32], 'int32'))
+  t.is((e as { code?: string } | undefined)?.code, 'ERR_SHAPE')
+  t.regex(e?.message ?? '', /within \[0, 4294967295\]/)
+  // And s_q * h_q that overflows is refused, not wrapped.
+  const sl = dev.tensorFromI32(new Int32Array([100, 70]), [2])
+  const p = t.throws(() => dev.plan(sl, 2 ** 40, 2 ** 40, 1))
+  t.is((p as { code?: string } | undefined)?.code, 'ERR_INVALID_ARGUMENT')
+  t.regex(p?.message ?? '', /^s_q \* h_q: expected at most 4294967295/)
+})
+
+test('memory that cannot be allocated -> ERR_OUT_OF_MEMORY', async (t) => {
+  // 2^62 bytes: a valid size (no overflow), which no host can allocate.
+  await expectCode(t, () => cpu.zeros([2 ** 31, 2 ** 29], 'fp32'), 'ERR_OUT_OF_MEMORY', 'allocate')
+  // A size that overflows is a shape error.
+  await expectCode(t, () => cpu.zeros([2 ** 32 - 1, 2 ** 32 - 1, 2 ** 32 - 1], 'fp32'), 'ERR_SHAPE', 'shape')
 })

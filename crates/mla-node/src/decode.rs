@@ -59,30 +59,35 @@ fn args(
 fn run(a: &Args) -> Result<mla_core::DecodeOutput> {
     with_all(&[&a.q, &a.kv, &a.block_table, &a.seqlens], |t| {
         let (q, kv, bt, sl) = (t[0], t[1], t[2], t[3]);
-        let plan = match &a.plan {
-            Some(p) => p.clone(),
-            None => {
-                // The plan for q's shape; a q or cache of the wrong rank is reported by
-                // decode's own checks (the plan for 1 row is only a placeholder then).
-                let (s_q, h_q) = if q.shape().len() == 4 {
-                    (q.shape()[1], q.shape()[2])
-                } else {
-                    (1, 1)
+        // Plan (when omitted), decode and the wait for the device form one step that no
+        // other step on the device interleaves with, so an error the kernels flag on the
+        // device reaches this decode and no other.
+        core(|| {
+            q.device().run_step(|| {
+                let plan = match &a.plan {
+                    Some(p) => p.clone(),
+                    None => {
+                        // The plan for q's shape; a q or cache of the wrong rank is reported
+                        // by decode's own checks (the plan for 1 row is only a placeholder).
+                        let (s_q, h_q) = if q.shape().len() == 4 {
+                            (q.shape()[1], q.shape()[2])
+                        } else {
+                            (1, 1)
+                        };
+                        let h_kv = if kv.shape().len() == 4 && kv.shape()[2] > 0 {
+                            kv.shape()[2]
+                        } else {
+                            1
+                        };
+                        let rows = s_q.checked_mul(h_q).map_or(1, |r| (r / h_kv).max(1));
+                        SharedPlan::new(mla_core::plan(sl, rows, h_kv)?)
+                    }
                 };
-                let h_kv = if kv.shape().len() == 4 && kv.shape()[2] > 0 {
-                    kv.shape()[2]
-                } else {
-                    1
-                };
-                let rows = (s_q * h_q / h_kv).max(1);
-                SharedPlan::new(core(|| mla_core::plan(sl, rows, h_kv))?)
-            }
-        };
-        // One decode at a time per plan (its GPU workspace), until the device is done.
-        let _busy = plan.busy.lock().unwrap_or_else(|e| e.into_inner());
-        let r = core(|| mla_core::decode(q, kv, bt, sl, &plan, &a.opts))?;
-        core(|| q.device().synchronize())?;
-        Ok(r)
+                // One decode at a time per plan (its GPU workspace).
+                let _busy = plan.busy.lock().unwrap_or_else(|e| e.into_inner());
+                mla_core::decode(q, kv, bt, sl, &plan, &a.opts)
+            })
+        })
     })
 }
 

@@ -73,7 +73,10 @@ fn dims(shape: &[i64]) -> Result<Vec<usize>> {
             if d < 0 || d > u32::MAX as i64 {
                 Err(err(
                     ErrorCode::ShapeMismatch,
-                    format!("shape: expected non-negative extents, got {shape:?}"),
+                    format!(
+                        "shape: expected extents within [0, {}], got {shape:?}",
+                        u32::MAX
+                    ),
                 ))
             } else {
                 Ok(d as usize)
@@ -224,7 +227,19 @@ impl Device {
                     ),
                 ));
             }
-            let rows = (s_q * h_q / h_kv) as usize;
+            // s_q * h_q must fit a u32 (the plan's `rows` getter); TS checks it too.
+            let rows = match s_q.checked_mul(h_q) {
+                Some(r) if r <= u32::MAX as i64 => (r / h_kv) as usize,
+                _ => {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "s_q * h_q: expected at most {}, got {s_q} * {h_q}",
+                            u32::MAX
+                        ),
+                    ))
+                }
+            };
             core(|| mla_core::plan(t, rows, h_kv as usize))
         })
         .map(Plan::wrap)

@@ -37,8 +37,8 @@ impl TensorSrc {
         match self {
             TensorSrc::Owned(t) => f(t),
             TensorSrc::CachePool(c) => f(lock(c).tensor()),
-            TensorSrc::PlanMetadata(p) => f(&p.metadata),
-            TensorSrc::PlanNumSplits(p) => f(&p.num_splits),
+            TensorSrc::PlanMetadata(p) => f(p.metadata()),
+            TensorSrc::PlanNumSplits(p) => f(p.num_splits()),
         }
     }
 
@@ -52,15 +52,16 @@ impl TensorSrc {
 
 /// Calls `f` with the core tensors of `srcs`, locking each distinct cache once (the same
 /// pool may be passed twice).
+///
+/// Caches are locked in one global order (by address), never in argument order: a pool
+/// view is a valid tensor for any argument, so `decode(q = A.tensor, kv = B)` running
+/// beside `decode(q = B.tensor, kv = A)` would otherwise lock A then B on one libuv thread
+/// and B then A on another, and deadlock.
 pub fn with_all<R>(srcs: &[&TensorSrc], f: impl FnOnce(&[&mla_core::Tensor]) -> R) -> R {
-    let mut caches: Vec<&Arc<Mutex<mla_core::KvCache>>> = Vec::new();
-    for s in srcs {
-        if let Some(c) = s.cache() {
-            if !caches.iter().any(|k| Arc::ptr_eq(k, c)) {
-                caches.push(c);
-            }
-        }
-    }
+    let mut caches: Vec<&Arc<Mutex<mla_core::KvCache>>> =
+        srcs.iter().filter_map(|s| s.cache()).collect();
+    caches.sort_by_key(|c| Arc::as_ptr(c) as usize);
+    caches.dedup_by(|a, b| Arc::ptr_eq(a, b));
     let guards: Vec<MutexGuard<'_, mla_core::KvCache>> = caches.iter().map(|c| lock(c)).collect();
     let tensors: Vec<&mla_core::Tensor> = srcs
         .iter()
@@ -70,8 +71,8 @@ pub fn with_all<R>(srcs: &[&TensorSrc], f: impl FnOnce(&[&mla_core::Tensor]) -> 
                 let i = caches.iter().position(|k| Arc::ptr_eq(k, c)).unwrap();
                 guards[i].tensor()
             }
-            TensorSrc::PlanMetadata(p) => &p.metadata,
-            TensorSrc::PlanNumSplits(p) => &p.num_splits,
+            TensorSrc::PlanMetadata(p) => p.metadata(),
+            TensorSrc::PlanNumSplits(p) => p.num_splits(),
         })
         .collect();
     f(&tensors)
