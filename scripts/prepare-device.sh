@@ -35,6 +35,8 @@ if [[ "${1:-}" != "--no-node" ]]; then
   xz -T2 -6 -c "$(command -v node)" > "$out/node.xz"
   mkdir -p "$out/pkg"
   cp -r dist package.json binding.js binding.d.ts mla-decode.linux-x64-gnu.node "$out/pkg/"
+  # api.test.ts checks ERROR_CODES against the core's source (read from ../../crates).
+  mkdir -p "$out/pkg/crates/mla-core/src" && cp crates/mla-core/src/error.rs "$out/pkg/crates/mla-core/src/"
   ava_version=$(node -p 'require("./node_modules/ava/package.json").version')
   scratch=$(mktemp -d)
   (cd "$scratch" && echo '{"name":"ava-only","version":"1.0.0"}' > package.json &&
