@@ -78,6 +78,19 @@ fn unknown(seq: SeqId) -> MlaError {
     MlaError::arg(ErrorCode::UnknownSequence, "seq", "a live sequence of this cache", format!("{} (freed or never created)", seq.0))
 }
 
+/// Appended data must be whole latent rows.
+fn check_whole_rows(values: usize) -> Result<()> {
+    if !values.is_multiple_of(HEAD_DIM) {
+        return Err(MlaError::arg(
+            ErrorCode::ShapeMismatch,
+            "rows",
+            format!("a multiple of {HEAD_DIM} values (whole latent rows)"),
+            format!("{values} values"),
+        ));
+    }
+    Ok(())
+}
+
 impl KvCache {
     /// A cache of `cfg.num_blocks` zeroed blocks on `device`.
     pub fn new(device: &Device, cfg: KvCacheConfig) -> Result<KvCache> {
@@ -133,14 +146,7 @@ impl KvCache {
     /// Appends `rows.len() / 576` latent rows given as raw bits of the cache dtype.
     /// All-or-nothing: on `ERR_CACHE_EXHAUSTED` (or any error) the sequence is unchanged.
     pub fn append(&mut self, seq: SeqId, rows: &[u16]) -> Result<()> {
-        if !rows.len().is_multiple_of(HEAD_DIM) {
-            return Err(MlaError::arg(
-                ErrorCode::ShapeMismatch,
-                "rows",
-                format!("a multiple of {HEAD_DIM} values (whole latent rows)"),
-                format!("{} values", rows.len()),
-            ));
-        }
+        check_whole_rows(rows.len())?;
         let state = self.seqs.get(&seq).ok_or_else(|| unknown(seq))?;
         let n = rows.len() / HEAD_DIM;
         if n == 0 {
@@ -235,14 +241,7 @@ impl KvCache {
 
     /// Appends rows given as f32, rounded to the cache dtype (round to nearest even).
     pub fn append_f32(&mut self, seq: SeqId, rows: &[f32]) -> Result<()> {
-        if !rows.len().is_multiple_of(HEAD_DIM) {
-            return Err(MlaError::arg(
-                ErrorCode::ShapeMismatch,
-                "rows",
-                format!("a multiple of {HEAD_DIM} values (whole latent rows)"),
-                format!("{} values", rows.len()),
-            ));
-        }
+        check_whole_rows(rows.len())?;
         if !self.seqs.contains_key(&seq) {
             return Err(unknown(seq));
         }
