@@ -7,15 +7,37 @@ import type { ExecutionContext } from 'ava'
 import {
   BLOCK_SIZE,
   DEFAULT_SOFTMAX_SCALE,
+  ERROR_CODES,
   HEAD_DIM,
   HEAD_DIM_V,
   bf16ToF32,
   f16ToF32,
   f32ToBf16,
   f32ToF16,
+  MlaError,
   type Device,
+  type ErrorCode,
   type HalfDType,
 } from '../index'
+
+/** Expects `f` to throw / reject an MlaError with `code` whose message mentions `mention`. */
+export async function expectCode(t: ExecutionContext, f: () => unknown, code: ErrorCode, mention?: string): Promise<void> {
+  let err: unknown
+  try {
+    await f()
+  } catch (e) {
+    err = e
+  }
+  if (!(err instanceof MlaError)) {
+    t.fail(`expected MlaError ${code}, got ${err === undefined ? 'no error' : String(err)}`)
+    return
+  }
+  t.is(err.code, code, err.message)
+  t.true(ERROR_CODES.includes(err.code))
+  t.true(err instanceof Error)
+  t.is(err.name, 'MlaError')
+  if (mention) t.true(err.message.includes(mention), `message "${err.message}" should mention "${mention}"`)
+}
 
 export const D = HEAD_DIM
 export const DV = HEAD_DIM_V

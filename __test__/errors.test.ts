@@ -1,10 +1,9 @@
 // Bad input through the TypeScript API: every contract rule -> its error code, with a
 // message naming the argument. Nothing here needs a GPU (except where stated).
 
-import test, { type ExecutionContext } from 'ava'
+import test from 'ava'
 import {
   Device,
-  ERROR_CODES,
   KvCache,
   MlaError,
   bench,
@@ -17,28 +16,9 @@ import {
   type ErrorCode,
   type Tensor,
 } from '../index'
-import { D, GARBAGE } from './_helpers'
+import { D, GARBAGE, expectCode } from './_helpers'
 
 const cpu = Device.open('cpu')
-
-/** Expects `f` to throw / reject an MlaError with `code` whose message mentions `mention`. */
-async function expectCode(t: ExecutionContext, f: () => unknown, code: ErrorCode, mention?: string): Promise<void> {
-  let err: unknown
-  try {
-    await f()
-  } catch (e) {
-    err = e
-  }
-  if (!(err instanceof MlaError)) {
-    t.fail(`expected MlaError ${code}, got ${err === undefined ? 'no error' : String(err)}`)
-    return
-  }
-  t.is(err.code, code, err.message)
-  t.true(ERROR_CODES.includes(err.code))
-  t.true(err instanceof Error)
-  t.is(err.name, 'MlaError')
-  if (mention) t.true(err.message.includes(mention), `message "${err.message}" should mention "${mention}"`)
-}
 
 /** A valid call: b = 2, s_q = 1, h_q = 16, bf16, 4 blocks, lengths [100, 70]. */
 function valid(over: Partial<Record<'q' | 'kv' | 'bt' | 'sl', Tensor>> = {}): DecodeArgs {

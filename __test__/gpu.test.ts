@@ -5,7 +5,7 @@
 // as "skipped".
 
 import test, { type ExecutionContext } from 'ava'
-import { Device, KvCache, MlaError, decode, decodeSync, gpuStatus, type ErrorCode, type Tensor } from '../index'
+import { Device, KvCache, decode, decodeSync, gpuStatus, type Tensor } from '../index'
 import { accuracyCases, runCase } from './_accuracy'
 import {
   BASE_SEED,
@@ -14,6 +14,7 @@ import {
   Rng,
   caseTensors,
   checkAccuracy,
+  expectCode,
   hostPlan,
   makeCase,
   planProblems,
@@ -50,18 +51,6 @@ if (forced) {
   test.serial('gpu: MLA_TEST_DEVICE=cuda: a usable GPU is present', (t) => {
     t.true(status.available, `gpuStatus(): ${JSON.stringify(status)}`)
   })
-}
-
-async function expectCode(t: ExecutionContext, f: () => unknown, code: ErrorCode, mention?: string): Promise<void> {
-  let err: unknown
-  try {
-    await f()
-  } catch (e) {
-    err = e
-  }
-  t.true(err instanceof MlaError, `expected MlaError ${code}, got ${String(err)}`)
-  t.is((err as MlaError).code, code, (err as Error).message)
-  if (mention) t.true((err as Error).message.includes(mention), (err as Error).message)
 }
 
 gpuTest('the device: kind, info, Device.open("auto") picks it, pointers are exposed', (t, dev) => {
