@@ -7,15 +7,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-stages=${*:-"info sass rust rust-mma sanitizer ts matmul bench-cli"}
+stages=${*:-"info sass rust pipeline rust-mma rust-tma sanitizer ts matmul bench-cli"}
 declare -A result
 export MLA_TEST_DEVICE=cuda
+ANCHORS=${ANCHORS:-.device/anchors/flashmla-h200.csv}
 
 run_stage() {  # name, command...
   local name=$1; shift
   local t0=$SECONDS
   echo "=== $name: $*"
-  if "$@" >"$OUT/$name.log" 2>&1; then result[$name]="pass ($((SECONDS - t0)) s)"; else result[$name]="FAIL rc=$? ($((SECONDS - t0)) s)"; fi
+  if timeout "${STAGE_TIMEOUT:-900}" "$@" >"$OUT/$name.log" 2>&1; then result[$name]="pass ($((SECONDS - t0)) s)"; else result[$name]="FAIL rc=$? ($((SECONDS - t0)) s)"; fi
   tail -n 25 "$OUT/$name.log"
 }
 
@@ -24,8 +25,11 @@ for s in $stages; do
     info) run_stage info bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nvcc --version | tail -1' ;;
     sass) run_stage sass bash -c 'for c in .device/cubins/*.cubin; do printf "%-28s HGMMA %4d  HMMA %4d  LDL/STL %d\n" "$(basename $c)" "$(cuobjdump --dump-sass $c | grep -c HGMMA)" "$(cuobjdump --dump-sass $c | grep -c "HMMA")" "$(cuobjdump --dump-sass $c | grep -cE "LDL|STL")"; done' ;;
     rust) run_stage rust .device/bin/gpu_decode --test-threads=1 ;;
-    # The mma.sync kernels on every row count (by default they only take h_q * s_q <= 16).
+    pipeline) run_stage pipeline .device/bin/gpu_pipeline --test-threads=1 ;;
+    # The cp.async mma.sync kernel (the portable path) and the TMA kernel on every row count
+    # (by default they only take h_q * s_q <= 32).
     rust-mma) run_stage rust-mma env MLA_DECODE_KERNEL=mma .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ --include-ignored ;;
+    rust-tma) run_stage rust-tma env MLA_DECODE_KERNEL=tma .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ --include-ignored ;;
     # Every other variant on the edge cases (pass the names in VARIANTS).
     rust-variants) for v in ${VARIANTS:-}; do
         run_stage "rust-$v" env MLA_DECODE_KERNEL=$v .device/bin/gpu_decode --test-threads=1 edge_cases graph sanitizer_ --include-ignored
@@ -34,7 +38,11 @@ for s in $stages; do
       done ;;
     sanitizer)
       run_stage memcheck compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
-      run_stage racecheck compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_ ;;
+      run_stage racecheck compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
+      run_stage synccheck compute-sanitizer --tool synccheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
+      # The TMA producer across segment boundaries and splits.
+      run_stage memcheck-pipeline compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/gpu_pipeline --test-threads=1
+      run_stage racecheck-pipeline compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_pipeline --test-threads=1 ;;
     ts)
       if [[ -f .device/node.xz ]]; then
         mkdir -p /tmp/nodebin && xz -dc .device/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node
@@ -54,26 +62,30 @@ for _ in range(10):
 ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e12))' ;;
     bench)
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" | grep -o '^[0-9]*' || true)
-      anchors=.device/anchors/flashmla-h100.csv,.device/anchors/flashmla-h100-beyond.csv
       for v in ${BENCH_VARIANTS:-default}; do
-        run_stage "bench-$v" env MLA_DECODE_KERNEL=$v .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-$v.csv" --anchors $anchors ${BENCH_ARGS:-}
+        # The SM clock while the bench runs (sampled every 100 ms), summarised in the log.
+        nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$OUT/clock-$v.txt" 2>/dev/null &
+        smi=$!
+        run_stage "bench-$v" env MLA_DECODE_KERNEL=$v .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-$v.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
+        kill $smi 2>/dev/null
+        awk -F', *' '$1 > 1000 {n++; s += $1; if (!lo || $1 < lo) lo = $1; if ($1 > hi) hi = $1} END {if (n) printf "SM clock under load: mean %.0f MHz, min %d, max %d (%d samples)\n", s / n, lo, hi, n}' "$OUT/clock-$v.txt" | tee -a "$OUT/bench-$v.log"
       done ;;
     # The user-facing command (TypeScript CLI over the same core): CSV + SVG chart.
     bench-cli)
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
-      run_stage bench-cli bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --no-progress --out '$OUT/cli' --anchors ../anchors/flashmla-h100.csv,../anchors/flashmla-h100-beyond.csv ${mm:+--matmul-tflops $mm} ${BENCH_ARGS:-}" ;;
+      run_stage bench-cli bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --no-progress --out '$OUT/cli' --anchors ../anchors/$(basename "$ANCHORS") ${mm:+--matmul-tflops $mm} ${BENCH_ARGS:-}" ;;
   esac
 done
 
 echo
 echo "=== summary"
-for s in info sass rust rust-mma bench-cli ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck ts matmul bench-default bench-mma bench-wgmma bench-wgmma-pipe; do
+for s in info sass rust pipeline rust-mma rust-tma bench-cli ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
   [[ -n "${result[$s]:-}" ]] && printf '%-10s %s\n' "$s" "${result[$s]}"
 done
 grep -h "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/ts.log 2>/dev/null | tail -6
-grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log 2>/dev/null
+grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log "$OUT"/synccheck.log "$OUT"/*-pipeline.log 2>/dev/null
 cat "$OUT"/sass.log 2>/dev/null
-grep -h "copy ceiling\|matmul\|geometric" "$OUT"/bench-*.log "$OUT"/matmul.log 2>/dev/null
+grep -h "copy ceiling\|matmul\|geometric\|SM clock" "$OUT"/bench-*.log "$OUT"/matmul.log 2>/dev/null
 
 # At most 8 files come back from the device tool: keep the CSVs and the chart, pack the logs.
-(cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log) 2>/dev/null || true
+(cd "$OUT" && tar -czf logs.tgz ./*.log ./clock-*.txt && rm -f ./*.log ./clock-*.txt) 2>/dev/null || true

@@ -11,13 +11,15 @@ mkdir -p "$out/bin" "$out/anchors"
 
 # Rust: the GPU tests and the benchmark, release builds with the embedded cubins.
 cargo build --release -p mla-core --example gpu_bench
-cargo test --release -p mla-core --test gpu_decode --no-run --message-format=json 2>/dev/null \
-  | python3 -c 'import sys,json
+for t in gpu_decode gpu_pipeline; do
+  cargo test --release -p mla-core --test $t --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import sys,json
 for l in sys.stdin:
     try: m=json.loads(l)
     except: continue
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="gpu_decode": print(m["executable"])' \
-  | tail -1 | xargs -I{} cp {} "$out/bin/gpu_decode"
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]==sys.argv[1]: print(m["executable"])' $t \
+    | tail -1 | xargs -I{} cp {} "$out/bin/$t"
+done
 cp target/release/examples/gpu_bench "$out/bin/"
 # The cubins, for reading their SASS there (cuobjdump).
 mkdir -p "$out/cubins"

@@ -53,14 +53,7 @@ template <> struct Mma<__half> {
     __device__ static void pv(float* d, uint64_t a, uint64_t b) { wgmma_n256t_fp16(d, a, b); }
 };
 
-// Loop schedules (kept for comparison; BENCHMARKS.md has their numbers):
-//   V1   load n+1, then S(n), softmax, PV(n), each waited for in turn;
-//   PIPE software pipeline, PV(n) and S(n+1) back to back, load n+2 under S(n+1);
-//   V2   as V1, but the load of n+1 is issued while S(n) runs on the tensor cores, and
-//        the O rescale is skipped by warps whose rows kept their max.
-enum Schedule { V1, PIPE, V2 };
-
-template <typename T, Schedule SCHED>
+template <typename T>
 __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
     using L = Smem;
     // Swizzle atoms are 1024 bytes: the hardware's pattern follows address bits, so the
@@ -182,7 +175,7 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
         auto issue_pv = [&](uint32_t sk) {
             const float a0 = row_a[row0], a1 = row_a[row1];
             // Once a row's max settles its factor is exactly 1: skip 128 multiplies.
-            if (SCHED != V2 || !__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) {
+            if (!__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) {
 #pragma unroll
                 for (int i = 0; i < 128; i += 4) {
                     o[i] *= a0; o[i + 1] *= a0;
@@ -198,69 +191,20 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
         };
         auto stage_addr = [&](int st) { return sbase + (st ? L::K1 : L::K0); };
 
-        if constexpr (SCHED == V2) {
-            for (int n = sg.lo; n < sg.hi; ++n) {
-                const int stage = (n - sg.lo) & 1;
-                cp_async_wait<0>();   // block n (and Q) landed: the only group in flight
-                fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads async
-                __syncthreads();
-                issue_s(stage_addr(stage));
-                if (n + 1 < sg.hi) load_block(n + 1, stage ^ 1);  // issued while S(n) runs
-                cp_async_commit();
-                wgmma_wait<0>();
-                softmax_to_p(n);
-                issue_pv(stage_addr(stage));
-                wgmma_wait<0>();
-                __syncthreads();  // the stage and P are free; row stats are final for this block
-            }
-        } else if constexpr (SCHED == V1) {
-            // Each block in turn: S, softmax, PV; the next block loads meanwhile.
-            for (int n = sg.lo; n < sg.hi; ++n) {
-                const int stage = (n - sg.lo) & 1;
-                if (n + 1 < sg.hi) load_block(n + 1, stage ^ 1);
-                cp_async_commit();
-                cp_async_wait<1>();
-                fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads async
-                __syncthreads();
-                issue_s(stage_addr(stage));
-                wgmma_wait<0>();
-                softmax_to_p(n);
-                issue_pv(stage_addr(stage));
-                wgmma_wait<0>();
-                __syncthreads();  // the stage and P are free; row stats are final for this block
-            }
-        } else {
-            // Software pipeline: the tensor cores run PV(n) and then S(n + 1) back to back,
-            // and block n + 2 starts loading as soon as PV(n) has released its stage,
-            // while S(n + 1) still computes.
-            if (sg.lo + 1 < sg.hi) load_block(sg.lo + 1, 1);
+        // The next block's cp.async is issued while S(n) runs on the tensor cores.
+        for (int n = sg.lo; n < sg.hi; ++n) {
+            const int stage = (n - sg.lo) & 1;
+            cp_async_wait<0>();   // block n (and Q) landed: the only group in flight
+            fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads async
+            __syncthreads();
+            issue_s(stage_addr(stage));
+            if (n + 1 < sg.hi) load_block(n + 1, stage ^ 1);
             cp_async_commit();
-            cp_async_wait<1>();
-            fence_proxy_async();
-            __syncthreads();
-            issue_s(stage_addr(0));
             wgmma_wait<0>();
-            // The loop never branches around a wgmma (a divergent path makes ptxas
-            // serialise them all, C7518): the last block is peeled off.
-            int n = sg.lo;
-            for (; n + 1 < sg.hi; ++n) {
-                const int stage = (n - sg.lo) & 1;
-                softmax_to_p(n);
-                issue_pv(stage_addr(stage));
-                cp_async_wait<0>();  // this thread's copies of block n + 1 have landed
-                fence_proxy_async();
-                __syncthreads();     // ... and everyone's
-                issue_s(stage_addr(stage ^ 1));
-                wgmma_wait<1>();     // PV(n) done (groups retire in order)
-                __syncthreads();     // stage `stage` and P are free
-                if (n + 2 < sg.hi) load_block(n + 2, stage);
-                cp_async_commit();
-                wgmma_wait<0>();     // S(n + 1) done
-            }
             softmax_to_p(n);
-            issue_pv(stage_addr((n - sg.lo) & 1));
+            issue_pv(stage_addr(stage));
             wgmma_wait<0>();
-            __syncthreads();
+            __syncthreads();  // the stage and P are free; row stats are final for this block
         }
 
         // ---- epilogue: normalise and write (final, or a partial for combine) ----
@@ -278,15 +222,11 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
 
 }  // namespace
 
-#define MLA_DECODE_WG_KERNEL(NAME, T, SCHED)                                                  \
+#define MLA_DECODE_WG_KERNEL(NAME, T)                                                        \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const MlaDecodeParams p) { \
         extern __shared__ __align__(1024) char smem[];                                       \
-        decode_tile_wg<T, SCHED>(p, smem);                                                    \
+        decode_tile_wg<T>(p, smem);                                                           \
     }
 
-MLA_DECODE_WG_KERNEL(mla_decode_bf16_wg64v1, __nv_bfloat16, V1)
-MLA_DECODE_WG_KERNEL(mla_decode_fp16_wg64v1, __half, V1)
-MLA_DECODE_WG_KERNEL(mla_decode_bf16_wg64p, __nv_bfloat16, PIPE)
-MLA_DECODE_WG_KERNEL(mla_decode_fp16_wg64p, __half, PIPE)
-MLA_DECODE_WG_KERNEL(mla_decode_bf16_wg64, __nv_bfloat16, V2)
-MLA_DECODE_WG_KERNEL(mla_decode_fp16_wg64, __half, V2)
+MLA_DECODE_WG_KERNEL(mla_decode_bf16_wg64, __nv_bfloat16)
+MLA_DECODE_WG_KERNEL(mla_decode_fp16_wg64, __half)

@@ -3,6 +3,8 @@
 #pragma once
 #include <stdint.h>
 
+#include "tma.cuh"
+
 // Bits OR-ed into the device error flag (one int per device).
 #define MLA_ERR_BLOCK_INDEX 1   // a block index that would be read is outside [0, num_blocks)
 #define MLA_ERR_SEQLEN      2   // a cache_seqlens value is outside [0, max_blocks_per_seq * 64]
@@ -49,6 +51,10 @@ struct MlaDecodeParams {
     int causal;
     float scale;             // softmax scale
     float scale_log2;        // softmax scale * log2(e)
+    // Tensor maps of the TMA kernels (the cp.async kernels ignore them), encoded by the
+    // host for these q / kv pointers (crates/mla-core/src/gpu/tma.rs):
+    mla::TmaMap q_map;       // q as [b][rows][576], box 64 columns x tile rows, 128-byte swizzle
+    mla::TmaMap kv_map;      // kv as [num_blocks][64][576], box 64 columns x 32 rows
 };
 
 struct MlaCombineParams {

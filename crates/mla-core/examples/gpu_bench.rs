@@ -4,7 +4,7 @@
 //!
 //! cargo run --release -p mla-core --example gpu_bench -- [--quick] [--csv out.csv]
 //!     [--anchors flashmla-h100.csv,flashmla-h100-beyond.csv] [--reps 30]
-//!     [--matmul-tflops T] [--filter tag/s_q/mean/h_q/varlen-prefix] [--device cuda:N|cpu]
+//!     [--matmul-tflops T] [--filter prefix,prefix...] [--device cuda:N|cpu]
 //!
 //! Inputs are random (never zeros), generated on the device; block tables map each
 //! sequence to its own blocks; the cache is far larger than L2 for every grid shape.
@@ -21,8 +21,10 @@ fn main() -> mla_core::Result<()> {
     let flag = |k: &str| args.iter().any(|a| a == k);
     let opt = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
     let quick = flag("--quick");
-    // --filter tag/s_q/mean/h_q/varlen (any prefix, e.g. grid/1/4096/128): run only those.
+    // --filter tag/s_q/mean/h_q/varlen (prefixes, comma-separated, e.g. grid/1/4096/128,short):
+    // run only those.
     let filter = opt("--filter").unwrap_or_default();
+    let filters: Vec<&str> = filter.split(',').collect();
     let matmul_tflops: f64 = opt("--matmul-tflops").and_then(|s| s.parse().ok()).unwrap_or(f64::NAN);
     let reps: usize = opt("--reps").and_then(|s| s.parse().ok()).unwrap_or(30);
     let mut anchors = HashMap::new();
@@ -46,7 +48,7 @@ fn main() -> mla_core::Result<()> {
     let mut speedups = Vec::new();
     let mut beyond_speedups = Vec::new();
     for c in suite_configs("flashmla", quick)? {
-        if !c.label().starts_with(&filter) {
+        if !filters.iter().any(|f| c.label().starts_with(f)) {
             continue;
         }
         let m = run_config(&dev, &c, DType::BF16, reps, DEFAULT_SEED)?;

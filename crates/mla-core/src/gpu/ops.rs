@@ -6,6 +6,7 @@ use cudarc::driver::CudaStream;
 
 use super::launch::{launch, LaunchDims};
 use super::params::{MlaCombineParams, MlaDecodeParams, MlaPlanParams};
+use super::tma;
 use super::GpuDevice;
 use crate::decode::DecodeOptions;
 use crate::dtype::DType;
@@ -48,67 +49,60 @@ pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Optio
     unsafe { launch(&f, pick_stream(g, &stream), &dims, &p) }
 }
 
-/// Which decode kernel runs a shape. Every kernel takes tiles of at most 64 rows, so the
-/// plan's part count (multiprocessors / ceil(rows / 64)) fills the chip either way.
+/// Which decode kernel runs a shape. The plan's part count (multiprocessors /
+/// ceil(rows / 64)) fills the chip with any of them: a kernel with smaller tiles runs
+/// ceil(rows / tile) row tiles per part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeKernel {
-    /// mma.sync m16n8k16, tiles of 16, 32 or 64 rows (`mla_decode.cu`).
+    /// A TMA producer warp feeding mma.sync consumers, tiles of 16 or 32 rows
+    /// (`mla_decode_tma.cu`): the memory-bound shapes.
+    Tma { tile: usize },
+    /// cp.async + mma.sync, tiles of 16 or 32 rows (`mla_decode.cu`): the portable path.
     MmaSync { tile: usize },
     /// wgmma, tiles of 64 rows, two warpgroups (`mla_decode_wgmma.cu`).
-    Wgmma(WgSchedule),
-}
-
-/// The loop schedules of the wgmma kernel (see mla_decode_wgmma.cu).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WgSchedule {
-    /// Load, S, softmax, PV in turn.
-    V1,
-    /// PV(n) and S(n + 1) back to back, the load of n + 2 under S(n + 1).
-    Pipelined,
-    /// V1 with the next load issued under S(n) and the rescale skipped where it is 1.
-    V2,
+    Wgmma,
 }
 
 impl DecodeKernel {
-    /// The default by shape: up to 32 rows the mma.sync kernel (16- or 32-row tiles, no
-    /// padding) is memory-bound and measured faster; above that wgmma's rate wins
-    /// (BENCHMARKS.md, 2026-11-28). MLA_DECODE_KERNEL=mma|wgmma overrides it (for
-    /// benchmarking the variants).
+    /// The default by shape: up to 32 rows the TMA kernel (memory-bound, no padding),
+    /// above that wgmma (BENCHMARKS.md). MLA_DECODE_KERNEL=tma|mma|wgmma overrides it
+    /// (for benchmarking and for testing every kernel on every shape).
     pub fn for_rows(rows: usize) -> DecodeKernel {
-        let mma = DecodeKernel::MmaSync { tile: if rows <= 16 { 16 } else if rows <= 32 { 32 } else { GPU_ROW_TILE } };
+        let tile = if rows <= 16 { 16 } else { 32 };
         match std::env::var("MLA_DECODE_KERNEL").as_deref() {
-            Ok("mma") => mma,
-            Ok("wgmma") => DecodeKernel::Wgmma(WgSchedule::V2),
-            Ok("wgmma-v1") => DecodeKernel::Wgmma(WgSchedule::V1),
-            Ok("wgmma-pipe") => DecodeKernel::Wgmma(WgSchedule::Pipelined),
-            _ if rows <= 32 => mma,
-            _ => DecodeKernel::Wgmma(WgSchedule::V2),
+            Ok("tma") => DecodeKernel::Tma { tile },
+            Ok("mma") => DecodeKernel::MmaSync { tile },
+            Ok("wgmma") => DecodeKernel::Wgmma,
+            _ if rows <= 32 => DecodeKernel::Tma { tile },
+            _ => DecodeKernel::Wgmma,
         }
     }
     pub fn tile(self) -> usize {
         match self {
-            DecodeKernel::MmaSync { tile } => tile,
-            DecodeKernel::Wgmma(_) => GPU_ROW_TILE,
+            DecodeKernel::Tma { tile } | DecodeKernel::MmaSync { tile } => tile,
+            DecodeKernel::Wgmma => GPU_ROW_TILE,
         }
     }
-    /// (module, function, dynamic shared memory bytes), kept in step with the kernels'
-    /// `Smem` layouts.
-    fn function(self, ty: &str) -> (&'static str, String, usize) {
-        let kv = 2 * BLOCK_SIZE * HEAD_DIM * 2;
+    /// (module, function, dynamic shared memory bytes, threads per block), kept in step
+    /// with the kernels' `Smem` layouts and launch comments.
+    fn function(self, ty: &str) -> (&'static str, String, usize, u32) {
+        let row = HEAD_DIM * 2; // bytes of one latent row
+        // MmaScratch<M> (mma_tile.cuh): P, two reduction arrays, three row statistics.
+        let mma_scratch = |t: usize| t * BLOCK_SIZE * 2 + 1024 + 3 * t * 4;
         match self {
-            DecodeKernel::MmaSync { tile } => {
-                let bytes = tile * HEAD_DIM * 2 + kv + tile * BLOCK_SIZE * 2 + 1024 + 3 * tile * 4;
-                ("sm90/mla_decode", format!("mla_decode_{ty}_m{tile}"), bytes)
+            DecodeKernel::Tma { tile } => {
+                // 5 half-block stages, Q, scratch, 12 mbarriers, 1024 of alignment slack.
+                let bars = (5 * (BLOCK_SIZE / 2) * row + tile * row + mma_scratch(tile)).div_ceil(8) * 8;
+                ("sm90/mla_decode_tma", format!("mla_decode_{ty}_tma{tile}"), bars + 12 * 8 + 1024, 384)
             }
-            DecodeKernel::Wgmma(schedule) => {
+            DecodeKernel::MmaSync { tile } => {
+                let bytes = tile * row + 2 * BLOCK_SIZE * row + mma_scratch(tile);
+                ("sm90/mla_decode", format!("mla_decode_{ty}_m{tile}"), bytes, 256)
+            }
+            DecodeKernel::Wgmma => {
                 let t = GPU_ROW_TILE;
-                let bytes = t * HEAD_DIM * 2 + kv + t * BLOCK_SIZE * 2 + 4 * t * 4 + 3 * t * 4 + 1024;
-                let suffix = match schedule {
-                    WgSchedule::V1 => "v1",
-                    WgSchedule::Pipelined => "p",
-                    WgSchedule::V2 => "",
-                };
-                ("sm90/mla_decode_wgmma", format!("mla_decode_{ty}_wg64{suffix}"), bytes)
+                let bytes = t * row + 2 * BLOCK_SIZE * row + t * BLOCK_SIZE * 2 + 4 * t * 4 + 3 * t * 4 + 1024;
+                ("sm90/mla_decode_wgmma", format!("mla_decode_{ty}_wg64"), bytes, 256)
             }
         }
     }
@@ -141,7 +135,7 @@ pub fn decode_into(
     };
     let kernel = DecodeKernel::for_rows(rows);
     let tile = kernel.tile();
-    let (module, name, smem) = kernel.function(ty);
+    let (module, name, smem, threads) = kernel.function(ty);
     let smem = smem as u32;
     let f = g.kernels().function(module, &name, smem)?;
     let fc = g.kernels().function("sm90/mla_combine", &format!("mla_combine_{ty}"), 0)?;
@@ -169,8 +163,18 @@ pub fn decode_into(
         causal: opts.causal as i32,
         scale,
         scale_log2: scale * std::f32::consts::LOG2_E,
+        q_map: Default::default(),
+        kv_map: Default::default(),
     };
-    let dims = LaunchDims { grid: (plan.num_parts as u32, rows.div_ceil(tile) as u32, 1), block: (256, 1, 1), smem };
+    let p = match kernel {
+        DecodeKernel::Tma { tile } => MlaDecodeParams {
+            q_map: tma::q_map(p.q, s.dtype, s.b, rows, tile)?,
+            kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE / 2)?,
+            ..p
+        },
+        _ => p,
+    };
+    let dims = LaunchDims { grid: (plan.num_parts as u32, rows.div_ceil(tile) as u32, 1), block: (threads, 1, 1), smem };
     unsafe { launch(&f, stream, &dims, &p)? };
 
     let c = MlaCombineParams {

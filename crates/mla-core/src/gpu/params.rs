@@ -7,6 +7,12 @@ pub const MLA_ERR_SEQLEN: i32 = 2;
 pub const MLA_ERR_PLAN: i32 = 4;
 pub const MLA_META_INTS: usize = 8;
 
+/// A `CUtensorMap` (`mla::TmaMap` in `kernels/sm90/tma.cuh`): 128 opaque bytes, 64-byte
+/// aligned, encoded by [`super::tma`]. All zero for kernels that do not use it.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TmaMap(pub [u64; 16]);
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct MlaPlanParams {
@@ -46,6 +52,8 @@ pub struct MlaDecodeParams {
     pub causal: i32,
     pub scale: f32,
     pub scale_log2: f32,
+    pub q_map: TmaMap,
+    pub kv_map: TmaMap,
 }
 
 #[repr(C)]
