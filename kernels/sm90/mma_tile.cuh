@@ -67,19 +67,28 @@ struct MmaScratch {
     static constexpr int BYTES = ROW_A + M * 4;
 };
 
-// Per-thread state of one tile over one segment.
-template <int RG>
+// Per-thread state of one tile over one segment. The first QR of the 36 k-steps of the
+// warp's Q fragments (its 16 rows: 4 registers a k-step, 144 for all) stay in registers
+// for the whole segment, so S reads that much less from shared memory (8 warps would
+// otherwise read all of Q once each per block).
+template <int RG, int QR = 0>
 struct MmaTileState {
     float o[RG][8][4];
     int key_end[2];  // exclusive key bound of this thread's two phase-1 rows
+    uint32_t qf[QR > 0 ? QR : 1][4];
 };
 
-template <typename T, int RG>
+// KS: independent accumulator sets for S (the 36 k-steps form KS dependency chains of
+// 36 / KS mma each instead of one).
+template <typename T, int RG, int KS = 1, int QR = 0>
 struct MmaTile {
+    static_assert(QR >= 0 && QR <= D / 16 && QR % KS == 0, "QR counts k-steps, whole rounds of KS");
+    static_assert((D / 16) % KS == 0, "KS must divide the 36 k-steps");
     static constexpr int M = RG * 16;
     static constexpr int NCG = MMA_WARPS / RG;  // warps sharing one 16-row group in phase 1
     static constexpr int NT1 = RG;              // 8-key mma tiles per warp in phase 1
     using L = MmaScratch<M>;
+    using State = MmaTileState<RG, QR>;
 
     int lane, warp, rg, cg, g, t4;
     char* scratch;         // MmaScratch<M> bytes (generic pointer)
@@ -98,7 +107,7 @@ struct MmaTile {
 
     // Starts a segment: running statistics and the accumulator reset (call after a barrier
     // that ends the previous segment's epilogue; `tid` < M threads write the statistics).
-    __device__ void begin(const MlaDecodeParams& p, int tid, int r0, int len, MmaTileState<RG>& st) const {
+    __device__ void begin(const MlaDecodeParams& p, int tid, int r0, int len, State& st) const {
         if (tid < M) { f(L::ROW_M)[tid] = -CUDART_INF_F; f(L::ROW_L)[tid] = 0.f; }
 #pragma unroll
         for (int h = 0; h < 2; ++h) st.key_end[h] = key_end_of_row(p, r0 + rg * 16 + g + h * 8, len);
@@ -110,13 +119,21 @@ struct MmaTile {
                 for (int c = 0; c < 4; ++c) st.o[a][b][c] = 0.f;
     }
 
+    // The first QR k-steps of this warp's Q fragments into registers (once per segment,
+    // after Q landed).
+    template <typename QAt>
+    __device__ void load_q(const QAt& q_at, State& st) const {
+#pragma unroll
+        for (int kk = 0; kk < QR; ++kk) ldsm_x4(st.qf[kk], q_at(rg * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+    }
+
     // Phase 1 and 2 of block n: S = Q K^T, then the online softmax into P and the row
     // statistics. q_at(row, chunk) / k_at(key, chunk) give the shared-memory address of a
     // 16-byte chunk of Q row `row` / K row `key` (0..63) of the block. `after_s()` runs once
     // this warp has read Q and K for S. Ends with P and the factors in shared memory,
     // behind a barrier.
     template <typename QAt, typename KAt, typename Sync, typename AfterS>
-    __device__ void scores(const MlaDecodeParams& p, int tid, int n, const QAt& q_at, const KAt& k_at, MmaTileState<RG>& st,
+    __device__ void scores(const MlaDecodeParams& p, int tid, int n, const QAt& q_at, const KAt& k_at, State& st,
                            const Sync& sync, const AfterS& after_s) const {
         float* red_max = f(L::RED_MAX);
         float* red_sum = f(L::RED_SUM);
@@ -124,31 +141,52 @@ struct MmaTile {
         float* row_l = f(L::ROW_L);
         float* row_a = f(L::ROW_A);
 
-        float s[NT1][4];
+        float s[NT1][4], sk[KS][NT1][4];
 #pragma unroll
-        for (int a = 0; a < NT1; ++a)
+        for (int u = 0; u < KS; ++u)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) s[a][c] = 0.f;
+            for (int a = 0; a < NT1; ++a)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) sk[u][a][c] = 0.f;
         const int key0 = cg * 8 * NT1;
-#pragma unroll 4
-        for (int kk = 0; kk < D / 16; ++kk) {
-            uint32_t af[4];
-            ldsm_x4(af, q_at(rg * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+        // k-step kk into accumulator set u; A from registers for the first QR k-steps.
+        const auto step = [&](int kk, int u) {
+            uint32_t qa[4];
+            if (kk >= QR) ldsm_x4(qa, q_at(rg * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+            const uint32_t* af = kk < QR ? st.qf[kk < QR ? kk : 0] : qa;
             if constexpr (NT1 == 1) {
                 uint32_t bf[2];
                 ldsm_x2(bf, k_at(key0 + (lane & 7), kk * 2 + ((lane >> 3) & 1)));
-                mma16816<T>(s[0], af, bf);
+                mma16816<T>(sk[u][0], af, bf);
             } else {
 #pragma unroll
                 for (int np = 0; np < NT1 / 2; ++np) {
                     uint32_t bf[4];
                     const int grp = lane >> 3;
                     ldsm_x4(bf, k_at(key0 + np * 16 + (lane & 7) + (grp >> 1) * 8, kk * 2 + (grp & 1)));
-                    mma16816<T>(s[np * 2], af, bf);
-                    mma16816<T>(s[np * 2 + 1], af, bf + 2);
+                    mma16816<T>(sk[u][np * 2], af, bf);
+                    mma16816<T>(sk[u][np * 2 + 1], af, bf + 2);
                 }
             }
-        }
+        };
+        constexpr int QRK = QR / KS * KS;  // register k-steps, whole accumulator rounds
+#pragma unroll
+        for (int k0 = 0; k0 < QRK; k0 += KS)
+#pragma unroll
+            for (int u = 0; u < KS; ++u) step(k0 + u, u);
+#pragma unroll(4 / KS > 0 ? 4 / KS : 1)
+        for (int k0 = QRK; k0 < D / 16; k0 += KS)
+#pragma unroll
+            for (int u = 0; u < KS; ++u) step(k0 + u, u);
+#pragma unroll
+        for (int a = 0; a < NT1; ++a)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                float x = sk[0][a][c];
+#pragma unroll
+                for (int u = 1; u < KS; ++u) x += sk[u][a][c];
+                s[a][c] = x;
+            }
         after_s();
 
         // Online softmax (log2 domain). Keys past a row's bound (the sequence end, causal
@@ -226,7 +264,7 @@ struct MmaTile {
     // Phase 3 of a block: O = O * alpha + P V over columns warp*64.., V read through
     // v_at(key, chunk) (the first 64 chunks of the block's K rows).
     template <typename VAt>
-    __device__ void accumulate(const VAt& v_at, MmaTileState<RG>& st) const {
+    __device__ void accumulate(const VAt& v_at, State& st) const {
         const float* row_a = f(L::ROW_A);
 #pragma unroll
         for (int a = 0; a < RG; ++a) {
@@ -257,7 +295,7 @@ struct MmaTile {
 
     // Epilogue of a segment: normalise and write (final, or a partial for combine), from
     // registers. Call after the barrier that ends the segment's last block.
-    __device__ void finish(const MlaDecodeParams& p, const Segment& sg, int tid, int r0, const MmaTileState<RG>& st) const {
+    __device__ void finish(const MlaDecodeParams& p, const Segment& sg, int tid, int r0, const State& st) const {
         const float* row_m = f(L::ROW_M);
         const float* row_l = f(L::ROW_L);
 #pragma unroll

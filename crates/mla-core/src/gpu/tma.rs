@@ -22,6 +22,19 @@ fn data_type(dtype: DType) -> sys::CUtensorMapDataType {
     }
 }
 
+/// L2 promotion of the boxes' reads: none (measured on the H200: 256-byte promotion cost
+/// 5-7% of the read rate; BENCHMARKS.md). MLA_TMA_L2_PROMOTION=64|128|256 overrides it,
+/// for measuring.
+fn l2_promotion() -> sys::CUtensorMapL2promotion {
+    use sys::CUtensorMapL2promotion::*;
+    match std::env::var("MLA_TMA_L2_PROMOTION").as_deref() {
+        Ok("64") => CU_TENSOR_MAP_L2_PROMOTION_L2_64B,
+        Ok("128") => CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+        Ok("256") => CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        _ => CU_TENSOR_MAP_L2_PROMOTION_NONE,
+    }
+}
+
 /// A rank-3 map over a contiguous [dims[2]][dims[1]][576] tensor of two-byte values,
 /// boxes of 64 columns x `box_rows` rows x 1, 128-byte swizzle. Boxes that reach past the
 /// tensor (rows past the end) are zero-filled by the copy engine, never read.
@@ -45,7 +58,7 @@ fn encode_rows(ptr: u64, dtype: DType, dims: [u64; 3], box_rows: u32) -> Result<
             element_strides.as_ptr(),
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
             sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            l2_promotion(),
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
     };
