@@ -477,6 +477,7 @@ function cmdInfo(argv: string[]): number {
   const s = gpuStatus()
   console.log(`mla-decode ${version()} (node ${process.version}, ${process.platform}-${process.arch})`)
   console.log(`gpu: ${s.available ? 'available' : 'unavailable'}; ${s.deviceCount} CUDA device(s); kernels ${s.kernelsBuilt ? 'built (sm_90a)' : 'not built'}${s.reason ? `; ${s.reason}` : ''}`)
+  console.log(`driver: ${s.driverVersion ? `CUDA ${s.driverVersion.join('.')}` : 'none'}; kernels: ${s.kernelsCompiler ?? 'none'}`)
   using dev = openDevice(values.device)
   const i = dev.info
   console.log(`device (${values.device}): ${i.name}`)

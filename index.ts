@@ -59,7 +59,8 @@ export const DEFAULT_SOFTMAX_SCALE = 1 / 24
  * | `ERR_CACHE_EXHAUSTED` | the paged cache has no free block left |
  * | `ERR_UNKNOWN_SEQUENCE` | a sequence id the cache does not know (freed or never created) |
  * | `ERR_GPU_UNAVAILABLE` | no usable CUDA GPU (no driver, no device, not compute capability 9.0) |
- * | `ERR_KERNELS_UNAVAILABLE` | this build carries no GPU kernels (nvcc was absent at build time) |
+ * | `ERR_KERNELS_UNAVAILABLE` | this build carries no GPU kernels (no CUDA compiler at build time) |
+ * | `ERR_DRIVER_TOO_OLD` | the NVIDIA driver is older than the kernels need (a driver for CUDA 12.0, R525.60.13, or newer); the message names the driver's CUDA version and the one needed |
  * | `ERR_CUDA` | a CUDA driver call failed |
  * | `ERR_DISPOSED` | the object was disposed |
  * | `ERR_DEVICE_MISMATCH` | tensors live on different devices |
@@ -77,6 +78,7 @@ export type ErrorCode =
   | 'ERR_UNKNOWN_SEQUENCE'
   | 'ERR_GPU_UNAVAILABLE'
   | 'ERR_KERNELS_UNAVAILABLE'
+  | 'ERR_DRIVER_TOO_OLD'
   | 'ERR_CUDA'
   | 'ERR_DISPOSED'
   | 'ERR_DEVICE_MISMATCH'
@@ -95,6 +97,7 @@ export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
   'ERR_UNKNOWN_SEQUENCE',
   'ERR_GPU_UNAVAILABLE',
   'ERR_KERNELS_UNAVAILABLE',
+  'ERR_DRIVER_TOO_OLD',
   'ERR_CUDA',
   'ERR_DISPOSED',
   'ERR_DEVICE_MISMATCH',
@@ -211,8 +214,16 @@ export interface GpuStatus {
   available: boolean
   /** CUDA devices visible to the driver (0 without a driver). */
   deviceCount: number
-  /** Whether this build carries the sm_90a kernels (nvcc was present at build time). */
+  /** Whether this build carries the sm_90a kernels (a CUDA compiler was present at build time). */
   kernelsBuilt: boolean
+  /** The compiler that built the kernels, e.g. `'NVRTC 12.9 + ptxas 12.9.86 (repo .cuda)'`; absent without kernels. */
+  kernelsCompiler?: string
+  /**
+   * The CUDA version the installed driver supports (cuDriverGetVersion), `[major, minor]`,
+   * e.g. `[12, 8]`; absent without a driver. Below `[12, 0]` the GPU path throws
+   * `ERR_DRIVER_TOO_OLD`.
+   */
+  driverVersion?: [number, number]
   /** Why the GPU path is unusable, when it is. */
   reason?: string
 }
@@ -230,6 +241,8 @@ export interface GpuStatus {
 export function gpuStatus(): GpuStatus {
   const s = call(() => native.gpuStatus())
   const r: GpuStatus = { available: s.available, deviceCount: s.deviceCount, kernelsBuilt: s.kernelsBuilt }
+  if (s.kernelsCompiler != null) r.kernelsCompiler = s.kernelsCompiler
+  if (s.driverVersion != null) r.driverVersion = [s.driverVersion[0]!, s.driverVersion[1]!]
   if (s.reason != null) r.reason = s.reason
   return r
 }

@@ -86,6 +86,12 @@ test('gpuStatus reports a consistent state', (t) => {
   t.is(typeof s.available, 'boolean')
   t.is(typeof s.deviceCount, 'number')
   t.is(typeof s.kernelsBuilt, 'boolean')
+  t.is(s.kernelsCompiler !== undefined, s.kernelsBuilt)
+  if (s.kernelsCompiler !== undefined) t.regex(s.kernelsCompiler, /^(NVRTC \d+\.\d+ \+ ptxas|nvcc) \d+\.\d+/)
+  if (s.driverVersion !== undefined) {
+    t.is(s.driverVersion.length, 2)
+    t.true(s.driverVersion.every(Number.isInteger))
+  } else t.false(s.available)
   if (s.available) t.is(s.reason, undefined)
   else t.is(typeof s.reason, 'string')
   t.log(JSON.stringify(s))

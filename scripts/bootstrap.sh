@@ -5,7 +5,7 @@
 #   bash scripts/bootstrap.sh && npm run demo
 #
 # Needs: cargo (Rust >= 1.88), Node >= 20.3, npm; python3 + pip + network for the CUDA
-# compiler. Without nvcc the build is CPU-only: everything works except the CUDA device,
+# compiler. Without a CUDA compiler the build is CPU-only: everything works except the CUDA device,
 # and Device.open('cuda') throws ERR_KERNELS_UNAVAILABLE (never a silent CPU fallback).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,7 +19,8 @@ node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.ex
   || { echo "bootstrap: Node $(node -v) is too old: >= 20.3 is needed (N-API 9)" >&2; exit 1; }
 say "cargo $(cargo --version | cut -d' ' -f2), node $(node -v), npm $(npm -v)"
 
-# 1. nvcc (from NVIDIA's PyPI wheels, into .cuda/). Optional: continue CPU-only, loudly.
+# 1. The CUDA 12.9 compiler (NVRTC + ptxas from NVIDIA's PyPI wheels, into .cuda/).
+#    Optional: continue CPU-only, loudly.
 say "installing the CUDA compiler (scripts/install-cuda.sh)"
 cuda_rc=0
 if [[ -f scripts/install-cuda.sh ]]; then
@@ -38,7 +39,7 @@ if [[ $cuda_rc -ne 0 ]]; then
   ************************************************************************************
 
 MSG
-  # Whatever nvcc the build may still find (PATH, CUDA_HOME) must not fail it.
+  # Whatever CUDA compiler the build may still find (PATH, CUDA_HOME) must not fail it.
   export MLA_ALLOW_KERNEL_FAILURE=1
 fi
 

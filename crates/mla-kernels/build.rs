@@ -1,19 +1,25 @@
-//! Compiles `<repo root>/kernels/<arch dir>/*.cu` to cubins with nvcc and generates
-//! `OUT_DIR/registry.rs` (the `MODULES` table, `UNAVAILABLE_REASON`, `NVCC_VERSION`).
+//! Compiles `<repo root>/kernels/<arch dir>/*.cu` to cubins and generates
+//! `OUT_DIR/registry.rs` (the `MODULES` table, `UNAVAILABLE_REASON`, `NVCC_VERSION`,
+//! `COMPILER`).
 //!
-//! nvcc is looked for, in order, at `$MLA_NVCC`, `<repo root>/.cuda/bin/nvcc` (made by
-//! `scripts/install-cuda.sh`), `$CUDA_HOME/bin/nvcc`, and `nvcc` on `PATH`. Without nvcc
-//! the build succeeds with an empty registry (CPU-only). With nvcc, a kernel that fails to
-//! compile fails the build, unless `MLA_ALLOW_KERNEL_FAILURE=1` (then: CPU-only, and
-//! `UNAVAILABLE_REASON` says why).
+//! The compiler is looked for, in order: `$MLA_NVCC` (a toolkit's nvcc); the CUDA folder
+//! `$MLA_CUDA_DIR`, else `<repo root>/.cuda` (made by `scripts/install-cuda.sh`), which holds
+//! either `bin/nvcc` or NVRTC + ptxas (`lib/libnvrtc.so.12`, `bin/ptxas`: the CUDA 12.x
+//! wheels carry no nvcc, so the kernels go CUDA C++ -> PTX with NVRTC, then PTX -> cubin with
+//! ptxas, the device half of what nvcc does); `$CUDA_HOME/bin/nvcc`; `nvcc` on `PATH`.
+//! Without a compiler the build succeeds with an empty registry (CPU-only). With one, a
+//! kernel that fails to compile fails the build, unless `MLA_ALLOW_KERNEL_FAILURE=1` (then:
+//! CPU-only, and `UNAVAILABLE_REASON` says why).
 //!
 //! Other knobs: `MLA_KERNELS_VERBOSE=1` prints ptxas's whole report as cargo warnings;
-//! `MLA_NVCC_FLAGS` appends flags (space-separated) to every nvcc command line.
+//! `MLA_NVCC_FLAGS` appends flags (space-separated) to every nvcc command line (with NVRTC:
+//! to its options); `MLA_PTXAS_FLAGS` appends flags to ptxas (NVRTC route only).
 //! Each module is cached in OUT_DIR under a hash of its inputs (source, every header under
 //! kernels/, nvcc and its version, flags), so a rerun only recompiles what changed.
 
 use std::collections::BTreeMap;
 use std::env;
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -25,20 +31,23 @@ use std::sync::Mutex;
 struct ArchTarget {
     /// Folder under `kernels/`.
     dir: &'static str,
-    /// Value of `Module::arch`.
+    /// Value of `Module::arch`, and the real architecture the cubin is for.
     arch: &'static str,
-    /// nvcc's code-generation flags for this folder.
-    gencode: &'static [&'static str],
+    /// The virtual architecture the PTX is generated for.
+    virtual_arch: &'static str,
 }
 
 const TARGETS: &[ArchTarget] = &[ArchTarget {
     dir: "sm90",
     arch: "sm_90a",
-    gencode: &["-gencode", "arch=compute_90a,code=sm_90a"],
+    virtual_arch: "compute_90a",
 }];
 
-/// Flags for every kernel. No fast math: precision matters (see the accuracy contract).
+/// nvcc flags for every kernel. No fast math: precision matters (see the accuracy contract).
 const COMMON_FLAGS: &[&str] = &["-cubin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v"];
+/// The same with NVRTC, then ptxas (NVRTC has no -O: it always optimises).
+const NVRTC_FLAGS: &[&str] = &["-std=c++17", "--generate-line-info"];
+const PTXAS_FLAGS: &[&str] = &["-O3", "-v", "--generate-line-info"];
 
 /// Extensions of files that any kernel may include (all of them under kernels/ are
 /// dependencies of every module).
@@ -47,6 +56,8 @@ const HEADER_EXTS: &[&str] = &["cuh", "h", "hpp", "inc", "inl"];
 /// Environment variables that change what gets built.
 const TRACKED_ENV: &[&str] = &[
     "MLA_NVCC",
+    "MLA_CUDA_DIR",
+    "MLA_PTXAS_FLAGS",
     "CUDA_HOME",
     "MLA_NVCC_FLAGS",
     "MLA_KERNELS_VERBOSE",
@@ -63,7 +74,10 @@ struct Job {
     cubin: PathBuf,
     report: PathBuf,
     stamp: PathBuf,
+    /// nvcc's arguments, or NVRTC's options (NVRTC route).
     args: Vec<String>,
+    /// ptxas's arguments (NVRTC route).
+    ptxas_args: Vec<String>,
     hash: String,
 }
 
@@ -98,28 +112,45 @@ fn main() {
         }
     }
 
-    let nvcc = match find_nvcc(&root) {
+    let nvrtc_dir = manifest.join("nvrtc");
+    println!("cargo:rerun-if-changed={}", nvrtc_dir.display());
+    let nvcc = match find_compiler(&root) {
         Ok(n) => n,
         Err(looked) => {
-            let reason = format!("nvcc not found (looked in {looked}): building without GPU kernels; run scripts/install-cuda.sh");
+            let reason = format!("no CUDA compiler found (looked in {looked}): building without GPU kernels; run scripts/install-cuda.sh");
             println!("cargo:warning={reason}");
             // Only existing paths may be watched (a missing one reruns this script, and
             // rebuilds every dependent crate, on every build), so nothing is watched for a
             // later install: scripts/install-cuda.sh touches this build.rs instead.
             println!("cargo:available=0");
-            write_registry(&out_dir, &[], &reason, "");
+            write_registry(&out_dir, &[], &reason, "", "");
             return;
         }
     };
     println!("cargo:rerun-if-changed={}", nvcc.path.display());
+    let nvrtc = match &nvcc.nvrtc {
+        None => None,
+        Some(lib) => {
+            println!("cargo:rerun-if-changed={}", lib.display());
+            match Nvrtc::load(lib) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    let allow = env_flag("MLA_ALLOW_KERNEL_FAILURE");
+                    fail_or_degrade(allow, &out_dir, &format!("NVRTC at {} does not load: {e}", lib.display()), "", &[]);
+                    return;
+                }
+            }
+        }
+    };
     let allow_failure = env_flag("MLA_ALLOW_KERNEL_FAILURE");
     let verbose = env_flag("MLA_KERNELS_VERBOSE");
 
-    let (version, version_text) = match nvcc_version(&nvcc.path) {
+    let (version, mut version_text) = match nvcc_version(&nvcc.path) {
         Ok(v) => v,
         Err(e) => {
             let reason = format!(
-                "nvcc at {} ({}) does not run: {e}",
+                "{} at {} ({}) does not run: {e}",
+                if nvrtc.is_some() { "ptxas" } else { "nvcc" },
                 nvcc.path.display(),
                 nvcc.how
             );
@@ -128,6 +159,26 @@ fn main() {
         }
     };
     println!("cargo:nvcc_version={version}");
+    let compiler = match &nvrtc {
+        Some(n) => {
+            version_text.push_str(&format!("\nnvrtc {}.{}", n.version.0, n.version.1));
+            format!("NVRTC {}.{} + ptxas {version} ({})", n.version.0, n.version.1, nvcc.how)
+        }
+        None => format!("nvcc {version} ({})", nvcc.how),
+    };
+    let nvrtc_headers_hash = {
+        let mut h = Fnv::new();
+        for f in walk(&nvrtc_dir) {
+            h.str(&f.to_string_lossy());
+            h.bytes(&fs::read(&f).unwrap_or_default());
+        }
+        h.finish()
+    };
+    let ptxas_extra: Vec<String> = env::var("MLA_PTXAS_FLAGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
 
     // Collect the sources, one job per .cu file.
     let headers_hash = {
@@ -159,12 +210,34 @@ fn main() {
         for src in srcs {
             let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
             let cubin = out.join(format!("{stem}.cubin"));
-            let mut args: Vec<String> = t.gencode.iter().map(|s| s.to_string()).collect();
-            args.extend(COMMON_FLAGS.iter().map(|s| s.to_string()));
-            args.push(format!("-I{}", dir.display()));
-            args.push(format!("-I{}", kernels_dir.display()));
-            args.extend(extra_flags.iter().cloned());
+            let mut args: Vec<String> = Vec::new();
+            let mut ptxas_args: Vec<String> = Vec::new();
+            if nvrtc.is_some() {
+                args.push(format!("--gpu-architecture={}", t.virtual_arch));
+                args.extend(NVRTC_FLAGS.iter().map(|s| s.to_string()));
+                // Stand-ins for the host headers nvcc includes and NVRTC lacks.
+                args.push(format!("--pre-include={}", nvrtc_dir.join("mla_nvrtc_prelude.h").display()));
+                args.push(format!("-I{}", dir.display()));
+                args.push(format!("-I{}", kernels_dir.display()));
+                args.push(format!("-I{}", nvrtc_dir.display()));
+                args.push(format!("-I{}", nvcc.include.display()));
+                args.extend(extra_flags.iter().cloned());
+                ptxas_args.push(format!("-arch={}", t.arch));
+                ptxas_args.extend(PTXAS_FLAGS.iter().map(|s| s.to_string()));
+                ptxas_args.extend(ptxas_extra.iter().cloned());
+            } else {
+                args.push("-gencode".into());
+                args.push(format!("arch={},code={}", t.virtual_arch, t.arch));
+                args.extend(COMMON_FLAGS.iter().map(|s| s.to_string()));
+                args.push(format!("-I{}", dir.display()));
+                args.push(format!("-I{}", kernels_dir.display()));
+                args.extend(extra_flags.iter().cloned());
+            }
             let mut h = Fnv::new();
+            for a in &ptxas_args {
+                h.str(a);
+            }
+            h.str(&nvrtc_headers_hash);
             h.str(&nvcc.path.to_string_lossy());
             h.str(&version_text);
             for a in &args {
@@ -185,6 +258,7 @@ fn main() {
                 src,
                 cubin,
                 args,
+                ptxas_args,
                 hash: h.finish(),
             });
         }
@@ -222,7 +296,10 @@ fn main() {
             s.spawn(|| loop {
                 let next = queue.lock().unwrap().next();
                 let Some(i) = next else { break };
-                let r = compile(&nvcc.path, &jobs[i]);
+                let r = match &nvrtc {
+                    Some(n) => compile_nvrtc(n, &nvcc.path, &jobs[i]),
+                    None => compile(&nvcc.path, &jobs[i]),
+                };
                 *results[i].lock().unwrap() = Some(r);
             });
         }
@@ -254,7 +331,7 @@ fn main() {
     if !failures.is_empty() {
         let names: Vec<&str> = failures.iter().map(|(n, _)| n.as_str()).collect();
         let reason = format!(
-            "kernel(s) {} failed to compile with nvcc {version} ({})",
+            "kernel(s) {} failed to compile with {compiler} ({})",
             names.join(", "),
             nvcc.path.display()
         );
@@ -271,7 +348,7 @@ fn main() {
     } else {
         String::new()
     };
-    write_registry(&out_dir, &built, &reason, &version);
+    write_registry(&out_dir, &built, &reason, &version, &compiler);
 }
 
 /// A kernel failed (or nvcc does not run): fail the build with nvcc's output, or, with
@@ -292,52 +369,66 @@ fn fail_or_degrade(
             }
         }
         println!("cargo:available=0");
-        write_registry(out_dir, &[], &reason, version);
+        write_registry(out_dir, &[], &reason, version, "");
         return;
     }
     for (name, out) in failures {
-        eprintln!("==== nvcc output for {name} ====\n{out}");
+        eprintln!("==== compiler output for {name} ====\n{out}");
     }
     eprintln!("error: {reason}.\nA broken kernel does not silently make a CPU-only build; set MLA_ALLOW_KERNEL_FAILURE=1 to build without GPU kernels anyway.");
     std::process::exit(1);
 }
 
+/// The compiler: a toolkit's nvcc, or NVRTC + ptxas (then `path` is ptxas).
 struct Nvcc {
     path: PathBuf,
     how: &'static str,
+    /// libnvrtc for the NVRTC route.
+    nvrtc: Option<PathBuf>,
+    /// The CUDA headers (NVRTC route).
+    include: PathBuf,
 }
 
-/// $MLA_NVCC, <root>/.cuda/bin/nvcc, $CUDA_HOME/bin/nvcc, nvcc on PATH. An explicit
-/// MLA_NVCC that does not exist means "not found" (it is not skipped).
-fn find_nvcc(root: &Path) -> Result<Nvcc, String> {
+impl Nvcc {
+    fn nvcc(path: PathBuf, how: &'static str) -> Nvcc {
+        Nvcc { path, how, nvrtc: None, include: PathBuf::new() }
+    }
+}
+
+/// $MLA_NVCC; the CUDA folder ($MLA_CUDA_DIR, else <root>/.cuda) with bin/nvcc or with
+/// NVRTC + ptxas; $CUDA_HOME/bin/nvcc; nvcc on PATH. An explicit MLA_NVCC or MLA_CUDA_DIR
+/// that does not hold a compiler means "not found" (it is not skipped).
+fn find_compiler(root: &Path) -> Result<Nvcc, String> {
     if let Some(p) = env::var_os("MLA_NVCC").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         return if is_executable(&p) {
-            Ok(Nvcc {
-                path: p,
-                how: "MLA_NVCC",
-            })
+            Ok(Nvcc::nvcc(p, "MLA_NVCC"))
         } else {
             Err(format!("MLA_NVCC={} (no such executable)", p.display()))
         };
     }
     let mut looked = vec!["MLA_NVCC (unset)".to_string()];
-    let local = root.join(".cuda/bin/nvcc");
-    if is_executable(&local) {
-        return Ok(Nvcc {
-            path: local,
-            how: "repo .cuda",
-        });
+    let explicit = env::var_os("MLA_CUDA_DIR").filter(|p| !p.is_empty());
+    let (dir, how) = match &explicit {
+        Some(d) => (PathBuf::from(d), "MLA_CUDA_DIR"),
+        None => (root.join(".cuda"), "repo .cuda"),
+    };
+    if is_executable(&dir.join("bin/nvcc")) {
+        return Ok(Nvcc::nvcc(dir.join("bin/nvcc"), how));
     }
-    looked.push(local.display().to_string());
+    let (ptxas, lib) = (dir.join("bin/ptxas"), dir.join("lib/libnvrtc.so.12"));
+    if is_executable(&ptxas) && lib.is_file() {
+        return Ok(Nvcc { path: ptxas, how, nvrtc: Some(lib), include: dir.join("include") });
+    }
+    if explicit.is_some() {
+        return Err(format!("MLA_CUDA_DIR={} (neither bin/nvcc nor bin/ptxas + lib/libnvrtc.so.12)", dir.display()));
+    }
+    looked.push(format!("{} (bin/nvcc, or bin/ptxas + lib/libnvrtc.so.12)", dir.display()));
     match env::var_os("CUDA_HOME").filter(|p| !p.is_empty()) {
         Some(h) => {
             let p = PathBuf::from(h).join("bin/nvcc");
             if is_executable(&p) {
-                return Ok(Nvcc {
-                    path: p,
-                    how: "CUDA_HOME",
-                });
+                return Ok(Nvcc::nvcc(p, "CUDA_HOME"));
             }
             looked.push(p.display().to_string());
         }
@@ -347,15 +438,90 @@ fn find_nvcc(root: &Path) -> Result<Nvcc, String> {
         for dir in env::split_paths(&path) {
             let p = dir.join("nvcc");
             if is_executable(&p) {
-                return Ok(Nvcc {
-                    path: p,
-                    how: "PATH",
-                });
+                return Ok(Nvcc::nvcc(p, "PATH"));
             }
         }
     }
     looked.push("PATH".to_string());
     Err(looked.join(", "))
+}
+
+/// NVRTC's C API, loaded at build time from the toolkit folder (no link-time dependency:
+/// a build without CUDA must not need libnvrtc).
+struct Nvrtc {
+    _lib: libloading::Library,
+    version: (i32, i32),
+    create: unsafe extern "C" fn(*mut *mut c_void, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> c_int,
+    compile: unsafe extern "C" fn(*mut c_void, c_int, *const *const c_char) -> c_int,
+    log_size: unsafe extern "C" fn(*mut c_void, *mut usize) -> c_int,
+    log: unsafe extern "C" fn(*mut c_void, *mut c_char) -> c_int,
+    ptx_size: unsafe extern "C" fn(*mut c_void, *mut usize) -> c_int,
+    ptx: unsafe extern "C" fn(*mut c_void, *mut c_char) -> c_int,
+    destroy: unsafe extern "C" fn(*mut *mut c_void) -> c_int,
+}
+
+impl Nvrtc {
+    fn load(path: &Path) -> Result<Nvrtc, String> {
+        // SAFETY: libnvrtc's initialisers have no preconditions; the symbols below have the
+        // signatures of nvrtc.h (CUDA 12).
+        unsafe {
+            let lib = libloading::Library::new(path).map_err(|e| e.to_string())?;
+            macro_rules! sym {
+                ($name:literal) => {
+                    *lib.get($name).map_err(|e| format!("{}: {e}", String::from_utf8_lossy($name)))?
+                };
+            }
+            let version_fn: unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int = sym!(b"nvrtcVersion\0");
+            let mut version = (0, 0);
+            version_fn(&mut version.0, &mut version.1);
+            Ok(Nvrtc {
+                version,
+                create: sym!(b"nvrtcCreateProgram\0"),
+                compile: sym!(b"nvrtcCompileProgram\0"),
+                log_size: sym!(b"nvrtcGetProgramLogSize\0"),
+                log: sym!(b"nvrtcGetProgramLog\0"),
+                ptx_size: sym!(b"nvrtcGetPTXSize\0"),
+                ptx: sym!(b"nvrtcGetPTX\0"),
+                destroy: sym!(b"nvrtcDestroyProgram\0"),
+                _lib: lib,
+            })
+        }
+    }
+
+    /// CUDA C++ -> PTX text, and NVRTC's log (warnings).
+    fn to_ptx(&self, src: &Path, opts: &[String]) -> Result<(Vec<u8>, String), String> {
+        let code = CString::new(fs::read(src).map_err(|e| format!("{}: {e}", src.display()))?)
+            .map_err(|_| format!("{}: NUL byte in the source", src.display()))?;
+        let name = CString::new(src.to_string_lossy().into_owned()).unwrap();
+        let copts: Vec<CString> = opts.iter().map(|o| CString::new(o.as_str()).unwrap()).collect();
+        let ptrs: Vec<*const c_char> = copts.iter().map(|o| o.as_ptr()).collect();
+        // SAFETY: every pointer handed to NVRTC outlives the program, which is destroyed
+        // before returning; buffers are sized by NVRTC's own size queries.
+        unsafe {
+            let mut prog: *mut c_void = std::ptr::null_mut();
+            let rc = (self.create)(&mut prog, code.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null());
+            if rc != 0 {
+                return Err(format!("nvrtcCreateProgram failed ({rc})"));
+            }
+            let rc = (self.compile)(prog, ptrs.len() as c_int, ptrs.as_ptr());
+            let mut n = 0usize;
+            (self.log_size)(prog, &mut n);
+            let mut log = vec![0u8; n.max(1)];
+            (self.log)(prog, log.as_mut_ptr().cast());
+            let log = String::from_utf8_lossy(log.split(|&b| b == 0).next().unwrap_or(&[])).into_owned();
+            let result = if rc == 0 {
+                (self.ptx_size)(prog, &mut n);
+                let mut ptx = vec![0u8; n.max(1)];
+                (self.ptx)(prog, ptx.as_mut_ptr().cast());
+                ptx.truncate(ptx.iter().position(|&b| b == 0).unwrap_or(ptx.len()));
+                Ok((ptx, log))
+            } else {
+                Err(format!("$ nvrtc {} {}\n{log}", opts.join(" "), src.display()))
+            };
+            (self.destroy)(&mut prog);
+            result
+        }
+    }
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -371,7 +537,7 @@ fn is_executable(p: &Path) -> bool {
     }
 }
 
-/// ("13.0.88", whole `nvcc --version` text).
+/// ("12.9.86", whole `nvcc --version` or `ptxas --version` text).
 fn nvcc_version(nvcc: &Path) -> Result<(String, String), String> {
     let out = Command::new(nvcc)
         .arg("--version")
@@ -395,21 +561,8 @@ fn nvcc_version(nvcc: &Path) -> Result<(String, String), String> {
 }
 
 fn compile(nvcc: &Path, job: &Job) -> Result<Built, String> {
-    let read_cached = || -> Option<String> {
-        let stamp = fs::read_to_string(&job.stamp).ok()?;
-        if stamp.trim() != job.hash || !job.cubin.is_file() {
-            return None;
-        }
-        fs::read_to_string(&job.report).ok()
-    };
-    if let Some(report) = read_cached() {
-        return Ok(Built {
-            name: job.name.clone(),
-            arch: job.arch,
-            cubin: job.cubin.clone(),
-            report,
-            diagnostics: vec![],
-        });
+    if let Some(b) = cached(job) {
+        return Ok(b);
     }
     let _ = fs::remove_file(&job.stamp);
     let tmp = job.cubin.with_extension("cubin.tmp");
@@ -444,6 +597,52 @@ fn compile(nvcc: &Path, job: &Job) -> Result<Built, String> {
         report,
         diagnostics,
     })
+}
+
+/// NVRTC route: the source to PTX in-process, then ptxas to the cubin (with its report).
+fn compile_nvrtc(nvrtc: &Nvrtc, ptxas: &Path, job: &Job) -> Result<Built, String> {
+    if let Some(b) = cached(job) {
+        return Ok(b);
+    }
+    let _ = fs::remove_file(&job.stamp);
+    let (ptx, log) = nvrtc.to_ptx(&job.src, &job.args)?;
+    let ptx_path = job.cubin.with_extension("ptx");
+    fs::write(&ptx_path, &ptx).map_err(|e| format!("writing {}: {e}", ptx_path.display()))?;
+    let tmp = job.cubin.with_extension("cubin.tmp");
+    let out = Command::new(ptxas)
+        .args(&job.ptxas_args)
+        .arg(&ptx_path)
+        .arg("-o")
+        .arg(&tmp)
+        .output()
+        .map_err(|e| format!("could not run {}: {e}", ptxas.display()))?;
+    let text = log + &String::from_utf8_lossy(&out.stdout) + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let _ = fs::remove_file(&tmp);
+        return Err(format!(
+            "$ {} {} {} -o {}\n{}",
+            ptxas.display(),
+            job.ptxas_args.join(" "),
+            ptx_path.display(),
+            tmp.display(),
+            text
+        ));
+    }
+    fs::rename(&tmp, &job.cubin).map_err(|e| format!("moving {}: {e}", tmp.display()))?;
+    let (report, diagnostics) = split_output(&text);
+    fs::write(&job.report, &report).unwrap();
+    fs::write(&job.stamp, &job.hash).unwrap();
+    Ok(Built { name: job.name.clone(), arch: job.arch, cubin: job.cubin.clone(), report, diagnostics })
+}
+
+/// A module compiled earlier from the same inputs.
+fn cached(job: &Job) -> Option<Built> {
+    let stamp = fs::read_to_string(&job.stamp).ok()?;
+    if stamp.trim() != job.hash || !job.cubin.is_file() {
+        return None;
+    }
+    let report = fs::read_to_string(&job.report).ok()?;
+    Some(Built { name: job.name.clone(), arch: job.arch, cubin: job.cubin.clone(), report, diagnostics: vec![] })
 }
 
 /// Splits nvcc's output into ptxas's resource report (without the run-dependent
@@ -561,7 +760,7 @@ fn number_before(s: &str, unit: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn write_registry(out_dir: &Path, built: &[Built], reason: &str, version: &str) {
+fn write_registry(out_dir: &Path, built: &[Built], reason: &str, version: &str, compiler: &str) {
     let mut s = String::from("// Generated by crates/mla-kernels/build.rs.\n");
     s.push_str("pub static MODULES: &[Module] = &[\n");
     for b in built {
@@ -578,6 +777,7 @@ fn write_registry(out_dir: &Path, built: &[Built], reason: &str, version: &str) 
     s.push_str("];\n");
     writeln!(s, "pub static UNAVAILABLE_REASON: &str = {reason:?};").unwrap();
     writeln!(s, "pub static NVCC_VERSION: &str = {version:?};").unwrap();
+    writeln!(s, "pub static COMPILER: &str = {compiler:?};").unwrap();
     let path = out_dir.join("registry.rs");
     if fs::read_to_string(&path).ok().as_deref() != Some(s.as_str()) {
         fs::write(&path, s).unwrap();
