@@ -51,6 +51,7 @@ mod tests {
         }
         assert!(UNAVAILABLE_REASON.is_empty());
         assert!(!NVCC_VERSION.is_empty());
+        assert!(!COMPILER.is_empty());
         for m in MODULES {
             assert!(!m.cubin.is_empty(), "{}: empty cubin", m.name);
             assert_eq!(&m.cubin[..4], b"\x7fELF", "{}: not an ELF cubin", m.name);
