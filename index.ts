@@ -26,9 +26,62 @@ import type * as Native from './binding'
 // Node >= 20.4 defines Symbol.dispose; older runtimes get the conventional polyfill.
 ;(Symbol as { dispose?: symbol }).dispose ??= Symbol.for('Symbol.dispose')
 
-// The generated loader sits at the package root, next to dist/.
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-const native: typeof Native = require(path.join(__dirname, '..', 'binding.js'))
+// The generated loader sits at the package root, next to dist/. When the .node cannot be
+// found it throws napi-rs's generic text (an npm bug, wasm32-wasi...): say instead which
+// package and file are missing and how to get them.
+const NATIVE_PACKAGE = 'mla-decode-linux-x64-gnu'
+const NATIVE_FILE = 'mla-decode.linux-x64-gnu.node'
+const native: typeof Native = loadNative()
+
+function loadNative(): typeof Native {
+  const root = path.join(__dirname, '..')
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    return require(path.join(root, 'binding.js'))
+  } catch (e) {
+    throw nativeLoadError(root, e)
+  }
+}
+
+/** Why the native module did not load, as one actionable message (code: Node's own). */
+function nativeLoadError(root: string, e: unknown): Error {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const version: string = require(path.join(root, 'package.json')).version
+  const report = process.report?.getReport?.() as { header?: { glibcVersionRuntime?: string } } | undefined
+  const glibc = report?.header?.glibcVersionRuntime !== undefined
+  const here = `${process.platform}-${process.arch}${process.platform === 'linux' ? (glibc ? '-gnu' : '-musl') : ''}`
+  if (here !== 'linux-x64-gnu') {
+    return Object.assign(new Error(`mla-decode: no native module is built for ${here}: only linux-x64-gnu (x86-64 Linux with glibc) is supported`, { cause: e }), { code: 'ERR_UNSUPPORTED_PLATFORM' })
+  }
+  const local = path.join(root, NATIVE_FILE)
+  let pkgFile: string | undefined
+  try {
+    pkgFile = path.join(path.dirname(require.resolve(`${NATIVE_PACKAGE}/package.json`, { paths: [root] })), NATIVE_FILE)
+  } catch {
+    pkgFile = undefined
+  }
+  const fs = require('node:fs') as typeof import('node:fs')
+  const found = [local, pkgFile].find((f) => f !== undefined && fs.existsSync(f))
+  if (found !== undefined) {
+    // The file is there but does not load (glibc too old, a truncated file...): show why.
+    const causes: string[] = []
+    for (let c: unknown = e; c instanceof Error && causes.length < 8; c = (c as { cause?: unknown }).cause) causes.push(c.message)
+    const why = causes.find((m) => !m.includes('Cannot find module') && !m.startsWith('Cannot find native binding')) ?? causes[0]
+    return Object.assign(new Error(`mla-decode: the native module ${found} could not be loaded: ${why}`, { cause: e }), { code: 'ERR_DLOPEN_FAILED' })
+  }
+  const where = pkgFile === undefined ? `the package ${NATIVE_PACKAGE} is not installed` : `${pkgFile} is missing`
+  return Object.assign(
+    new Error(
+      `mla-decode: the native module is missing: it is the file ${NATIVE_FILE} of the package ${NATIVE_PACKAGE}@${version}, ` +
+        `an optional dependency of mla-decode, and ${where} (npm leaves optional dependencies out with --omit=optional, ` +
+        `and a lock file made on another platform may lack it). Install it: npm install ${NATIVE_PACKAGE}@${version}. ` +
+        `In an Electron app, unpack it from the asar archive (asarUnpack: "node_modules/${NATIVE_PACKAGE}/**"). ` +
+        `A source checkout builds ${local} with 'npm run build'.`,
+      { cause: e },
+    ),
+    { code: 'MODULE_NOT_FOUND' },
+  )
+}
 
 // ---------------------------------------------------------------------------------------
 // Constants
