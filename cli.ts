@@ -42,9 +42,9 @@ bench options:
   --dtype bf16|fp16            element type (default bf16, as FlashMLA's grid)
   --filter PREFIX              only labels starting with PREFIX (tag/s_q/mean/h_q/varlen,
                                e.g. grid/1/4096 or mtp)
-  --anchors FILE[,FILE]        FlashMLA anchor CSVs (e.g. flashmla-h100.csv,
-                               flashmla-h100-beyond.csv): adds anchor ms and speed-up
-                               columns and the geometric mean of the speed-ups
+  --anchors FILE[,FILE]        FlashMLA anchor CSVs (in the repository:
+                               bench/anchors/flashmla-h200.csv): adds anchor ms and
+                               speed-up columns and the geometric mean of the speed-ups
   --matmul-tflops T            a matmul ceiling for the floor_ms column (default: none,
                                the floor is then bytes at the copy ceiling)
   --out DIR                    output directory (default ./bench-out): bench.csv, bench.svg

@@ -54,14 +54,14 @@ for _ in range(10):
 ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e12))' ;;
     bench)
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" | grep -o '^[0-9]*' || true)
-      anchors=.device/anchors/flashmla-h100.csv,.device/anchors/flashmla-h100-beyond.csv
+      anchors=.device/anchors/flashmla-h200.csv
       for v in ${BENCH_VARIANTS:-default}; do
         run_stage "bench-$v" env MLA_DECODE_KERNEL=$v .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-$v.csv" --anchors $anchors ${BENCH_ARGS:-}
       done ;;
     # The user-facing command (TypeScript CLI over the same core): CSV + SVG chart.
     bench-cli)
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
-      run_stage bench-cli bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --no-progress --out '$OUT/cli' --anchors ../anchors/flashmla-h100.csv,../anchors/flashmla-h100-beyond.csv ${mm:+--matmul-tflops $mm} ${BENCH_ARGS:-}" ;;
+      run_stage bench-cli bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --no-progress --out '$OUT/cli' --anchors ../anchors/flashmla-h200.csv ${mm:+--matmul-tflops $mm} ${BENCH_ARGS:-}" ;;
   esac
 done
 
