@@ -229,6 +229,11 @@ function fail(code: ErrorCode, message: string): never {
 const MAX_I32 = 2 ** 31 - 1
 /** Largest tensor extent the binding accepts (u32::MAX). */
 const MAX_EXTENT = 2 ** 32 - 1
+/**
+ * Largest pool (blocks): `mla_core::cache::BLOCK_TABLE_PAD` (i32::MAX - 4095), the value
+ * batch() pads block tables with, so that no real block index can equal it.
+ */
+const MAX_CACHE_BLOCKS = 2 ** 31 - 4096
 /** Largest block-table width: max_blocks_per_seq * 64 must stay below 2^31 (i32::MAX / 64). */
 const MAX_BLOCKS_PER_SEQ = Math.floor(MAX_I32 / BLOCK_SIZE)
 
@@ -331,7 +336,15 @@ export function f16ToF32(bits: Uint16Array): Float32Array {
 // ---------------------------------------------------------------------------------------
 // Device
 
-/** Element types: bf16 / fp16 for q, the cache and out; fp32 for lse; int32 for indices. */
+/**
+ * Element types: bf16 / fp16 for q, the cache and out; fp32 for lse; int32 for indices.
+ *
+ * These four are the names the package uses and reports (`tensor.dtype`, `cache.dtype`).
+ * Where a dtype name is taken (`device.tensor`, `device.zeros`, `KvCache`), these aliases
+ * are accepted as well, for code ported from PyTorch / NumPy: `'bfloat16'` (bf16),
+ * `'float16'` and `'f16'` (fp16), `'float32'` and `'f32'` (fp32), `'i32'` (int32).
+ * Anything else is `ERR_DTYPE`.
+ */
 export type DType = 'bf16' | 'fp16' | 'fp32' | 'int32'
 /** A 16-bit float type (q, the cache, out). */
 export type HalfDType = 'bf16' | 'fp16'
@@ -724,9 +737,9 @@ export class Plan {
 
 /** Options of {@link KvCache}. */
 export interface KvCacheOptions {
-  /** Blocks in the pool (64 tokens each). */
+  /** Blocks in the pool (64 tokens each): an integer within [1, 2147479552]. */
   numBlocks: number
-  /** Element type of the pool (default `'bf16'`). */
+  /** Element type of the pool (default `'bf16'`; the aliases of {@link DType} work too). */
   dtype?: HalfDType
 }
 
@@ -754,7 +767,7 @@ export class KvCache {
   constructor(device: Device, opts: KvCacheOptions) {
     const d = want(device, Device, 'device')
     const { numBlocks, dtype = 'bf16' } = opts ?? ({} as KvCacheOptions)
-    int('numBlocks', numBlocks, 0, MAX_I32)
+    int('numBlocks', numBlocks, 1, MAX_CACHE_BLOCKS)
     this._n = call(() => new native.KvCache(d._n, numBlocks, dtype))
   }
 
@@ -1205,3 +1218,32 @@ export namespace bench {
     return r
   }
 }
+
+// ---------------------------------------------------------------------------------------
+// util.inspect / console.log: show what an object is (the handles' fields are native and
+// would print as `Tensor { _n: Tensor {} }`). Set on the prototypes, not declared in the
+// classes, so that the published .d.ts stays as it is.
+
+type Inspect = (v: unknown, o: object) => string
+function showAs<T extends object>(cls: { prototype: T; name: string }, fields: (x: T) => Record<string, unknown>): void {
+  Object.defineProperty(cls.prototype, Symbol.for('nodejs.util.inspect.custom'), {
+    value(this: T & { disposed: boolean }, _depth: number, options: object, inspect: Inspect): string {
+      if (this.disposed) return `${cls.name} <disposed>`
+      try {
+        return `${cls.name} ${inspect(fields(this), options)}`
+      } catch (e) {
+        return `${cls.name} <${e instanceof MlaError ? e.code : 'error'}>`
+      }
+    },
+  })
+}
+const deviceName = (d: Device): string => (d.kind === 'cuda' ? `cuda:${d.info.ordinal}` : 'cpu')
+showAs(Device, (d) => {
+  const i = d.info
+  return d.kind === 'cuda'
+    ? { kind: d.kind, ordinal: i.ordinal, name: i.name, computeCapability: i.computeCapability.join('.'), multiprocessors: i.multiprocessors }
+    : { kind: d.kind, name: i.name }
+})
+showAs(Tensor, (t) => ({ shape: t.shape, dtype: t.dtype, device: deviceName(t.device), storage: t.storage, nbytes: t.nbytes }))
+showAs(Plan, (p) => ({ batch: p.batch, rows: p.rows, numParts: p.numParts }))
+showAs(KvCache, (c) => ({ numBlocks: c.numBlocks, freeBlocks: c.freeBlocks, dtype: c.dtype, sequences: c.sequences().length, device: deviceName(c.device) }))

@@ -110,6 +110,9 @@ test('mla-decode bench --tiny on the CPU writes the table, CSV and SVG', (t) => 
   t.true((svg.match(/<rect /g)?.length ?? 0) >= n)
   t.is(svg.match(/class="ceiling"/g)?.length, 1)
   for (const c of bench.configs('tiny')) t.true(svg.includes(`>${c.label}</text>`))
+  // Each row shows its time, and the legend explains the labels.
+  t.is(svg.match(/<text class="ms"[^>]*>[0-9.]+<\/text>/g)?.length, n)
+  t.regex(svg, /tag\/s_q\/mean\/h_q\/varlen/)
   // Balanced tags: every opened element is closed (a cheap well-formedness check).
   const opens = svg.match(/<(\w+)[^>]*[^/]>/g)?.filter((s) => !s.startsWith('</')).length ?? 0
   t.is(opens, svg.match(/<\/\w+>/g)?.length ?? -1)
