@@ -42,9 +42,9 @@ bench options:
   --dtype bf16|fp16            element type (default bf16, as FlashMLA's grid)
   --filter PREFIX              only labels starting with PREFIX (tag/s_q/mean/h_q/varlen,
                                e.g. grid/1/4096 or mtp)
-  --anchors FILE[,FILE]        FlashMLA anchor CSVs (e.g. flashmla-h100.csv,
-                               flashmla-h100-beyond.csv): adds anchor ms and speed-up
-                               columns and the geometric mean of the speed-ups
+  --anchors FILE[,FILE]        FlashMLA anchor CSVs (in the repository:
+                               bench/anchors/flashmla-h200.csv): adds anchor ms and
+                               speed-up columns and the geometric mean of the speed-ups
   --matmul-tflops T            a matmul ceiling for the floor_ms column (default: none,
                                the floor is then bytes at the copy ceiling)
   --out DIR                    output directory (default ./bench-out): bench.csv, bench.svg
@@ -186,11 +186,12 @@ export function svgChart(rows: Row[], ceiling: number, title: { device: string; 
   const rowH = 18
   const barH = 12
   const labelW = 170
+  const msW = 96 // the ms column, between the labels and the GB/s panel
   const panelW = 430
   const gap = 70
   const left = 16
-  const top = 92
-  const x0a = left + labelW // GB/s panel origin
+  const top = 136
+  const x0a = left + labelW + msW // GB/s panel origin
   const x0b = x0a + panelW + gap // TFLOPS panel origin
   const width = x0b + panelW + 40
   const plotH = Math.max(1, n) * rowH
@@ -231,7 +232,16 @@ export function svgChart(rows: Row[], ceiling: number, title: { device: string; 
   if (withAnchors) {
     o.push(`<line x1="${lx}" y1="56" x2="${lx}" y2="68" stroke="#111" stroke-width="2"/><text x="${lx + 6}" y="66" font-size="11">FlashMLA (anchor)</text>`)
   }
-
+  // What a row label means, and what the ms column holds.
+  const mono = (x: string) => `<tspan font-family="Menlo, Consolas, monospace">${x}</tspan>`
+  for (const [i, line] of [
+    `rows: ${mono('tag/s_q/mean/h_q/varlen')}, e.g. ${mono('grid/1/4096/16/0')}. tag: grid (FlashMLA's grid), or short, imbalanced, mtp (beyond it); s_q: query tokens per sequence;`,
+    "mean: mean cache length (0: the imbalanced batch's own lengths); h_q: query heads; varlen: 1 = lengths drawn from Normal(mean, mean/2), 0 = all equal to the mean.",
+    `ms: median time of one decode${withAnchors ? " (FlashMLA's time in brackets)" : ''}; bars: GB/s and TFLOPS of that time.`,
+  ].entries()) {
+    o.push(`<text class="legend-labels" x="${left}" y="${84 + 14 * i}" font-size="11" fill="#333">${line}</text>`)
+  }
+  o.push(`<text x="${x0a - 8}" y="${top - 8}" text-anchor="end" font-weight="bold">ms</text>`)
   for (const [x0, name, dom, step] of [
     [x0a, 'GB/s', domG, stepG],
     [x0b, 'TFLOPS', domT, stepT],
@@ -250,7 +260,9 @@ export function svgChart(rows: Row[], ceiling: number, title: { device: string; 
     const y = top + i * rowH
     const yb = y + (rowH - barH) / 2
     if (i % 2 === 1) o.push(`<rect class="zebra" x="${left}" y="${y}" width="${width - left - 20}" height="${rowH}" fill="#f6f7f9"/>`)
-    o.push(`<text x="${x0a - 8}" y="${y + rowH / 2 + 4}" text-anchor="end" font-family="Menlo, Consolas, monospace" font-size="11">${esc(r.config.label)}</text>`)
+    o.push(`<text x="${x0a - msW - 8}" y="${y + rowH / 2 + 4}" text-anchor="end" font-family="Menlo, Consolas, monospace" font-size="11">${esc(r.config.label)}</text>`)
+    const msText = fmt.ms(r.m.ms) + (r.anchorMs !== undefined ? ` (${fmt.ms(r.anchorMs)})` : '')
+    o.push(`<text class="ms" x="${x0a - 8}" y="${y + rowH / 2 + 4}" text-anchor="end" font-size="11">${esc(msText)}</text>`)
     const color = tagColor(r.config)
     // FlashMLA's time on the same shape, as a rate: a black marker on the bar's row.
     const anchorRate = (work: number, scale: number) => (r.anchorMs !== undefined ? work / (r.anchorMs * 1e-3) / scale : undefined)
@@ -477,6 +489,7 @@ function cmdInfo(argv: string[]): number {
   const s = gpuStatus()
   console.log(`mla-decode ${version()} (node ${process.version}, ${process.platform}-${process.arch})`)
   console.log(`gpu: ${s.available ? 'available' : 'unavailable'}; ${s.deviceCount} CUDA device(s); kernels ${s.kernelsBuilt ? 'built (sm_90a)' : 'not built'}${s.reason ? `; ${s.reason}` : ''}`)
+  console.log(`driver: ${s.driverVersion ? `CUDA ${s.driverVersion.join('.')}` : 'none'}; kernels: ${s.kernelsCompiler ?? 'none'}`)
   using dev = openDevice(values.device)
   const i = dev.info
   console.log(`device (${values.device}): ${i.name}`)

@@ -4,14 +4,73 @@
 //
 //   npm run demo                       # auto device, sizes picked for it
 //   npm run demo -- --device cpu --batch 4 --seqlen 512 --iters 5
+//   npm run demo -- --help
 //
 // Compiled to dist/demo.js by `npm run build`.
 
-import { Device, KvCache, decodeBytes, decodeFlops, decodeSync, gpuStatus, type DeviceSpec } from './index'
+import { parseArgs } from 'node:util'
+import { Device, KvCache, MlaError, decodeBytes, decodeFlops, decodeSync, gpuStatus, type DeviceSpec } from './index'
 
-function arg(name: string): string | undefined {
-  const i = process.argv.indexOf(`--${name}`)
-  return i >= 0 ? process.argv[i + 1] : undefined
+const HELP = `mla-decode demo: decode a random batch on the best device and print ms, GB/s, TFLOPS
+
+Usage:
+  npm run demo -- [options]          (or: node dist/demo.js [options])
+
+Options:
+  --device auto|cpu|cuda[:n]   device (default auto: CUDA device 0 if usable, else CPU)
+  --batch N                    sequences (default 64 on CUDA, 8 on the CPU backend)
+  --seqlen N                   mean cache length in tokens; lengths are drawn from
+                               Normal(N, N/2), clamped to [2, 2N] (default 4096 on CUDA,
+                               1024 on the CPU backend)
+  --iters N                    timed runs per configuration, median reported (default 30
+                               on CUDA, 5 on the CPU backend)
+  --seed N                     seed of the random lengths and values (default 42)
+  -h, --help                   this text
+
+Exit status: 0 done, 1 a failure (printed as one line with its error code), 2 a usage error.`
+
+class UsageError extends Error {}
+
+interface Options {
+  device: DeviceSpec
+  batch?: number
+  seqlen?: number
+  iters?: number
+  seed: number
+}
+
+/** The command line, checked as the mla-decode CLI checks its own (same messages). */
+function parseOptions(argv: string[]): Options | 'help' {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    allowPositionals: false,
+    options: {
+      device: { type: 'string', default: 'auto' },
+      batch: { type: 'string' },
+      seqlen: { type: 'string' },
+      iters: { type: 'string' },
+      seed: { type: 'string' },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  })
+  if (values.help) return 'help'
+  if (!/^(auto|cpu|cuda(:\d+)?)$/.test(values.device)) throw new UsageError(`--device: expected auto, cpu, cuda or cuda:<n>, got '${values.device}'`)
+  const int = (name: string, s: string | undefined, min: number): number | undefined => {
+    if (s === undefined) return undefined
+    const n = Number(s)
+    if (s.trim() === '' || !Number.isSafeInteger(n) || n < min) {
+      throw new UsageError(`--${name}: expected ${min === 1 ? 'a positive integer' : `an integer >= ${min}`}, got '${s}'`)
+    }
+    return n
+  }
+  return {
+    device: values.device as DeviceSpec,
+    batch: int('batch', values.batch, 1),
+    seqlen: int('seqlen', values.seqlen, 1),
+    iters: int('iters', values.iters, 1),
+    seed: int('seed', values.seed, 0) ?? 42,
+  }
 }
 
 /** A small seeded normal generator (Box-Muller over mulberry32). */
@@ -32,16 +91,21 @@ function median(xs: number[]): number {
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2
 }
 
-function main(): void {
+function main(argv: string[]): number {
+  const opts = parseOptions(argv)
+  if (opts === 'help') {
+    console.log(HELP)
+    return 0
+  }
   const status = gpuStatus()
-  const dev = Device.open((arg('device') ?? 'auto') as DeviceSpec)
+  using dev = Device.open(opts.device)
   const info = dev.info
   const onGpu = dev.kind === 'cuda'
-  const batch = Number(arg('batch') ?? (onGpu ? 64 : 8))
-  const meanLen = Number(arg('seqlen') ?? (onGpu ? 4096 : 1024))
-  const iters = Number(arg('iters') ?? (onGpu ? 30 : 5))
+  const batch = opts.batch ?? (onGpu ? 64 : 8)
+  const meanLen = opts.seqlen ?? (onGpu ? 4096 : 1024)
+  const iters = opts.iters ?? (onGpu ? 30 : 5)
   const maxSq = 2
-  const normal = rng(Number(arg('seed') ?? 42))
+  const normal = rng(opts.seed)
 
   console.log(`mla-decode demo: ${dev.kind} backend, ${info.name}`)
   if (!onGpu) console.log(`  (GPU: ${status.available ? 'available but not selected' : `not used: ${status.reason}`})`)
@@ -109,6 +173,16 @@ function main(): void {
     if (i === 0) console.log(width.map((w) => '-'.repeat(w)).join('  '))
   }
   console.log(`\n(median of ${iters} runs, host-timed around decode + synchronize; GB/s and TFLOPS per the contract's formulas)`)
+  return 0
 }
 
-main()
+try {
+  process.exitCode = main(process.argv.slice(2))
+} catch (e) {
+  // One line per failure, with the error code: what a script or a person acts on.
+  const usage = e instanceof UsageError || (e instanceof Error && (e as { code?: string }).code?.startsWith('ERR_PARSE_ARGS'))
+  if (e instanceof MlaError) console.error(`mla-decode demo: ${e.code}: ${e.message}`)
+  else console.error(`mla-decode demo: ${e instanceof Error ? e.message : String(e)}`)
+  if (usage) console.error("run 'npm run demo -- --help' for the options")
+  process.exitCode = usage ? 2 : 1
+}

@@ -26,9 +26,62 @@ import type * as Native from './binding'
 // Node >= 20.4 defines Symbol.dispose; older runtimes get the conventional polyfill.
 ;(Symbol as { dispose?: symbol }).dispose ??= Symbol.for('Symbol.dispose')
 
-// The generated loader sits at the package root, next to dist/.
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-const native: typeof Native = require(path.join(__dirname, '..', 'binding.js'))
+// The generated loader sits at the package root, next to dist/. When the .node cannot be
+// found it throws napi-rs's generic text (an npm bug, wasm32-wasi...): say instead which
+// package and file are missing and how to get them.
+const NATIVE_PACKAGE = 'mla-decode-linux-x64-gnu'
+const NATIVE_FILE = 'mla-decode.linux-x64-gnu.node'
+const native: typeof Native = loadNative()
+
+function loadNative(): typeof Native {
+  const root = path.join(__dirname, '..')
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    return require(path.join(root, 'binding.js'))
+  } catch (e) {
+    throw nativeLoadError(root, e)
+  }
+}
+
+/** Why the native module did not load, as one actionable message (code: Node's own). */
+function nativeLoadError(root: string, e: unknown): Error {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const version: string = require(path.join(root, 'package.json')).version
+  const report = process.report?.getReport?.() as { header?: { glibcVersionRuntime?: string } } | undefined
+  const glibc = report?.header?.glibcVersionRuntime !== undefined
+  const here = `${process.platform}-${process.arch}${process.platform === 'linux' ? (glibc ? '-gnu' : '-musl') : ''}`
+  if (here !== 'linux-x64-gnu') {
+    return Object.assign(new Error(`mla-decode: no native module is built for ${here}: only linux-x64-gnu (x86-64 Linux with glibc) is supported`, { cause: e }), { code: 'ERR_UNSUPPORTED_PLATFORM' })
+  }
+  const local = path.join(root, NATIVE_FILE)
+  let pkgFile: string | undefined
+  try {
+    pkgFile = path.join(path.dirname(require.resolve(`${NATIVE_PACKAGE}/package.json`, { paths: [root] })), NATIVE_FILE)
+  } catch {
+    pkgFile = undefined
+  }
+  const fs = require('node:fs') as typeof import('node:fs')
+  const found = [local, pkgFile].find((f) => f !== undefined && fs.existsSync(f))
+  if (found !== undefined) {
+    // The file is there but does not load (glibc too old, a truncated file...): show why.
+    const causes: string[] = []
+    for (let c: unknown = e; c instanceof Error && causes.length < 8; c = (c as { cause?: unknown }).cause) causes.push(c.message)
+    const why = causes.find((m) => !m.includes('Cannot find module') && !m.startsWith('Cannot find native binding')) ?? causes[0]
+    return Object.assign(new Error(`mla-decode: the native module ${found} could not be loaded: ${why}`, { cause: e }), { code: 'ERR_DLOPEN_FAILED' })
+  }
+  const where = pkgFile === undefined ? `the package ${NATIVE_PACKAGE} is not installed` : `${pkgFile} is missing`
+  return Object.assign(
+    new Error(
+      `mla-decode: the native module is missing: it is the file ${NATIVE_FILE} of the package ${NATIVE_PACKAGE}@${version}, ` +
+        `an optional dependency of mla-decode, and ${where} (npm leaves optional dependencies out with --omit=optional, ` +
+        `and a lock file made on another platform may lack it). Install it: npm install ${NATIVE_PACKAGE}@${version}. ` +
+        `In an Electron app, unpack it from the asar archive (asarUnpack: "node_modules/${NATIVE_PACKAGE}/**"). ` +
+        `A source checkout builds ${local} with 'npm run build'.`,
+      { cause: e },
+    ),
+    { code: 'MODULE_NOT_FOUND' },
+  )
+}
 
 // ---------------------------------------------------------------------------------------
 // Constants
@@ -59,7 +112,8 @@ export const DEFAULT_SOFTMAX_SCALE = 1 / 24
  * | `ERR_CACHE_EXHAUSTED` | the paged cache has no free block left |
  * | `ERR_UNKNOWN_SEQUENCE` | a sequence id the cache does not know (freed or never created) |
  * | `ERR_GPU_UNAVAILABLE` | no usable CUDA GPU (no driver, no device, not compute capability 9.0) |
- * | `ERR_KERNELS_UNAVAILABLE` | this build carries no GPU kernels (nvcc was absent at build time) |
+ * | `ERR_KERNELS_UNAVAILABLE` | this build carries no GPU kernels (no CUDA compiler at build time) |
+ * | `ERR_DRIVER_TOO_OLD` | the NVIDIA driver is older than the kernels need (a driver for CUDA 12.0, R525.60.13, or newer); the message names the driver's CUDA version and the one needed |
  * | `ERR_CUDA` | a CUDA driver call failed |
  * | `ERR_DISPOSED` | the object was disposed |
  * | `ERR_DEVICE_MISMATCH` | tensors live on different devices |
@@ -77,6 +131,7 @@ export type ErrorCode =
   | 'ERR_UNKNOWN_SEQUENCE'
   | 'ERR_GPU_UNAVAILABLE'
   | 'ERR_KERNELS_UNAVAILABLE'
+  | 'ERR_DRIVER_TOO_OLD'
   | 'ERR_CUDA'
   | 'ERR_DISPOSED'
   | 'ERR_DEVICE_MISMATCH'
@@ -95,6 +150,7 @@ export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
   'ERR_UNKNOWN_SEQUENCE',
   'ERR_GPU_UNAVAILABLE',
   'ERR_KERNELS_UNAVAILABLE',
+  'ERR_DRIVER_TOO_OLD',
   'ERR_CUDA',
   'ERR_DISPOSED',
   'ERR_DEVICE_MISMATCH',
@@ -173,6 +229,11 @@ function fail(code: ErrorCode, message: string): never {
 const MAX_I32 = 2 ** 31 - 1
 /** Largest tensor extent the binding accepts (u32::MAX). */
 const MAX_EXTENT = 2 ** 32 - 1
+/**
+ * Largest pool (blocks): `mla_core::cache::BLOCK_TABLE_PAD` (i32::MAX - 4095), the value
+ * batch() pads block tables with, so that no real block index can equal it.
+ */
+const MAX_CACHE_BLOCKS = 2 ** 31 - 4096
 /** Largest block-table width: max_blocks_per_seq * 64 must stay below 2^31 (i32::MAX / 64). */
 const MAX_BLOCKS_PER_SEQ = Math.floor(MAX_I32 / BLOCK_SIZE)
 
@@ -211,8 +272,16 @@ export interface GpuStatus {
   available: boolean
   /** CUDA devices visible to the driver (0 without a driver). */
   deviceCount: number
-  /** Whether this build carries the sm_90a kernels (nvcc was present at build time). */
+  /** Whether this build carries the sm_90a kernels (a CUDA compiler was present at build time). */
   kernelsBuilt: boolean
+  /** The compiler that built the kernels, e.g. `'NVRTC 12.9 + ptxas 12.9.86 (repo .cuda)'`; absent without kernels. */
+  kernelsCompiler?: string
+  /**
+   * The CUDA version the installed driver supports (cuDriverGetVersion), `[major, minor]`,
+   * e.g. `[12, 8]`; absent without a driver. Below `[12, 0]` the GPU path throws
+   * `ERR_DRIVER_TOO_OLD`.
+   */
+  driverVersion?: [number, number]
   /** Why the GPU path is unusable, when it is. */
   reason?: string
 }
@@ -230,6 +299,8 @@ export interface GpuStatus {
 export function gpuStatus(): GpuStatus {
   const s = call(() => native.gpuStatus())
   const r: GpuStatus = { available: s.available, deviceCount: s.deviceCount, kernelsBuilt: s.kernelsBuilt }
+  if (s.kernelsCompiler != null) r.kernelsCompiler = s.kernelsCompiler
+  if (s.driverVersion != null) r.driverVersion = [s.driverVersion[0]!, s.driverVersion[1]!]
   if (s.reason != null) r.reason = s.reason
   return r
 }
@@ -265,7 +336,15 @@ export function f16ToF32(bits: Uint16Array): Float32Array {
 // ---------------------------------------------------------------------------------------
 // Device
 
-/** Element types: bf16 / fp16 for q, the cache and out; fp32 for lse; int32 for indices. */
+/**
+ * Element types: bf16 / fp16 for q, the cache and out; fp32 for lse; int32 for indices.
+ *
+ * These four are the names the package uses and reports (`tensor.dtype`, `cache.dtype`).
+ * Where a dtype name is taken (`device.tensor`, `device.zeros`, `KvCache`), these aliases
+ * are accepted as well, for code ported from PyTorch / NumPy: `'bfloat16'` (bf16),
+ * `'float16'` and `'f16'` (fp16), `'float32'` and `'f32'` (fp32), `'i32'` (int32).
+ * Anything else is `ERR_DTYPE`.
+ */
 export type DType = 'bf16' | 'fp16' | 'fp32' | 'int32'
 /** A 16-bit float type (q, the cache, out). */
 export type HalfDType = 'bf16' | 'fp16'
@@ -658,9 +737,9 @@ export class Plan {
 
 /** Options of {@link KvCache}. */
 export interface KvCacheOptions {
-  /** Blocks in the pool (64 tokens each). */
+  /** Blocks in the pool (64 tokens each): an integer within [1, 2147479552]. */
   numBlocks: number
-  /** Element type of the pool (default `'bf16'`). */
+  /** Element type of the pool (default `'bf16'`; the aliases of {@link DType} work too). */
   dtype?: HalfDType
 }
 
@@ -688,7 +767,7 @@ export class KvCache {
   constructor(device: Device, opts: KvCacheOptions) {
     const d = want(device, Device, 'device')
     const { numBlocks, dtype = 'bf16' } = opts ?? ({} as KvCacheOptions)
-    int('numBlocks', numBlocks, 0, MAX_I32)
+    int('numBlocks', numBlocks, 1, MAX_CACHE_BLOCKS)
     this._n = call(() => new native.KvCache(d._n, numBlocks, dtype))
   }
 
@@ -1139,3 +1218,32 @@ export namespace bench {
     return r
   }
 }
+
+// ---------------------------------------------------------------------------------------
+// util.inspect / console.log: show what an object is (the handles' fields are native and
+// would print as `Tensor { _n: Tensor {} }`). Set on the prototypes, not declared in the
+// classes, so that the published .d.ts stays as it is.
+
+type Inspect = (v: unknown, o: object) => string
+function showAs<T extends object>(cls: { prototype: T; name: string }, fields: (x: T) => Record<string, unknown>): void {
+  Object.defineProperty(cls.prototype, Symbol.for('nodejs.util.inspect.custom'), {
+    value(this: T & { disposed: boolean }, _depth: number, options: object, inspect: Inspect): string {
+      if (this.disposed) return `${cls.name} <disposed>`
+      try {
+        return `${cls.name} ${inspect(fields(this), options)}`
+      } catch (e) {
+        return `${cls.name} <${e instanceof MlaError ? e.code : 'error'}>`
+      }
+    },
+  })
+}
+const deviceName = (d: Device): string => (d.kind === 'cuda' ? `cuda:${d.info.ordinal}` : 'cpu')
+showAs(Device, (d) => {
+  const i = d.info
+  return d.kind === 'cuda'
+    ? { kind: d.kind, ordinal: i.ordinal, name: i.name, computeCapability: i.computeCapability.join('.'), multiprocessors: i.multiprocessors }
+    : { kind: d.kind, name: i.name }
+})
+showAs(Tensor, (t) => ({ shape: t.shape, dtype: t.dtype, device: deviceName(t.device), storage: t.storage, nbytes: t.nbytes }))
+showAs(Plan, (p) => ({ batch: p.batch, rows: p.rows, numParts: p.numParts }))
+showAs(KvCache, (c) => ({ numBlocks: c.numBlocks, freeBlocks: c.freeBlocks, dtype: c.dtype, sequences: c.sequences().length, device: deviceName(c.device) }))

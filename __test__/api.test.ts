@@ -3,6 +3,7 @@
 
 import * as fs from 'node:fs'
 import * as path from 'node:path'
+import * as util from 'node:util'
 import test from 'ava'
 import {
   BLOCK_SIZE,
@@ -11,6 +12,7 @@ import {
   ERROR_CODES,
   HEAD_DIM,
   HEAD_DIM_V,
+  KvCache,
   MlaError,
   Plan,
   Tensor,
@@ -25,6 +27,8 @@ import {
   flashMlaWithKvcache,
   getMlaMetadata,
   gpuStatus,
+  type DType,
+  type HalfDType,
 } from '../index'
 import { BASE_SEED, D, META_INTS, Rng, caseTensors, hostPlan, makeCase, planProblems, randomF32 } from './_helpers'
 
@@ -86,6 +90,12 @@ test('gpuStatus reports a consistent state', (t) => {
   t.is(typeof s.available, 'boolean')
   t.is(typeof s.deviceCount, 'number')
   t.is(typeof s.kernelsBuilt, 'boolean')
+  t.is(s.kernelsCompiler !== undefined, s.kernelsBuilt)
+  if (s.kernelsCompiler !== undefined) t.regex(s.kernelsCompiler, /^(NVRTC \d+\.\d+ \+ ptxas|nvcc) \d+\.\d+/)
+  if (s.driverVersion !== undefined) {
+    t.is(s.driverVersion.length, 2)
+    t.true(s.driverVersion.every(Number.isInteger))
+  } else t.false(s.available)
   if (s.available) t.is(s.reason, undefined)
   else t.is(typeof s.reason, 'string')
   t.log(JSON.stringify(s))
@@ -258,4 +268,40 @@ test('an unrelated random q over the same cache keeps outputs finite (plain N(0,
   const { out, lse } = await decode({ ...args, q })
   t.true((await out.toFloat32Array()).every(Number.isFinite))
   t.true((await lse.toFloat32Array()).every(Number.isFinite))
+})
+
+test('numBlocks: one name and one range in every message', (t) => {
+  const cpu = Device.open('cpu')
+  const messages = [0, 1.5, -1, 2 ** 31 - 4095, 2 ** 40, NaN].map((n) => {
+    const e = t.throws(() => new KvCache(cpu, { numBlocks: n }), { instanceOf: MlaError })!
+    t.is((e as MlaError).code, 'ERR_INVALID_ARGUMENT')
+    return e.message.replace(/got .*$/, 'got _')
+  })
+  t.deepEqual(new Set(messages), new Set(['numBlocks: expected an integer within [1, 2147479552], got _']))
+})
+
+test('dtype aliases name the same types, and properties report the short names', (t) => {
+  const cpu = Device.open('cpu')
+  for (const [alias, name] of [['bfloat16', 'bf16'], ['float16', 'fp16'], ['f16', 'fp16'], ['float32', 'fp32'], ['f32', 'fp32'], ['i32', 'int32']] as const) {
+    t.is(cpu.zeros([2], alias as DType).dtype, name)
+  }
+  t.is(new KvCache(cpu, { numBlocks: 1, dtype: 'bfloat16' as HalfDType }).dtype, 'bf16')
+  const e = t.throws(() => cpu.zeros([2], 'half' as DType), { instanceOf: MlaError })!
+  t.is((e as MlaError).code, 'ERR_DTYPE')
+})
+
+test('util.inspect shows what a Device, Tensor, Plan and KvCache are', (t) => {
+  const cpu = Device.open('cpu')
+  const cache = new KvCache(cpu, { numBlocks: 3 })
+  cache.append(cache.createSequence(), new Float32Array(70 * D))
+  const { cacheSeqlens } = cache.batch([0])
+  const q = cpu.tensor(new Float32Array(2 * D), [1, 1, 2, D], 'bf16')
+  const plan = cpu.plan(cacheSeqlens, { hQ: 2 })
+  const show = (x: unknown) => util.inspect(x, { breakLength: Infinity })
+  t.is(show(cpu), `Device { kind: 'cpu', name: '${cpu.info.name}' }`)
+  t.is(show(q), `Tensor { shape: [ 1, 1, 2, ${D} ], dtype: 'bf16', device: 'cpu', storage: 'owned', nbytes: ${2 * D * 2} }`)
+  t.is(show(plan), `Plan { batch: 1, rows: 2, numParts: ${plan.numParts} }`)
+  t.is(show(cache), `KvCache { numBlocks: 3, freeBlocks: 1, dtype: 'bf16', sequences: 1, device: 'cpu' }`)
+  q.dispose()
+  t.is(show(q), 'Tensor <disposed>')
 })

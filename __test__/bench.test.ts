@@ -10,7 +10,8 @@ import { Device, MlaError, bench, decodeBytes, decodeFlops, gpuStatus } from '..
 import { svgChart, type Row } from '../cli'
 
 const CLI = path.join(__dirname, '..', 'cli.js')
-const ANCHORS = path.join(__dirname, '..', '..', '..', 'shared', 'anchors')
+// The repository's anchors (dist/__test__ -> bench/anchors); a missing file fails the test.
+const ANCHORS = path.join(__dirname, '..', '..', 'bench', 'anchors')
 const CSV_HEADER = 'tag,b,s_q,mean_sk,h_q,varlen,ms,gbps,tflops,pct_copy_ceiling,floor_ms,anchor_ms,speedup'
 
 function cli(args: string[], timeout = 60_000) {
@@ -48,11 +49,13 @@ test('anchors: both CSV formats, FlashMLA shapes only', (t) => {
   const c = bench.configs('flashmla')[0]!
   t.is(bench.anchorFor(grid, c), 0.2532)
   t.is(bench.anchorFor(grid, { ...c, b: 8, flashmlaShape: false }), undefined)
-  if (fs.existsSync(path.join(ANCHORS, 'flashmla-h100.csv'))) {
-    const all = new Map([
-      ...bench.loadAnchors(fs.readFileSync(path.join(ANCHORS, 'flashmla-h100.csv'), 'utf8')),
-      ...bench.loadAnchors(fs.readFileSync(path.join(ANCHORS, 'flashmla-h100-beyond.csv'), 'utf8')),
-    ])
+  const h100 = new Map([
+    ...bench.loadAnchors(fs.readFileSync(path.join(ANCHORS, 'flashmla-h100.csv'), 'utf8')),
+    ...bench.loadAnchors(fs.readFileSync(path.join(ANCHORS, 'flashmla-h100-beyond.csv'), 'utf8')),
+  ])
+  const h200 = bench.loadAnchors(fs.readFileSync(path.join(ANCHORS, 'flashmla-h200.csv'), 'utf8'))
+  for (const all of [h100, h200]) {
+    t.is(all.size, 56)
     t.true(bench.configs('flashmla').every((x) => bench.anchorFor(all, x) !== undefined))
   }
 })
@@ -107,6 +110,9 @@ test('mla-decode bench --tiny on the CPU writes the table, CSV and SVG', (t) => 
   t.true((svg.match(/<rect /g)?.length ?? 0) >= n)
   t.is(svg.match(/class="ceiling"/g)?.length, 1)
   for (const c of bench.configs('tiny')) t.true(svg.includes(`>${c.label}</text>`))
+  // Each row shows its time, and the legend explains the labels.
+  t.is(svg.match(/<text class="ms"[^>]*>[0-9.]+<\/text>/g)?.length, n)
+  t.regex(svg, /tag\/s_q\/mean\/h_q\/varlen/)
   // Balanced tags: every opened element is closed (a cheap well-formedness check).
   const opens = svg.match(/<(\w+)[^>]*[^/]>/g)?.filter((s) => !s.startsWith('</')).length ?? 0
   t.is(opens, svg.match(/<\/\w+>/g)?.length ?? -1)

@@ -1,45 +1,32 @@
 #!/usr/bin/env bash
-# npm pack test: packs the platform package (npm/linux-x64-gnu + the built .node) and the
-# main package, installs both tarballs into a fresh project with no registry access, and
-# loads the package with plain node (require and import) to run a tiny CPU decode. Also
-# type-checks a TypeScript consumer against the shipped .d.ts.
+# npm pack test: `npm run package` (both tarballs into packages/), then installs them with
+# no registry access into a fresh project under a path with spaces and non-ASCII characters
+# (as an Electron app's resources folder may be), and loads the package with plain node
+# (require and import) to run a tiny CPU decode, runs its bin, and type-checks a TypeScript
+# consumer against the shipped .d.ts. Then installs the main tarball alone and checks that
+# the load error names the missing package and file.
 #
-# Needs: `npm run build` done (the .node, binding.js/.d.ts and dist/ exist).
+# Needs: the build (`npm run build`, or bootstrap.sh). MLA_PACKAGE_NO_BUILD=1 (npm test
+# sets it) packs that build as it is instead of running `npm run build` first.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 node_file=mla-decode.linux-x64-gnu.node
-for f in "$node_file" binding.js binding.d.ts dist/index.js dist/index.d.ts; do
-  [[ -f $f ]] || { echo "pack-test: $f is missing: run 'npm run build' first" >&2; exit 1; }
-done
+npm run --silent package
 version=$(node -p "require('./package.json').version")
-platform_version=$(node -p "require('./npm/linux-x64-gnu/package.json').version")
-[[ $version == "$platform_version" ]] || { echo "pack-test: version $version != platform package $platform_version" >&2; exit 1; }
-[[ $(node -p "require('./package.json').optionalDependencies['mla-decode-linux-x64-gnu']") == "$version" ]] \
-  || { echo "pack-test: optionalDependencies must pin mla-decode-linux-x64-gnu@$version" >&2; exit 1; }
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/mla-pack-test.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/platform" "$work/tarballs" "$work/app"
-
-echo "== pack mla-decode-linux-x64-gnu@$version"
-cp npm/linux-x64-gnu/package.json npm/linux-x64-gnu/README.md "$work/platform/"
-cp "$node_file" "$work/platform/"
-(cd "$work/platform" && npm pack --silent --pack-destination "$work/tarballs" >/dev/null)
-echo "== pack mla-decode@$version"
-npm pack --silent --pack-destination "$work/tarballs" >/dev/null
-ls -l "$work/tarballs"
-main_tgz=$work/tarballs/mla-decode-$version.tgz
-plat_tgz=$work/tarballs/mla-decode-linux-x64-gnu-$version.tgz
-if tar -tzf "$main_tgz" | grep -q '\.node$'; then
-  echo "pack-test: the main package must not carry the .node (it belongs to the platform package)" >&2
-  exit 1
-fi
+main_tgz=$root/packages/mla-decode-$version.tgz
+plat_tgz=$root/packages/mla-decode-linux-x64-gnu-$version.tgz
+[[ -f $main_tgz && -f $plat_tgz ]] || { echo "pack-test: npm run package did not write both tarballs" >&2; exit 1; }
 tar -tzf "$main_tgz" | sed 's/^/   main: /'
 tar -tzf "$plat_tgz" | sed 's/^/   platform: /'
 
-echo "== install both tarballs into a fresh project (offline)"
+base=$(mktemp -d "${TMPDIR:-/tmp}/mla pack tëst.XXXXXX")
+trap 'rm -rf "$base"' EXIT
+work="$base/Ünïcode app dir"
+mkdir -p "$work/app" "$work/main-only"
+
+echo "== install both tarballs into a fresh project (offline) at '$work/app'"
 cd "$work/app"
 printf '{ "name": "mla-pack-test-app", "version": "1.0.0", "private": true }\n' > package.json
 npm install --offline --no-audit --no-fund --no-save --loglevel=error "$plat_tgz" "$main_tgz"
@@ -66,6 +53,7 @@ assert.ok(Math.abs(l[0] - (Math.log(100) + 576 * 0.01 * 0.01 / 24)) < 1e-3, `lse
 try { m.Device.open('bogus') } catch (e) { assert.ok(e instanceof m.MlaError && e.code === 'ERR_INVALID_ARGUMENT') }
 const loaded = Object.keys(require.cache).find((k) => k.endsWith('.node'))
 assert.ok(loaded && loaded.includes('node_modules/mla-decode-linux-x64-gnu/'), `native module loaded from ${loaded}`)
+assert.ok(loaded.includes(' ') && /[^\x00-\x7f]/.test(loaded), `not under the test's spaced, non-ASCII path: ${loaded}`)
 console.log(`require: ok (${dev.info.name}; native module from ${loaded.slice(loaded.indexOf('node_modules'))}; gpu: ${JSON.stringify(m.gpuStatus())})`)
 JS
 node smoke.cjs
@@ -111,4 +99,28 @@ cat > tsconfig.json <<'JSON'
 JSON
 "$root/node_modules/.bin/tsc" -p tsconfig.json
 echo "typescript consumer: ok"
+
+./node_modules/.bin/mla-decode info --device cpu | sed 's/^/   bin: /'
+./node_modules/.bin/mla-decode info --device cpu | grep -q '^device (cpu): CPU backend' || { echo "pack-test: the bin did not run" >&2; exit 1; }
+
+echo "== the main package without its platform package: the error says what is missing"
+cd "$work/main-only"
+printf '{ "name": "mla-pack-test-main-only", "version": "1.0.0", "private": true }\n' > package.json
+npm install --offline --no-audit --no-fund --no-save --loglevel=error --omit=optional "$main_tgz"
+[[ ! -e node_modules/mla-decode-linux-x64-gnu ]] || { echo "pack-test: --omit=optional still installed the platform package" >&2; exit 1; }
+cat > missing.cjs <<'JS'
+const assert = require('node:assert')
+try {
+  require('mla-decode')
+  assert.fail('loaded without the native module')
+} catch (e) {
+  assert.strictEqual(e.code, 'MODULE_NOT_FOUND', String(e))
+  for (const part of ['mla-decode-linux-x64-gnu@', 'mla-decode.linux-x64-gnu.node', 'npm install mla-decode-linux-x64-gnu@', 'asarUnpack']) {
+    assert.ok(e.message.includes(part), `message lacks '${part}': ${e.message}`)
+  }
+  assert.ok(!/wasm32|npm has a bug/.test(e.message), e.message)
+  console.log(`missing native module: ok (${e.message.slice(0, 120)}...)`)
+}
+JS
+node missing.cjs
 echo "pack-test: ok"

@@ -26,8 +26,8 @@ mkdir -p "$out/cubins"
 cp "$(ls -td target/release/build/mla-kernels-*/out | head -1)"/*/*.cubin "$out/cubins/"
 strip "$out/bin/"* || true
 
-# Anchors (../shared does not travel with the working tree).
-cp ../shared/anchors/*.csv "$out/anchors/" 2>/dev/null || true
+# Anchors (bench/anchors/; the ava bench test reads them from pkg/bench/anchors).
+cp bench/anchors/*.csv "$out/anchors/"
 
 # TypeScript: node binary (xz), the compiled package and the test runner (ava alone,
 # installed from the npm cache into a scratch folder: the project's node_modules holds
@@ -39,6 +39,7 @@ if [[ "${1:-}" != "--no-node" ]]; then
   cp -r dist package.json binding.js binding.d.ts mla-decode.linux-x64-gnu.node "$out/pkg/"
   # api.test.ts checks ERROR_CODES against the core's source (read from ../../crates).
   mkdir -p "$out/pkg/crates/mla-core/src" && cp crates/mla-core/src/error.rs "$out/pkg/crates/mla-core/src/"
+  mkdir -p "$out/pkg/bench" && cp -r bench/anchors "$out/pkg/bench/"
   ava_version=$(node -p 'require("./node_modules/ava/package.json").version')
   scratch=$(mktemp -d)
   (cd "$scratch" && echo '{"name":"ava-only","version":"1.0.0"}' > package.json &&

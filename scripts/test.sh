@@ -1,44 +1,96 @@
 #!/usr/bin/env bash
-# `npm test`: the Rust tests of the core crates, then the TypeScript suite (ava) on the
-# built native module, then the npm pack test. Prints a summary of all three at the end.
+# `npm test`: the Rust tests of the core crates, the TypeScript suite (ava) on the built
+# native module, the npm pack test and the Rust package test; then a summary of passed /
+# failed / skipped per stage. Every stage runs even when an earlier one failed; the exit
+# status is non-zero when any failed.
+#
+# It reuses the build of bootstrap.sh / `npm run build`: that build is brought up to date
+# first (a no-op when nothing changed), and cargo test runs in the same profile and target
+# (release, the host triple, as `napi build --platform` does), so only the test harnesses
+# are compiled, not the crates and their dependencies again.
+#
+# Skips are counted as skips: the cargo GPU tests, which print `SKIPPED <test> (no GPU: ...)`
+# and return without a usable GPU, the ava GPU tests (registered as skipped), and ignored
+# tests.
 #
 # Environment: MLA_TEST_DEVICE=cuda makes the GPU tests fail instead of skipping when no
 # GPU is usable; MLA_TEST_SEED=<n> replays the random inputs of an earlier run;
-# MLA_SKIP_CARGO_TEST=1 / MLA_SKIP_PACK_TEST=1 skip those stages.
-set -euo pipefail
+# MLA_SKIP_CARGO_TEST=1 / MLA_SKIP_PACK_TEST=1 / MLA_SKIP_RUST_PACKAGE_TEST=1 skip those
+# stages (shown as skipped in the summary).
+set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 logs=$(mktemp -d "${TMPDIR:-/tmp}/mla-test.XXXXXX")
 trap 'rm -rf "$logs"' EXIT
 declare -a summary=()
+failed=0
 stage() { printf '\n=== %s\n' "$*"; }
+row() { summary+=("$(printf '%-20s %4s passed  %4s failed  %4s skipped  %s' "$@")"); }
+
+stage "build (npm run build: up to date, or brought up to date)"
+if ! npm run --silent build >"$logs/build.log" 2>&1; then
+  cat "$logs/build.log"
+  echo "npm test: the build failed" >&2
+  exit 1
+fi
+tail -3 "$logs/build.log"
+triple=$(rustc -vV | sed -n 's/^host: //p')
 
 if [[ ${MLA_SKIP_CARGO_TEST:-0} != 1 ]]; then
-  stage "cargo test -p mla-core -p mla-kernels"
+  stage "cargo test --release --target $triple -p mla-core -p mla-kernels"
   t0=$SECONDS
-  cargo test -p mla-core -p mla-kernels 2>&1 | tee "$logs/cargo.log"
-  # The GPU tests pass vacuously without a GPU: show each one's SKIPPED line.
-  cargo test -q -p mla-core --test gpu_decode -- --nocapture 2>&1 | grep -oE "SKIPPED .*" || true
-  summary+=("cargo test: $(grep -c '^test result: ok' "$logs/cargo.log") suites ok, $(awk '/^test result:/ {p += $4; f += $6; i += $8} END {print p " passed, " f " failed, " i " ignored"}' "$logs/cargo.log") ($((SECONDS - t0)) s)")
+  cargo test --release --target "$triple" -p mla-core -p mla-kernels --no-fail-fast 2>&1 | tee "$logs/cargo.log"
+  rc=${PIPESTATUS[0]}
+  # The GPU tests pass vacuously without a GPU: list their SKIPPED lines (a rerun of the
+  # built gpu_decode binary with its output shown) and count them as skipped, not passed.
+  cargo test -q --release --target "$triple" -p mla-core --test gpu_decode -- --nocapture 2>/dev/null \
+    | grep -oE 'SKIPPED [A-Za-z0-9_:]+ \(.*\)' | tee "$logs/skipped.txt"
+  read -r p f i < <(awk '/^test result:/ {p += $4; f += $6; i += $8} END {print p + 0, f + 0, i + 0}' "$logs/cargo.log")
+  s=$(grep -c . "$logs/skipped.txt")
+  suites=$(grep -c '^test result:' "$logs/cargo.log")
+  [[ $rc == 0 && $suites -gt 0 ]] || { failed=1; [[ $f -gt 0 ]] || f="$f+build"; }
+  row "cargo test" "$((p - s))" "$f" "$((s + i))" "($s GPU tests without a GPU, $i ignored; $suites suites; $((SECONDS - t0)) s)"
+else
+  row "cargo test" - - - "(MLA_SKIP_CARGO_TEST=1)"
 fi
-
-stage "tsc (index.ts, demo.ts, __test__)"
-for f in mla-decode.linux-x64-gnu.node binding.js binding.d.ts; do
-  [[ -f $f ]] || { echo "npm test: $f is missing: run 'npm run build' (or scripts/bootstrap.sh) first" >&2; exit 1; }
-done
-npx tsc -p tsconfig.json
 
 stage "ava (dist/__test__/*.test.js)"
 t0=$SECONDS
 npx ava 2>&1 | tee "$logs/ava.log"
-summary+=("ava: $(grep -E '^\s+[0-9]+ (tests?|known failures?|uncaught exceptions?|unhandled rejections?) ' "$logs/ava.log" | sed 's/^ *//' | paste -sd, - | sed 's/,/, /g') ($((SECONDS - t0)) s)")
+rc=${PIPESTATUS[0]}
+count() { # the number before "<word>" in ava's summary ("116 tests passed", "1 test failed")
+  grep -E "^\s+[0-9]+ $1" "$logs/ava.log" | awk '{s += $1} END {print s + 0}'
+}
+p=$(count 'tests? passed'); s=$(count 'tests? skipped'); todo=$(count 'tests? todo')
+f=$(( $(count 'tests? failed') + $(count 'known failures?') + $(count 'uncaught exceptions?') + $(count 'unhandled rejections?') ))
+[[ $rc == 0 ]] || { failed=1; [[ $f -gt 0 ]] || f="$f+exit $rc"; }
+row "ava" "$p" "$f" "$((s + todo))" "($((SECONDS - t0)) s)"
 
 if [[ ${MLA_SKIP_PACK_TEST:-0} != 1 ]]; then
-  stage "npm pack test (scripts/pack-test.sh)"
+  stage "npm pack test (scripts/pack-test.sh: npm run package, install, load)"
   t0=$SECONDS
-  bash scripts/pack-test.sh
-  summary+=("pack test: ok ($((SECONDS - t0)) s)")
+  if MLA_PACKAGE_NO_BUILD=1 bash scripts/pack-test.sh; then row "pack test" 1 0 0 "($((SECONDS - t0)) s)"
+  else failed=1; row "pack test" 0 1 0 "($((SECONDS - t0)) s)"; fi
+else
+  row "pack test" - - - "(MLA_SKIP_PACK_TEST=1)"
+fi
+
+if [[ ${MLA_SKIP_RUST_PACKAGE_TEST:-0} != 1 ]]; then
+  stage "Rust package test (scripts/rust-package-test.sh: cargo package, scratch project without nvcc)"
+  t0=$SECONDS
+  if [[ $(node -p "require('./dist').gpuStatus().kernelsBuilt") != true ]]; then
+    echo "skipped: this build has no GPU kernels, so there are no cubins to package"
+    row "rust package test" 0 0 1 "(a CPU-only build: no cubins to package)"
+  elif bash scripts/rust-package-test.sh; then row "rust package test" 1 0 0 "($((SECONDS - t0)) s)"
+  else failed=1; row "rust package test" 0 1 0 "($((SECONDS - t0)) s)"; fi
+else
+  row "rust package test" - - - "(MLA_SKIP_RUST_PACKAGE_TEST=1)"
 fi
 
 stage "summary"
 printf '%s\n' "${summary[@]}"
+if [[ $failed != 0 ]]; then
+  echo "npm test: FAILED" >&2
+  exit 1
+fi
+echo "npm test: ok"

@@ -7,7 +7,7 @@
 //!   tables mapping each sequence to its own blocks, one plan, warm-up, then the median of
 //!   `reps` timed `decode_into` runs (CUDA events on CUDA, `Instant` on the CPU);
 //! - [`copy_ceiling_gbps`]: the copy ceiling of the same device, measured in the same run;
-//! - [`load_anchors`]: FlashMLA's times from the anchor CSVs (`../shared/anchors/`).
+//! - [`load_anchors`]: FlashMLA's times from the anchor CSVs (`bench/anchors/`).
 //!
 //! GB/s = (sum(seqlens) * d + b*s_q*h_q*d + b*s_q*h_q*dv) * 2 bytes / time, and
 //! TFLOPS = 2 * s_q * sum(seqlens) * h_q * (d + dv) / time ([`decode_bytes`], [`decode_flops`]).
@@ -459,7 +459,7 @@ pub fn cpu_copy_ceiling_gbps(bytes: usize, reps: usize) -> f64 {
 }
 
 /// FlashMLA's times (ms) from an anchors CSV, keyed by [`BenchConfig::label`]. Reads both
-/// formats of `../shared/anchors/`: the grid file (`peer,b,s_q,mean_sk,h_q,varlen,ms,...`,
+/// formats of `bench/anchors/`: the grid file (`peer,b,s_q,mean_sk,h_q,varlen,ms,...`,
 /// tag "grid") and the beyond file (`tag,peer,b,s_q,mean_sk,h_q,ms,...`, varlen 0,
 /// mean_sk 0 for the imbalanced batch). Only `peer == flashmla` rows (when there is a peer
 /// column); `#` lines and blank lines are skipped.
@@ -535,19 +535,26 @@ mod tests {
         }
     }
 
+    /// An anchor file of the repository (bench/anchors/); a missing one fails the test.
+    fn anchor_file(name: &str) -> String {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/anchors/").to_string() + name;
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e} (the anchors live in the repository's bench/anchors/)"))
+    }
+
     #[test]
     fn real_anchor_files_cover_the_suite() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/anchors");
-        let (Ok(g), Ok(b)) = (std::fs::read_to_string(format!("{dir}/flashmla-h100.csv")), std::fs::read_to_string(format!("{dir}/flashmla-h100-beyond.csv"))) else {
-            eprintln!("anchors not found under {dir}: skipped");
-            return;
-        };
-        let mut a = load_anchors(&g);
-        a.extend(load_anchors(&b));
-        for c in suite_configs("flashmla", false).unwrap() {
-            assert!(anchor_ms(&a, &c).is_some(), "no anchor for {}", c.label());
+        // The H200 file (one file, grid and beyond) and the older H100 pair: each has every
+        // configuration of the flashmla suite, and nothing else.
+        let h200 = load_anchors(&anchor_file("flashmla-h200.csv"));
+        let mut h100 = load_anchors(&anchor_file("flashmla-h100.csv"));
+        h100.extend(load_anchors(&anchor_file("flashmla-h100-beyond.csv")));
+        for a in [&h200, &h100] {
+            for c in suite_configs("flashmla", false).unwrap() {
+                assert!(anchor_ms(a, &c).is_some(), "no anchor for {}", c.label());
+            }
+            assert_eq!(a.len(), 48 + 8);
         }
-        assert_eq!(a.len(), 48 + 8);
+        assert_eq!(h200["grid/1/4096/16/0"], 0.1788);
     }
 
     #[test]

@@ -32,8 +32,9 @@ impl Device {
     }
 
     /// Opens CUDA device `ordinal`. Fails with `ERR_GPU_UNAVAILABLE` (no driver, no such
-    /// device, not sm_90) or `ERR_KERNELS_UNAVAILABLE` (built without nvcc): never falls
-    /// back to the CPU silently.
+    /// device, not sm_90), `ERR_DRIVER_TOO_OLD` (a driver older than CUDA 12.0) or
+    /// `ERR_KERNELS_UNAVAILABLE` (built without a CUDA compiler): never falls back to the
+    /// CPU silently.
     pub fn cuda(ordinal: usize) -> Result<Device> {
         Ok(Device::Cuda(GpuDevice::open(ordinal)?))
     }
@@ -110,12 +111,24 @@ impl std::fmt::Debug for Device {
     }
 }
 
+/// The oldest CUDA version a driver must support: the kernels are cubins from a CUDA 12
+/// compiler, which a driver loads within CUDA 12 minor-version compatibility (R525.60.13
+/// and later on Linux), and the driver API calls are bound at the CUDA 12.0 level.
+pub const MIN_DRIVER_CUDA_VERSION: (i32, i32) = (12, 0);
+
 /// Whether a CUDA GPU can be used, and why not.
 #[derive(Debug, Clone)]
 pub struct GpuStatus {
     pub available: bool,
     pub device_count: usize,
     pub kernels_built: bool,
+    /// The compiler that built the kernels (e.g. `NVRTC 12.9 + ptxas 12.9.86 (repo .cuda)`);
+    /// empty when none were built.
+    pub kernels_compiler: &'static str,
+    /// The CUDA version the installed driver supports (cuDriverGetVersion), as (major,
+    /// minor); `None` without a driver. Below [`MIN_DRIVER_CUDA_VERSION`] the GPU path
+    /// reports `ERR_DRIVER_TOO_OLD`.
+    pub driver_version: Option<(i32, i32)>,
     /// Why the GPU path is unusable, when it is.
     pub reason: Option<String>,
 }

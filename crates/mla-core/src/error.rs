@@ -22,8 +22,11 @@ pub enum ErrorCode {
     UnknownSequence,
     /// No usable CUDA GPU (no driver, no device, or not compute capability 9.0).
     GpuUnavailable,
-    /// This build carries no GPU kernels (nvcc was absent at build time).
+    /// This build carries no GPU kernels (no CUDA compiler at build time).
     KernelsUnavailable,
+    /// The CUDA driver is older than the kernels need (see
+    /// [`crate::device::MIN_DRIVER_CUDA_VERSION`]); the message names both versions.
+    DriverTooOld,
     /// A CUDA driver call failed.
     Cuda,
     /// The object was disposed.
@@ -47,6 +50,7 @@ impl ErrorCode {
             ErrorCode::UnknownSequence => "ERR_UNKNOWN_SEQUENCE",
             ErrorCode::GpuUnavailable => "ERR_GPU_UNAVAILABLE",
             ErrorCode::KernelsUnavailable => "ERR_KERNELS_UNAVAILABLE",
+            ErrorCode::DriverTooOld => "ERR_DRIVER_TOO_OLD",
             ErrorCode::Cuda => "ERR_CUDA",
             ErrorCode::Disposed => "ERR_DISPOSED",
             ErrorCode::Unsupported => "ERR_UNSUPPORTED",

@@ -7,8 +7,9 @@
 //! - `MODULES: &[Module]`: every compiled module, sorted by name within each arch folder;
 //! - `UNAVAILABLE_REASON: &str`: empty when kernels were built, else why not (nvcc not
 //!   found, or a kernel failed with `MLA_ALLOW_KERNEL_FAILURE=1`);
-//! - `NVCC_VERSION: &str`: the version of the nvcc that built them (e.g. `13.0.88`),
-//!   empty when none was found.
+//! - `NVCC_VERSION: &str`: the version of the CUDA compiler that built them (nvcc's, or
+//!   ptxas's on the NVRTC route, e.g. `12.9.86`), empty when none was found;
+//! - `COMPILER: &str`: which compiler that was, e.g. `NVRTC 12.9 + ptxas 12.9.86 (repo .cuda)`.
 
 include!(concat!(env!("OUT_DIR"), "/registry.rs"));
 
@@ -50,6 +51,7 @@ mod tests {
         }
         assert!(UNAVAILABLE_REASON.is_empty());
         assert!(!NVCC_VERSION.is_empty());
+        assert!(!COMPILER.is_empty());
         for m in MODULES {
             assert!(!m.cubin.is_empty(), "{}: empty cubin", m.name);
             assert_eq!(&m.cubin[..4], b"\x7fELF", "{}: not an ELF cubin", m.name);

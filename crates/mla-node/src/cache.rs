@@ -53,10 +53,12 @@ impl KvCache {
     pub fn new(device: &Device, num_blocks: i64, dtype: String) -> Result<KvCache> {
         let d = device.get()?;
         let dtype = parse_dtype(&dtype)?;
-        if num_blocks < 0 {
+        // The same name and range as index.ts and the core (which says num_blocks).
+        let max = mla_core::cache::BLOCK_TABLE_PAD as i64;
+        if !(1..=max).contains(&num_blocks) {
             return Err(err(
                 ErrorCode::InvalidArgument,
-                format!("numBlocks: expected a count >= 0, got {num_blocks}"),
+                format!("numBlocks: expected an integer within [1, {max}], got {num_blocks}"),
             ));
         }
         let c = core(|| {

@@ -14,6 +14,10 @@ pub struct GpuStatus {
     pub available: bool,
     pub device_count: u32,
     pub kernels_built: bool,
+    /// The compiler of the kernels; None when none were built.
+    pub kernels_compiler: Option<String>,
+    /// [major, minor] CUDA version of the driver; None without a driver.
+    pub driver_version: Option<Vec<i32>>,
     pub reason: Option<String>,
 }
 
@@ -25,6 +29,8 @@ pub fn gpu_status() -> Result<GpuStatus> {
         available: s.available,
         device_count: s.device_count as u32,
         kernels_built: s.kernels_built,
+        kernels_compiler: Some(s.kernels_compiler.to_string()).filter(|c| !c.is_empty()),
+        driver_version: s.driver_version.map(|(a, b)| vec![a, b]),
         reason: s.reason,
     })
 }

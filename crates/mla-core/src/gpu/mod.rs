@@ -19,30 +19,67 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 pub use buffer::DeviceBuffer;
 
-use crate::device::{DeviceInfo, GpuStatus};
+use crate::device::{DeviceInfo, GpuStatus, MIN_DRIVER_CUDA_VERSION};
 use crate::error::{ErrorCode, MlaError, Result};
 
-/// Why the CUDA driver cannot be used at all (checked once per process).
-fn driver_problem() -> Option<String> {
-    static PROBLEM: OnceLock<Option<String>> = OnceLock::new();
-    PROBLEM
-        .get_or_init(|| {
-            // SAFETY: only probes dlopen; no driver symbol is touched when absent.
-            if !unsafe { sys::is_culib_present() } {
-                return Some("the CUDA driver library (libcuda.so) was not found".into());
-            }
-            match std::panic::catch_unwind(result::init) {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(format!("cuInit failed: {e:?}")),
-                Err(_) => Some("the CUDA driver library could not be loaded".into()),
-            }
+struct Driver {
+    /// The CUDA version the driver supports, as (major, minor).
+    version: Option<(i32, i32)>,
+    /// Why the driver cannot be used at all.
+    problem: Option<MlaError>,
+}
+
+/// The driver probed once per process: present, its CUDA version, initialised.
+fn driver() -> &'static Driver {
+    static DRIVER: OnceLock<Driver> = OnceLock::new();
+    DRIVER.get_or_init(|| {
+        let unavailable = |m: String| Driver { version: None, problem: Some(MlaError::new(ErrorCode::GpuUnavailable, m)) };
+        // SAFETY: only probes dlopen; no driver symbol is touched when absent.
+        if !unsafe { sys::is_culib_present() } {
+            return unavailable("the CUDA driver library (libcuda.so) was not found".into());
+        }
+        // cuDriverGetVersion needs no cuInit: read it first, so that an old driver is named
+        // as such even where initialising it fails.
+        let version = std::panic::catch_unwind(|| {
+            let mut v = 0;
+            // SAFETY: writes one int.
+            let r = unsafe { sys::cuDriverGetVersion(&mut v) };
+            (r == sys::CUresult::CUDA_SUCCESS).then_some((v / 1000, (v % 1000) / 10))
         })
-        .clone()
+        .ok()
+        .flatten();
+        if let Some(v) = version {
+            if v < MIN_DRIVER_CUDA_VERSION {
+                return Driver { version, problem: Some(driver_too_old(v)) };
+            }
+        }
+        match std::panic::catch_unwind(result::init) {
+            Ok(Ok(())) => Driver { version, problem: None },
+            Ok(Err(e)) => Driver { version, problem: Some(MlaError::new(ErrorCode::GpuUnavailable, format!("cuInit failed: {e:?}"))) },
+            Err(_) => unavailable("the CUDA driver library could not be loaded".into()),
+        }
+    })
+}
+
+fn driver_too_old(v: (i32, i32)) -> MlaError {
+    let (maj, min) = MIN_DRIVER_CUDA_VERSION;
+    MlaError::arg(
+        ErrorCode::DriverTooOld,
+        "CUDA driver",
+        format!("a driver for CUDA {maj}.{min} or newer (Linux R525.60.13 or later: the kernels are CUDA 12 cubins)"),
+        format!("a driver for CUDA {}.{}; update the NVIDIA driver", v.0, v.1),
+    )
+}
+
+/// The CUDA version the installed driver supports (cuDriverGetVersion), e.g. (12, 8);
+/// `None` without a driver.
+pub fn driver_version() -> Option<(i32, i32)> {
+    driver().version
 }
 
 fn device_count() -> Result<usize> {
-    if let Some(p) = driver_problem() {
-        return Err(MlaError::new(ErrorCode::GpuUnavailable, p));
+    if let Some(p) = &driver().problem {
+        return Err(p.clone());
     }
     Ok(result::device::get_count()? as usize)
 }
@@ -58,7 +95,14 @@ pub fn status() -> GpuStatus {
     if reason.is_none() && !kernels_built {
         reason = Some(format!("this build has no GPU kernels: {}", mla_kernels::UNAVAILABLE_REASON));
     }
-    GpuStatus { available: reason.is_none(), device_count: count, kernels_built, reason }
+    GpuStatus {
+        available: reason.is_none(),
+        device_count: count,
+        kernels_built,
+        kernels_compiler: mla_kernels::COMPILER,
+        driver_version: driver_version(),
+        reason,
+    }
 }
 
 /// One opened CUDA device: its primary context, a default stream, the loaded kernels and
@@ -222,5 +266,25 @@ impl GpuDevice {
             "plan: the scheduling metadata does not fit these cache_seqlens (a plan made for other \
              lengths: call replan after the lengths change); the outputs of this step are not valid",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_old_driver_gets_its_own_code_and_both_versions() {
+        let e = super::driver_too_old((11, 8));
+        assert_eq!(e.code.as_str(), "ERR_DRIVER_TOO_OLD");
+        assert!(e.message.contains("CUDA 12.0 or newer") && e.message.contains("CUDA 11.8"), "{}", e.message);
+        assert!((11, 8) < crate::device::MIN_DRIVER_CUDA_VERSION && (12, 0) >= crate::device::MIN_DRIVER_CUDA_VERSION);
+    }
+
+    #[test]
+    fn status_names_the_kernel_compiler_and_the_driver_version() {
+        let s = super::status();
+        assert_eq!(s.kernels_built, !s.kernels_compiler.is_empty(), "{s:?}");
+        if s.driver_version.is_none() {
+            assert!(!s.available, "{s:?}");
+        }
     }
 }
