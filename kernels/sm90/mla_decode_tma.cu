@@ -35,15 +35,13 @@ constexpr int NS = 5;                     // stages of half a block
 constexpr int HALF = BS / 2;              // keys per stage
 constexpr int HALF_BYTES = HALF * D * 2;  // 36 KiB
 constexpr int HALF_REGION = HALF * 128;   // one 64-column box of a stage
-constexpr int ROW_PAD = D * 2 + 16;       // ROWS layout: 1168-byte rows, so 8 rows of one ldmatrix hit 8 bank groups
-template <bool ROWS> constexpr int stage_bytes() { return ROWS ? HALF * ROW_PAD : HALF_BYTES; }
 
 // Shared memory plan (bytes from a 1024-aligned base), kept in step with
 // DecodeKernel::function() in gpu/ops.rs.
-template <int M, bool ROWS> struct Smem {
-    static constexpr int STAGE = stage_bytes<ROWS>();
+template <int M> struct Smem {
+    static constexpr int STAGE = HALF_BYTES;
     static constexpr int RING = 0;
-    static constexpr int Q = (RING + NS * STAGE + 1023) / 1024 * 1024;  // TMA-swizzled: on 1024 bytes
+    static constexpr int Q = RING + NS * STAGE;
     static constexpr int SCRATCH = Q + M * D * 2;
     static constexpr int BARS = (SCRATCH + MmaScratch<M>::BYTES + 7) / 8 * 8;  // full[NS], empty[NS], q_full, q_empty
     static constexpr int TOTAL = BARS + (2 * NS + 2) * 8;
@@ -53,15 +51,11 @@ template <int M, bool ROWS> struct Smem {
 
 // Experiment modes (BENCHMARKS.md): 0 the kernel; 1 consumers only wait and release
 // (the data path alone); 2 the producer releases stages without loading (the math alone).
-// ROWS: the cache arrives by one 1-d bulk copy per valid row (lane i of the producer warp
-// copies row i of a half block) into padded rows, instead of 2-d tensor boxes into the
-// swizzled region layout; rows past the sequence end are never copied (the ring starts
-// zeroed, so what a stage holds there is a finite row of an earlier block or zero).
-template <typename T, int RG, int KS, int QR, bool ROWS, int MODE>
+template <typename T, int RG, int KS, int QR, int MODE>
 __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
     using Tile = MmaTile<T, RG, KS, QR>;
     constexpr int M = Tile::M;
-    using L = Smem<M, ROWS>;
+    using L = Smem<M>;
     constexpr int STAGE = L::STAGE;
     // TMA's 128-byte swizzle follows address bits: stage and Q bases sit on 1024 bytes.
     const uint32_t raw = smem_u32(smem_raw);
@@ -85,16 +79,12 @@ __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
         tma_prefetch_map(&p.q_map);
         tma_prefetch_map(&p.kv_map);
     }
-    if constexpr (ROWS) {
-        for (int i = tid; i < NS * STAGE / 16; i += THREADS) reinterpret_cast<uint4*>(smem + L::RING)[i] = make_uint4(0, 0, 0, 0);
-        fence_async_smem();  // before the copy engine writes the same bytes
-    }
     __syncthreads();
 
     if (warp >= MMA_WARPS) {
         // ---- producer ----
         regs_dec<PRODUCER_REGS>();
-        if (warp != MMA_WARPS || (!ROWS && lane != 0)) return;
+        if (warp != MMA_WARPS || lane != 0) return;
         const uint64_t kv_policy = l2_evict_first(), q_policy = l2_evict_last();
         Ring<NS> ring;
         uint32_t q_loads = 0;
@@ -106,21 +96,13 @@ __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
                 mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
                 const int idx = p.block_table[(size_t)sg.seq * p.max_blocks_per_seq + n];
                 if (MODE == 2) {
-                    if (lane == 0) mbar_arrive(full);
+                    mbar_arrive(full);
                 } else if (idx < 0 || idx >= p.num_blocks) {
-                    if (lane == 0) {
-                        atomicOr(p.error_flag, MLA_ERR_BLOCK_INDEX);
-                        uint4* z = reinterpret_cast<uint4*>(smem + L::RING + ring.slot() * STAGE);
-                        for (int i = 0; i < STAGE / 16; ++i) z[i] = make_uint4(0, 0, 0, 0);
-                        fence_async_smem();  // before a later TMA write of the same stage
-                        mbar_arrive(full);
-                    }
-                } else if constexpr (ROWS) {
-                    const int rows = max(0, min(HALF, sg.len - n * BS - key0));
-                    if (lane == 0) mbar_arrive_expect_tx(full, rows * D * 2);
-                    __syncwarp();
-                    if (lane < rows)
-                        bulk_load(dst + lane * ROW_PAD, static_cast<const char*>(p.kv) + ((size_t)idx * BS + key0 + lane) * D * 2, D * 2, full, kv_policy);
+                    atomicOr(p.error_flag, MLA_ERR_BLOCK_INDEX);
+                    uint4* z = reinterpret_cast<uint4*>(smem + L::RING + ring.slot() * STAGE);
+                    for (int i = 0; i < STAGE / 16; ++i) z[i] = make_uint4(0, 0, 0, 0);
+                    fence_async_smem();  // before a later TMA write of the same stage
+                    mbar_arrive(full);
                 } else {
                     mbar_arrive_expect_tx(full, HALF_BYTES);
 #pragma unroll
@@ -132,11 +114,9 @@ __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
             const int before_q = min(halves, NS - 2);  // stages the current segment has released by now
             for (int j = 0; j < before_q; ++j) load_half(j);
             mbar_wait(q_empty, (q_loads & 1) ^ 1);
-            if (lane == 0) {
-                mbar_arrive_expect_tx(q_full, M * D * 2);
+            mbar_arrive_expect_tx(q_full, M * D * 2);
 #pragma unroll
-                for (int c = 0; c < D / 64; ++c) tma_load_3d(sbase + L::Q + c * M * 128, &p.q_map, c * 64, r0, sg.seq, q_full, q_policy);
-            }
+            for (int c = 0; c < D / 64; ++c) tma_load_3d(sbase + L::Q + c * M * 128, &p.q_map, c * 64, r0, sg.seq, q_full, q_policy);
             ++q_loads;
             for (int j = before_q; j < halves; ++j) load_half(j);
         });
@@ -166,7 +146,7 @@ __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
             mbar_wait(full0 + 8 * s1, ring.next().phase());
             const uint32_t h0 = sbase + L::RING + s0 * STAGE, h1 = sbase + L::RING + s1 * STAGE;
             const int valid = sg.len - n * BS;
-            if (!ROWS && valid < BS) {
+            if (valid < BS) {
                 // The sequence ends inside this block: zero the V part of rows valid..63.
                 for (int i = tid; i < (BS - valid) * 64; i += CONSUMERS) {
                     const int row = valid + (i >> 6);
@@ -177,9 +157,7 @@ __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
                 fence_async_smem();  // before a later TMA write of the same stages
                 sync();
             }
-            const auto k_at = [&](int key, int chunk) {
-                return (key < HALF ? h0 : h1) + (ROWS ? (key & (HALF - 1)) * ROW_PAD + chunk * 16 : region_off(key & (HALF - 1), chunk, HALF));
-            };
+            const auto k_at = [&](int key, int chunk) { return (key < HALF ? h0 : h1) + region_off(key & (HALF - 1), chunk, HALF); };
             const bool last = n + 1 == sg.hi;
             const auto release_q = [&] {
                 if (QR < D / 16 && last) {  // this warp has read Q for the segment's last time
@@ -208,20 +186,20 @@ __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
 
 }  // namespace
 
-#define MLA_DECODE_TMA_KERNEL(NAME, T, RG, KS, QR, ROWS, MODE)                                                          \
+#define MLA_DECODE_TMA_KERNEL(NAME, T, RG, KS, QR, MODE)                                                                \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ MlaDecodeParams p) { \
         extern __shared__ __align__(1024) char smem[];                                                       \
-        decode_tma<T, RG, KS, QR, ROWS, MODE>(p, smem);                                                             \
+        decode_tma<T, RG, KS, QR, MODE>(p, smem);                                                                   \
     }
 
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma16, __nv_bfloat16, 1, 2, 36, false, 0)
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32, __nv_bfloat16, 2, 2, 24, false, 0)
-MLA_DECODE_TMA_KERNEL(mla_decode_fp16_tma16, __half, 1, 2, 36, false, 0)
-MLA_DECODE_TMA_KERNEL(mla_decode_fp16_tma32, __half, 2, 2, 24, false, 0)
+MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma16, __nv_bfloat16, 1, 2, 36, 0)
+MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32, __nv_bfloat16, 2, 2, 24, 0)
+MLA_DECODE_TMA_KERNEL(mla_decode_fp16_tma16, __half, 1, 2, 36, 0)
+MLA_DECODE_TMA_KERNEL(mla_decode_fp16_tma32, __half, 2, 2, 24, 0)
 // Experiments (MLA_TMA_VARIANT=<suffix>, bf16 only; BENCHMARKS.md).
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32_q16, __nv_bfloat16, 2, 2, 16, false, 0)
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32_q0, __nv_bfloat16, 2, 2, 0, false, 0)
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma16_x1, __nv_bfloat16, 1, 2, 36, false, 1)
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32_x1, __nv_bfloat16, 2, 2, 24, false, 1)
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma16_x2, __nv_bfloat16, 1, 2, 36, false, 2)
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32_x2, __nv_bfloat16, 2, 2, 24, false, 2)
+MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32_q16, __nv_bfloat16, 2, 2, 16, 0)
+MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32_q0, __nv_bfloat16, 2, 2, 0, 0)
+MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma16_x1, __nv_bfloat16, 1, 2, 36, 1)
+MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32_x1, __nv_bfloat16, 2, 2, 24, 1)
+MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma16_x2, __nv_bfloat16, 1, 2, 36, 2)
+MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32_x2, __nv_bfloat16, 2, 2, 24, 2)

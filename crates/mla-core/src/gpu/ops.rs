@@ -94,11 +94,7 @@ impl DecodeKernel {
                 // 5 half-block stages, Q, scratch, 12 mbarriers, 1024 of alignment slack.
                 let bars = (5 * (BLOCK_SIZE / 2) * row + tile * row + mma_scratch(tile)).div_ceil(8) * 8;
                 // MLA_TMA_VARIANT=<suffix>: an experiment entry of the module (bf16).
-                let variant = std::env::var("MLA_TMA_VARIANT").ok().filter(|v| !v.is_empty());
-                let rows_layout = variant.as_deref().is_some_and(|v| v.starts_with('r'));
-                // Padded rows; Q then starts on the next 1024 bytes (512 more).
-                let bars = if rows_layout { bars + 5 * (BLOCK_SIZE / 2) * 16 + 512 } else { bars };
-                let variant = variant.map(|v| format!("_{v}")).unwrap_or_default();
+                let variant = std::env::var("MLA_TMA_VARIANT").ok().filter(|v| !v.is_empty()).map(|v| format!("_{v}")).unwrap_or_default();
                 ("sm90/mla_decode_tma", format!("mla_decode_{ty}_tma{tile}{variant}"), bars + 12 * 8 + 1024, 384)
             }
             DecodeKernel::MmaSync { tile } => {
