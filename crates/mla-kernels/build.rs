@@ -107,10 +107,6 @@ const KNOWN_WGMMA_WARNINGS: &[(&str, &[&str])] = &[
     // the wgmma uses (C7519, seen with the kernel's work in progress).
     ("mla_decode_bf16_wg64", &["C7519", "C7520"]),
     ("mla_decode_fp16_wg64", &["C7519", "C7520"]),
-    // mla_decode_wgmma.cu, the software-pipelined variant (MLA_DECODE_KERNEL=wgmma-pipe):
-    // registers of an in-flight wgmma are touched.
-    ("mla_decode_bf16_wg64p", &["C7519"]),
-    ("mla_decode_fp16_wg64p", &["C7519"]),
 ];
 
 /// Entry functions whose name contains one of these must not spill (the wgmma / TMA
