@@ -117,10 +117,24 @@ export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
 export class MlaError extends Error {
   /** The stable error code. */
   readonly code: ErrorCode
+  /**
+   * For an error found on the device (or, on the CPU backend, in an enqueued step) and
+   * reported by a later synchronising call: the id of the step that caused it (see
+   * {@link decodeInto}); 0 for work outside any step. Undefined otherwise.
+   */
+  readonly step?: number
+  /** The label of that step (`'decode'`, `'plan'`, `'appendBatch'`, a label you gave). */
+  readonly stepLabel?: string
   constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options)
     this.name = 'MlaError'
     this.code = code
+    // The core names the step as "step <id> (<label>): ..." at the start of the message.
+    const m = /^step (\d+) \((.*?)\): /.exec(message)
+    if (m) {
+      this.step = Number(m[1])
+      this.stepLabel = m[2]
+    }
   }
 }
 
@@ -276,6 +290,17 @@ export type HalfDType = 'bf16' | 'fp16'
  */
 export type DeviceSpec = 'auto' | 'cpu' | 'cuda' | `cuda:${number}`
 
+/** See {@link Device.memoryStats}. Bytes as numbers; CUDA-only fields are 0 on the CPU backend. */
+export interface MemoryStats {
+  hostTensorBytes: number
+  pendingSteps: number
+  deviceLiveBytes: number
+  deviceLiveBuffers: number
+  poolReservedBytes: number
+  poolUsedBytes: number
+  deviceFreeBytes: number
+}
+
 /** Static facts about a device. */
 export interface DeviceInfo {
   /** The backend. */
@@ -374,6 +399,34 @@ export class Device {
   /** {@link synchronize} on the calling thread. */
   synchronizeSync(): void {
     call(() => this._n.synchronizeSync())
+  }
+
+  /**
+   * Waits (off the JS thread) until step `step` (an id from {@link decodeInto},
+   * {@link decode}, {@link KvCache.appendBatch}, ...) has completed, and rejects with that
+   * step's own error when it failed. Failures of other steps are left for the next
+   * {@link synchronize}.
+   */
+  waitStep(step: number): Promise<void> {
+    return callAsync(async () => {
+      int('step', step, 1, Number.MAX_SAFE_INTEGER)
+      await call(() => this._n.waitStep(step))
+    })
+  }
+
+  /** {@link waitStep} on the calling thread. */
+  waitStepSync(step: number): void {
+    int('step', step, 1, Number.MAX_SAFE_INTEGER)
+    call(() => this._n.waitStepSync(step))
+  }
+
+  /**
+   * Memory and step-log facts: host bytes of CPU-backend tensors (process-wide); on CUDA
+   * the live device buffers of this library, the memory pool's reserved and used bytes,
+   * free device memory, and enqueued steps not yet looked at. For soak tests and leaks.
+   */
+  memoryStats(): MemoryStats {
+    return call(() => this._n.memoryStats())
   }
 
   /**
@@ -556,6 +609,32 @@ export class Tensor {
     call(() => this._n.fill(byte))
   }
 
+  /**
+   * Overwrites the whole tensor from host data, in place (no allocation): a `Float32Array`
+   * is rounded to the tensor's dtype (bf16, fp16, fp32), a `Uint16Array` holds raw bf16 /
+   * fp16 bits, an `Int32Array` fills an int32 tensor. `data.length` must equal the element
+   * count. On CUDA the copy is queued (staged in pinned memory) and this returns at once;
+   * work queued earlier that reads the tensor still sees the old values. Only for tensors
+   * of their own that no pending operation is reading.
+   */
+  write(data: Float32Array | Uint16Array | Int32Array): void {
+    if (data instanceof Float32Array) return call(() => this._n.writeF32(data))
+    if (data instanceof Uint16Array) return call(() => this._n.writeBits(data))
+    if (data instanceof Int32Array) return call(() => this._n.writeI32(data))
+    fail('ERR_INVALID_ARGUMENT', `data: expected a Float32Array, Uint16Array or Int32Array, got ${describe(data)}`)
+  }
+
+  /**
+   * Overwrites this tensor with `src`'s bytes (same device, same byte size): on CUDA a
+   * device-to-device copy, queued. E.g. the model's queries or new latent rows, with no host
+   * round trip.
+   */
+  copyFrom(src: Tensor): void {
+    const s = want(src, Tensor, 'src')
+    if (s._n === this._n) fail('ERR_INVALID_ARGUMENT', 'src: expected another tensor, got this one')
+    call(() => this._n.copyFrom(s._n))
+  }
+
   /** Whether both handles view the same memory. */
   sameStorage(other: Tensor): boolean {
     return call(() => this._n.sameStorage(want(other, Tensor, 'other')._n))
@@ -633,6 +712,23 @@ export class Plan {
    */
   get numSplits(): Tensor {
     return Tensor._wrap(call(() => this._n.numSplits))
+  }
+  /**
+   * Re-plans in place for new lengths (`cacheSeqlens`, a `[batch]` int32 tensor on the
+   * plan's device): the same memory, no allocation; equals a fresh {@link Device.plan} for
+   * them. On CUDA one plan kernel is enqueued (returns at once; a length out of range is
+   * reported by the next synchronising call, naming this step); the CPU backend recomputes
+   * now. Decodes enqueued earlier with this plan still use the old schedule (stream order).
+   * Returns the step id.
+   *
+   * @example
+   * ```ts
+   * cache.batchInto(seqs, blockTable, cacheSeqlens)   // the lengths grew by one token
+   * plan.update(cacheSeqlens)
+   * ```
+   */
+  update(cacheSeqlens: Tensor): number {
+    return call(() => this._n.update(want(cacheSeqlens, Tensor, 'cacheSeqlens')._n))
   }
   /** Whether {@link dispose} was called. */
   get disposed(): boolean {
@@ -808,6 +904,8 @@ export interface DecodeArgs {
   causal?: boolean
   /** Default 1 / sqrt(576). */
   softmaxScale?: number
+  /** The step's label in error messages (default `'decode'`), e.g. `'layer 3'`. */
+  label?: string
 }
 
 /** Outputs of one decode step. */
@@ -816,6 +914,8 @@ export interface DecodeResult {
   out: Tensor
   /** `[b, hQ, sQ]` fp32, natural log of the softmax denominator; +Infinity for rows that attend to no key. */
   lse: Tensor
+  /** The id of the step that computed them (see {@link decodeInto}). */
+  step: number
 }
 
 function nativeArgs(a: DecodeArgs) {
@@ -827,13 +927,16 @@ function nativeArgs(a: DecodeArgs) {
   const plan = a.plan == null ? undefined : want(a.plan, Plan, 'plan')
   if (a.causal != null && typeof a.causal !== 'boolean') fail('ERR_INVALID_ARGUMENT', `causal: expected a boolean, got ${describe(a.causal)}`)
   if (a.softmaxScale != null && typeof a.softmaxScale !== 'number') fail('ERR_INVALID_ARGUMENT', `softmaxScale: expected a number, got ${describe(a.softmaxScale)}`)
-  return [q._n, kv._n, bt._n, sl._n, plan?._n, a.causal ?? undefined, a.softmaxScale ?? undefined] as const
+  if (a.label != null && typeof a.label !== 'string') fail('ERR_INVALID_ARGUMENT', `label: expected a string, got ${describe(a.label)}`)
+  return [q._n, kv._n, bt._n, sl._n, plan?._n, a.causal ?? undefined, a.softmaxScale ?? undefined, a.label ?? undefined] as const
 }
 
 /**
- * One MLA decode step: attention of `q` over each sequence's cached latent rows. Runs on
- * the libuv thread pool (the JS thread stays free) and resolves once the results are
- * complete.
+ * One MLA decode step: attention of `q` over each sequence's cached latent rows, resolving
+ * once the results are complete. On CUDA the step is enqueued on the calling thread and
+ * only the wait runs on the libuv thread pool; on the CPU backend the computation runs
+ * there. The JS thread stays free either way. Allocates the outputs; a serving loop uses
+ * {@link decodeInto} instead.
  *
  * Errors: the JS types, the integer arguments, and every shape, dtype and device rule
  * (including a plan made for another batch size or `sQ * hQ / hKv`) are checked before
@@ -846,8 +949,8 @@ function nativeArgs(a: DecodeArgs) {
  *   `[0, maxBlocksPerSeq * 64]` (`ERR_SEQLEN_RANGE`), or a `plan` made for other lengths
  *   (`ERR_INVALID_ARGUMENT`, see {@link Device.plan}) reject when the promise settles. The
  *   kernels skip what they cannot read, and that step's outputs are discarded, not
- *   returned; the error reaches this decode only (each decode waits for the device as one
- *   step that no other decode on the device interleaves with).
+ *   returned; the error reaches this decode only (every step has its own error flag; see
+ *   {@link decodeInto}), with {@link MlaError.step} set to this step's id.
  *
  * Memory that cannot be allocated (host or device) rejects with `ERR_OUT_OF_MEMORY`.
  *
@@ -860,7 +963,7 @@ function nativeArgs(a: DecodeArgs) {
 export function decode(args: DecodeArgs): Promise<DecodeResult> {
   return callAsync(async () => {
     const r = (await call(() => native.decode(...nativeArgs(args)))) as Native.DecodeResult
-    return { out: Tensor._wrap(r.out), lse: Tensor._wrap(r.lse) }
+    return { out: Tensor._wrap(r.out), lse: Tensor._wrap(r.lse), step: r.step }
   })
 }
 
@@ -871,7 +974,67 @@ export function decode(args: DecodeArgs): Promise<DecodeResult> {
  */
 export function decodeSync(args: DecodeArgs): DecodeResult {
   const r = call(() => native.decodeSync(...nativeArgs(args)))
-  return { out: Tensor._wrap(r.out), lse: Tensor._wrap(r.lse) }
+  return { out: Tensor._wrap(r.out), lse: Tensor._wrap(r.lse), step: r.step }
+}
+
+// ---------------------------------------------------------------------------------------
+// The serving path: enqueue without waiting, caller-owned outputs
+
+/** Caller-owned outputs of {@link decodeInto}. */
+export interface DecodeOutputs {
+  /** `[b, sQ, hQ, 512]`, q's dtype, a tensor of its own (`storage === 'owned'`). */
+  out: Tensor
+  /** `[b, hQ, sQ]` fp32, a tensor of its own. */
+  lse: Tensor
+}
+
+/**
+ * Enqueues one decode step into caller-owned `out` / `lse` and returns its step id as soon
+ * as the work is queued: no allocation, no wait for the device. This is the serving path:
+ * re-plan in place ({@link Plan.update}), enqueue every layer, then synchronise once.
+ *
+ * The step model: every call that launches work is a step with an id (1, 2, 3, ... per
+ * device) and a label (`args.label`, default `'decode'`). Shapes, dtypes, devices and the
+ * plan's sizes are checked now and throw (nothing is queued). The contents of the tensors
+ * (a block index that would be read outside the pool, a length out of range, on CUDA a
+ * plan made for other lengths) are checked where they live and reported by the next
+ * synchronising call — {@link Device.synchronize}, {@link Device.waitStep} for this step,
+ * or reading any tensor of the device to the host — as an {@link MlaError} whose
+ * {@link MlaError.step} / {@link MlaError.stepLabel} name the failing step. Each step has
+ * its own error flag, so a bad step never fails or corrupts a later one; its own outputs
+ * are not valid. The CPU backend computes during the call (on the calling thread) and keeps
+ * the same model: content errors are recorded for the step (its outputs are filled with
+ * NaN) and reported the same way.
+ *
+ * `out` and `lse` must be tensors of their own, distinct from the inputs, that no pending
+ * operation (a read) is using. Without `plan`, one is made for the call (an allocation).
+ *
+ * @example
+ * ```ts
+ * const plan = dev.plan(cacheSeqlens, { hQ: 16 })
+ * const out = dev.zeros([b, 1, 16, 512], 'bf16')
+ * const lse = dev.zeros([b, 16, 1], 'fp32')
+ * for (let step = 0; step < 100; step++) {
+ *   cache.appendBatch(seqs, newRows)                  // one call, one copy
+ *   cache.batchInto(seqs, blockTable, cacheSeqlens)   // lengths in place
+ *   plan.update(cacheSeqlens)                         // re-plan in place
+ *   for (const [l, q] of qs.entries()) decodeInto({ q, kvCache: cache, blockTable, cacheSeqlens, plan, label: `layer ${l}` }, { out, lse })
+ *   await dev.synchronize()                           // a bad step is reported here, by id
+ * }
+ * ```
+ */
+export function decodeInto(args: DecodeArgs, outputs: DecodeOutputs): number {
+  const a = nativeArgs(args)
+  if (outputs == null || typeof outputs !== 'object') fail('ERR_INVALID_ARGUMENT', `outputs: expected { out, lse }, got ${describe(outputs)}`)
+  const out = want(outputs.out, Tensor, 'out')
+  const lse = want(outputs.lse, Tensor, 'lse')
+  // Natively the outputs are written through exclusive references: no aliasing allowed.
+  const inputs = [a[0], a[1], a[2], a[3]] as const
+  if (out._n === lse._n) fail('ERR_INVALID_ARGUMENT', 'out, lse: expected two distinct tensors, got the same one twice')
+  for (const [name, t] of [['out', out], ['lse', lse]] as const) {
+    if (inputs.some((x) => x === t._n)) fail('ERR_INVALID_ARGUMENT', `${name}: expected a tensor distinct from the inputs, got one of them`)
+  }
+  return call(() => native.decodeInto(...a, out._n, lse._n))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,15 +3,15 @@
 //! be passed to `decode` without copying. Everything is reference counted: async work
 //! keeps what it reads alive even when the JS side disposes its handles meanwhile.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLockReadGuard};
 
-use mla_core::ErrorCode;
+use mla_core::{ErrorCode, SharedPlan};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use crate::device::Device;
 use crate::error::{core, core_async, disposed, err, reject_with_code, Failure, Result};
-use crate::plan::{Plan, SharedPlan};
+use crate::plan::Plan;
 
 /// Locks the cache, ignoring poisoning (a panic is reported where it happened).
 pub fn lock(c: &Mutex<mla_core::KvCache>) -> MutexGuard<'_, mla_core::KvCache> {
@@ -32,13 +32,21 @@ pub enum TensorSrc {
 }
 
 impl TensorSrc {
-    /// Calls `f` with the core tensor (holding the cache's lock for a pool view).
+    /// Calls `f` with the core tensor (holding the cache's lock for a pool view, the
+    /// plan's read lock for a plan view).
     pub fn with<R>(&self, f: impl FnOnce(&mla_core::Tensor) -> R) -> R {
         match self {
             TensorSrc::Owned(t) => f(t),
             TensorSrc::CachePool(c) => f(lock(c).tensor()),
-            TensorSrc::PlanMetadata(p) => f(p.metadata()),
-            TensorSrc::PlanNumSplits(p) => f(p.num_splits()),
+            TensorSrc::PlanMetadata(p) => f(p.read().metadata()),
+            TensorSrc::PlanNumSplits(p) => f(p.read().num_splits()),
+        }
+    }
+
+    fn plan(&self) -> Option<&Arc<SharedPlan>> {
+        match self {
+            TensorSrc::PlanMetadata(p) | TensorSrc::PlanNumSplits(p) => Some(p),
+            _ => None,
         }
     }
 
@@ -50,19 +58,38 @@ impl TensorSrc {
     }
 }
 
-/// Calls `f` with the core tensors of `srcs`, locking each distinct cache once (the same
-/// pool may be passed twice).
+/// Calls `f` with the core tensors of `srcs` and the core plans of `plans`, locking each
+/// distinct cache once (the same pool may be passed twice) and taking each distinct plan's
+/// read lock once.
 ///
 /// Caches are locked in one global order (by address), never in argument order: a pool
 /// view is a valid tensor for any argument, so `decode(q = A.tensor, kv = B)` running
 /// beside `decode(q = B.tensor, kv = A)` would otherwise lock A then B on one libuv thread
-/// and B then A on another, and deadlock.
-pub fn with_all<R>(srcs: &[&TensorSrc], f: impl FnOnce(&[&mla_core::Tensor]) -> R) -> R {
+/// and B then A on another, and deadlock. Plans are read-locked after the caches (a plan's
+/// write lock, `Plan.update`, is never held while locking a cache).
+pub fn with_all<R>(
+    srcs: &[&TensorSrc],
+    plans: &[&Arc<SharedPlan>],
+    f: impl FnOnce(&[&mla_core::Tensor], &[&mla_core::Plan]) -> R,
+) -> R {
     let mut caches: Vec<&Arc<Mutex<mla_core::KvCache>>> =
         srcs.iter().filter_map(|s| s.cache()).collect();
     caches.sort_by_key(|c| Arc::as_ptr(c) as usize);
     caches.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    let mut all_plans: Vec<&Arc<SharedPlan>> = srcs
+        .iter()
+        .filter_map(|s| s.plan())
+        .chain(plans.iter().copied())
+        .collect();
+    all_plans.sort_by_key(|p| Arc::as_ptr(p) as usize);
+    all_plans.dedup_by(|a, b| Arc::ptr_eq(a, b));
     let guards: Vec<MutexGuard<'_, mla_core::KvCache>> = caches.iter().map(|c| lock(c)).collect();
+    let plan_guards: Vec<RwLockReadGuard<'_, mla_core::Plan>> =
+        all_plans.iter().map(|p| p.read()).collect();
+    let plan_of = |p: &Arc<SharedPlan>| -> &mla_core::Plan {
+        let i = all_plans.iter().position(|k| Arc::ptr_eq(k, p)).unwrap();
+        &plan_guards[i]
+    };
     let tensors: Vec<&mla_core::Tensor> = srcs
         .iter()
         .map(|s| match s {
@@ -71,11 +98,12 @@ pub fn with_all<R>(srcs: &[&TensorSrc], f: impl FnOnce(&[&mla_core::Tensor]) -> 
                 let i = caches.iter().position(|k| Arc::ptr_eq(k, c)).unwrap();
                 guards[i].tensor()
             }
-            TensorSrc::PlanMetadata(p) => p.metadata(),
-            TensorSrc::PlanNumSplits(p) => p.num_splits(),
+            TensorSrc::PlanMetadata(p) => plan_of(p).metadata(),
+            TensorSrc::PlanNumSplits(p) => plan_of(p).num_splits(),
         })
         .collect();
-    f(&tensors)
+    let plans: Vec<&mla_core::Plan> = plans.iter().map(|p| plan_of(p)).collect();
+    f(&tensors, &plans)
 }
 
 /// A dense tensor (native side of `Tensor` in index.ts).
@@ -96,6 +124,23 @@ impl Tensor {
     pub fn src(&self) -> Result<&TensorSrc> {
         self.src.as_ref().ok_or_else(|| disposed("tensor"))
     }
+    /// The core tensor of a tensor of its own, for writing: not a view, and not used by a
+    /// pending operation (which holds a reference to it).
+    pub fn owned_mut(&mut self, name: &str) -> Result<&mut mla_core::Tensor> {
+        match self.src.as_mut().ok_or_else(|| disposed(&format!("tensor '{name}'")))? {
+            TensorSrc::Owned(t) => Arc::get_mut(t).ok_or_else(|| {
+                err(
+                    ErrorCode::InvalidArgument,
+                    format!("{name}: expected a tensor no pending operation uses, got one in use (a pending read or decode)"),
+                )
+            }),
+            _ => Err(err(
+                ErrorCode::Unsupported,
+                format!("{name}: expected a tensor of its own, got a view of a cache or a plan"),
+            )),
+        }
+    }
+
     /// The source, with the argument's name in the disposed error.
     pub fn arg(&self, name: &str) -> Result<TensorSrc> {
         self.src
@@ -277,11 +322,87 @@ impl Tensor {
         }
     }
 
+    /// Overwrites the tensor with f32 values rounded to its dtype (bf16, fp16 or fp32); on
+    /// CUDA the copy is queued (staged in pinned memory) and this returns at once.
+    #[napi]
+    pub fn write_f32(&mut self, data: &[f32]) -> Result<()> {
+        let t = self.owned_mut("tensor")?;
+        let bytes: Vec<u8> = match t.dtype() {
+            mla_core::DType::F32 => mla_core::tensor::as_bytes(data).to_vec(),
+            d if d.is_half() => {
+                mla_core::tensor::as_bytes(&mla_core::dtype::f32_slice_to_half(data, d)).to_vec()
+            }
+            d => {
+                return Err(err(
+                    ErrorCode::DtypeMismatch,
+                    format!("tensor: expected a floating tensor for Float32Array data, got {d}"),
+                ))
+            }
+        };
+        write_all(t, &bytes, data.len())
+    }
+
+    /// Overwrites a bf16 / fp16 tensor with raw bits.
+    #[napi]
+    pub fn write_bits(&mut self, data: &[u16]) -> Result<()> {
+        let t = self.owned_mut("tensor")?;
+        if !t.dtype().is_half() {
+            return Err(err(
+                ErrorCode::DtypeMismatch,
+                format!(
+                    "tensor: expected bf16 or fp16 for Uint16Array data, got {}",
+                    t.dtype()
+                ),
+            ));
+        }
+        write_all(t, mla_core::tensor::as_bytes(data), data.len())
+    }
+
+    /// Overwrites an int32 tensor.
+    #[napi]
+    pub fn write_i32(&mut self, data: &[i32]) -> Result<()> {
+        let t = self.owned_mut("tensor")?;
+        if t.dtype() != mla_core::DType::I32 {
+            return Err(err(
+                ErrorCode::DtypeMismatch,
+                format!(
+                    "tensor: expected int32 for Int32Array data, got {}",
+                    t.dtype()
+                ),
+            ));
+        }
+        write_all(t, mla_core::tensor::as_bytes(data), data.len())
+    }
+
+    /// Overwrites the tensor with `src`'s bytes (same device and byte size): on CUDA a
+    /// device-to-device copy, queued.
+    #[napi]
+    pub fn copy_from(&mut self, src: &Tensor) -> Result<()> {
+        let s = src.arg("src")?;
+        let t = self.owned_mut("tensor")?;
+        with_all(&[&s], &[], |x, _| core(|| t.copy_from(x[0])))
+    }
+
     /// Releases this handle's reference (the memory goes when nothing else uses it).
     #[napi]
     pub fn dispose(&mut self) {
         self.src = None;
     }
+}
+
+/// Writes `bytes` (of `n` elements) over the whole tensor.
+fn write_all(t: &mut mla_core::Tensor, bytes: &[u8], n: usize) -> Result<()> {
+    if n != t.numel() {
+        return Err(err(
+            ErrorCode::ShapeMismatch,
+            format!(
+                "data: expected {} elements (shape {:?}), got {n}",
+                t.numel(),
+                t.shape()
+            ),
+        ));
+    }
+    core(|| t.write_bytes(0, bytes))
 }
 
 /// Copies a tensor to the host on the libuv thread pool.

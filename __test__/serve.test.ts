@@ -1,0 +1,200 @@
+// The serving path through the TypeScript API: enqueued steps and their errors
+// (decodeInto, waitStep, synchronize), caller-owned outputs, in-place re-planning, batched
+// cache appends, captured steps, a soak test.
+//
+// Every test runs on the CPU backend, and on CUDA when a GPU is usable; without one the GPU
+// variants are registered as skipped with the reason in their title. MLA_TEST_DEVICE=cuda
+// makes them run (and fail) anyway. Serial: the CPU backend's step log is one per process.
+
+import test, { type ExecutionContext } from 'ava'
+import { Device, MlaError, decode, decodeInto, decodeSync, gpuStatus, type ErrorCode, type Tensor } from '../index'
+import { BASE_SEED, D, caseTensors, checkAccuracy, makeCase, referenceDecode, type CaseData } from './_helpers'
+
+const status = gpuStatus()
+const forced = process.env.MLA_TEST_DEVICE === 'cuda'
+const gpuEnabled = status.available || forced
+const cpu = Device.open('cpu')
+let cuda: Device | undefined
+
+/** Registers `title` on the CPU backend and on CUDA (visibly skipped without a GPU). */
+function both(title: string, fn: (t: ExecutionContext, dev: Device) => Promise<void> | void): void {
+  test.serial(`cpu: ${title}`, async (t) => {
+    await cpu.synchronize().catch(() => undefined) // nothing of an earlier test lingers
+    await fn(t, cpu)
+  })
+  if (!gpuEnabled) {
+    test.skip(`no GPU: ${status.reason ?? 'unknown'} | gpu: ${title}`, () => undefined)
+    return
+  }
+  test.serial(`gpu: ${title}`, async (t) => {
+    cuda ??= Device.open((process.env.MLA_TEST_CUDA_DEVICE ?? 'cuda') as 'cuda')
+    await cuda.synchronize().catch(() => undefined)
+    await fn(t, cuda)
+  })
+}
+
+/** The error `f` throws or rejects with (fails the test when there is none). */
+async function caught(t: ExecutionContext, f: () => unknown, code: ErrorCode): Promise<MlaError | undefined> {
+  try {
+    await f()
+  } catch (e) {
+    t.true(e instanceof MlaError, String(e))
+    t.is((e as MlaError).code, code, (e as Error).message)
+    return e as MlaError
+  }
+  t.fail(`expected ${code}, got no error`)
+  return undefined
+}
+
+function poisoned(dev: Device, c: CaseData): { out: Tensor; lse: Tensor } {
+  const out = dev.zeros([c.b, c.cfg.sQ, c.cfg.hQ, 512], c.cfg.dtype)
+  const lse = dev.zeros([c.b, c.cfg.hQ, c.cfg.sQ], 'fp32')
+  out.fill(0xff)
+  lse.fill(0xff)
+  return { out, lse }
+}
+
+/** A block table like the case's where block 1 of sequence 1 (read) is `bad`. */
+function badTable(dev: Device, c: CaseData, bad: number): Tensor {
+  const bt = Int32Array.from(c.blockTable)
+  bt[c.maxBlocksPerSeq + 1] = bad
+  return dev.tensor(bt, [c.b, c.maxBlocksPerSeq])
+}
+
+let seedStep = 0
+function servingCase(seqlens: number[], hQ = 16, sQ = 2): CaseData {
+  return makeCase({ name: 'serve', dtype: 'bf16', sQ, hQ, seqlens, causal: true }, seedStep % 2 ? 'plain' : 'scaled', (BASE_SEED + 7717 * ++seedStep) >>> 0)
+}
+
+async function expectExact(t: ExecutionContext, label: string, c: CaseData, o: { out: Tensor; lse: Tensor }): Promise<void> {
+  checkAccuracy(t, label, c.cfg.dtype, await o.out.toFloat32Array(), await o.lse.toFloat32Array(), referenceDecode(c))
+}
+
+both('a bad block index in an enqueued step is reported by the next sync, naming that step; later steps are exact', async (t, dev) => {
+  const c = servingCase([100, 200, 1, 65])
+  t.log(`case seed ${c.seed}; MLA_TEST_SEED=${BASE_SEED} replays the run`)
+  const args = caseTensors(dev, c)
+  const plan = dev.plan(args.cacheSeqlens, { sQ: 2, hQ: 16 })
+  for (const bad of [c.numBlocks, -1, 2147480000]) {
+    const a = poisoned(dev, c)
+    const b = poisoned(dev, c)
+    const d = poisoned(dev, c)
+    const sa = decodeInto({ ...args, plan, causal: true, label: 'layer 0' }, a)
+    const sb = decodeInto({ ...args, blockTable: badTable(dev, c, bad), plan, causal: true, label: 'layer 1' }, b)
+    const sd = decodeInto({ ...args, plan, causal: true, label: 'layer 2' }, d)
+    t.true(sa < sb && sb < sd, `step ids increase: ${sa} ${sb} ${sd}`)
+    const e = await caught(t, () => dev.synchronize(), 'ERR_BLOCK_INDEX')
+    t.is(e?.step, sb)
+    t.is(e?.stepLabel, 'layer 1')
+    t.true(e?.message.startsWith(`step ${sb} (layer 1): block_table`), e?.message)
+    await t.notThrowsAsync(dev.synchronize(), 'reported once')
+    await expectExact(t, 'the step before the bad one', c, a)
+    await expectExact(t, 'the step after the bad one', c, d)
+  }
+})
+
+both('waitStep reports its own step\'s error; synchronizeSync the others', async (t, dev) => {
+  const c = servingCase([70, 300, 5])
+  const args = caseTensors(dev, c)
+  const plan = dev.plan(args.cacheSeqlens, { sQ: 2, hQ: 16 })
+  const b1 = poisoned(dev, c)
+  const b2 = poisoned(dev, c)
+  const g = poisoned(dev, c)
+  const s1 = decodeInto({ ...args, blockTable: badTable(dev, c, c.numBlocks + 3), plan, causal: true, label: 'first' }, b1)
+  const s2 = decodeInto({ ...args, blockTable: badTable(dev, c, -9), plan, causal: true, label: 'second' }, b2)
+  const sg = decodeInto({ ...args, plan, causal: true }, g)
+  await t.notThrowsAsync(dev.waitStep(sg))
+  const e2 = await caught(t, () => dev.waitStep(s2), 'ERR_BLOCK_INDEX')
+  t.is(e2?.step, s2)
+  const e1 = await caught(t, () => dev.synchronizeSync(), 'ERR_BLOCK_INDEX')
+  t.is(e1?.step, s1)
+  t.is(e1?.stepLabel, 'first')
+  t.notThrows(() => dev.waitStepSync(s1), 'reported once')
+  await expectExact(t, 'good step', c, g)
+  await caught(t, () => dev.waitStep(0), 'ERR_INVALID_ARGUMENT')
+  await caught(t, () => dev.waitStep(1.5), 'ERR_INVALID_ARGUMENT')
+  await caught(t, () => dev.waitStep(sg + 1e9), 'ERR_INVALID_ARGUMENT')
+})
+
+both('reading a tensor is a synchronising call: it reports the failed step, then reads', async (t, dev) => {
+  const c = servingCase([1, 129])
+  const args = caseTensors(dev, c)
+  const plan = dev.plan(args.cacheSeqlens, { sQ: 2, hQ: 16 })
+  const b = poisoned(dev, c)
+  const g = poisoned(dev, c)
+  const sb = decodeInto({ ...args, blockTable: badTable(dev, c, -3), plan, causal: true, label: 'bad' }, b)
+  decodeInto({ ...args, plan, causal: true }, g)
+  const e = await caught(t, () => g.out.toFloat32Array(), 'ERR_BLOCK_INDEX')
+  t.is(e?.step, sb)
+  await expectExact(t, 'read after the report', c, g)
+})
+
+both('decode and decodeSync report their own step; results carry the step id', async (t, dev) => {
+  const c = servingCase([64, 65])
+  const args = caseTensors(dev, c)
+  const r = await decode({ ...args, causal: true })
+  const s = decodeSync({ ...args, causal: true })
+  t.true(Number.isInteger(r.step) && r.step > 0)
+  t.true(s.step > r.step)
+  await expectExact(t, 'decode', c, r)
+  await expectExact(t, 'decodeSync', c, s)
+  const e = await caught(t, () => decode({ ...args, blockTable: badTable(dev, c, 99), causal: true, label: 'mine' }), 'ERR_BLOCK_INDEX')
+  t.is(e?.stepLabel, 'mine')
+  await t.notThrowsAsync(dev.synchronize(), 'the promise reported it')
+})
+
+both('decodeInto writes into the caller\'s tensors, allocating nothing', async (t, dev) => {
+  const c = servingCase([33, 140, 0, 64], 64, 1)
+  const args = caseTensors(dev, c)
+  const plan = dev.plan(args.cacheSeqlens, { sQ: 1, hQ: 64 })
+  const o = poisoned(dev, c)
+  const ptr = o.out.devicePtr
+  decodeInto({ ...args, plan, causal: true }, o)
+  await dev.synchronize()
+  const before = dev.memoryStats()
+  for (let i = 0; i < 20; i++) decodeInto({ ...args, plan, causal: true }, o)
+  await dev.synchronize()
+  const after = dev.memoryStats()
+  t.is(after.hostTensorBytes, before.hostTensorBytes, 'no host tensor memory')
+  t.is(after.deviceLiveBuffers, before.deviceLiveBuffers, 'no device buffer')
+  t.is(o.out.devicePtr, ptr)
+  t.is(o.out.storage, 'owned')
+  await expectExact(t, 'decodeInto', c, o)
+})
+
+both('decodeInto argument rules: distinct outputs of their own, right shapes', async (t, dev) => {
+  const c = servingCase([10, 80])
+  const args = caseTensors(dev, c)
+  const plan = dev.plan(args.cacheSeqlens, { sQ: 2, hQ: 16 })
+  const o = poisoned(dev, c)
+  await caught(t, () => decodeInto({ ...args, plan }, { out: o.out, lse: o.out }), 'ERR_INVALID_ARGUMENT')
+  await caught(t, () => decodeInto({ ...args, plan }, { out: args.q, lse: o.lse }), 'ERR_INVALID_ARGUMENT')
+  await caught(t, () => decodeInto({ ...args, plan }, { out: dev.zeros([c.b, 2, 16, 511], 'bf16'), lse: o.lse }), 'ERR_SHAPE')
+  await caught(t, () => decodeInto({ ...args, plan }, { out: o.out, lse: dev.zeros([c.b, 16, 2], 'bf16') }), 'ERR_DTYPE')
+  await caught(t, () => decodeInto({ ...args, plan }, { out: plan.numSplits, lse: o.lse }), 'ERR_UNSUPPORTED')
+  await caught(t, () => decodeInto({ ...args, plan }, undefined as unknown as { out: Tensor; lse: Tensor }), 'ERR_INVALID_ARGUMENT')
+  await caught(t, () => decodeInto({ ...args, plan: dev.plan(args.cacheSeqlens, { hQ: 16 }) }, o), 'ERR_INVALID_ARGUMENT')
+  // A pending read holds the tensor: it cannot be written meanwhile.
+  const pending = o.out.toFloat32Array()
+  await caught(t, () => decodeInto({ ...args, plan }, o), 'ERR_INVALID_ARGUMENT')
+  await pending
+  t.notThrows(() => decodeInto({ ...args, plan }, o))
+  await dev.synchronize()
+})
+
+both('tensor.write and copyFrom overwrite in place', async (t, dev) => {
+  const x = dev.zeros([3, D], 'bf16')
+  const v = new Float32Array(3 * D).map((_, i) => (i % 17) - 8)
+  x.write(v)
+  t.deepEqual(await x.toFloat32Array(), v)
+  const y = dev.zeros([3, D], 'bf16')
+  y.copyFrom(x)
+  t.deepEqual(await y.toFloat32Array(), v)
+  const i = dev.zeros([4], 'int32')
+  i.write(new Int32Array([5, -1, 7, 2 ** 31 - 1]))
+  t.deepEqual([...(await i.toInt32Array())], [5, -1, 7, 2 ** 31 - 1])
+  await caught(t, () => x.write(new Float32Array(5)), 'ERR_SHAPE')
+  await caught(t, () => i.write(new Float32Array(4)), 'ERR_DTYPE')
+  await caught(t, () => y.copyFrom(i), 'ERR_SHAPE')
+  await caught(t, () => y.copyFrom(y), 'ERR_INVALID_ARGUMENT')
+})
