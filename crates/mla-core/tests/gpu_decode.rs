@@ -424,3 +424,9 @@ fn serve_stale_plan_names_the_step() {
     assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
     assert!(e.message.starts_with(&format!("step {id} (stale): plan")), "{e}");
 }
+
+#[test]
+fn serve_replan_in_place_equals_a_fresh_plan() {
+    let Some(dev) = gpu("serve_replan_in_place_equals_a_fresh_plan") else { return };
+    common::serve::replan_in_place_equals_a_fresh_plan(&dev);
+}

@@ -55,3 +55,9 @@ fn many_steps_bad_ones_never_touch_good_ones() {
     let (_g, dev) = cpu();
     serve::many_steps_bad_ones_never_touch_good_ones(&dev, 120);
 }
+
+#[test]
+fn replan_in_place_equals_a_fresh_plan() {
+    let (_g, dev) = cpu();
+    serve::replan_in_place_equals_a_fresh_plan(&dev);
+}

@@ -177,3 +177,42 @@ pub fn many_steps_bad_ones_never_touch_good_ones(dev: &Device, steps: usize) {
         assert_accuracy(&o.to_f32().unwrap(), &l.to_f32().unwrap(), &ro, &rl, inp.dtype, "a good step among bad ones");
     }
 }
+
+/// `Plan::replan` in place equals a fresh plan for the new lengths (metadata, num_splits,
+/// and the decode through it), and allocates nothing.
+pub fn replan_in_place_equals_a_fresh_plan(dev: &Device) {
+    let mut rng = Rng::new("replan_in_place_equals_a_fresh_plan");
+    let b = 6;
+    let max_len = 3000;
+    let lens0: Vec<i32> = (0..b).map(|_| rng.below(max_len) as i32).collect();
+    let inp = Inputs::random(super::Case::new(DType::BF16, 16, 1, lens0.clone()).max_len(max_len), false, &mut rng);
+    let t = inp.tensors(dev);
+    let mut sl = t.seqlens;
+    let mut p = plan(&sl, 16, 1).unwrap();
+    let (mut out, mut lse) = poisoned_outputs(dev, &inp);
+    let mut sets: Vec<Vec<i32>> = vec![vec![0; b], vec![max_len as i32; b], lens0.iter().map(|&l| l + 1).collect()];
+    for _ in 0..4 {
+        sets.push((0..b).map(|_| if rng.below(5) == 0 { 0 } else { rng.below(max_len + 1) as i32 }).collect());
+    }
+    dev.synchronize().unwrap();
+    let before = dev.memory_stats();
+    for lens in sets {
+        sl.write_bytes(0, mla_core::tensor::as_bytes(&lens)).unwrap();
+        let id = p.replan(&sl).unwrap();
+        assert!(id > 0);
+        out.fill_bytes(0xFF).unwrap();
+        lse.fill_bytes(0xFF).unwrap();
+        enqueue_into(&t.q, &t.kv, &t.block_table, &sl, &p, &opts("replanned"), &mut out, &mut lse).unwrap();
+        dev.synchronize().unwrap();
+        let after = dev.memory_stats();
+        assert_eq!((after.host_tensor_bytes, after.gpu.map(|g| g.live_buffers)), (before.host_tensor_bytes, before.gpu.map(|g| g.live_buffers)), "replan allocates nothing");
+        let fresh = plan(&sl, 16, 1).unwrap();
+        assert_eq!(p.metadata().to_i32().unwrap(), fresh.metadata().to_i32().unwrap(), "metadata for {lens:?}");
+        assert_eq!(p.num_splits().to_i32().unwrap(), fresh.num_splits().to_i32().unwrap(), "num_splits for {lens:?}");
+        let (ro, rl) = inp.with_lens(&lens).reference(true, None);
+        assert_accuracy(&out.to_f32().unwrap(), &lse.to_f32().unwrap(), &ro, &rl, inp.dtype, &format!("decode after replan to {lens:?}"));
+    }
+    // A replan for another batch size is refused.
+    let other = Tensor::from_i32(dev, &[1, 2], &[2]).unwrap();
+    assert_eq!(p.replan(&other).unwrap_err().code, ErrorCode::ShapeMismatch);
+}
