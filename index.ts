@@ -805,6 +805,51 @@ export class KvCache {
     fail('ERR_INVALID_ARGUMENT', `rows: expected a Float32Array or Uint16Array, got ${describe(rows)}`)
   }
 
+  /**
+   * Appends the same number of latent rows to each of several distinct sequences in one
+   * call: `rows` holds `seqs.length * n * 576` values, the `n` rows of `seqs[0]` first (a
+   * `Float32Array` is rounded to the cache's dtype, a `Uint16Array` holds raw bits), or is a
+   * tensor `[seqs.length, ..., 576]` of the cache's dtype on its device — e.g. the model's
+   * own output, copied device to device with no host round trip. All or nothing: on
+   * `ERR_CACHE_EXHAUSTED` (or any error) no sequence changed. Equals one {@link append}
+   * per sequence (copy-on-write of shared blocks included).
+   *
+   * On CUDA it is one host-to-device copy (the rows and their destinations, staged in
+   * pinned memory) and one scatter kernel, queued without waiting; decodes enqueued before
+   * it still see the old lengths. Returns the step id.
+   *
+   * @example
+   * ```ts
+   * // one new token for every running sequence, from the model's [b, 1, 576] output
+   * cache.appendBatch(seqs, kvOut)
+   * cache.batchInto(seqs, blockTable, cacheSeqlens)
+   * ```
+   */
+  appendBatch(seqs: number[], rows: Float32Array | Uint16Array | Tensor): number {
+    if (!Array.isArray(seqs)) fail('ERR_INVALID_ARGUMENT', `seqs: expected an array of sequence ids, got ${describe(seqs)}`)
+    seqs.forEach((s, i) => seqId(`seqs[${i}]`, s))
+    if (rows instanceof Float32Array) return call(() => this._n.appendBatchF32(seqs, rows))
+    if (rows instanceof Uint16Array) return call(() => this._n.appendBatchBits(seqs, rows))
+    if (rows instanceof Tensor) return call(() => this._n.appendBatchTensor(seqs, rows._n))
+    return fail('ERR_INVALID_ARGUMENT', `rows: expected a Float32Array, Uint16Array or Tensor, got ${describe(rows)}`)
+  }
+
+  /**
+   * {@link batch} into existing tensors, in place (no allocation): `blockTable`
+   * `[seqs.length, W]` int32 (W at least the most blocks a given sequence holds) and
+   * `cacheSeqlens` `[seqs.length]` int32 on the cache's device, tensors of their own. On
+   * CUDA the two copies are queued and this returns at once; work enqueued earlier still
+   * reads the old values.
+   */
+  batchInto(seqs: number[], blockTable: Tensor, cacheSeqlens: Tensor): void {
+    if (!Array.isArray(seqs)) fail('ERR_INVALID_ARGUMENT', `seqs: expected an array of sequence ids, got ${describe(seqs)}`)
+    seqs.forEach((s, i) => seqId(`seqs[${i}]`, s))
+    const bt = want(blockTable, Tensor, 'blockTable')
+    const sl = want(cacheSeqlens, Tensor, 'cacheSeqlens')
+    if (bt._n === sl._n) fail('ERR_INVALID_ARGUMENT', 'blockTable, cacheSeqlens: expected two distinct tensors, got the same one twice')
+    call(() => this._n.batchInto(seqs, bt._n, sl._n))
+  }
+
   /** A new sequence sharing `seq`'s tokens (copy-on-write); returns its id. */
   fork(seq: number): number {
     seqId('seq', seq)

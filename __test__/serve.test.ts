@@ -7,8 +7,8 @@
 // makes them run (and fail) anyway. Serial: the CPU backend's step log is one per process.
 
 import test, { type ExecutionContext } from 'ava'
-import { Device, MlaError, decode, decodeInto, decodeSync, gpuStatus, type ErrorCode, type Tensor } from '../index'
-import { BASE_SEED, D, Rng, caseTensors, checkAccuracy, makeCase, referenceDecode, type CaseData } from './_helpers'
+import { Device, KvCache, MlaError, Tensor, decode, decodeInto, decodeSync, gpuStatus, type ErrorCode } from '../index'
+import { BASE_SEED, D, Rng, caseTensors, checkAccuracy, makeCase, randomF32, referenceDecode, toBits, type CaseData } from './_helpers'
 
 const status = gpuStatus()
 const forced = process.env.MLA_TEST_DEVICE === 'cuda'
@@ -237,4 +237,97 @@ both('plan.update re-plans in place: equals a fresh plan, decodes exactly, alloc
   }
   await caught(t, () => plan.update(dev.tensor(new Int32Array([1, 2]), [2])), 'ERR_SHAPE')
   await caught(t, () => plan.update(plan.numSplits), 'ERR_INVALID_ARGUMENT')
+})
+
+both('appendBatch equals one append per sequence (bits, f32, a device tensor), forks included', async (t, dev) => {
+  const rng = new Rng(BASE_SEED ^ 0xba7c)
+  for (const dtype of ['bf16', 'fp16'] as const) {
+    const caches = [0, 1, 2, 3].map(() => new KvCache(dev, { numBlocks: 64, dtype }))
+    let seqs: number[] = []
+    for (const len of [0, 1, 63, 64, 65, 130]) {
+      const rows = toBits(randomF32(rng, len * D, 'scaled'), dtype)
+      const ids = caches.map((c) => {
+        const s = c.createSequence()
+        c.append(s, rows)
+        return s
+      })
+      seqs.push(ids[0]!)
+      if (len % 2 === 1) seqs.push(caches.map((c) => c.fork(ids[0]!))[0]!)
+    }
+    for (let round = 0; round < 5; round++) {
+      const n = 1 + rng.int(3)
+      const pick = rng.shuffle(seqs.filter(() => rng.next() < 0.75))
+      if (pick.length === 0) continue
+      const f32 = randomF32(rng, pick.length * n * D, 'scaled')
+      const bits = toBits(f32, dtype)
+      const ids = [
+        caches[0]!.appendBatch(pick, bits),
+        caches[2]!.appendBatch(pick, f32),
+        caches[3]!.appendBatch(pick, dev.tensor(bits, [pick.length, n, D], dtype)),
+      ]
+      t.true(ids.every((id) => Number.isInteger(id) && id > 0))
+      pick.forEach((s, i) => caches[1]!.append(s, bits.subarray(i * n * D, (i + 1) * n * D)))
+      const pools = await Promise.all(caches.map((c) => c.tensor.toUint16Array()))
+      for (let k = 1; k < 4; k++) {
+        t.is(caches[k]!.freeBlocks, caches[0]!.freeBlocks, `${dtype} round ${round}: free blocks of cache ${k}`)
+        for (const s of seqs) {
+          t.is(caches[k]!.seqLen(s), caches[0]!.seqLen(s))
+          t.deepEqual(caches[k]!.blockIds(s), caches[0]!.blockIds(s))
+        }
+        t.true(Buffer.from(pools[k]!.buffer).equals(Buffer.from(pools[0]!.buffer)), `${dtype} round ${round}: pool of cache ${k} differs`)
+      }
+      // The last appended token of each picked sequence is its last row.
+      pick.forEach((s, i) => {
+        const len = caches[0]!.seqLen(s)
+        const blk = caches[0]!.blockIds(s)[Math.floor((len - 1) / 64)]!
+        const at = (blk * 64 + ((len - 1) % 64)) * D
+        t.deepEqual(pools[0]!.subarray(at, at + D), bits.subarray((i * n + n - 1) * D, (i * n + n) * D))
+      })
+    }
+    seqs = []
+    caches.forEach((c) => c.dispose())
+  }
+})
+
+both('appendBatch is all or nothing; bad batches are typed errors', async (t, dev) => {
+  const rng = new Rng(BASE_SEED ^ 0xa11)
+  using cache = new KvCache(dev, { numBlocks: 4, dtype: 'bf16' })
+  const a = cache.createSequence()
+  const b = cache.createSequence()
+  cache.append(a, randomF32(rng, 60 * D, 'scaled'))
+  const before = { pool: await cache.tensor.toUint16Array(), free: cache.freeBlocks, lenA: cache.seqLen(a), ids: cache.blockIds(a) }
+  await caught(t, () => cache.appendBatch([a, b], randomF32(rng, 2 * 100 * D, 'scaled')), 'ERR_CACHE_EXHAUSTED')
+  await caught(t, () => cache.appendBatch([a, a], new Float32Array(2 * D)), 'ERR_INVALID_ARGUMENT')
+  await caught(t, () => cache.appendBatch([a, 12345], new Float32Array(2 * D)), 'ERR_UNKNOWN_SEQUENCE')
+  await caught(t, () => cache.appendBatch([a, b], new Float32Array(D)), 'ERR_SHAPE')
+  await caught(t, () => cache.appendBatch([a], new Float32Array(D + 1)), 'ERR_SHAPE')
+  await caught(t, () => cache.appendBatch([a, b], dev.tensor(new Float32Array(2 * D), [2, D], 'fp16')), 'ERR_DTYPE')
+  await caught(t, () => cache.appendBatch([a, b], dev.tensor(new Float32Array(2 * D), [2 * D], 'bf16')), 'ERR_SHAPE')
+  await caught(t, () => cache.appendBatch([a, b], cache.tensor), 'ERR_INVALID_ARGUMENT')
+  await caught(t, () => cache.appendBatch([1.5], new Float32Array(D)), 'ERR_INVALID_ARGUMENT')
+  t.deepEqual(await cache.tensor.toUint16Array(), before.pool)
+  t.is(cache.freeBlocks, before.free)
+  t.is(cache.seqLen(a), before.lenA)
+  t.deepEqual(cache.blockIds(a), before.ids)
+  t.is(cache.seqLen(b), 0)
+})
+
+both('batchInto writes what batch returns, in place', async (t, dev) => {
+  const rng = new Rng(BASE_SEED ^ 0xb17)
+  using cache = new KvCache(dev, { numBlocks: 32, dtype: 'bf16' })
+  const seqs = [0, 1, 2, 3].map(() => cache.createSequence())
+  const bt = dev.zeros([4, 6], 'int32')
+  const sl = dev.zeros([4], 'int32')
+  const ptr = bt.devicePtr
+  for (let round = 0; round < 4; round++) {
+    cache.appendBatch(seqs, randomF32(rng, 4 * (1 + rng.int(60)) * D, 'scaled'))
+    const want = cache.batch(seqs, 6)
+    cache.batchInto(seqs, bt, sl)
+    t.deepEqual([...(await bt.toInt32Array())], [...(await want.blockTable.toInt32Array())])
+    t.deepEqual([...(await sl.toInt32Array())], [...(await want.cacheSeqlens.toInt32Array())])
+    t.is(bt.devicePtr, ptr)
+  }
+  await caught(t, () => cache.batchInto(seqs, dev.zeros([4, 1], 'int32'), sl), 'ERR_SHAPE')
+  await caught(t, () => cache.batchInto(seqs, bt, dev.zeros([4], 'fp32')), 'ERR_DTYPE')
+  await caught(t, () => cache.batchInto(seqs, bt, bt), 'ERR_INVALID_ARGUMENT')
 })

@@ -430,3 +430,21 @@ fn serve_replan_in_place_equals_a_fresh_plan() {
     let Some(dev) = gpu("serve_replan_in_place_equals_a_fresh_plan") else { return };
     common::serve::replan_in_place_equals_a_fresh_plan(&dev);
 }
+
+#[test]
+fn serve_append_batch_equals_per_sequence_appends() {
+    let Some(dev) = gpu("serve_append_batch_equals_per_sequence_appends") else { return };
+    common::serve::append_batch_equals_per_sequence_appends(&dev);
+}
+
+#[test]
+fn serve_append_batch_is_all_or_nothing() {
+    let Some(dev) = gpu("serve_append_batch_is_all_or_nothing") else { return };
+    common::serve::append_batch_is_all_or_nothing(&dev);
+}
+
+#[test]
+fn serve_batch_into_equals_batch() {
+    let Some(dev) = gpu("serve_batch_into_equals_batch") else { return };
+    common::serve::batch_into_equals_batch(&dev);
+}

@@ -61,3 +61,21 @@ fn replan_in_place_equals_a_fresh_plan() {
     let (_g, dev) = cpu();
     serve::replan_in_place_equals_a_fresh_plan(&dev);
 }
+
+#[test]
+fn append_batch_equals_per_sequence_appends() {
+    let (_g, dev) = cpu();
+    serve::append_batch_equals_per_sequence_appends(&dev);
+}
+
+#[test]
+fn append_batch_is_all_or_nothing() {
+    let (_g, dev) = cpu();
+    serve::append_batch_is_all_or_nothing(&dev);
+}
+
+#[test]
+fn batch_into_equals_batch() {
+    let (_g, dev) = cpu();
+    serve::batch_into_equals_batch(&dev);
+}

@@ -35,6 +35,10 @@ fn seq_id(seq: i64) -> Result<SeqId> {
     Ok(SeqId(seq as u64))
 }
 
+fn seq_ids(seqs: Vec<i64>) -> Result<Vec<SeqId>> {
+    seqs.into_iter().map(seq_id).collect()
+}
+
 impl KvCache {
     fn get(&self) -> Result<&Arc<Mutex<mla_core::KvCache>>> {
         self.inner.as_ref().ok_or_else(|| disposed("cache"))
@@ -92,6 +96,54 @@ impl KvCache {
     pub fn append_bits(&self, seq: i64, rows: &[u16]) -> Result<()> {
         let s = seq_id(seq)?;
         self.with(|c| c.append(s, rows))
+    }
+
+    /// `KvCache::append_batch_f32`: the same number of rows for each of `seqs` (distinct),
+    /// in one call; returns the step id.
+    #[napi]
+    pub fn append_batch_f32(&self, seqs: Vec<i64>, rows: &[f32]) -> Result<i64> {
+        let ids = seq_ids(seqs)?;
+        self.with(|c| c.append_batch_f32(&ids, rows))
+            .map(|id| id as i64)
+    }
+
+    /// `KvCache::append_batch` with raw bits of the cache's dtype.
+    #[napi]
+    pub fn append_batch_bits(&self, seqs: Vec<i64>, rows: &[u16]) -> Result<i64> {
+        let ids = seq_ids(seqs)?;
+        self.with(|c| c.append_batch(&ids, rows))
+            .map(|id| id as i64)
+    }
+
+    /// `KvCache::append_batch_from`: the rows from a tensor of its own on the cache's device
+    /// (on CUDA device to device).
+    #[napi]
+    pub fn append_batch_tensor(&self, seqs: Vec<i64>, rows: &Tensor) -> Result<i64> {
+        let ids = seq_ids(seqs)?;
+        match rows.arg("rows")? {
+            TensorSrc::Owned(t) => self
+                .with(|c| c.append_batch_from(&ids, &t))
+                .map(|id| id as i64),
+            _ => Err(err(
+                ErrorCode::InvalidArgument,
+                "rows: expected a tensor of its own, got a view of a cache or a plan",
+            )),
+        }
+    }
+
+    /// `KvCache::batch_into`: block table and lengths for `seqs` written into existing
+    /// int32 tensors (tensors of their own, no pending operation on them).
+    #[napi]
+    pub fn batch_into(
+        &self,
+        seqs: Vec<i64>,
+        block_table: &mut Tensor,
+        cache_seqlens: &mut Tensor,
+    ) -> Result<()> {
+        let ids = seq_ids(seqs)?;
+        let bt = block_table.owned_mut("blockTable")?;
+        let sl = cache_seqlens.owned_mut("cacheSeqlens")?;
+        self.with(|c| c.batch_into(&ids, bt, sl))
     }
 
     /// A new sequence sharing `seq`'s blocks (copy-on-write); returns its id.

@@ -5,7 +5,7 @@
 //! step (0xFF bytes: NaN) and checks results against the float64 reference.
 
 use mla_core::decode::{enqueue_into, DecodeOptions};
-use mla_core::{plan, DType, Device, ErrorCode, StepId, Tensor, HEAD_DIM_V};
+use mla_core::{plan, DType, Device, ErrorCode, KvCache, KvCacheConfig, SeqId, StepId, Tensor, HEAD_DIM_V};
 
 use super::{assert_accuracy, Inputs, Rng, Tensors};
 
@@ -215,4 +215,159 @@ pub fn replan_in_place_equals_a_fresh_plan(dev: &Device) {
     // A replan for another batch size is refused.
     let other = Tensor::from_i32(dev, &[1, 2], &[2]).unwrap();
     assert_eq!(p.replan(&other).unwrap_err().code, ErrorCode::ShapeMismatch);
+}
+
+fn random_bits(rng: &mut Rng, n: usize, dtype: DType) -> Vec<u16> {
+    (0..n).map(|_| super::encode(rng.normal() / 10.0, dtype)).collect()
+}
+
+fn pool_bits(c: &KvCache) -> Vec<u16> {
+    c.tensor().to_bytes().unwrap().chunks_exact(2).map(|x| u16::from_le_bytes([x[0], x[1]])).collect()
+}
+
+/// Token `tok` of `seq`, read from the pool.
+fn token(c: &KvCache, pool: &[u16], seq: SeqId, tok: usize) -> Vec<u16> {
+    let blk = c.block_ids(seq).unwrap()[tok / 64] as usize;
+    pool[(blk * 64 + tok % 64) * 576..][..576].to_vec()
+}
+
+/// `append_batch` (host rows, f32 rows, rows from a device tensor) equals one `append` per
+/// sequence: same lengths, blocks, free list, and the same pool bytes; with forks
+/// (copy-on-write of shared last blocks), empty sequences and block boundaries.
+pub fn append_batch_equals_per_sequence_appends(dev: &Device) {
+    let mut rng = Rng::new("append_batch_equals_per_sequence_appends");
+    for dtype in [DType::BF16, DType::F16] {
+        let cfg = KvCacheConfig { num_blocks: 96, dtype };
+        let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new(dev, cfg).unwrap()).collect();
+        // The same history in every cache: sequences of random lengths, some forked.
+        let mut seqs: Vec<SeqId> = Vec::new();
+        for k in 0..8 {
+            let len = [0, 1, 63, 64, 65, 100, 127, 200][k];
+            let rows = random_bits(&mut rng, len * 576, dtype);
+            let ids: Vec<SeqId> = caches
+                .iter_mut()
+                .map(|c| {
+                    let s = c.create_sequence();
+                    c.append(s, &rows).unwrap();
+                    s
+                })
+                .collect();
+            assert!(ids.windows(2).all(|w| w[0] == w[1]));
+            seqs.push(ids[0]);
+            if k % 3 == 1 {
+                let f: Vec<SeqId> = caches.iter_mut().map(|c| c.fork(ids[0]).unwrap()).collect();
+                seqs.push(f[0]);
+            }
+        }
+        for round in 0..6 {
+            let n = 1 + rng.below(3);
+            let mut pick: Vec<SeqId> = seqs.iter().copied().filter(|_| rng.below(4) != 0).collect();
+            rng.shuffle(&mut pick);
+            let rows = random_bits(&mut rng, pick.len() * n * 576, dtype);
+            let id = caches[0].append_batch(&pick, &rows).unwrap();
+            assert!(id > 0);
+            for (i, &s) in pick.iter().enumerate() {
+                caches[1].append(s, &rows[i * n * 576..(i + 1) * n * 576]).unwrap();
+            }
+            let t = Tensor::from_half_bits(dev, &rows, &[pick.len().max(1), n, 576][..if pick.is_empty() { 1 } else { 3 }], dtype);
+            match t {
+                Ok(t) if !pick.is_empty() => {
+                    caches[2].append_batch_from(&pick, &t).unwrap();
+                }
+                _ => {
+                    caches[2].append_batch(&pick, &rows).unwrap();
+                }
+            }
+            let what = format!("{dtype} round {round}, {} sequences x {n} rows", pick.len());
+            let pools: Vec<Vec<u16>> = caches.iter().map(pool_bits).collect();
+            for c in 1..3 {
+                assert_eq!(caches[c].free_blocks(), caches[0].free_blocks(), "{what}: free blocks of cache {c}");
+                for &s in &seqs {
+                    assert_eq!(caches[c].seq_len(s).unwrap(), caches[0].seq_len(s).unwrap(), "{what}: length of {s}");
+                    assert_eq!(caches[c].block_ids(s).unwrap(), caches[0].block_ids(s).unwrap(), "{what}: blocks of {s}");
+                }
+                assert!(pools[c] == pools[0], "{what}: pool bytes of cache {c} differ from append_batch's");
+            }
+            // And the rows are where they must be (not just equally wrong).
+            for (i, &s) in pick.iter().enumerate() {
+                let len = caches[0].seq_len(s).unwrap();
+                for r in 0..n {
+                    assert_eq!(token(&caches[0], &pools[0], s, len - n + r), rows[(i * n + r) * 576..][..576].to_vec(), "{what}: token {} of {s}", len - n + r);
+                }
+            }
+        }
+        // f32 rows: rounded like append_f32.
+        let vals: Vec<f32> = (0..2 * 576).map(|_| rng.normal() as f32).collect();
+        let (a, b) = (seqs[0], seqs[1]);
+        caches[0].append_batch_f32(&[a, b], &vals).unwrap();
+        caches[1].append_f32(a, &vals[..576]).unwrap();
+        caches[1].append_f32(b, &vals[576..]).unwrap();
+        assert!(pool_bits(&caches[0]) == pool_bits(&caches[1]), "{dtype}: f32 rows");
+    }
+    dev.synchronize().unwrap();
+}
+
+/// A batch that does not fit changes nothing; bad batches are typed errors.
+pub fn append_batch_is_all_or_nothing(dev: &Device) {
+    let mut rng = Rng::new("append_batch_is_all_or_nothing");
+    let mut c = KvCache::new(dev, KvCacheConfig { num_blocks: 5, dtype: DType::BF16 }).unwrap();
+    let s: Vec<SeqId> = (0..3).map(|_| c.create_sequence()).collect();
+    c.append(s[0], &random_bits(&mut rng, 64 * 576, DType::BF16)).unwrap(); // full block
+    c.append(s[1], &random_bits(&mut rng, 10 * 576, DType::BF16)).unwrap();
+    let f = c.fork(s[1]).unwrap(); // shares a partial block: appending copies it
+    let before = (pool_bits(&c), c.free_blocks(), c.block_ids(s[1]).unwrap(), c.seq_len(f).unwrap());
+    // 70 rows each: s[0] needs 2 blocks, s[1] 1 and a copy of the shared block, f 1 (the
+    // shared block is its own by then), s[2] 2: 7 > 3 free.
+    let rows = random_bits(&mut rng, 4 * 70 * 576, DType::BF16);
+    let e = c.append_batch(&[s[0], s[1], f, s[2]], &rows).unwrap_err();
+    assert_eq!(e.code, ErrorCode::CacheExhausted, "{e}");
+    let after = (pool_bits(&c), c.free_blocks(), c.block_ids(s[1]).unwrap(), c.seq_len(f).unwrap());
+    assert!(before == after, "a failed batch changed the cache");
+    let one = random_bits(&mut rng, 576, DType::BF16);
+    assert_eq!(c.append_batch(&[s[0], s[0]], &[one.clone(), one.clone()].concat()).unwrap_err().code, ErrorCode::InvalidArgument);
+    assert_eq!(c.append_batch(&[s[0], SeqId(999)], &[one.clone(), one.clone()].concat()).unwrap_err().code, ErrorCode::UnknownSequence);
+    assert_eq!(c.append_batch(&[s[0], s[1]], &one).unwrap_err().code, ErrorCode::ShapeMismatch);
+    assert_eq!(c.append_batch(&[s[0]], &one[..575]).unwrap_err().code, ErrorCode::ShapeMismatch);
+    assert_eq!(c.append_batch(&[], &one).unwrap_err().code, ErrorCode::ShapeMismatch);
+    c.append_batch(&[], &[]).unwrap();
+    let wrong = Tensor::from_f32(dev, &vec![0.5; 2 * 576], &[2, 576], DType::F16).unwrap();
+    assert_eq!(c.append_batch_from(&[s[0], s[1]], &wrong).unwrap_err().code, ErrorCode::DtypeMismatch);
+    let flat = Tensor::from_f32(dev, &vec![0.5; 2 * 576], &[2 * 576], DType::BF16).unwrap();
+    assert_eq!(c.append_batch_from(&[s[0], s[1]], &flat).unwrap_err().code, ErrorCode::ShapeMismatch);
+    let other = Tensor::from_f32(&Device::Cpu, &vec![0.5; 2 * 576], &[2, 576], DType::BF16).unwrap();
+    if dev.is_cuda() {
+        assert_eq!(c.append_batch_from(&[s[0], s[1]], &other).unwrap_err().code, ErrorCode::DeviceMismatch);
+    }
+    assert!(before.0 == pool_bits(&c), "failed calls wrote to the pool");
+    // The same batch with room: every sequence grows by 70.
+    let mut c2 = KvCache::new(dev, KvCacheConfig { num_blocks: 16, dtype: DType::BF16 }).unwrap();
+    let t: Vec<SeqId> = (0..4).map(|_| c2.create_sequence()).collect();
+    c2.append_batch(&t, &rows).unwrap();
+    assert!(t.iter().all(|&x| c2.seq_len(x).unwrap() == 70));
+    dev.synchronize().unwrap();
+}
+
+/// `batch_into` writes what `batch` returns, in place.
+pub fn batch_into_equals_batch(dev: &Device) {
+    let mut rng = Rng::new("batch_into_equals_batch");
+    let mut c = KvCache::new(dev, KvCacheConfig { num_blocks: 32, dtype: DType::BF16 }).unwrap();
+    let s: Vec<SeqId> = (0..5).map(|_| c.create_sequence()).collect();
+    let mut bt = Tensor::zeros(dev, &[5, 8], DType::I32).unwrap();
+    let mut sl = Tensor::zeros(dev, &[5], DType::I32).unwrap();
+    for _ in 0..4 {
+        for &x in &s {
+            let n = rng.below(90);
+            c.append(x, &random_bits(&mut rng, n * 576, DType::BF16)).unwrap();
+        }
+        let (want_bt, want_sl) = c.batch(&s, Some(8)).unwrap();
+        let ptr = bt.device_ptr();
+        c.batch_into(&s, &mut bt, &mut sl).unwrap();
+        assert_eq!(bt.to_i32().unwrap(), want_bt.to_i32().unwrap());
+        assert_eq!(sl.to_i32().unwrap(), want_sl.to_i32().unwrap());
+        assert_eq!(bt.device_ptr(), ptr);
+    }
+    let mut narrow = Tensor::zeros(dev, &[5, 1], DType::I32).unwrap();
+    assert_eq!(c.batch_into(&s, &mut narrow, &mut sl).unwrap_err().code, ErrorCode::ShapeMismatch);
+    let mut f = Tensor::zeros(dev, &[5], DType::F32).unwrap();
+    assert_eq!(c.batch_into(&s, &mut bt, &mut f).unwrap_err().code, ErrorCode::DtypeMismatch);
 }
