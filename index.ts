@@ -1347,3 +1347,227 @@ export namespace bench {
     return r
   }
 }
+
+// ---------------------------------------------------------------------------------------
+// The host benchmark (the engine of `npx mla-decode bench --host`)
+
+/**
+ * The host benchmark: how close a decode step driven from TypeScript comes to the kernels'
+ * own time, in each way of driving it, plus the host cost of the calls around a step
+ * (appending the new tokens, block tables, plans).
+ *
+ * @example
+ * ```ts
+ * import { Device, bench } from 'mla-decode'
+ * using dev = Device.open()
+ * for (const c of bench.hostConfigs(dev, { quick: true })) {
+ *   const { rows } = await bench.runHost(dev, c, { steps: 50 })
+ *   for (const r of rows) console.log(r.b, r.hQ, r.layers, r.mode, r.kernelUs.toFixed(1), r.stepUs.toFixed(1))
+ * }
+ * ```
+ */
+export namespace bench {
+  /**
+   * How a step is driven: `await` (`await decode(...)` per layer, allocating outputs),
+   * `sync` (`decodeSync` per layer), `enqueue` ({@link decodeInto} per layer into fixed
+   * outputs, then one `synchronizeSync`), `graph` (one replay of a captured step, then one
+   * `synchronizeSync`). Every mode re-plans once per step (`plan.update`; the graph holds
+   * its plan kernel).
+   */
+  export type HostMode = 'await' | 'sync' | 'enqueue' | 'graph'
+  export const HOST_MODES: readonly HostMode[] = Object.freeze(['await', 'sync', 'enqueue', 'graph'] as const)
+
+  /** A shape of the host benchmark: b sequences of `length` tokens, `layers` decodes per step. */
+  export interface HostConfig {
+    b: number
+    hQ: number
+    sQ: number
+    length: number
+    layers: number
+  }
+
+  /** One row of `host.csv`: the median step of a mode, per layer, next to the kernels' time. */
+  export interface HostRow extends HostConfig {
+    mode: HostMode
+    /** The kernels' own time of one layer (plan amortised), µs ({@link bench.hostKernelUs}). */
+    kernelUs: number
+    /** Median wall time of one step divided by `layers`, µs. */
+    stepUs: number
+  }
+
+  /** One row of `host-ops.csv`: the median host time of a call around a step, µs. */
+  export interface HostOp {
+    b: number
+    hQ: number
+    sQ: number
+    length: number
+    /** `append-loop` (one `append` per sequence), `appendBatch` (host rows), `appendBatch-device` (rows from a tensor), `batch`, `batchInto`, `plan`, `plan.update`. */
+    op: string
+    us: number
+  }
+
+  /** The host benchmark's shapes: on CUDA issue 9's table with 1 and 8 layers; on the CPU backend small shapes. */
+  export function hostConfigs(device: Device, opts: { quick?: boolean } = {}): HostConfig[] {
+    return call(() => native.benchHostConfigs(want(device, Device, 'device')._n, opts.quick ?? false))
+  }
+
+  /** The kernels' own time of one layer of `config`, µs (CUDA events, launch gaps excluded; CPU: wall time). */
+  export function hostKernelUs(device: Device, config: HostConfig, reps?: number): Promise<number> {
+    const d = want(device, Device, 'device')._n
+    return callAsync(async () => {
+      for (const k of ['b', 'hQ', 'sQ', 'length', 'layers'] as const) int(`config.${k}`, config?.[k], 1, MAX_I32)
+      if (reps !== undefined) int('reps', reps, 1, MAX_I32)
+      return call(() => native.benchHostKernelUs(d, { b: config.b, hQ: config.hQ, sQ: config.sQ, length: config.length, layers: config.layers }, reps))
+    })
+  }
+
+  /** Options of {@link bench.runHost}. */
+  export interface HostOptions {
+    /** Modes to measure (default all; `graph` where the device can capture steps). */
+    modes?: readonly HostMode[]
+    /** Timed steps per mode (default 200 on CUDA, 10 on the CPU), after `warmup` untimed ones (default 10 / 2). */
+    steps?: number
+    warmup?: number
+    /** Also measure the calls around a step ({@link bench.HostOp}); default true. */
+    ops?: boolean
+  }
+
+  function median(xs: number[]): number {
+    const v = [...xs].sort((a, b) => a - b)
+    return v[Math.floor(v.length / 2)] ?? NaN
+  }
+
+  function now(): number {
+    return Number(process.hrtime.bigint()) / 1e3
+  }
+
+  /** bf16 bits of values ~N(0, 0.1) (a cheap LCG; only the timing matters). */
+  function randomBits(n: number, seed: number): Uint16Array {
+    const f = new Float32Array(n)
+    let s = seed >>> 0 || 1
+    for (let i = 0; i < n; i++) {
+      s = (Math.imul(s, 1664525) + 1013904223) >>> 0
+      f[i] = ((s >>> 8) / 16777216 - 0.5) * 0.35
+    }
+    return f32ToBf16(f)
+  }
+
+  /**
+   * Measures one host-benchmark shape on `device` through this API: fills a paged cache
+   * with `length` random tokens per sequence, then for each mode times `steps` steps of
+   * `layers` decodes (causal, bf16) and reports the median per layer next to the kernels'
+   * own time; with `ops`, also the host time of the calls around a step.
+   */
+  export async function runHost(device: Device, config: HostConfig, opts: HostOptions = {}): Promise<{ rows: HostRow[]; ops: HostOp[] }> {
+    const dev = want(device, Device, 'device')
+    for (const k of ['b', 'hQ', 'sQ', 'length', 'layers'] as const) int(`config.${k}`, config?.[k], 1, MAX_I32)
+    const cudaDev = dev.kind === 'cuda'
+    const steps = opts.steps ?? (cudaDev ? 200 : 10)
+    const warmup = opts.warmup ?? (cudaDev ? 10 : 2)
+    int('steps', steps, 1, MAX_I32)
+    int('warmup', warmup, 0, MAX_I32)
+    const modes = opts.modes ?? HOST_MODES
+    const { b, hQ, sQ, length, layers } = config
+    const opReps = cudaDev ? 30 : 5
+    const width = Math.ceil((length + 3 * opReps + 2) / BLOCK_SIZE)
+    using cache = new KvCache(dev, { numBlocks: b * (width + 1), dtype: 'bf16' })
+    const seqs = Array.from({ length: b }, () => cache.createSequence())
+    const chunk = randomBits(b * Math.min(length, BLOCK_SIZE) * HEAD_DIM, 0x5eed ^ b)
+    for (let done = 0; done < length; done += BLOCK_SIZE) {
+      const n = Math.min(BLOCK_SIZE, length - done)
+      cache.appendBatch(seqs, chunk.subarray(0, b * n * HEAD_DIM))
+    }
+    const { blockTable, cacheSeqlens } = cache.batch(seqs, width)
+    const qBits = randomBits(b * sQ * hQ * HEAD_DIM, 0x9e37 ^ hQ)
+    const qs = Array.from({ length: layers }, () => dev.tensor(qBits, [b, sQ, hQ, HEAD_DIM], 'bf16'))
+    const outs = qs.map(() => ({ out: dev.zeros([b, sQ, hQ, HEAD_DIM_V], 'bf16'), lse: dev.zeros([b, hQ, sQ], 'fp32') }))
+    using plan = dev.plan(cacheSeqlens, { sQ, hQ })
+    await dev.synchronize()
+    const kernelUs = await hostKernelUs(dev, config)
+    const args = (l: number): DecodeArgs => ({ q: qs[l]!, kvCache: cache, blockTable, cacheSeqlens, plan, causal: true })
+
+    const rows: HostRow[] = []
+    const time = async (step: () => Promise<void> | void): Promise<number> => {
+      for (let i = 0; i < warmup; i++) await step()
+      const ts: number[] = []
+      for (let i = 0; i < steps; i++) {
+        const t0 = now()
+        await step()
+        ts.push(now() - t0)
+      }
+      return median(ts) / layers
+    }
+    for (const mode of modes) {
+      let stepUs: number
+      switch (mode) {
+        case 'await':
+          stepUs = await time(async () => {
+            plan.update(cacheSeqlens)
+            for (let l = 0; l < layers; l++) {
+              const r = await decode(args(l))
+              r.out.dispose()
+              r.lse.dispose()
+            }
+          })
+          break
+        case 'sync':
+          stepUs = await time(() => {
+            plan.update(cacheSeqlens)
+            for (let l = 0; l < layers; l++) {
+              const r = decodeSync(args(l))
+              r.out.dispose()
+              r.lse.dispose()
+            }
+          })
+          break
+        case 'enqueue':
+          stepUs = await time(() => {
+            plan.update(cacheSeqlens)
+            for (let l = 0; l < layers; l++) decodeInto(args(l), outs[l]!)
+            dev.synchronizeSync()
+          })
+          break
+        case 'graph':
+          continue // measured once captured steps are available
+      }
+      rows.push({ b, hQ, sQ, length, layers, mode, kernelUs, stepUs })
+    }
+
+    const ops: HostOp[] = []
+    if (opts.ops ?? true) {
+      const row = randomBits(HEAD_DIM, 7)
+      const rowsB = randomBits(b * HEAD_DIM, 8)
+      const rowsT = dev.tensor(rowsB, [b, 1, HEAD_DIM], 'bf16')
+      const op = (name: string, f: () => void, after?: () => void) => {
+        const ts: number[] = []
+        for (let i = 0; i < opReps + 2; i++) {
+          const t0 = now()
+          f()
+          const t = now() - t0
+          after?.()
+          dev.synchronizeSync()
+          if (i >= 2) ts.push(t)
+        }
+        ops.push({ b, hQ, sQ, length, op: name, us: median(ts) })
+      }
+      let made: { blockTable: Tensor; cacheSeqlens: Tensor } | undefined
+      let madePlan: Plan | undefined
+      op('append-loop', () => {
+        for (const s of seqs) cache.append(s, row)
+      })
+      op('appendBatch', () => cache.appendBatch(seqs, rowsB))
+      op('appendBatch-device', () => cache.appendBatch(seqs, rowsT))
+      op('batch', () => (made = cache.batch(seqs, width)), () => {
+        made?.blockTable.dispose()
+        made?.cacheSeqlens.dispose()
+      })
+      op('batchInto', () => cache.batchInto(seqs, blockTable, cacheSeqlens))
+      op('plan', () => (madePlan = dev.plan(cacheSeqlens, { sQ, hQ })), () => madePlan?.dispose())
+      op('plan.update', () => plan.update(cacheSeqlens))
+      rowsT.dispose()
+    }
+    for (const x of [...qs, ...outs.flatMap((o) => [o.out, o.lse]), blockTable, cacheSeqlens]) x.dispose()
+    await dev.synchronize()
+    return { rows, ops }
+  }
+}

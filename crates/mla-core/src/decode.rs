@@ -214,11 +214,12 @@ pub fn decode_auto(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Tens
 /// [`decode_auto`] with the model of [`enqueue_into`] on both backends: allocates the
 /// outputs, plans when `plan` is `None`, and enqueues one step; errors about tensor
 /// contents are reported by the next synchronising call (e.g. [`Device::wait_step`] of the
-/// returned step), naming the step. What the Node binding's `decode` runs.
+/// returned step), naming the step. The step is tracked (see `Device::step_tracked`): made
+/// to be waited on by itself. What the Node binding's `decode` and `decodeSync` run.
 pub fn enqueue(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Tensor, plan: Option<&Plan>, opts: &DecodeOptions) -> Result<DecodeOutput> {
     check_scale(opts.scale())?;
     let dev = q.device();
-    let (step, (out, lse)) = dev.step(opts.label(), || {
+    let (step, (out, lse)) = dev.step_tracked(opts.label(), || {
         let owned;
         let p = match plan {
             Some(p) => p,

@@ -108,8 +108,9 @@ impl Device {
         }
     }
 
-    /// Reports, without waiting, the first failed step among those that have completed (what
-    /// reading a tensor to the host does after its own wait).
+    /// Reports, without waiting, the first failed step among those whose flags were already
+    /// read (on CUDA: tracked steps that completed, and earlier harvests; see
+    /// `GpuDevice::step`). Reading a tensor to the host reports like a synchronise.
     pub fn check_steps(&self) -> Result<()> {
         match self {
             Device::Cpu => cpu_steps::report(),
@@ -137,6 +138,16 @@ impl Device {
         match self {
             Device::Cpu => cpu_steps::step(enqueue),
             Device::Cuda(g) => g.step(label, &g.stream().clone(), enqueue),
+        }
+    }
+
+    /// [`Device::step`] for a step that will be waited on by itself ([`Device::wait_step`]
+    /// right after): on CUDA a copy of its flag and an event are queued after it, so that the
+    /// wait covers this step only and needs no further round trip.
+    pub fn step_tracked<T>(&self, label: impl Into<Cow<'static, str>>, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+        match self {
+            Device::Cpu => cpu_steps::step(enqueue),
+            Device::Cuda(g) => g.step_tracked(label, &g.stream().clone(), enqueue),
         }
     }
 

@@ -214,12 +214,15 @@ impl Tensor {
     /// reported yet (see [`Device::step`]), and then returns no data. The CPU backend does
     /// the same with its own step log.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let bytes = match &self.storage {
-            Storage::Host(h) => h.bytes().to_vec(),
-            Storage::Device(d) => d.download()?,
-        };
-        self.device.check_steps()?;
-        Ok(bytes)
+        match (&self.storage, &self.device) {
+            (Storage::Device(d), Device::Cuda(g)) => g.download_checked(d),
+            (Storage::Device(d), Device::Cpu) => d.download(),
+            (Storage::Host(h), _) => {
+                let bytes = h.bytes().to_vec();
+                self.device.check_steps()?;
+                Ok(bytes)
+            }
+        }
     }
 
     /// Values as f32 (bf16 / fp16 widened exactly).

@@ -215,38 +215,56 @@ impl GpuDevice {
     }
 
     /// Runs `enqueue` (which queues kernels on `stream`) as one step of this device and
-    /// returns its id, without waiting for the device.
+    /// returns its id, without waiting for the device and without queueing anything after
+    /// the step's own work.
     ///
-    /// Every step has an error flag of its own: kernels launched by `enqueue` (on this
-    /// thread) OR their `MLA_ERR_*` bits into it ([`GpuDevice::error_flag_ptr`]). After the
-    /// step's work, a 4-byte copy of the flag into pinned host memory and an event are queued
-    /// on `stream`. A later synchronising call ([`GpuDevice::synchronize`],
-    /// [`GpuDevice::wait_step`], reading a tensor) looks at the flags of the steps that have
-    /// completed and reports the first one that failed as a typed error naming the step
-    /// (`step 12 (decode): block_table: ...`). A failed step's flag is cleared before its slot
-    /// is reused, so a bad step never marks a later one.
+    /// Every step has an error flag of its own (a slot of the device's log): kernels
+    /// launched by `enqueue` on this thread OR their `MLA_ERR_*` bits into it
+    /// ([`GpuDevice::error_flag_ptr`]). A synchronising call ([`GpuDevice::synchronize`],
+    /// [`GpuDevice::wait_step`], reading a tensor) first queues one copy of all the slots
+    /// into pinned host memory (a "harvest", behind the work queued so far), then waits, and
+    /// reports the first failed step as a typed error naming the step (`step 12 (decode):
+    /// block_table: ...`). A failed step's slot is cleared before it is reused, so a bad step
+    /// never marks a later one.
     ///
-    /// A step inside a step (on the same thread) is part of the outer step.
-    ///
-    /// When `enqueue` fails, its error is returned (and whatever it launched is still tracked,
-    /// so that nothing leaks into a later step).
+    /// A step inside a step (on the same thread) is part of the outer step. When `enqueue`
+    /// fails, its error is returned (and whatever it launched is still tracked, so that
+    /// nothing leaks into a later step). Steps on another stream than the device's are
+    /// tracked as by [`GpuDevice::step_tracked`].
     pub fn step<T>(&self, label: impl Into<Cow<'static, str>>, stream: &Arc<CudaStream>, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
-        self.step_inner(label.into(), stream, None, enqueue)
+        self.step_inner(label.into(), stream, None, false, enqueue)
+    }
+
+    /// [`GpuDevice::step`] for a step that will be waited on by itself (a decode's promise,
+    /// `decodeSync`, `run_step`): a 4-byte copy of its flag into pinned memory and an event
+    /// are queued after it, so that [`GpuDevice::wait_step`] waits for this step only and
+    /// reads its flag with no further round trip.
+    pub fn step_tracked<T>(&self, label: impl Into<Cow<'static, str>>, stream: &Arc<CudaStream>, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+        self.step_inner(label.into(), stream, None, true, enqueue)
     }
 
     /// A step whose kernels were given `flag` (a device int) at capture time instead of a
-    /// slot of the log (a CUDA graph's own flag): its copy is taken from `flag`, which is then
-    /// cleared in stream order.
-    pub(crate) fn step_with_flag<T>(&self, label: Cow<'static, str>, stream: &Arc<CudaStream>, flag: u64, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
-        self.step_inner(label, stream, Some(flag), enqueue)
+    /// slot of the log (a CUDA graph's own flag): after its work, `flag` is copied into the
+    /// step's slot and cleared, in stream order.
+    pub(crate) fn step_with_flag<T>(&self, label: Cow<'static, str>, stream: &Arc<CudaStream>, flag: u64, tracked: bool, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+        self.step_inner(label, stream, Some(flag), tracked, enqueue)
     }
 
-    fn step_inner<T>(&self, label: Cow<'static, str>, stream: &Arc<CudaStream>, shared: Option<u64>, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+    fn step_inner<T>(&self, label: Cow<'static, str>, stream: &Arc<CudaStream>, shared: Option<u64>, tracked: bool, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
         if let Some(c) = current_step(self) {
             return enqueue().map(|v| (c.id, v));
         }
-        let mut st = self.steps.lock();
-        let slot = self.steps.take_slot(&mut st)?;
+        let tracked = tracked || stream.cu_stream() != self.stream.cu_stream();
+        let mut st = loop {
+            let st = self.steps.lock();
+            if !st.free.is_empty() {
+                break st;
+            }
+            // Every slot holds a step not looked at yet: harvest (waits for the queued work).
+            drop(st);
+            self.harvest(Wait::Harvest)?;
+        };
+        let slot = st.free.pop().unwrap();
         let id = st.next_id;
         st.next_id += 1;
         let flag = self.steps.slot_ptr(slot);
@@ -254,17 +272,17 @@ impl GpuDevice {
             let _in = StepGuard::enter(CurrentStep { device: key(self), flag, id });
             enqueue()
         };
-        let event = match self.steps.finish(&self.mem, stream, slot, shared) {
+        let event = match self.steps.finish(&self.mem, stream, slot, shared, tracked) {
             Ok(e) => e,
             Err(e) => {
-                // Nothing tracks the step: wait for it here and look at its flag now.
+                // Nothing tracks the step: wait for it here and clear its flag now.
                 let _ = self.ctx.synchronize();
                 let _ = self.steps.clear_slot_sync(&self.stream, slot);
                 st.free.push(slot);
                 return Err(e);
             }
         };
-        st.pending.push_back(Pending { id, label, slot, event: Arc::new(event), known: r.is_err(), shared });
+        st.pending.push_back(Pending { id, label, slot, event, known: r.is_err() });
         r.map(|v| (id, v))
     }
 
@@ -275,7 +293,9 @@ impl GpuDevice {
 
     /// Waits until step `id` has completed and reports its own error (a failed step is
     /// reported once: here, or by the next synchronising call when nobody waited for it).
-    /// Errors of other steps stay for the next [`GpuDevice::synchronize`].
+    /// Errors of other steps stay for the next [`GpuDevice::synchronize`]. For a step made
+    /// by [`GpuDevice::step`] (not tracked) this waits for everything queued on the device's
+    /// stream up to this call.
     pub fn wait_step(&self, id: StepId) -> Result<()> {
         if current_step(self).is_some() {
             return Err(MlaError::new(ErrorCode::InvalidArgument, "wait_step: called while enqueueing a step on this thread"));
@@ -287,11 +307,16 @@ impl GpuDevice {
             }
             st.pending.iter().find(|p| p.id == id).map(|p| p.event.clone())
         };
-        if let Some(ev) = ev {
-            ev.synchronize()?;
+        match ev {
+            Some(Some(ev)) => {
+                ev.synchronize()?;
+                let mut st = self.steps.lock();
+                self.steps.resolve_tracked(&mut st, &self.stream)?;
+            }
+            Some(None) => self.harvest(Wait::Harvest)?,
+            None => {}
         }
         let mut st = self.steps.lock();
-        self.steps.resolve(&mut st, &self.mem, &self.stream)?;
         match st.failed.iter().position(|f| f.id == id) {
             Some(i) => Err(st.failed.remove(i).into_error(&[])),
             None => Ok(()),
@@ -306,29 +331,65 @@ impl GpuDevice {
         if current_step(self).is_some() {
             return Err(MlaError::new(ErrorCode::InvalidArgument, "synchronize: called while enqueueing a step on this thread"));
         }
-        let epoch = self.mem.epoch();
-        self.ctx.synchronize()?;
-        self.mem.mark_clean(epoch);
-        let mut st = self.steps.lock();
-        self.steps.resolve(&mut st, &self.mem, &self.stream)?;
-        if self.steps.ambient_used.swap(false, Ordering::AcqRel) {
-            let bits = self.steps.take_ambient(&self.stream)?;
-            if bits != 0 {
-                st.failed.push(StepFailure { id: 0, label: "work outside a step".into(), bits });
-            }
+        self.harvest(Wait::Device)?;
+        report(&mut self.steps.lock())
+    }
+
+    /// Copies `buf` to the host (a synchronising call: it reports the first failed step
+    /// that has completed, see [`GpuDevice::step`]). Inside a step on this thread it only
+    /// copies.
+    pub fn download_checked(&self, buf: &DeviceBuffer) -> Result<Vec<u8>> {
+        if current_step(self).is_some() {
+            return buf.download();
         }
+        let mut bytes = None;
+        self.harvest(Wait::Then(&mut || {
+            bytes = Some(buf.download()?);
+            Ok(())
+        }))?;
+        report(&mut self.steps.lock())?;
+        Ok(bytes.expect("downloaded"))
+    }
+
+    /// Reports (without waiting) the first failed step among those whose flags were read.
+    pub fn check_steps(&self) -> Result<()> {
+        if current_step(self).is_some() {
+            return Ok(());
+        }
+        let mut st = self.steps.lock();
+        self.steps.resolve_tracked(&mut st, &self.stream)?;
         report(&mut st)
     }
 
-    /// Reports (without waiting) the first failed step among those that have completed:
-    /// what a host read of device memory calls after its own wait.
-    pub fn check_steps(&self) -> Result<()> {
-        if current_step(self).is_some() {
-            return Ok(()); // the step is still being enqueued: nothing of it has completed
+    /// Queues a harvest of every step slot behind the work queued so far, waits as `wait`
+    /// says, then looks at the flags of the steps it covers (and of tracked steps that
+    /// completed). Harvests are serialised; the step log is not locked while waiting.
+    fn harvest(&self, wait: Wait<'_>) -> Result<()> {
+        let _one = self.steps.harvest_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (cover, event) = {
+            let st = self.steps.lock();
+            // No step is half enqueued while the log is locked: every step below `cover` has
+            // queued its work before this copy.
+            let ev = self.steps.queue_harvest(&self.mem, &self.stream)?;
+            (st.next_id, ev)
+        };
+        match wait {
+            Wait::Harvest => event.synchronize()?,
+            Wait::Device => {
+                let epoch = self.mem.epoch();
+                self.ctx.synchronize()?;
+                self.mem.mark_clean(epoch);
+            }
+            Wait::Then(f) => {
+                f()?;
+                event.synchronize()?;
+            }
         }
         let mut st = self.steps.lock();
-        self.steps.resolve(&mut st, &self.mem, &self.stream)?;
-        report(&mut st)
+        self.steps.resolve_harvested(&mut st, &self.stream, cover)?;
+        self.steps.resolve_tracked(&mut st, &self.stream)?;
+        self.mem.recycle(event);
+        Ok(())
     }
 
     /// See [`crate::Device::run_step`].
@@ -336,12 +397,12 @@ impl GpuDevice {
         if current_step(self).is_some() {
             return enqueue();
         }
-        let (id, v) = self.step("step", &self.stream.clone(), enqueue)?;
+        let (id, v) = self.step_tracked("step", &self.stream.clone(), enqueue)?;
         self.wait_step(id)?;
         Ok(v)
     }
 
-    /// Steps enqueued and not yet looked at (their completion unknown to the log).
+    /// Steps enqueued whose flags were not looked at yet.
     pub fn pending_steps(&self) -> usize {
         self.steps.lock().pending.len()
     }
@@ -351,11 +412,22 @@ impl GpuDevice {
     }
 }
 
+/// How a harvest waits.
+enum Wait<'a> {
+    /// For the harvest copy itself (everything queued on the device's stream before it).
+    Harvest,
+    /// For every stream of the context.
+    Device,
+    /// Runs the closure (which waits for the device's stream, e.g. a download), then for
+    /// the harvest copy.
+    Then(&'a mut dyn FnMut() -> Result<()>),
+}
+
 /// Id of an enqueued step: per device, 1, 2, 3, ... (0 names work outside any step).
 pub type StepId = u64;
 
-/// Step slots of a device's log: at most this many steps are in flight and not yet looked
-/// at; the next one waits for the oldest.
+/// Step slots of a device's log: at most this many steps are enqueued and not looked at;
+/// the next one first harvests (which waits for the work queued so far).
 pub const STEP_SLOTS: usize = 1024;
 
 #[derive(Clone, Copy)]
@@ -400,11 +472,11 @@ struct Pending {
     id: StepId,
     label: Cow<'static, str>,
     slot: u32,
-    event: Arc<CudaEvent>,
+    /// Tracked steps: the event after the copy of their flag into their pinned slot.
+    /// Others are looked at by a harvest.
+    event: Option<Arc<CudaEvent>>,
     /// Its enqueue failed and returned that error: flags are cleared, not reported.
     known: bool,
-    /// The flag its kernels used, when not its slot's (a graph's own flag).
-    shared: Option<u64>,
 }
 
 struct StepFailure {
@@ -471,21 +543,31 @@ struct StepLog {
     /// STEP_SLOTS + 1 ints on the device: one flag per slot, then the flag of work outside
     /// any step. Zero whenever a slot is free.
     flags: DeviceBuffer,
-    /// STEP_SLOTS ints of pinned host memory: each step's flag, copied after its work.
-    host: PinnedBuf,
+    /// STEP_SLOTS ints of pinned host memory: tracked steps' flags, copied after their work.
+    tracked: PinnedBuf,
+    /// STEP_SLOTS + 1 ints of pinned host memory: the last harvest of `flags`.
+    harvested: PinnedBuf,
     state: Mutex<StepState>,
+    harvest_lock: Mutex<()>,
     ambient_used: AtomicBool,
+}
+
+fn read_int(buf: &PinnedBuf, i: usize) -> i32 {
+    debug_assert!(buf.len() >= (i + 1) * 4);
+    // SAFETY: in bounds; the copy that wrote it completed (its event did).
+    unsafe { std::ptr::read_volatile((buf.ptr() as *const i32).add(i)) }
 }
 
 impl StepLog {
     fn new(mem: &Arc<MemCtx>) -> Result<StepLog> {
         let flags = DeviceBuffer::alloc(mem, (STEP_SLOTS + 1) * 4)?;
         flags.fill(0)?;
-        let host = PinnedBuf::new(&mem.ctx, STEP_SLOTS * 4)?;
         Ok(StepLog {
             flags,
-            host,
+            tracked: PinnedBuf::new(&mem.ctx, STEP_SLOTS * 4)?,
+            harvested: PinnedBuf::new(&mem.ctx, (STEP_SLOTS + 1) * 4)?,
             state: Mutex::new(StepState { next_id: 1, free: (0..STEP_SLOTS as u32).rev().collect(), pending: VecDeque::new(), failed: Vec::new() }),
+            harvest_lock: Mutex::new(()),
             ambient_used: AtomicBool::new(false),
         })
     }
@@ -499,87 +581,104 @@ impl StepLog {
     fn ambient_ptr(&self) -> u64 {
         self.flags.ptr() + 4 * STEP_SLOTS as u64
     }
-    fn host_slot(&self, slot: u32) -> *mut i32 {
-        debug_assert!((slot as usize) < STEP_SLOTS && self.host.len() >= STEP_SLOTS * 4);
-        unsafe { (self.host.ptr() as *mut i32).add(slot as usize) }
-    }
 
-    /// A free slot; when all are taken, waits for the oldest pending step.
-    fn take_slot(&self, st: &mut StepState) -> Result<u32> {
-        if let Some(s) = st.free.pop() {
-            return Ok(s);
-        }
-        let mem = &self.flags.mem_ctx();
-        self.resolve(st, mem, &mem.stream)?;
-        while st.free.is_empty() {
-            let ev = st.pending.front().expect("no free slot means pending steps").event.clone();
-            ev.synchronize()?;
-            self.resolve(st, mem, &mem.stream)?;
-        }
-        Ok(st.free.pop().unwrap())
-    }
-
-    /// Queues, after the step's work on `stream`, the copy of its flag into its host slot
-    /// (and for a shared flag the clear), then records the step's event.
-    fn finish(&self, mem: &MemCtx, stream: &CudaStream, slot: u32, shared: Option<u64>) -> Result<CudaEvent> {
+    /// Queues after the step's work on `stream`: for a shared flag, its copy into the slot
+    /// and its clear; for a tracked step, the copy of its flag into its pinned slot and an
+    /// event (returned).
+    fn finish(&self, mem: &MemCtx, stream: &CudaStream, slot: u32, shared: Option<u64>, tracked: bool) -> Result<Option<Arc<CudaEvent>>> {
         mem.ctx.bind_to_thread()?;
-        let src = shared.unwrap_or(self.slot_ptr(slot));
+        let s = stream.cu_stream();
         unsafe {
-            sys::cuMemcpyDtoHAsync_v2(self.host_slot(slot) as *mut c_void, src, 4, stream.cu_stream()).result()?;
-            if shared.is_some() {
-                sys::cuMemsetD32Async(src, 0, 1, stream.cu_stream()).result()?;
+            if tracked {
+                let dst = (self.tracked.ptr() as *mut i32).add(slot as usize) as *mut c_void;
+                sys::cuMemcpyDtoHAsync_v2(dst, shared.unwrap_or(self.slot_ptr(slot)), 4, s).result()?;
+            } else if let Some(f) = shared {
+                sys::cuMemcpyDtoDAsync_v2(self.slot_ptr(slot), f, 4, s).result()?;
             }
+            if let Some(f) = shared {
+                sys::cuMemsetD32Async(f, 0, 1, s).result()?;
+            }
+        }
+        if !tracked {
+            return Ok(None);
+        }
+        let ev = mem.event()?;
+        ev.record(stream)?;
+        Ok(Some(Arc::new(ev)))
+    }
+
+    /// Queues the copy of every slot into `harvested` on the device's stream, and an event.
+    fn queue_harvest(&self, mem: &MemCtx, stream: &CudaStream) -> Result<CudaEvent> {
+        mem.ctx.bind_to_thread()?;
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(self.harvested.ptr() as *mut c_void, self.flags.ptr(), (STEP_SLOTS + 1) * 4, stream.cu_stream()).result()?;
         }
         let ev = mem.event()?;
         ev.record(stream)?;
         Ok(ev)
     }
 
-    /// Looks at every pending step that has completed: frees its slot and records it as
-    /// failed when its flag is set.
-    fn resolve(&self, st: &mut StepState, mem: &MemCtx, stream: &CudaStream) -> Result<()> {
+    /// A step's flag was read as `bits`: free its slot (cleared first when set) and record
+    /// the failure.
+    fn settle(&self, st: &mut StepState, stream: &CudaStream, p: Pending, bits: i32) -> Result<()> {
+        if bits != 0 {
+            self.clear_slot_sync(stream, p.slot)?;
+            if !p.known {
+                st.failed.push(StepFailure { id: p.id, label: p.label, bits });
+            }
+        }
+        st.free.push(p.slot);
+        Ok(())
+    }
+
+    /// Tracked steps whose event completed.
+    fn resolve_tracked(&self, st: &mut StepState, stream: &CudaStream) -> Result<()> {
         let mut i = 0;
         while i < st.pending.len() {
-            if !st.pending[i].event.try_is_complete()? {
+            let done = match &st.pending[i].event {
+                Some(e) => e.try_is_complete()?,
+                None => false,
+            };
+            if !done {
                 i += 1;
                 continue;
             }
             let p = st.pending.remove(i).unwrap();
-            let host = self.host_slot(p.slot);
-            // SAFETY: the copy into the slot completed (its event did).
-            let bits = unsafe { std::ptr::read_volatile(host) };
-            if bits != 0 {
-                unsafe { std::ptr::write_volatile(host, 0) };
-                if p.shared.is_none() {
-                    self.clear_slot_sync(stream, p.slot)?;
-                }
-                if !p.known {
-                    st.failed.push(StepFailure { id: p.id, label: p.label, bits });
-                }
+            let bits = read_int(&self.tracked, p.slot as usize);
+            if let Some(ev) = p.event.clone().and_then(|e| Arc::try_unwrap(e).ok()) {
+                self.flags.mem_ctx().recycle(ev);
             }
-            st.free.push(p.slot);
-            if let Ok(ev) = Arc::try_unwrap(p.event) {
-                mem.recycle(ev);
-            }
+            self.settle(st, stream, p, bits)?;
         }
         Ok(())
     }
 
-    /// Zeroes a slot's device flag before the slot is reused (on a failure only).
+    /// Untracked steps below `cover`, from a completed harvest (they ran before it on the
+    /// device's stream), and the flag of work outside any step.
+    fn resolve_harvested(&self, st: &mut StepState, stream: &CudaStream, cover: StepId) -> Result<()> {
+        let mut i = 0;
+        while i < st.pending.len() {
+            if st.pending[i].event.is_some() || st.pending[i].id >= cover {
+                i += 1;
+                continue;
+            }
+            let p = st.pending.remove(i).unwrap();
+            let bits = read_int(&self.harvested, p.slot as usize);
+            self.settle(st, stream, p, bits)?;
+        }
+        let ambient = read_int(&self.harvested, STEP_SLOTS);
+        if ambient != 0 && self.ambient_used.swap(false, Ordering::AcqRel) {
+            unsafe { sys::cuMemsetD32Async(self.ambient_ptr(), 0, 1, stream.cu_stream()).result()? };
+            stream.synchronize()?;
+            st.failed.push(StepFailure { id: 0, label: "work outside a step".into(), bits: ambient });
+        }
+        Ok(())
+    }
+
+    /// Zeroes a slot's device flag before the slot is reused (after a failure only).
     fn clear_slot_sync(&self, stream: &CudaStream, slot: u32) -> Result<()> {
         unsafe { sys::cuMemsetD32Async(self.slot_ptr(slot), 0, 1, stream.cu_stream()).result()? };
         stream.synchronize()?;
         Ok(())
-    }
-
-    /// Reads and clears the flag of work outside any step (after a whole-device wait).
-    fn take_ambient(&self, stream: &CudaStream) -> Result<i32> {
-        let b = self.flags.download_range(4 * STEP_SLOTS, 4)?;
-        let bits = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        if bits != 0 {
-            unsafe { sys::cuMemsetD32Async(self.ambient_ptr(), 0, 1, stream.cu_stream()).result()? };
-            stream.synchronize()?;
-        }
-        Ok(bits)
     }
 }
