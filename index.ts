@@ -420,6 +420,11 @@ export class Device {
     call(() => this._n.waitStepSync(step))
   }
 
+  /** {@link captureStep} on this device. */
+  captureStep(opts: CaptureOptions): CapturedStep {
+    return captureStep(this, opts)
+  }
+
   /**
    * Memory and step-log facts: host bytes of CPU-backend tensors (process-wide); on CUDA
    * the live device buffers of this library, the memory pool's reserved and used bytes,
@@ -565,9 +570,9 @@ export class Tensor {
     return call(() => this._n.nbytes)
   }
 
-  /** `'owned'`, `'cache'` (a view of a {@link KvCache} pool) or `'plan'` (a {@link Plan}'s metadata). */
-  get storage(): 'owned' | 'cache' | 'plan' {
-    return call(() => this._n.storage) as 'owned' | 'cache' | 'plan'
+  /** `'owned'`, `'cache'` (a view of a {@link KvCache} pool), `'plan'` (a {@link Plan}'s metadata) or `'step'` (a {@link CapturedStep}'s tensor). */
+  get storage(): 'owned' | 'cache' | 'plan' | 'step' {
+    return call(() => this._n.storage) as 'owned' | 'cache' | 'plan' | 'step'
   }
 
   /** Whether {@link dispose} was called. */
@@ -1349,6 +1354,148 @@ export namespace bench {
 }
 
 // ---------------------------------------------------------------------------------------
+// Captured steps (CUDA graphs of a whole decode step)
+
+/** Options of {@link captureStep}. */
+export interface CaptureOptions {
+  /** One pool per layer: a {@link KvCache} (its pool) or a `[numBlocks, 64, 1, 576]` tensor of its own. */
+  kvCaches: (KvCache | Tensor)[]
+  /** Sequences per step. */
+  batch: number
+  /** Width of the step's block table (blocks per sequence at most); lengths may grow up to 64 times it. */
+  maxBlocksPerSeq: number
+  /** Query tokens per sequence (default 1). */
+  sQ?: number
+  /** Query heads. */
+  hQ: number
+  /** Element type of q and the pools (default: the first pool's). */
+  dtype?: HalfDType
+  causal?: boolean
+  softmaxScale?: number
+  /** The replays' label in error messages (default `'graph step'`). */
+  label?: string
+}
+
+/**
+ * A whole decode step of L layers — the plan, then per layer the decode and its combine —
+ * captured once (a CUDA graph on CUDA) and replayed with new contents in the step's own
+ * tensors: its queries ({@link q}), block table and lengths ({@link setBatch}), read by every
+ * replay at fixed device addresses; its outputs ({@link out}, {@link lse}) written by every
+ * replay. The graph re-plans from the lengths on the device, so a replay needs no host
+ * synchronisation: one graph launch. Each replay is a step (see {@link decodeInto}): a bad
+ * block index or length is reported by the next synchronising call, naming the replay.
+ *
+ * The pools are the ones given at capture (their addresses are baked into the graph); the
+ * step holds them alive. On the CPU backend a replay runs the same calls eagerly, with the
+ * same semantics.
+ *
+ * @example
+ * ```ts
+ * using step = captureStep(dev, { kvCaches: layerCaches, batch: seqs.length, maxBlocksPerSeq: 64, hQ: 128 })
+ * for (let token = 0; token < 100; token++) {
+ *   for (const [l, c] of layerCaches.entries()) c.appendBatch(seqs, kvRows[l])   // one call each
+ *   step.setBatch(layerCaches[0], seqs)          // lengths and block table, in place
+ *   for (let l = 0; l < step.layers; l++) step.q(l).copyFrom(queries[l])       // device to device
+ *   step.replay()                                 // one graph launch
+ *   await dev.synchronize()                       // errors of the replay, by step id
+ *   const o = await step.out(0).toFloat32Array()
+ * }
+ * ```
+ */
+export class CapturedStep {
+  /** @internal */
+  readonly _n: Native.CapturedStep
+
+  private constructor(n: Native.CapturedStep) {
+    this._n = n
+  }
+
+  /** @internal */
+  static _wrap(n: Native.CapturedStep): CapturedStep {
+    return new CapturedStep(n)
+  }
+
+  /** Layers (decodes) per replay. */
+  get layers(): number {
+    return call(() => this._n.layers)
+  }
+  /** Whether replays launch a CUDA graph (false on the CPU backend: eager replays). */
+  get isGraph(): boolean {
+    return call(() => this._n.isGraph)
+  }
+  /** Layer `l`'s queries `[batch, sQ, hQ, 576]` (a view: write it with {@link Tensor.write} or {@link Tensor.copyFrom} before a replay). */
+  q(l: number): Tensor {
+    int('layer', l, 0, MAX_I32)
+    return Tensor._wrap(call(() => this._n.q(l)))
+  }
+  /** Layer `l`'s outputs `[batch, sQ, hQ, 512]` of the last replay (a view). */
+  out(l: number): Tensor {
+    int('layer', l, 0, MAX_I32)
+    return Tensor._wrap(call(() => this._n.out(l)))
+  }
+  /** Layer `l`'s lse `[batch, hQ, sQ]` of the last replay (a view). */
+  lse(l: number): Tensor {
+    int('layer', l, 0, MAX_I32)
+    return Tensor._wrap(call(() => this._n.lse(l)))
+  }
+  /** The step's block table `[batch, maxBlocksPerSeq]` int32 (a view). */
+  get blockTable(): Tensor {
+    return Tensor._wrap(call(() => this._n.blockTable))
+  }
+  /** The step's lengths `[batch]` int32 (a view). */
+  get cacheSeqlens(): Tensor {
+    return Tensor._wrap(call(() => this._n.cacheSeqlens))
+  }
+  /** Writes the block table and lengths of `seqs` of `cache` into the step's tensors, in place ({@link KvCache.batchInto}). */
+  setBatch(cache: KvCache, seqs: number[]): void {
+    const c = want(cache, KvCache, 'cache')
+    if (!Array.isArray(seqs)) fail('ERR_INVALID_ARGUMENT', `seqs: expected an array of sequence ids, got ${describe(seqs)}`)
+    seqs.forEach((s, i) => seqId(`seqs[${i}]`, s))
+    call(() => this._n.setBatch(c._n, seqs))
+  }
+  /** Replays the step with the current contents of its tensors; returns the step id once it is queued. */
+  replay(): number {
+    return call(() => this._n.replay())
+  }
+  /** Whether {@link dispose} was called. */
+  get disposed(): boolean {
+    return this._n.disposed
+  }
+  /** Releases this handle (views of the step's tensors keep it alive until they go). */
+  dispose(): void {
+    this._n.dispose()
+  }
+  /** Same as {@link dispose} (for `using`). */
+  [Symbol.dispose](): void {
+    this.dispose()
+  }
+}
+
+/**
+ * Captures one decode step of `opts.kvCaches.length` layers on `device` (see
+ * {@link CapturedStep}). On CUDA the step runs once (kernels load) and is captured into a
+ * graph; nothing is captured on the CPU backend.
+ */
+export function captureStep(device: Device, opts: CaptureOptions): CapturedStep {
+  const d = want(device, Device, 'device')
+  if (opts == null || typeof opts !== 'object') fail('ERR_INVALID_ARGUMENT', `opts: expected capture options, got ${describe(opts)}`)
+  if (!Array.isArray(opts.kvCaches) || opts.kvCaches.length === 0) fail('ERR_INVALID_ARGUMENT', `kvCaches: expected one pool per layer (at least one), got ${show(opts.kvCaches)}`)
+  const kv = opts.kvCaches.map((k, i) => (k instanceof KvCache ? k.tensor : want(k, Tensor, `kvCaches[${i}]`)))
+  const { batch, maxBlocksPerSeq, sQ = 1, hQ } = opts
+  int('batch', batch, 1, MAX_EXTENT)
+  int('maxBlocksPerSeq', maxBlocksPerSeq, 1, MAX_BLOCKS_PER_SEQ)
+  int('sQ', sQ, 1, MAX_I32)
+  int('hQ', hQ, 1, MAX_I32)
+  if (opts.causal != null && typeof opts.causal !== 'boolean') fail('ERR_INVALID_ARGUMENT', `causal: expected a boolean, got ${describe(opts.causal)}`)
+  if (opts.softmaxScale != null && typeof opts.softmaxScale !== 'number') fail('ERR_INVALID_ARGUMENT', `softmaxScale: expected a number, got ${describe(opts.softmaxScale)}`)
+  if (opts.label != null && typeof opts.label !== 'string') fail('ERR_INVALID_ARGUMENT', `label: expected a string, got ${describe(opts.label)}`)
+  const dtype = opts.dtype ?? kv[0]!.dtype
+  return CapturedStep._wrap(
+    call(() => native.captureStep(d._n, kv.map((t) => t._n), batch, maxBlocksPerSeq, sQ, hQ, dtype, opts.causal ?? undefined, opts.softmaxScale ?? undefined, opts.label ?? undefined)),
+  )
+}
+
+// ---------------------------------------------------------------------------------------
 // The host benchmark (the engine of `npx mla-decode bench --host`)
 
 /**
@@ -1527,8 +1674,16 @@ export namespace bench {
             dev.synchronizeSync()
           })
           break
-        case 'graph':
-          continue // measured once captured steps are available
+        case 'graph': {
+          using step = captureStep(dev, { kvCaches: qs.map(() => cache), batch: b, maxBlocksPerSeq: width, sQ, hQ, causal: true })
+          step.setBatch(cache, seqs)
+          for (let l = 0; l < layers; l++) step.q(l).copyFrom(qs[l]!)
+          stepUs = await time(() => {
+            step.replay()
+            dev.synchronizeSync()
+          })
+          break
+        }
       }
       rows.push({ b, hQ, sQ, length, layers, mode, kernelUs, stepUs })
     }

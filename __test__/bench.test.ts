@@ -210,7 +210,7 @@ test('mla-decode bench --host on the CPU writes host.csv and host-ops.csv', (t) 
   t.is(rows[0], 'b,h_q,s_q,length,layers,mode,kernel_us,step_us')
   const body = rows.slice(1).map((l) => l.split(','))
   const modes = new Set(body.map((c) => c[5]))
-  for (const m of ['await', 'sync', 'enqueue']) t.true(modes.has(m), `mode ${m}`)
+  for (const m of ['await', 'sync', 'enqueue', 'graph']) t.true(modes.has(m), `mode ${m}`)
   for (const c of body) {
     t.is(c.length, 8)
     t.true(['await', 'sync', 'enqueue', 'graph'].includes(c[5]!))

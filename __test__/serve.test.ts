@@ -7,7 +7,7 @@
 // makes them run (and fail) anyway. Serial: the CPU backend's step log is one per process.
 
 import test, { type ExecutionContext } from 'ava'
-import { Device, KvCache, MlaError, Tensor, decode, decodeInto, decodeSync, gpuStatus, type ErrorCode } from '../index'
+import { Device, KvCache, MlaError, Tensor, captureStep, decode, decodeInto, decodeSync, gpuStatus, type ErrorCode } from '../index'
 import { BASE_SEED, D, Rng, caseTensors, checkAccuracy, makeCase, randomF32, referenceDecode, toBits, type CaseData } from './_helpers'
 
 const status = gpuStatus()
@@ -210,9 +210,9 @@ both('plan.update re-plans in place: equals a fresh plan, decodes exactly, alloc
   const o = poisoned(dev, base)
   const rng = new Rng(base.seed)
   const sets = [[0, 0, 0, 0, 0], Array.from(base.seqlens, (l) => Math.max(0, l - 1)), Array.from({ length: 5 }, () => rng.int(maxLen + 1))]
-  await dev.synchronize()
-  const before = dev.memoryStats()
   for (const lens of sets) {
+    await dev.synchronize()
+    const before = dev.memoryStats()
     // Shorter lengths of the same cache: the reference is the case with those lengths.
     const lensNow: number[] = lens.map((l, i) => Math.min(l, base.seqlens[i]!))
     args.cacheSeqlens.write(Int32Array.from(lensNow))
@@ -327,7 +327,150 @@ both('batchInto writes what batch returns, in place', async (t, dev) => {
     t.deepEqual([...(await sl.toInt32Array())], [...(await want.cacheSeqlens.toInt32Array())])
     t.is(bt.devicePtr, ptr)
   }
-  await caught(t, () => cache.batchInto(seqs, dev.zeros([4, 1], 'int32'), sl), 'ERR_SHAPE')
+  await caught(t, () => cache.batchInto(seqs, dev.zeros([3, 6], 'int32'), sl), 'ERR_SHAPE')
   await caught(t, () => cache.batchInto(seqs, bt, dev.zeros([4], 'fp32')), 'ERR_DTYPE')
   await caught(t, () => cache.batchInto(seqs, bt, bt), 'ERR_INVALID_ARGUMENT')
+})
+
+both('captureStep: replays with new lengths equal eager decodes bit for bit (3 layers, own pools)', async (t, dev) => {
+  const rng = new Rng(BASE_SEED ^ 0x9a4)
+  const [b, hQ, sQ, layers] = [3, 16, 2, 3]
+  const caches = Array.from({ length: layers }, () => new KvCache(dev, { numBlocks: 32, dtype: 'bf16' }))
+  const seqs = [0, 1, 2].map(() => caches.map((c) => c.createSequence())[0]!)
+  const start = [1, 63, 129]
+  seqs.forEach((s, i) => caches.forEach((c) => c.append(s, randomF32(rng, start[i]! * D, 'scaled'))))
+  using step = captureStep(dev, { kvCaches: caches, batch: b, maxBlocksPerSeq: 6, sQ, hQ, causal: true, label: 'tok' })
+  t.is(step.layers, layers)
+  t.is(step.isGraph, dev.kind === 'cuda')
+  t.is(step.q(0).storage, 'step')
+  for (let round = 0; round < 4; round++) {
+    caches.forEach((c) => c.appendBatch(seqs, randomF32(rng, b * (1 + (round % 2)) * D, 'scaled')))
+    step.setBatch(caches[0]!, seqs)
+    const qs = Array.from({ length: layers }, () => toBits(randomF32(rng, b * sQ * hQ * D, 'scaled'), 'bf16'))
+    qs.forEach((q, l) => step.q(l).write(q))
+    step.out(1).fill(0xff)
+    const id = step.replay()
+    await dev.waitStep(id)
+    const { blockTable, cacheSeqlens } = caches[0]!.batch(seqs, 6)
+    t.deepEqual([...(await step.cacheSeqlens.toInt32Array())], [...(await cacheSeqlens.toInt32Array())])
+    for (let l = 0; l < layers; l++) {
+      const q = dev.tensor(qs[l]!, [b, sQ, hQ, D], 'bf16')
+      const r = await decode({ q, kvCache: caches[l]!, blockTable, cacheSeqlens, causal: true })
+      t.deepEqual(await step.out(l).toUint16Array(), await r.out.toUint16Array(), `round ${round} layer ${l}: out`)
+      t.deepEqual(await step.lse(l).toFloat32Array(), await r.lse.toFloat32Array(), `round ${round} layer ${l}: lse`)
+    }
+  }
+  caches.forEach((c) => c.dispose())
+})
+
+both('a captured step\'s bad replay is reported by the next sync, naming it; the next replay is exact', async (t, dev) => {
+  const rng = new Rng(BASE_SEED ^ 0xbad)
+  using cache = new KvCache(dev, { numBlocks: 8, dtype: 'bf16' })
+  const seqs = [cache.createSequence(), cache.createSequence()]
+  cache.append(seqs[0]!, randomF32(rng, 100 * D, 'scaled'))
+  cache.append(seqs[1]!, randomF32(rng, 150 * D, 'scaled'))
+  using step = dev.captureStep({ kvCaches: [cache], batch: 2, maxBlocksPerSeq: 4, hQ: 16 })
+  step.q(0).write(randomF32(rng, 2 * 16 * D, 'scaled'))
+  step.setBatch(cache, seqs)
+  const bt = await step.blockTable.toInt32Array()
+  bt[4 + 1] = 8 // block 1 of sequence 1: outside the 8-block pool
+  step.blockTable.write(bt)
+  const bad = step.replay()
+  const e = await caught(t, () => dev.synchronize(), 'ERR_BLOCK_INDEX')
+  t.is(e?.step, bad)
+  t.is(e?.stepLabel, 'graph step')
+  step.setBatch(cache, seqs)
+  const good = step.replay()
+  await t.notThrowsAsync(dev.waitStep(good))
+  const { blockTable, cacheSeqlens } = cache.batch(seqs, 4)
+  const r = await decode({ q: step.q(0), kvCache: cache, blockTable, cacheSeqlens })
+  t.deepEqual(await step.out(0).toUint16Array(), await r.out.toUint16Array())
+  await caught(t, () => dev.captureStep({ kvCaches: [], batch: 2, maxBlocksPerSeq: 4, hQ: 16 }), 'ERR_INVALID_ARGUMENT')
+  await caught(t, () => dev.captureStep({ kvCaches: [cache], batch: 0, maxBlocksPerSeq: 4, hQ: 16 }), 'ERR_INVALID_ARGUMENT')
+  await caught(t, () => dev.captureStep({ kvCaches: [cache], batch: 2, maxBlocksPerSeq: 4, hQ: 16, dtype: 'fp16' }), 'ERR_DTYPE')
+  await caught(t, () => dev.captureStep({ kvCaches: [step.q(0)], batch: 2, maxBlocksPerSeq: 4, hQ: 16 }), 'ERR_INVALID_ARGUMENT')
+  await caught(t, () => step.q(1), 'ERR_INVALID_ARGUMENT')
+  step.dispose()
+  await caught(t, () => step.replay(), 'ERR_DISPOSED')
+})
+
+both('soak: 10k serving steps with forks and frees stay flat in memory and exact', async (t, dev) => {
+  t.timeout(10 * 60_000)
+  const rng = new Rng(BASE_SEED ^ 0x50a4)
+  const [b, hQ, layers, limit] = [4, 16, 2, 150]
+  const width = Math.ceil(limit / 64)
+  using cache = new KvCache(dev, { numBlocks: 2 * b * (width + 1), dtype: 'bf16' })
+  const slots = Array.from({ length: b }, () => {
+    const s = cache.createSequence()
+    cache.append(s, randomF32(rng, (1 + rng.int(limit / 2)) * D, 'scaled'))
+    return s
+  })
+  const bt = dev.zeros([b, width], 'int32')
+  const sl = dev.zeros([b], 'int32')
+  cache.batchInto(slots, bt, sl)
+  using plan = dev.plan(sl, { hQ })
+  const qs = Array.from({ length: layers }, () => dev.tensor(randomF32(rng, b * hQ * D, 'scaled'), [b, 1, hQ, D], 'bf16'))
+  const outs = qs.map(() => ({ out: dev.zeros([b, 1, hQ, 512], 'bf16'), lse: dev.zeros([b, hQ, 1], 'fp32') }))
+  using step = dev.captureStep({ kvCaches: qs.map(() => cache), batch: b, maxBlocksPerSeq: width, hQ, causal: true })
+  qs.forEach((q, l) => step.q(l).copyFrom(q))
+  const token = toBits(randomF32(rng, b * D, 'scaled'), 'bf16')
+  const tokenDev = dev.tensor(token, [b, 1, D], 'bf16')
+  const steps = 10_000
+  let base: { m: ReturnType<Device['memoryStats']>; rss: number } | undefined
+  let forks = 0
+  let frees = 0
+  let checks = 0
+  for (let i = 0; i < steps; i++) {
+    for (let k = 0; k < b; k++) {
+      if (cache.seqLen(slots[k]!) + 1 > limit) {
+        cache.free(slots[k]!)
+        frees++
+        const other = slots[(k + 1 + rng.int(b - 1)) % b]!
+        if (rng.next() < 0.5 && cache.seqLen(other) < limit - 10) {
+          slots[k] = cache.fork(other)
+          forks++
+        } else {
+          slots[k] = cache.createSequence()
+          cache.append(slots[k]!, randomF32(rng, (1 + rng.int(40)) * D, 'scaled'))
+        }
+      }
+    }
+    cache.appendBatch(slots, i % 3 === 0 ? tokenDev : token)
+    if (i % 2 === 0) {
+      cache.batchInto(slots, bt, sl)
+      plan.update(sl)
+      for (let l = 0; l < layers; l++) decodeInto({ q: qs[l]!, kvCache: cache, blockTable: bt, cacheSeqlens: sl, plan, causal: true }, outs[l]!)
+    } else {
+      step.setBatch(cache, slots)
+      step.replay()
+    }
+    dev.synchronizeSync()
+    if (i % 500 >= 498) {
+      const e = cache.batch(slots, width)
+      for (let l = 0; l < layers; l++) {
+        const r = decodeSync({ q: qs[l]!, kvCache: cache, blockTable: e.blockTable, cacheSeqlens: e.cacheSeqlens, causal: true })
+        const got = i % 2 === 0 ? outs[l]!.out.toUint16ArraySync() : step.out(l).toUint16ArraySync()
+        if (!Buffer.from(got.buffer).equals(Buffer.from(r.out.toUint16ArraySync().buffer))) t.fail(`step ${i} layer ${l}: differs from an eager decode`)
+        r.out.dispose()
+        r.lse.dispose()
+      }
+      e.blockTable.dispose()
+      e.cacheSeqlens.dispose()
+      checks++
+    }
+    if (i === steps / 10) base = { m: dev.memoryStats(), rss: process.memoryUsage().rss }
+  }
+  await dev.synchronize()
+  const m = dev.memoryStats()
+  const rss = process.memoryUsage().rss
+  t.log(`${forks} forks, ${frees} frees, ${checks} checks; ${JSON.stringify(base?.m)} -> ${JSON.stringify(m)}; rss ${base?.rss} -> ${rss}`)
+  t.true(forks > 10 && frees > 10 && checks > 0)
+  t.true(m.hostTensorBytes <= base!.m.hostTensorBytes, 'host tensor bytes do not grow')
+  t.is(m.pendingSteps, 0)
+  t.true(m.deviceLiveBuffers <= base!.m.deviceLiveBuffers, 'device buffers do not grow')
+  t.true(m.deviceLiveBytes <= base!.m.deviceLiveBytes, 'device bytes do not grow')
+  t.true(m.poolReservedBytes <= Math.max(base!.m.poolReservedBytes, base!.m.poolUsedBytes) + 8 * 2 ** 20, 'pool does not grow')
+  t.true(rss <= base!.rss + 48 * 2 ** 20, `resident memory ${base!.rss} -> ${rss}`)
+  for (const s of slots) cache.free(s)
+  t.is(cache.freeBlocks, cache.numBlocks)
 })

@@ -173,6 +173,13 @@ impl Device {
 
     /// CPU backend: records `e` as the failure of step `id` (reported like a device-side
     /// error). No effect on CUDA, where the kernels flag their own errors.
+    /// Captures one decode step of `spec.layers` layers over the pools `kv` (one per layer)
+    /// for replays with new contents (see [`crate::gpu::graph::CapturedStep`]): a CUDA graph
+    /// on CUDA, eager replays on the CPU backend.
+    pub fn capture_step(&self, spec: &crate::gpu::graph::StepSpec, kv: &[&crate::Tensor]) -> Result<crate::gpu::graph::CapturedStep> {
+        crate::gpu::graph::capture_step(self, spec, kv)
+    }
+
     pub(crate) fn fail_step(&self, id: StepId, label: Cow<'static, str>, e: MlaError) {
         if let Device::Cpu = self {
             cpu_steps::fail(id, label, e)
@@ -275,7 +282,11 @@ mod cpu_steps {
     }
 
     pub fn fail(id: StepId, label: Cow<'static, str>, e: MlaError) {
-        lock().failed.push((id, label, e));
+        let mut l = lock();
+        // One failure per step (a step of several decodes reports its first).
+        if !l.failed.iter().any(|f| f.0 == id) {
+            l.failed.push((id, label, e));
+        }
     }
 
     fn named(id: StepId, label: &str, mut e: MlaError) -> MlaError {

@@ -448,3 +448,24 @@ fn serve_batch_into_equals_batch() {
     let Some(dev) = gpu("serve_batch_into_equals_batch") else { return };
     common::serve::batch_into_equals_batch(&dev);
 }
+
+/// A 3-layer step captured in a CUDA graph and replayed with new lengths equals eager
+/// decodes bit for bit.
+#[test]
+fn serve_graph_replay_with_new_lengths_equals_eager_decode() {
+    let Some(dev) = gpu("serve_graph_replay_with_new_lengths_equals_eager_decode") else { return };
+    common::serve::graph_replay_with_new_lengths_equals_eager_decode(&dev);
+}
+
+#[test]
+fn serve_graph_replay_reports_bad_steps() {
+    let Some(dev) = gpu("serve_graph_replay_reports_bad_steps") else { return };
+    common::serve::graph_replay_reports_bad_steps(&dev);
+}
+
+/// 10k serving steps with forks and frees stay flat in host and device memory.
+#[test]
+fn serve_soak_10k_steps_with_forks_and_frees() {
+    let Some(dev) = gpu("serve_soak_10k_steps_with_forks_and_frees") else { return };
+    common::serve::soak(&dev, 10_000);
+}

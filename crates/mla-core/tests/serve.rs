@@ -79,3 +79,22 @@ fn batch_into_equals_batch() {
     let (_g, dev) = cpu();
     serve::batch_into_equals_batch(&dev);
 }
+
+#[test]
+fn graph_replay_with_new_lengths_equals_eager_decode() {
+    let (_g, dev) = cpu();
+    serve::graph_replay_with_new_lengths_equals_eager_decode(&dev);
+}
+
+#[test]
+fn graph_replay_reports_bad_steps() {
+    let (_g, dev) = cpu();
+    serve::graph_replay_reports_bad_steps(&dev);
+}
+
+/// 10k serving steps with forks and frees stay flat in host memory (CPU variant).
+#[test]
+fn soak_10k_steps_with_forks_and_frees() {
+    let (_g, dev) = cpu();
+    serve::soak(&dev, 10_000);
+}

@@ -141,11 +141,6 @@ impl MemCtx {
         }))
     }
 
-    /// Whether allocations are stream-ordered (from the pool).
-    pub(crate) fn pooled(&self) -> bool {
-        self.pool.is_some()
-    }
-
     /// Notes that work was enqueued on `stream`; returns whether it is another stream than
     /// the device's.
     pub(crate) fn note_stream(&self, stream: &CudaStream) -> bool {

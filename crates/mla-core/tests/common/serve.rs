@@ -8,6 +8,7 @@ use mla_core::decode::{enqueue_into, DecodeOptions};
 use mla_core::{plan, DType, Device, ErrorCode, KvCache, KvCacheConfig, SeqId, StepId, Tensor, HEAD_DIM_V};
 
 use super::{assert_accuracy, Inputs, Rng, Tensors};
+use mla_core::DecodeOptions as Opts;
 
 /// Poisoned outputs for a step of `inp`'s shape.
 pub fn poisoned_outputs(dev: &Device, inp: &Inputs) -> (Tensor, Tensor) {
@@ -370,4 +371,234 @@ pub fn batch_into_equals_batch(dev: &Device) {
     assert_eq!(c.batch_into(&s, &mut narrow, &mut sl).unwrap_err().code, ErrorCode::ShapeMismatch);
     let mut f = Tensor::zeros(dev, &[5], DType::F32).unwrap();
     assert_eq!(c.batch_into(&s, &mut bt, &mut f).unwrap_err().code, ErrorCode::DtypeMismatch);
+}
+
+fn bits_of(t: &Tensor) -> Vec<u8> {
+    t.to_bytes().unwrap()
+}
+
+/// A step of 3 layers (each with a cache pool of its own) captured once and replayed while
+/// the sequences grow (one or two tokens per replay, block boundaries, an empty sequence):
+/// every layer's outputs equal an eager decode of the same inputs bit for bit, and the
+/// reference within the contract's bounds.
+pub fn graph_replay_with_new_lengths_equals_eager_decode(dev: &Device) {
+    let mut rng = Rng::new("graph_replay_with_new_lengths_equals_eager_decode");
+    let (b, h_q, s_q, layers) = (4, 16, 2, 3);
+    let dtype = DType::BF16;
+    let mut caches: Vec<KvCache> = (0..layers).map(|_| KvCache::new(dev, KvCacheConfig { num_blocks: 64, dtype }).unwrap()).collect();
+    let seqs: Vec<SeqId> = (0..b).map(|_| caches.iter_mut().map(|c| c.create_sequence()).last().unwrap()).collect();
+    let start = [0usize, 1, 62, 130];
+    for (i, &s) in seqs.iter().enumerate() {
+        for c in caches.iter_mut() {
+            c.append(s, &random_bits(&mut rng, start[i] * 576, dtype)).unwrap();
+        }
+    }
+    let spec = mla_core::gpu::graph::StepSpec { batch: b, max_blocks_per_seq: 8, s_q, h_q, layers, dtype, causal: true, softmax_scale: None, label: Some("tokens".into()) };
+    let kv: Vec<&Tensor> = caches.iter().map(|c| c.tensor()).collect();
+    let mut step = dev.capture_step(&spec, &kv).unwrap();
+    assert_eq!(step.is_graph(), dev.is_cuda());
+    drop(kv);
+    for round in 0..6 {
+        let n = 1 + rng.below(2);
+        for c in caches.iter_mut() {
+            let rows = random_bits(&mut rng, b * n * 576, dtype);
+            c.append_batch(&seqs, &rows).unwrap();
+        }
+        {
+            let (bt, sl) = step.lengths_mut();
+            caches[0].batch_into(&seqs, bt, sl).unwrap();
+        }
+        let qs: Vec<Vec<u16>> = (0..layers).map(|_| random_bits(&mut rng, b * s_q * h_q * 576, dtype)).collect();
+        for (l, q) in qs.iter().enumerate() {
+            step.q_mut(l).write_bytes(0, mla_core::tensor::as_bytes(q)).unwrap();
+        }
+        let kv: Vec<&Tensor> = caches.iter().map(|c| c.tensor()).collect();
+        let id = step.replay(&kv).unwrap();
+        dev.wait_step(id).unwrap();
+        // Eager: the same inputs through plan + decode.
+        let (bt, sl) = caches[0].batch(&seqs, Some(8)).unwrap();
+        let p = plan(&sl, s_q * h_q, 1).unwrap();
+        for l in 0..layers {
+            let q = Tensor::from_half_bits(dev, &qs[l], &[b, s_q, h_q, 576], dtype).unwrap();
+            let r = mla_core::decode(&q, kv[l], &bt, &sl, &p, &opts("eager")).unwrap();
+            assert!(bits_of(step.out(l)) == bits_of(&r.out), "round {round} layer {l}: out differs from an eager decode");
+            assert!(bits_of(step.lse(l)) == bits_of(&r.lse), "round {round} layer {l}: lse differs from an eager decode");
+        }
+        if round == 5 {
+            let inp = Inputs::from_device(&Tensor::from_half_bits(dev, &qs[2], &[b, s_q, h_q, 576], dtype).unwrap(), kv[2], &bt.to_i32().unwrap(), 8, &sl.to_i32().unwrap(), dtype, rng.seed);
+            check_outputs(&inp, step.out(2), step.lse(2), "graph replay vs the reference");
+        }
+    }
+    dev.synchronize().unwrap();
+}
+
+/// A replay with a bad block index or length in the step's own tensors is reported by the
+/// next sync, naming the replay; the next replay with good contents is exact.
+pub fn graph_replay_reports_bad_steps(dev: &Device) {
+    let mut rng = Rng::new("graph_replay_reports_bad_steps");
+    let (b, h_q, s_q) = (2, 16, 1);
+    let mut cache = KvCache::new(dev, KvCacheConfig { num_blocks: 8, dtype: DType::BF16 }).unwrap();
+    let seqs = [cache.create_sequence(), cache.create_sequence()];
+    cache.append(seqs[0], &random_bits(&mut rng, 100 * 576, DType::BF16)).unwrap();
+    cache.append(seqs[1], &random_bits(&mut rng, 150 * 576, DType::BF16)).unwrap();
+    let spec = mla_core::gpu::graph::StepSpec { batch: b, max_blocks_per_seq: 4, s_q, h_q, layers: 1, dtype: DType::BF16, causal: false, softmax_scale: None, label: None };
+    let mut step = dev.capture_step(&spec, &[cache.tensor()]).unwrap();
+    step.q_mut(0).write_bytes(0, mla_core::tensor::as_bytes(&random_bits(&mut rng, b * h_q * 576, DType::BF16))).unwrap();
+    let good = |step: &mut mla_core::gpu::graph::CapturedStep, cache: &KvCache| {
+        let (bt, sl) = step.lengths_mut();
+        cache.batch_into(&seqs, bt, sl).unwrap();
+    };
+    let check = |step: &mut mla_core::gpu::graph::CapturedStep, cache: &KvCache, what: &str| {
+        let (bt, sl) = cache.batch(&seqs, Some(4)).unwrap();
+        let p = plan(&sl, h_q, 1).unwrap();
+        let r = mla_core::decode(step.q(0), cache.tensor(), &bt, &sl, &p, &Opts::default()).unwrap();
+        assert!(bits_of(step.out(0)) == bits_of(&r.out), "{what}");
+    };
+    for (bad_table, bad_len, code) in [(true, false, ErrorCode::BlockIndexOutOfRange), (false, true, ErrorCode::SeqlenOutOfRange)] {
+        good(&mut step, &cache);
+        let (bt, sl) = step.lengths_mut();
+        if bad_table {
+            let mut t = bt.to_i32().unwrap();
+            t[4 + 1] = 8; // block 1 of sequence 1 (150 tokens): outside the 8-block pool
+            bt.write_bytes(0, mla_core::tensor::as_bytes(&t)).unwrap();
+        }
+        if bad_len {
+            sl.write_bytes(0, mla_core::tensor::as_bytes(&[100i32, 4 * 64 + 1])).unwrap();
+        }
+        let id = step.replay(&[cache.tensor()]).unwrap();
+        let e = dev.synchronize().unwrap_err();
+        assert_eq!(e.code, code, "{e}");
+        assert!(e.message.starts_with(&format!("step {id} (graph step): ")), "{e}");
+        good(&mut step, &cache);
+        let id2 = step.replay(&[cache.tensor()]).unwrap();
+        dev.wait_step(id2).expect("the replay after a bad one");
+        check(&mut step, &cache, "the replay after a bad one equals an eager decode");
+    }
+    // Replays check the pools they are given.
+    let other = Tensor::zeros(dev, &[8, 64, 1, 576], DType::BF16).unwrap();
+    assert_eq!(step.replay(&[&other]).unwrap_err().code, ErrorCode::InvalidArgument);
+    assert_eq!(step.replay(&[]).unwrap_err().code, ErrorCode::InvalidArgument);
+    // And the spec is checked.
+    let mut s2 = spec.clone();
+    s2.layers = 2;
+    assert_eq!(dev.capture_step(&s2, &[cache.tensor()]).unwrap_err().code, ErrorCode::InvalidArgument);
+    s2.layers = 1;
+    s2.dtype = DType::F16;
+    assert_eq!(dev.capture_step(&s2, &[cache.tensor()]).unwrap_err().code, ErrorCode::DtypeMismatch);
+    dev.synchronize().unwrap();
+}
+
+/// Resident set size of this process, bytes (Linux; 0 elsewhere).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm").ok().and_then(|s| s.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok())).map_or(0, |p| p * 4096)
+}
+
+/// A serving loop of `steps` steps over `b` running sequences: each step appends one token
+/// to every sequence in one call, writes the block table and lengths in place, re-plans in
+/// place and decodes `layers` layers into fixed outputs (even steps) or replays a captured
+/// step (odd steps); sequences that reach `limit` tokens are freed and replaced by a fork of
+/// another sequence (prefix sharing, copy-on-write) or a new one with a prompt. Every 250
+/// steps the outputs are checked bit for bit against eager decodes. After a warm-up, live
+/// memory (host tensor bytes, device buffers and bytes) must be exactly flat, the process's
+/// resident memory within 16 MiB, the device's pool no larger, and no step left pending.
+pub fn soak(dev: &Device, steps: usize) {
+    let mut rng = Rng::new("soak");
+    let (b, h_q, s_q, layers, limit) = (4usize, 16usize, 1usize, 2usize, 150usize);
+    let dtype = DType::BF16;
+    let width = limit.div_ceil(64);
+    let mut cache = KvCache::new(dev, KvCacheConfig { num_blocks: 2 * b * (width + 1), dtype }).unwrap();
+    let mut slots: Vec<SeqId> = (0..b)
+        .map(|_| {
+            let s = cache.create_sequence();
+            let n = 1 + rng.below(limit / 2);
+            cache.append(s, &random_bits(&mut rng, n * 576, dtype)).unwrap();
+            s
+        })
+        .collect();
+    let mut bt = Tensor::zeros(dev, &[b, width], DType::I32).unwrap();
+    let mut sl = Tensor::zeros(dev, &[b], DType::I32).unwrap();
+    cache.batch_into(&slots, &mut bt, &mut sl).unwrap();
+    let mut p = plan(&sl, s_q * h_q, 1).unwrap();
+    let qs: Vec<Tensor> = (0..layers).map(|_| Tensor::from_half_bits(dev, &random_bits(&mut rng, b * s_q * h_q * 576, dtype), &[b, s_q, h_q, 576], dtype).unwrap()).collect();
+    let mut outs: Vec<(Tensor, Tensor)> = (0..layers)
+        .map(|_| (Tensor::zeros(dev, &[b, s_q, h_q, HEAD_DIM_V], dtype).unwrap(), Tensor::zeros(dev, &[b, h_q, s_q], DType::F32).unwrap()))
+        .collect();
+    let spec = mla_core::gpu::graph::StepSpec { batch: b, max_blocks_per_seq: width, s_q, h_q, layers, dtype, causal: true, softmax_scale: None, label: Some("soak replay".into()) };
+    let mut step = dev.capture_step(&spec, &vec![cache.tensor(); layers]).unwrap();
+    for (l, q) in qs.iter().enumerate() {
+        step.q_mut(l).copy_from(q).unwrap();
+    }
+    let token = random_bits(&mut rng, b * 576, dtype);
+    let token_dev = Tensor::from_half_bits(dev, &token, &[b, 1, 576], dtype).unwrap();
+    let warm = steps / 10;
+    let mut base = None;
+    let (mut forks, mut frees, mut checks) = (0, 0, 0);
+    for i in 0..steps {
+        // Retire sequences at the limit: free, then a fork of another slot or a new prompt.
+        for k in 0..b {
+            if cache.seq_len(slots[k]).unwrap() + 1 > limit {
+                cache.free(slots[k]).unwrap();
+                frees += 1;
+                let other = slots[(k + 1 + rng.below(b - 1)) % b];
+                slots[k] = if rng.below(2) == 0 && cache.seq_len(other).unwrap() < limit - 10 {
+                    forks += 1;
+                    cache.fork(other).unwrap()
+                } else {
+                    let s = cache.create_sequence();
+                    let n = 1 + rng.below(40);
+                    cache.append(s, &random_bits(&mut rng, n * 576, dtype)).unwrap();
+                    s
+                };
+            }
+        }
+        if i % 3 == 0 {
+            cache.append_batch_from(&slots, &token_dev).unwrap();
+        } else {
+            cache.append_batch(&slots, &token).unwrap();
+        }
+        if i % 2 == 0 {
+            cache.batch_into(&slots, &mut bt, &mut sl).unwrap();
+            p.replan(&sl).unwrap();
+            for (l, (o, ls)) in outs.iter_mut().enumerate() {
+                enqueue_into(&qs[l], cache.tensor(), &bt, &sl, &p, &opts("soak"), o, ls).unwrap();
+            }
+        } else {
+            let (sbt, ssl) = step.lengths_mut();
+            cache.batch_into(&slots, sbt, ssl).unwrap();
+            step.replay(&vec![cache.tensor(); layers]).unwrap();
+        }
+        dev.synchronize().unwrap_or_else(|e| panic!("step {i}: {e}"));
+        if i % 250 == 249 || i % 250 == 248 {
+            // The last step's outputs against an eager decode of the same state.
+            let (ebt, esl) = cache.batch(&slots, Some(width)).unwrap();
+            let ep = plan(&esl, s_q * h_q, 1).unwrap();
+            for l in 0..layers {
+                let r = mla_core::decode(&qs[l], cache.tensor(), &ebt, &esl, &ep, &opts("eager")).unwrap();
+                let got = if i % 2 == 0 { bits_of(&outs[l].0) } else { bits_of(step.out(l)) };
+                assert!(got == bits_of(&r.out), "step {i} layer {l}: outputs differ from an eager decode");
+            }
+            checks += 1;
+        }
+        if i == warm {
+            dev.synchronize().unwrap();
+            base = Some((dev.memory_stats(), rss_bytes()));
+        }
+    }
+    dev.synchronize().unwrap();
+    let (m0, rss0) = base.unwrap();
+    let (m1, rss1) = (dev.memory_stats(), rss_bytes());
+    println!("soak: {steps} steps, {forks} forks, {frees} frees, {checks} checks; memory {m0:?} -> {m1:?}; rss {rss0} -> {rss1}");
+    assert!(forks > 10 && frees > 10 && checks > 0, "the soak exercised forks ({forks}) and frees ({frees})");
+    assert_eq!(m1.host_tensor_bytes, m0.host_tensor_bytes, "host tensor bytes");
+    assert_eq!(m1.pending_steps, 0, "steps left pending");
+    if let (Some(g0), Some(g1)) = (m0.gpu, m1.gpu) {
+        assert_eq!((g1.live_buffers, g1.live_bytes), (g0.live_buffers, g0.live_bytes), "device buffers");
+        assert!(g1.pool_reserved <= g0.pool_reserved.max(g0.pool_used) + (8 << 20), "pool reserved {} -> {}", g0.pool_reserved, g1.pool_reserved);
+        assert!(g1.device_free + (64 << 20) >= g0.device_free, "device free memory {} -> {}", g0.device_free, g1.device_free);
+    }
+    assert!(rss1 <= rss0 + (16 << 20), "resident memory grew from {rss0} to {rss1}");
+    for s in slots {
+        cache.free(s).unwrap();
+    }
+    assert_eq!(cache.free_blocks(), cache.num_blocks(), "every block back on the free list");
 }
