@@ -386,9 +386,11 @@ export class Device {
   }
 
   /**
-   * Waits (off the JS thread) for all queued work. On CUDA it also reports errors that
-   * kernels flagged on the device, e.g. a device-resident block index out of range
-   * (`ERR_BLOCK_INDEX`).
+   * Waits (off the JS thread) for all queued work, then reports the first step that failed
+   * and was not reported yet: an {@link MlaError} (e.g. `ERR_BLOCK_INDEX` for a
+   * device-resident block index out of range) whose {@link MlaError.step} and
+   * {@link MlaError.stepLabel} name the step; the other failed steps are named in its
+   * message. See {@link decodeInto} for the step model.
    */
   synchronize(): Promise<void> {
     return callAsync(async () => {

@@ -78,6 +78,14 @@ pub struct GpuDevice {
     steps: StepLog,
 }
 
+impl Drop for GpuDevice {
+    fn drop(&mut self) {
+        // The modules are unloaded next: no kernel of them may still be queued.
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.ctx.synchronize();
+    }
+}
+
 /// One `GpuDevice` per ordinal in the process, so that every handle to a GPU shares its
 /// stream (ordering) and its step log.
 static OPEN: Mutex<Vec<(usize, std::sync::Weak<GpuDevice>)>> = Mutex::new(Vec::new());
