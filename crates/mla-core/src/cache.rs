@@ -483,17 +483,18 @@ impl KvCache {
                 return Ok(());
             }
             // One host-to-device copy: the destinations, then (host rows) the rows.
-            let (src_ptr, packed) = match src {
+            let pad = [0u8; 16];
+            let slot_part = as_bytes(&slots);
+            let src_ptr = match src {
                 Source::Host(rows) => {
-                    let mut packed = Vec::with_capacity(slot_bytes + rows.len() * 2);
-                    packed.extend_from_slice(as_bytes(&slots));
-                    packed.resize(slot_bytes, 0);
-                    packed.extend_from_slice(as_bytes(rows));
-                    (scratch.ptr() + slot_bytes as u64, packed)
+                    scratch.write_parts(0, &[slot_part, &pad[..slot_bytes - slot_part.len()], as_bytes(rows)])?;
+                    scratch.ptr() + slot_bytes as u64
                 }
-                Source::Device(ptr) => (ptr, as_bytes(&slots).to_vec()),
+                Source::Device(ptr) => {
+                    scratch.write(0, slot_part)?;
+                    ptr
+                }
             };
-            scratch.write(0, &packed)?;
             crate::gpu::util::cache_scatter(g, pool.device_ptr().unwrap(), num_slots, src_ptr, rb as i64, scratch.ptr(), total as i64, rb as i32)
         })
     }

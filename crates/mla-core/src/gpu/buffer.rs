@@ -218,13 +218,26 @@ impl MemCtx {
     /// Copies `bytes` to device address `dst` on `stream`, staged through the pinned ring
     /// (returns before the copy ran; the ring slot is reused only once it has).
     pub(crate) fn upload(&self, dst: sys::CUdeviceptr, bytes: &[u8], stream: &CudaStream) -> Result<()> {
-        if bytes.is_empty() {
+        self.upload_parts(dst, &[bytes], stream)
+    }
+
+    /// [`MemCtx::upload`] of the concatenation of `parts` (one copy into the ring, one
+    /// host-to-device copy).
+    pub(crate) fn upload_parts(&self, dst: sys::CUdeviceptr, parts: &[&[u8]], stream: &CudaStream) -> Result<()> {
+        let n: usize = parts.iter().map(|p| p.len()).sum();
+        if n == 0 {
             return Ok(());
         }
         self.ctx.bind_to_thread()?;
-        if bytes.len() > STAGING_BYTES / 2 {
-            unsafe { result::memcpy_htod_async(dst, bytes, stream.cu_stream())? };
-            // The host slice is only borrowed: wait until the copy has read it.
+        if n > STAGING_BYTES / 2 {
+            let mut at = dst;
+            for p in parts {
+                if !p.is_empty() {
+                    unsafe { result::memcpy_htod_async(at, p, stream.cu_stream())? };
+                }
+                at += p.len() as u64;
+            }
+            // The host slices are only borrowed: wait until the copies have read them.
             stream.synchronize()?;
             return Ok(());
         }
@@ -232,7 +245,6 @@ impl MemCtx {
         if st.buf.is_none() {
             st.buf = Some(PinnedBuf::new(&self.ctx, STAGING_BYTES)?);
         }
-        let n = bytes.len();
         let mut start = st.head.next_multiple_of(256);
         if start + n > STAGING_BYTES {
             start = 0;
@@ -252,7 +264,11 @@ impl MemCtx {
         let base = st.buf.as_ref().unwrap().ptr();
         // SAFETY: [start, end) lies in the ring and no queued copy reads it any more.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.add(start), n);
+            let mut at = start;
+            for p in parts {
+                std::ptr::copy_nonoverlapping(p.as_ptr(), base.add(at), p.len());
+                at += p.len();
+            }
             sys::cuMemcpyHtoDAsync_v2(dst, base.add(start) as *const c_void, n, stream.cu_stream()).result()?;
         }
         let event = self.event()?;
@@ -372,6 +388,12 @@ impl DeviceBuffer {
     pub fn write(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
         assert!(offset + bytes.len() <= self.len);
         self.mem.upload(self.ptr + offset as u64, bytes, &self.mem.stream)
+    }
+
+    /// [`DeviceBuffer::write`] of the concatenation of `parts` (one staged copy).
+    pub fn write_parts(&mut self, offset: usize, parts: &[&[u8]]) -> Result<()> {
+        assert!(offset + parts.iter().map(|p| p.len()).sum::<usize>() <= self.len);
+        self.mem.upload_parts(self.ptr + offset as u64, parts, &self.mem.stream)
     }
 
     pub fn copy_within(&mut self, src: usize, dst: usize, len: usize) -> Result<()> {
