@@ -4,6 +4,9 @@
  *
  *   mla-decode bench [options]   FlashMLA's benchmark grid and beyond-grid shapes, with the
  *                                copy ceiling of the same run; a table, bench.csv, bench.svg
+ *   mla-decode bench --host      the host benchmark: decode steps driven from TypeScript
+ *                                (await, sync, enqueue, graph) vs the kernels' own time;
+ *                                host.csv, host-ops.csv
  *   mla-decode info [--device]   GPU status and device facts
  *   mla-decode --help
  *
@@ -20,6 +23,7 @@ const HELP = `mla-decode: MLA decoding (FlashMLA-compatible) for Node.js
 
 Usage:
   mla-decode bench [options]   run the benchmark; print a table, write CSV + SVG
+  mla-decode bench --host      the host benchmark (see below); write host.csv, host-ops.csv
   mla-decode info [--device D] GPU status and the device that would run
   mla-decode --help            this text
 
@@ -49,6 +53,18 @@ bench options:
                                the floor is then bytes at the copy ceiling)
   --out DIR                    output directory (default ./bench-out): bench.csv, bench.svg
   --no-progress                no in-place progress bar (also off when stderr is no TTY)
+
+bench --host options (--device, --out, --quick as above):
+  --steps N                    timed steps per mode (default 200 on CUDA, 10 on the CPU)
+  --modes LIST                 comma-separated subset of await,sync,enqueue,graph
+  Shapes: on CUDA b=1 h_q=16 1024 tokens, b=128 h_q=16 and 128 4096 tokens, 1 and 8
+  layers per step; on the CPU backend small shapes (--quick: the smallest). Per mode, the
+  median wall time of a step (plan.update + the layers' decodes, and the wait) divided by
+  the layers, next to the kernels' own time per layer (CUDA events around work queued
+  behind a long fill, so launch gaps are not counted):
+    host.csv      b,h_q,s_q,length,layers,mode,kernel_us,step_us
+    host-ops.csv  b,h_q,s_q,length,op,us   (append-loop, appendBatch, appendBatch-device,
+                  batch, batchInto, plan, plan.update: host time of one call)
 
 Timing: median of CUDA-event-timed runs after warm-up (wall clock on the CPU backend).
 GB/s = (sum(seqlens)*576 + b*s_q*h_q*576 + b*s_q*h_q*512) * 2 bytes / time;
@@ -361,12 +377,17 @@ async function cmdBench(argv: string[]): Promise<number> {
       out: { type: 'string', default: 'bench-out' },
       'no-progress': { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
+      host: { type: 'boolean', default: false },
+      steps: { type: 'string' },
+      modes: { type: 'string' },
     },
   })
   if (values.help) {
     console.log(HELP)
     return 0
   }
+  if (values.host) return cmdBenchHost(values)
+  if (values.steps !== undefined || values.modes !== undefined) throw new UsageError('--steps and --modes go with --host')
   const reps = positiveInt('reps', values.reps)
   const dtype = values.dtype
   if (dtype !== 'bf16' && dtype !== 'fp16') throw new UsageError(`--dtype: expected bf16 or fp16, got '${dtype}'`)
@@ -473,6 +494,60 @@ async function cmdBench(argv: string[]): Promise<number> {
     return r && !r.startsWith('..') ? r : f
   }
   console.log(`wrote ${files.map(shown).join(', ')}`)
+  return 0
+}
+
+export const HOST_CSV_HEADER = 'b,h_q,s_q,length,layers,mode,kernel_us,step_us'
+export const HOST_OPS_CSV_HEADER = 'b,h_q,s_q,length,op,us'
+
+export function hostCsv(rows: bench.HostRow[]): string {
+  return [HOST_CSV_HEADER, ...rows.map((r) => [r.b, r.hQ, r.sQ, r.length, r.layers, r.mode, r.kernelUs.toFixed(2), r.stepUs.toFixed(2)].join(','))].join('\n') + '\n'
+}
+
+export function hostOpsCsv(ops: bench.HostOp[]): string {
+  return [HOST_OPS_CSV_HEADER, ...ops.map((o) => [o.b, o.hQ, o.sQ, o.length, o.op, o.us.toFixed(2)].join(','))].join('\n') + '\n'
+}
+
+async function cmdBenchHost(values: { device: string; quick: boolean; out: string; steps?: string; modes?: string; 'no-progress': boolean }): Promise<number> {
+  const steps = positiveInt('steps', values.steps)
+  let modes: bench.HostMode[] | undefined
+  if (values.modes !== undefined) {
+    modes = values.modes.split(',').filter((m) => m.length > 0) as bench.HostMode[]
+    const bad = modes.find((m) => !bench.HOST_MODES.includes(m))
+    if (bad !== undefined || modes.length === 0) throw new UsageError(`--modes: expected a comma-separated subset of ${bench.HOST_MODES.join(',')}, got '${values.modes}'`)
+  }
+  using dev = openDevice(values.device)
+  const info = dev.info
+  const configs = bench.hostConfigs(dev, { quick: values.quick })
+  const outDir = path.resolve(values.out)
+  fs.mkdirSync(outDir, { recursive: true })
+  console.log(`mla-decode ${version()} bench --host: ${info.name} (${dev.kind})`)
+  console.log(`${configs.length} shapes, modes ${(modes ?? bench.HOST_MODES).join(',')}, median of ${steps ?? (dev.kind === 'cuda' ? 200 : 10)} steps; step_us = step wall time / layers`)
+  const live = process.stderr.isTTY === true && !values['no-progress'] && !process.env.CI
+  const progress = new Progress(configs.length, live)
+  const rows: bench.HostRow[] = []
+  const ops: bench.HostOp[] = []
+  const opsDone = new Set<string>()
+  try {
+    for (const [i, c] of configs.entries()) {
+      const shape = `b=${c.b} h_q=${c.hQ} s_q=${c.sQ} len=${c.length}`
+      progress.begin(`${shape} layers=${c.layers}`, i)
+      const r = await bench.runHost(dev, c, { ...(modes ? { modes } : {}), ...(steps ? { steps } : {}), ops: !opsDone.has(shape) })
+      opsDone.add(shape)
+      rows.push(...r.rows)
+      ops.push(...r.ops)
+      const cells = r.rows.map((x) => `${x.mode} ${x.stepUs.toFixed(1)}`).join('  ')
+      progress.log(`[${i + 1}/${configs.length}] ${shape} layers=${c.layers}  kernel ${r.rows[0]?.kernelUs.toFixed(1) ?? '-'} us  ${cells}  (us per layer)`)
+      for (const o of r.ops) progress.log(`    ${o.op.padEnd(20)} ${o.us.toFixed(1)} us`)
+    }
+  } finally {
+    progress.end()
+  }
+  const csvPath = path.join(outDir, 'host.csv')
+  const opsPath = path.join(outDir, 'host-ops.csv')
+  fs.writeFileSync(csvPath, hostCsv(rows))
+  fs.writeFileSync(opsPath, hostOpsCsv(ops))
+  console.log(`wrote ${csvPath}, ${opsPath}`)
   return 0
 }
 

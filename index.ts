@@ -173,10 +173,24 @@ export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
 export class MlaError extends Error {
   /** The stable error code. */
   readonly code: ErrorCode
+  /**
+   * For an error found on the device (or, on the CPU backend, in an enqueued step) and
+   * reported by a later synchronising call: the id of the step that caused it (see
+   * {@link decodeInto}); 0 for work outside any step. Undefined otherwise.
+   */
+  readonly step?: number
+  /** The label of that step (`'decode'`, `'plan'`, `'appendBatch'`, a label you gave). */
+  readonly stepLabel?: string
   constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options)
     this.name = 'MlaError'
     this.code = code
+    // The core names the step as "step <id> (<label>): ..." at the start of the message.
+    const m = /^step (\d+) \((.*?)\): /.exec(message)
+    if (m) {
+      this.step = Number(m[1])
+      this.stepLabel = m[2]
+    }
   }
 }
 
@@ -355,6 +369,17 @@ export type HalfDType = 'bf16' | 'fp16'
  */
 export type DeviceSpec = 'auto' | 'cpu' | 'cuda' | `cuda:${number}`
 
+/** See {@link Device.memoryStats}. Bytes as numbers; CUDA-only fields are 0 on the CPU backend. */
+export interface MemoryStats {
+  hostTensorBytes: number
+  pendingSteps: number
+  deviceLiveBytes: number
+  deviceLiveBuffers: number
+  poolReservedBytes: number
+  poolUsedBytes: number
+  deviceFreeBytes: number
+}
+
 /** Static facts about a device. */
 export interface DeviceInfo {
   /** The backend. */
@@ -440,9 +465,11 @@ export class Device {
   }
 
   /**
-   * Waits (off the JS thread) for all queued work. On CUDA it also reports errors that
-   * kernels flagged on the device, e.g. a device-resident block index out of range
-   * (`ERR_BLOCK_INDEX`).
+   * Waits (off the JS thread) for all queued work, then reports the first step that failed
+   * and was not reported yet: an {@link MlaError} (e.g. `ERR_BLOCK_INDEX` for a
+   * device-resident block index out of range) whose {@link MlaError.step} and
+   * {@link MlaError.stepLabel} name the step; the other failed steps are named in its
+   * message. See {@link decodeInto} for the step model.
    */
   synchronize(): Promise<void> {
     return callAsync(async () => {
@@ -453,6 +480,39 @@ export class Device {
   /** {@link synchronize} on the calling thread. */
   synchronizeSync(): void {
     call(() => this._n.synchronizeSync())
+  }
+
+  /**
+   * Waits (off the JS thread) until step `step` (an id from {@link decodeInto},
+   * {@link decode}, {@link KvCache.appendBatch}, ...) has completed, and rejects with that
+   * step's own error when it failed. Failures of other steps are left for the next
+   * {@link synchronize}.
+   */
+  waitStep(step: number): Promise<void> {
+    return callAsync(async () => {
+      int('step', step, 1, Number.MAX_SAFE_INTEGER)
+      await call(() => this._n.waitStep(step))
+    })
+  }
+
+  /** {@link waitStep} on the calling thread. */
+  waitStepSync(step: number): void {
+    int('step', step, 1, Number.MAX_SAFE_INTEGER)
+    call(() => this._n.waitStepSync(step))
+  }
+
+  /** {@link captureStep} on this device. */
+  captureStep(opts: CaptureOptions): CapturedStep {
+    return captureStep(this, opts)
+  }
+
+  /**
+   * Memory and step-log facts: host bytes of CPU-backend tensors (process-wide); on CUDA
+   * the live device buffers of this library, the memory pool's reserved and used bytes,
+   * free device memory, and enqueued steps not yet looked at. For soak tests and leaks.
+   */
+  memoryStats(): MemoryStats {
+    return call(() => this._n.memoryStats())
   }
 
   /**
@@ -591,9 +651,9 @@ export class Tensor {
     return call(() => this._n.nbytes)
   }
 
-  /** `'owned'`, `'cache'` (a view of a {@link KvCache} pool) or `'plan'` (a {@link Plan}'s metadata). */
-  get storage(): 'owned' | 'cache' | 'plan' {
-    return call(() => this._n.storage) as 'owned' | 'cache' | 'plan'
+  /** `'owned'`, `'cache'` (a view of a {@link KvCache} pool), `'plan'` (a {@link Plan}'s metadata) or `'step'` (a {@link CapturedStep}'s tensor). */
+  get storage(): 'owned' | 'cache' | 'plan' | 'step' {
+    return call(() => this._n.storage) as 'owned' | 'cache' | 'plan' | 'step'
   }
 
   /** Whether {@link dispose} was called. */
@@ -633,6 +693,32 @@ export class Tensor {
   fill(byte: number): void {
     if (!Number.isInteger(byte) || byte < 0 || byte > 255) fail('ERR_INVALID_ARGUMENT', `byte: expected an integer in 0..255, got ${String(byte)}`)
     call(() => this._n.fill(byte))
+  }
+
+  /**
+   * Overwrites the whole tensor from host data, in place (no allocation): a `Float32Array`
+   * is rounded to the tensor's dtype (bf16, fp16, fp32), a `Uint16Array` holds raw bf16 /
+   * fp16 bits, an `Int32Array` fills an int32 tensor. `data.length` must equal the element
+   * count. On CUDA the copy is queued (staged in pinned memory) and this returns at once;
+   * work queued earlier that reads the tensor still sees the old values. Only for tensors
+   * of their own that no pending operation is reading.
+   */
+  write(data: Float32Array | Uint16Array | Int32Array): void {
+    if (data instanceof Float32Array) return call(() => this._n.writeF32(data))
+    if (data instanceof Uint16Array) return call(() => this._n.writeBits(data))
+    if (data instanceof Int32Array) return call(() => this._n.writeI32(data))
+    fail('ERR_INVALID_ARGUMENT', `data: expected a Float32Array, Uint16Array or Int32Array, got ${describe(data)}`)
+  }
+
+  /**
+   * Overwrites this tensor with `src`'s bytes (same device, same byte size): on CUDA a
+   * device-to-device copy, queued. E.g. the model's queries or new latent rows, with no host
+   * round trip.
+   */
+  copyFrom(src: Tensor): void {
+    const s = want(src, Tensor, 'src')
+    if (s._n === this._n) fail('ERR_INVALID_ARGUMENT', 'src: expected another tensor, got this one')
+    call(() => this._n.copyFrom(s._n))
   }
 
   /** Whether both handles view the same memory. */
@@ -713,6 +799,23 @@ export class Plan {
   get numSplits(): Tensor {
     return Tensor._wrap(call(() => this._n.numSplits))
   }
+  /**
+   * Re-plans in place for new lengths (`cacheSeqlens`, a `[batch]` int32 tensor on the
+   * plan's device): the same memory, no allocation; equals a fresh {@link Device.plan} for
+   * them. On CUDA one plan kernel is enqueued (returns at once; a length out of range is
+   * reported by the next synchronising call, naming this step); the CPU backend recomputes
+   * now. Decodes enqueued earlier with this plan still use the old schedule (stream order).
+   * Returns the step id.
+   *
+   * @example
+   * ```ts
+   * cache.batchInto(seqs, blockTable, cacheSeqlens)   // the lengths grew by one token
+   * plan.update(cacheSeqlens)
+   * ```
+   */
+  update(cacheSeqlens: Tensor): number {
+    return call(() => this._n.update(want(cacheSeqlens, Tensor, 'cacheSeqlens')._n))
+  }
   /** Whether {@link dispose} was called. */
   get disposed(): boolean {
     return this._n.disposed
@@ -786,6 +889,51 @@ export class KvCache {
     if (rows instanceof Float32Array) return call(() => this._n.appendF32(seq, rows))
     if (rows instanceof Uint16Array) return call(() => this._n.appendBits(seq, rows))
     fail('ERR_INVALID_ARGUMENT', `rows: expected a Float32Array or Uint16Array, got ${describe(rows)}`)
+  }
+
+  /**
+   * Appends the same number of latent rows to each of several distinct sequences in one
+   * call: `rows` holds `seqs.length * n * 576` values, the `n` rows of `seqs[0]` first (a
+   * `Float32Array` is rounded to the cache's dtype, a `Uint16Array` holds raw bits), or is a
+   * tensor `[seqs.length, ..., 576]` of the cache's dtype on its device — e.g. the model's
+   * own output, copied device to device with no host round trip. All or nothing: on
+   * `ERR_CACHE_EXHAUSTED` (or any error) no sequence changed. Equals one {@link append}
+   * per sequence (copy-on-write of shared blocks included).
+   *
+   * On CUDA it is one host-to-device copy (the rows and their destinations, staged in
+   * pinned memory) and one scatter kernel, queued without waiting; decodes enqueued before
+   * it still see the old lengths. Returns the step id.
+   *
+   * @example
+   * ```ts
+   * // one new token for every running sequence, from the model's [b, 1, 576] output
+   * cache.appendBatch(seqs, kvOut)
+   * cache.batchInto(seqs, blockTable, cacheSeqlens)
+   * ```
+   */
+  appendBatch(seqs: number[], rows: Float32Array | Uint16Array | Tensor): number {
+    if (!Array.isArray(seqs)) fail('ERR_INVALID_ARGUMENT', `seqs: expected an array of sequence ids, got ${describe(seqs)}`)
+    seqs.forEach((s, i) => seqId(`seqs[${i}]`, s))
+    if (rows instanceof Float32Array) return call(() => this._n.appendBatchF32(seqs, rows))
+    if (rows instanceof Uint16Array) return call(() => this._n.appendBatchBits(seqs, rows))
+    if (rows instanceof Tensor) return call(() => this._n.appendBatchTensor(seqs, rows._n))
+    return fail('ERR_INVALID_ARGUMENT', `rows: expected a Float32Array, Uint16Array or Tensor, got ${describe(rows)}`)
+  }
+
+  /**
+   * {@link batch} into existing tensors, in place (no allocation): `blockTable`
+   * `[seqs.length, W]` int32 (W at least the most blocks a given sequence holds) and
+   * `cacheSeqlens` `[seqs.length]` int32 on the cache's device, tensors of their own. On
+   * CUDA the two copies are queued and this returns at once; work enqueued earlier still
+   * reads the old values.
+   */
+  batchInto(seqs: number[], blockTable: Tensor, cacheSeqlens: Tensor): void {
+    if (!Array.isArray(seqs)) fail('ERR_INVALID_ARGUMENT', `seqs: expected an array of sequence ids, got ${describe(seqs)}`)
+    seqs.forEach((s, i) => seqId(`seqs[${i}]`, s))
+    const bt = want(blockTable, Tensor, 'blockTable')
+    const sl = want(cacheSeqlens, Tensor, 'cacheSeqlens')
+    if (bt._n === sl._n) fail('ERR_INVALID_ARGUMENT', 'blockTable, cacheSeqlens: expected two distinct tensors, got the same one twice')
+    call(() => this._n.batchInto(seqs, bt._n, sl._n))
   }
 
   /** A new sequence sharing `seq`'s tokens (copy-on-write); returns its id. */
@@ -887,6 +1035,8 @@ export interface DecodeArgs {
   causal?: boolean
   /** Default 1 / sqrt(576). */
   softmaxScale?: number
+  /** The step's label in error messages (default `'decode'`), e.g. `'layer 3'`. */
+  label?: string
 }
 
 /** Outputs of one decode step. */
@@ -895,6 +1045,8 @@ export interface DecodeResult {
   out: Tensor
   /** `[b, hQ, sQ]` fp32, natural log of the softmax denominator; +Infinity for rows that attend to no key. */
   lse: Tensor
+  /** The id of the step that computed them (see {@link decodeInto}). */
+  step: number
 }
 
 function nativeArgs(a: DecodeArgs) {
@@ -906,13 +1058,16 @@ function nativeArgs(a: DecodeArgs) {
   const plan = a.plan == null ? undefined : want(a.plan, Plan, 'plan')
   if (a.causal != null && typeof a.causal !== 'boolean') fail('ERR_INVALID_ARGUMENT', `causal: expected a boolean, got ${describe(a.causal)}`)
   if (a.softmaxScale != null && typeof a.softmaxScale !== 'number') fail('ERR_INVALID_ARGUMENT', `softmaxScale: expected a number, got ${describe(a.softmaxScale)}`)
-  return [q._n, kv._n, bt._n, sl._n, plan?._n, a.causal ?? undefined, a.softmaxScale ?? undefined] as const
+  if (a.label != null && typeof a.label !== 'string') fail('ERR_INVALID_ARGUMENT', `label: expected a string, got ${describe(a.label)}`)
+  return [q._n, kv._n, bt._n, sl._n, plan?._n, a.causal ?? undefined, a.softmaxScale ?? undefined, a.label ?? undefined] as const
 }
 
 /**
- * One MLA decode step: attention of `q` over each sequence's cached latent rows. Runs on
- * the libuv thread pool (the JS thread stays free) and resolves once the results are
- * complete.
+ * One MLA decode step: attention of `q` over each sequence's cached latent rows, resolving
+ * once the results are complete. On CUDA the step is enqueued on the calling thread and
+ * only the wait runs on the libuv thread pool; on the CPU backend the computation runs
+ * there. The JS thread stays free either way. Allocates the outputs; a serving loop uses
+ * {@link decodeInto} instead.
  *
  * Errors: the JS types, the integer arguments, and every shape, dtype and device rule
  * (including a plan made for another batch size or `sQ * hQ / hKv`) are checked before
@@ -925,8 +1080,8 @@ function nativeArgs(a: DecodeArgs) {
  *   `[0, maxBlocksPerSeq * 64]` (`ERR_SEQLEN_RANGE`), or a `plan` made for other lengths
  *   (`ERR_INVALID_ARGUMENT`, see {@link Device.plan}) reject when the promise settles. The
  *   kernels skip what they cannot read, and that step's outputs are discarded, not
- *   returned; the error reaches this decode only (each decode waits for the device as one
- *   step that no other decode on the device interleaves with).
+ *   returned; the error reaches this decode only (every step has its own error flag; see
+ *   {@link decodeInto}), with {@link MlaError.step} set to this step's id.
  *
  * Memory that cannot be allocated (host or device) rejects with `ERR_OUT_OF_MEMORY`.
  *
@@ -939,7 +1094,7 @@ function nativeArgs(a: DecodeArgs) {
 export function decode(args: DecodeArgs): Promise<DecodeResult> {
   return callAsync(async () => {
     const r = (await call(() => native.decode(...nativeArgs(args)))) as Native.DecodeResult
-    return { out: Tensor._wrap(r.out), lse: Tensor._wrap(r.lse) }
+    return { out: Tensor._wrap(r.out), lse: Tensor._wrap(r.lse), step: r.step }
   })
 }
 
@@ -950,7 +1105,67 @@ export function decode(args: DecodeArgs): Promise<DecodeResult> {
  */
 export function decodeSync(args: DecodeArgs): DecodeResult {
   const r = call(() => native.decodeSync(...nativeArgs(args)))
-  return { out: Tensor._wrap(r.out), lse: Tensor._wrap(r.lse) }
+  return { out: Tensor._wrap(r.out), lse: Tensor._wrap(r.lse), step: r.step }
+}
+
+// ---------------------------------------------------------------------------------------
+// The serving path: enqueue without waiting, caller-owned outputs
+
+/** Caller-owned outputs of {@link decodeInto}. */
+export interface DecodeOutputs {
+  /** `[b, sQ, hQ, 512]`, q's dtype, a tensor of its own (`storage === 'owned'`). */
+  out: Tensor
+  /** `[b, hQ, sQ]` fp32, a tensor of its own. */
+  lse: Tensor
+}
+
+/**
+ * Enqueues one decode step into caller-owned `out` / `lse` and returns its step id as soon
+ * as the work is queued: no allocation, no wait for the device. This is the serving path:
+ * re-plan in place ({@link Plan.update}), enqueue every layer, then synchronise once.
+ *
+ * The step model: every call that launches work is a step with an id (1, 2, 3, ... per
+ * device) and a label (`args.label`, default `'decode'`). Shapes, dtypes, devices and the
+ * plan's sizes are checked now and throw (nothing is queued). The contents of the tensors
+ * (a block index that would be read outside the pool, a length out of range, on CUDA a
+ * plan made for other lengths) are checked where they live and reported by the next
+ * synchronising call — {@link Device.synchronize}, {@link Device.waitStep} for this step,
+ * or reading any tensor of the device to the host — as an {@link MlaError} whose
+ * {@link MlaError.step} / {@link MlaError.stepLabel} name the failing step. Each step has
+ * its own error flag, so a bad step never fails or corrupts a later one; its own outputs
+ * are not valid. The CPU backend computes during the call (on the calling thread) and keeps
+ * the same model: content errors are recorded for the step (its outputs are filled with
+ * NaN) and reported the same way.
+ *
+ * `out` and `lse` must be tensors of their own, distinct from the inputs, that no pending
+ * operation (a read) is using. Without `plan`, one is made for the call (an allocation).
+ *
+ * @example
+ * ```ts
+ * const plan = dev.plan(cacheSeqlens, { hQ: 16 })
+ * const out = dev.zeros([b, 1, 16, 512], 'bf16')
+ * const lse = dev.zeros([b, 16, 1], 'fp32')
+ * for (let step = 0; step < 100; step++) {
+ *   cache.appendBatch(seqs, newRows)                  // one call, one copy
+ *   cache.batchInto(seqs, blockTable, cacheSeqlens)   // lengths in place
+ *   plan.update(cacheSeqlens)                         // re-plan in place
+ *   for (const [l, q] of qs.entries()) decodeInto({ q, kvCache: cache, blockTable, cacheSeqlens, plan, label: `layer ${l}` }, { out, lse })
+ *   await dev.synchronize()                           // a bad step is reported here, by id
+ * }
+ * ```
+ */
+export function decodeInto(args: DecodeArgs, outputs: DecodeOutputs): number {
+  const a = nativeArgs(args)
+  if (outputs == null || typeof outputs !== 'object') fail('ERR_INVALID_ARGUMENT', `outputs: expected { out, lse }, got ${describe(outputs)}`)
+  const out = want(outputs.out, Tensor, 'out')
+  const lse = want(outputs.lse, Tensor, 'lse')
+  // Natively the outputs are written through exclusive references: no aliasing allowed.
+  const inputs = [a[0], a[1], a[2], a[3]] as const
+  if (out._n === lse._n) fail('ERR_INVALID_ARGUMENT', 'out, lse: expected two distinct tensors, got the same one twice')
+  for (const [name, t] of [['out', out], ['lse', lse]] as const) {
+    if (inputs.some((x) => x === t._n)) fail('ERR_INVALID_ARGUMENT', `${name}: expected a tensor distinct from the inputs, got one of them`)
+  }
+  return call(() => native.decodeInto(...a, out._n, lse._n))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1247,3 +1462,376 @@ showAs(Device, (d) => {
 showAs(Tensor, (t) => ({ shape: t.shape, dtype: t.dtype, device: deviceName(t.device), storage: t.storage, nbytes: t.nbytes }))
 showAs(Plan, (p) => ({ batch: p.batch, rows: p.rows, numParts: p.numParts }))
 showAs(KvCache, (c) => ({ numBlocks: c.numBlocks, freeBlocks: c.freeBlocks, dtype: c.dtype, sequences: c.sequences().length, device: deviceName(c.device) }))
+
+// Captured steps (CUDA graphs of a whole decode step)
+
+/** Options of {@link captureStep}. */
+export interface CaptureOptions {
+  /** One pool per layer: a {@link KvCache} (its pool) or a `[numBlocks, 64, 1, 576]` tensor of its own. */
+  kvCaches: (KvCache | Tensor)[]
+  /** Sequences per step. */
+  batch: number
+  /** Width of the step's block table (blocks per sequence at most); lengths may grow up to 64 times it. */
+  maxBlocksPerSeq: number
+  /** Query tokens per sequence (default 1). */
+  sQ?: number
+  /** Query heads. */
+  hQ: number
+  /** Element type of q and the pools (default: the first pool's). */
+  dtype?: HalfDType
+  causal?: boolean
+  softmaxScale?: number
+  /** The replays' label in error messages (default `'graph step'`). */
+  label?: string
+}
+
+/**
+ * A whole decode step of L layers — the plan, then per layer the decode and its combine —
+ * captured once (a CUDA graph on CUDA) and replayed with new contents in the step's own
+ * tensors: its queries ({@link q}), block table and lengths ({@link setBatch}), read by every
+ * replay at fixed device addresses; its outputs ({@link out}, {@link lse}) written by every
+ * replay. The graph re-plans from the lengths on the device, so a replay needs no host
+ * synchronisation: one graph launch. Each replay is a step (see {@link decodeInto}): a bad
+ * block index or length is reported by the next synchronising call, naming the replay.
+ *
+ * The pools are the ones given at capture (their addresses are baked into the graph); the
+ * step holds them alive. On the CPU backend a replay runs the same calls eagerly, with the
+ * same semantics.
+ *
+ * @example
+ * ```ts
+ * using step = captureStep(dev, { kvCaches: layerCaches, batch: seqs.length, maxBlocksPerSeq: 64, hQ: 128 })
+ * for (let token = 0; token < 100; token++) {
+ *   for (const [l, c] of layerCaches.entries()) c.appendBatch(seqs, kvRows[l])   // one call each
+ *   step.setBatch(layerCaches[0], seqs)          // lengths and block table, in place
+ *   for (let l = 0; l < step.layers; l++) step.q(l).copyFrom(queries[l])       // device to device
+ *   step.replay()                                 // one graph launch
+ *   await dev.synchronize()                       // errors of the replay, by step id
+ *   const o = await step.out(0).toFloat32Array()
+ * }
+ * ```
+ */
+export class CapturedStep {
+  /** @internal */
+  readonly _n: Native.CapturedStep
+
+  private constructor(n: Native.CapturedStep) {
+    this._n = n
+  }
+
+  /** @internal */
+  static _wrap(n: Native.CapturedStep): CapturedStep {
+    return new CapturedStep(n)
+  }
+
+  /** Layers (decodes) per replay. */
+  get layers(): number {
+    return call(() => this._n.layers)
+  }
+  /** Whether replays launch a CUDA graph (false on the CPU backend: eager replays). */
+  get isGraph(): boolean {
+    return call(() => this._n.isGraph)
+  }
+  /** Layer `l`'s queries `[batch, sQ, hQ, 576]` (a view: write it with {@link Tensor.write} or {@link Tensor.copyFrom} before a replay). */
+  q(l: number): Tensor {
+    int('layer', l, 0, MAX_I32)
+    return Tensor._wrap(call(() => this._n.q(l)))
+  }
+  /** Layer `l`'s outputs `[batch, sQ, hQ, 512]` of the last replay (a view). */
+  out(l: number): Tensor {
+    int('layer', l, 0, MAX_I32)
+    return Tensor._wrap(call(() => this._n.out(l)))
+  }
+  /** Layer `l`'s lse `[batch, hQ, sQ]` of the last replay (a view). */
+  lse(l: number): Tensor {
+    int('layer', l, 0, MAX_I32)
+    return Tensor._wrap(call(() => this._n.lse(l)))
+  }
+  /** The step's block table `[batch, maxBlocksPerSeq]` int32 (a view). */
+  get blockTable(): Tensor {
+    return Tensor._wrap(call(() => this._n.blockTable))
+  }
+  /** The step's lengths `[batch]` int32 (a view). */
+  get cacheSeqlens(): Tensor {
+    return Tensor._wrap(call(() => this._n.cacheSeqlens))
+  }
+  /** Writes the block table and lengths of `seqs` of `cache` into the step's tensors, in place ({@link KvCache.batchInto}). */
+  setBatch(cache: KvCache, seqs: number[]): void {
+    const c = want(cache, KvCache, 'cache')
+    if (!Array.isArray(seqs)) fail('ERR_INVALID_ARGUMENT', `seqs: expected an array of sequence ids, got ${describe(seqs)}`)
+    seqs.forEach((s, i) => seqId(`seqs[${i}]`, s))
+    call(() => this._n.setBatch(c._n, seqs))
+  }
+  /** Replays the step with the current contents of its tensors; returns the step id once it is queued. */
+  replay(): number {
+    return call(() => this._n.replay())
+  }
+  /** Whether {@link dispose} was called. */
+  get disposed(): boolean {
+    return this._n.disposed
+  }
+  /** Releases this handle (views of the step's tensors keep it alive until they go). */
+  dispose(): void {
+    this._n.dispose()
+  }
+  /** Same as {@link dispose} (for `using`). */
+  [Symbol.dispose](): void {
+    this.dispose()
+  }
+}
+
+/**
+ * Captures one decode step of `opts.kvCaches.length` layers on `device` (see
+ * {@link CapturedStep}). On CUDA the step runs once (kernels load) and is captured into a
+ * graph; nothing is captured on the CPU backend.
+ */
+export function captureStep(device: Device, opts: CaptureOptions): CapturedStep {
+  const d = want(device, Device, 'device')
+  if (opts == null || typeof opts !== 'object') fail('ERR_INVALID_ARGUMENT', `opts: expected capture options, got ${describe(opts)}`)
+  if (!Array.isArray(opts.kvCaches) || opts.kvCaches.length === 0) fail('ERR_INVALID_ARGUMENT', `kvCaches: expected one pool per layer (at least one), got ${show(opts.kvCaches)}`)
+  const kv = opts.kvCaches.map((k, i) => (k instanceof KvCache ? k.tensor : want(k, Tensor, `kvCaches[${i}]`)))
+  const { batch, maxBlocksPerSeq, sQ = 1, hQ } = opts
+  int('batch', batch, 1, MAX_EXTENT)
+  int('maxBlocksPerSeq', maxBlocksPerSeq, 1, MAX_BLOCKS_PER_SEQ)
+  int('sQ', sQ, 1, MAX_I32)
+  int('hQ', hQ, 1, MAX_I32)
+  if (opts.causal != null && typeof opts.causal !== 'boolean') fail('ERR_INVALID_ARGUMENT', `causal: expected a boolean, got ${describe(opts.causal)}`)
+  if (opts.softmaxScale != null && typeof opts.softmaxScale !== 'number') fail('ERR_INVALID_ARGUMENT', `softmaxScale: expected a number, got ${describe(opts.softmaxScale)}`)
+  if (opts.label != null && typeof opts.label !== 'string') fail('ERR_INVALID_ARGUMENT', `label: expected a string, got ${describe(opts.label)}`)
+  const dtype = opts.dtype ?? kv[0]!.dtype
+  return CapturedStep._wrap(
+    call(() => native.captureStep(d._n, kv.map((t) => t._n), batch, maxBlocksPerSeq, sQ, hQ, dtype, opts.causal ?? undefined, opts.softmaxScale ?? undefined, opts.label ?? undefined)),
+  )
+}
+
+// ---------------------------------------------------------------------------------------
+// The host benchmark (the engine of `npx mla-decode bench --host`)
+
+/**
+ * The host benchmark: how close a decode step driven from TypeScript comes to the kernels'
+ * own time, in each way of driving it, plus the host cost of the calls around a step
+ * (appending the new tokens, block tables, plans).
+ *
+ * @example
+ * ```ts
+ * import { Device, bench } from 'mla-decode'
+ * using dev = Device.open()
+ * for (const c of bench.hostConfigs(dev, { quick: true })) {
+ *   const { rows } = await bench.runHost(dev, c, { steps: 50 })
+ *   for (const r of rows) console.log(r.b, r.hQ, r.layers, r.mode, r.kernelUs.toFixed(1), r.stepUs.toFixed(1))
+ * }
+ * ```
+ */
+export namespace bench {
+  /**
+   * How a step is driven: `await` (`await decode(...)` per layer, allocating outputs),
+   * `sync` (`decodeSync` per layer), `enqueue` ({@link decodeInto} per layer into fixed
+   * outputs, then one `synchronizeSync`), `graph` (one replay of a captured step, then one
+   * `synchronizeSync`). Every mode re-plans once per step (`plan.update`; the graph holds
+   * its plan kernel).
+   */
+  export type HostMode = 'await' | 'sync' | 'enqueue' | 'graph'
+  export const HOST_MODES: readonly HostMode[] = Object.freeze(['await', 'sync', 'enqueue', 'graph'] as const)
+
+  /** A shape of the host benchmark: b sequences of `length` tokens, `layers` decodes per step. */
+  export interface HostConfig {
+    b: number
+    hQ: number
+    sQ: number
+    length: number
+    layers: number
+  }
+
+  /** One row of `host.csv`: the median step of a mode, per layer, next to the kernels' time. */
+  export interface HostRow extends HostConfig {
+    mode: HostMode
+    /** The kernels' own time of one layer (plan amortised), µs ({@link bench.hostKernelUs}). */
+    kernelUs: number
+    /** Median wall time of one step divided by `layers`, µs. */
+    stepUs: number
+  }
+
+  /** One row of `host-ops.csv`: the median host time of a call around a step, µs. */
+  export interface HostOp {
+    b: number
+    hQ: number
+    sQ: number
+    length: number
+    /** `append-loop` (one `append` per sequence), `appendBatch` (host rows), `appendBatch-device` (rows from a tensor), `batch`, `batchInto`, `plan`, `plan.update`. */
+    op: string
+    us: number
+  }
+
+  /** The host benchmark's shapes: on CUDA issue 9's table with 1 and 8 layers; on the CPU backend small shapes. */
+  export function hostConfigs(device: Device, opts: { quick?: boolean } = {}): HostConfig[] {
+    return call(() => native.benchHostConfigs(want(device, Device, 'device')._n, opts.quick ?? false))
+  }
+
+  /** The kernels' own time of one layer of `config`, µs (CUDA events, launch gaps excluded; CPU: wall time). */
+  export function hostKernelUs(device: Device, config: HostConfig, reps?: number): Promise<number> {
+    const d = want(device, Device, 'device')._n
+    return callAsync(async () => {
+      for (const k of ['b', 'hQ', 'sQ', 'length', 'layers'] as const) int(`config.${k}`, config?.[k], 1, MAX_I32)
+      if (reps !== undefined) int('reps', reps, 1, MAX_I32)
+      return call(() => native.benchHostKernelUs(d, { b: config.b, hQ: config.hQ, sQ: config.sQ, length: config.length, layers: config.layers }, reps))
+    })
+  }
+
+  /** Options of {@link bench.runHost}. */
+  export interface HostOptions {
+    /** Modes to measure (default all; `graph` where the device can capture steps). */
+    modes?: readonly HostMode[]
+    /** Timed steps per mode (default 200 on CUDA, 10 on the CPU), after `warmup` untimed ones (default 10 / 2). */
+    steps?: number
+    warmup?: number
+    /** Also measure the calls around a step ({@link bench.HostOp}); default true. */
+    ops?: boolean
+  }
+
+  function median(xs: number[]): number {
+    const v = [...xs].sort((a, b) => a - b)
+    return v[Math.floor(v.length / 2)] ?? NaN
+  }
+
+  function now(): number {
+    return Number(process.hrtime.bigint()) / 1e3
+  }
+
+  /** bf16 bits of values ~N(0, 0.1) (a cheap LCG; only the timing matters). */
+  function randomBits(n: number, seed: number): Uint16Array {
+    const f = new Float32Array(n)
+    let s = seed >>> 0 || 1
+    for (let i = 0; i < n; i++) {
+      s = (Math.imul(s, 1664525) + 1013904223) >>> 0
+      f[i] = ((s >>> 8) / 16777216 - 0.5) * 0.35
+    }
+    return f32ToBf16(f)
+  }
+
+  /**
+   * Measures one host-benchmark shape on `device` through this API: fills a paged cache
+   * with `length` random tokens per sequence, then for each mode times `steps` steps of
+   * `layers` decodes (causal, bf16) and reports the median per layer next to the kernels'
+   * own time; with `ops`, also the host time of the calls around a step.
+   */
+  export async function runHost(device: Device, config: HostConfig, opts: HostOptions = {}): Promise<{ rows: HostRow[]; ops: HostOp[] }> {
+    const dev = want(device, Device, 'device')
+    for (const k of ['b', 'hQ', 'sQ', 'length', 'layers'] as const) int(`config.${k}`, config?.[k], 1, MAX_I32)
+    const cudaDev = dev.kind === 'cuda'
+    const steps = opts.steps ?? (cudaDev ? 200 : 10)
+    const warmup = opts.warmup ?? (cudaDev ? 10 : 2)
+    int('steps', steps, 1, MAX_I32)
+    int('warmup', warmup, 0, MAX_I32)
+    const modes = opts.modes ?? HOST_MODES
+    const { b, hQ, sQ, length, layers } = config
+    const opReps = cudaDev ? 30 : 5
+    const width = Math.ceil((length + 3 * opReps + 2) / BLOCK_SIZE)
+    using cache = new KvCache(dev, { numBlocks: b * (width + 1), dtype: 'bf16' })
+    const seqs = Array.from({ length: b }, () => cache.createSequence())
+    const chunk = randomBits(b * Math.min(length, BLOCK_SIZE) * HEAD_DIM, 0x5eed ^ b)
+    for (let done = 0; done < length; done += BLOCK_SIZE) {
+      const n = Math.min(BLOCK_SIZE, length - done)
+      cache.appendBatch(seqs, chunk.subarray(0, b * n * HEAD_DIM))
+    }
+    const { blockTable, cacheSeqlens } = cache.batch(seqs, width)
+    const qBits = randomBits(b * sQ * hQ * HEAD_DIM, 0x9e37 ^ hQ)
+    const qs = Array.from({ length: layers }, () => dev.tensor(qBits, [b, sQ, hQ, HEAD_DIM], 'bf16'))
+    const outs = qs.map(() => ({ out: dev.zeros([b, sQ, hQ, HEAD_DIM_V], 'bf16'), lse: dev.zeros([b, hQ, sQ], 'fp32') }))
+    using plan = dev.plan(cacheSeqlens, { sQ, hQ })
+    await dev.synchronize()
+    const kernelUs = await hostKernelUs(dev, config)
+    const args = (l: number): DecodeArgs => ({ q: qs[l]!, kvCache: cache, blockTable, cacheSeqlens, plan, causal: true })
+
+    const rows: HostRow[] = []
+    const time = async (step: () => Promise<void> | void): Promise<number> => {
+      for (let i = 0; i < warmup; i++) await step()
+      const ts: number[] = []
+      for (let i = 0; i < steps; i++) {
+        const t0 = now()
+        await step()
+        ts.push(now() - t0)
+      }
+      return median(ts) / layers
+    }
+    for (const mode of modes) {
+      let stepUs: number
+      switch (mode) {
+        case 'await':
+          stepUs = await time(async () => {
+            plan.update(cacheSeqlens)
+            for (let l = 0; l < layers; l++) {
+              const r = await decode(args(l))
+              r.out.dispose()
+              r.lse.dispose()
+            }
+          })
+          break
+        case 'sync':
+          stepUs = await time(() => {
+            plan.update(cacheSeqlens)
+            for (let l = 0; l < layers; l++) {
+              const r = decodeSync(args(l))
+              r.out.dispose()
+              r.lse.dispose()
+            }
+          })
+          break
+        case 'enqueue':
+          stepUs = await time(() => {
+            plan.update(cacheSeqlens)
+            for (let l = 0; l < layers; l++) decodeInto(args(l), outs[l]!)
+            dev.synchronizeSync()
+          })
+          break
+        case 'graph': {
+          using step = captureStep(dev, { kvCaches: qs.map(() => cache), batch: b, maxBlocksPerSeq: width, sQ, hQ, causal: true })
+          step.setBatch(cache, seqs)
+          for (let l = 0; l < layers; l++) step.q(l).copyFrom(qs[l]!)
+          stepUs = await time(() => {
+            step.replay()
+            dev.synchronizeSync()
+          })
+          break
+        }
+      }
+      rows.push({ b, hQ, sQ, length, layers, mode, kernelUs, stepUs })
+    }
+
+    const ops: HostOp[] = []
+    if (opts.ops ?? true) {
+      const row = randomBits(HEAD_DIM, 7)
+      const rowsB = randomBits(b * HEAD_DIM, 8)
+      const rowsT = dev.tensor(rowsB, [b, 1, HEAD_DIM], 'bf16')
+      const op = (name: string, f: () => void, after?: () => void) => {
+        const ts: number[] = []
+        for (let i = 0; i < opReps + 2; i++) {
+          const t0 = now()
+          f()
+          const t = now() - t0
+          after?.()
+          dev.synchronizeSync()
+          if (i >= 2) ts.push(t)
+        }
+        ops.push({ b, hQ, sQ, length, op: name, us: median(ts) })
+      }
+      let made: { blockTable: Tensor; cacheSeqlens: Tensor } | undefined
+      let madePlan: Plan | undefined
+      op('append-loop', () => {
+        for (const s of seqs) cache.append(s, row)
+      })
+      op('appendBatch', () => cache.appendBatch(seqs, rowsB))
+      op('appendBatch-device', () => cache.appendBatch(seqs, rowsT))
+      op('batch', () => (made = cache.batch(seqs, width)), () => {
+        made?.blockTable.dispose()
+        made?.cacheSeqlens.dispose()
+      })
+      op('batchInto', () => cache.batchInto(seqs, blockTable, cacheSeqlens))
+      op('plan', () => (madePlan = dev.plan(cacheSeqlens, { sQ, hQ })), () => madePlan?.dispose())
+      op('plan.update', () => plan.update(cacheSeqlens))
+      rowsT.dispose()
+    }
+    for (const x of [...qs, ...outs.flatMap((o) => [o.out, o.lse]), blockTable, cacheSeqlens]) x.dispose()
+    await dev.synchronize()
+    return { rows, ops }
+  }
+}

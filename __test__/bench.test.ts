@@ -206,3 +206,43 @@ if (!gpuEnabled) {
     fs.rmSync(out, { recursive: true, force: true })
   })
 }
+
+test('mla-decode bench --host on the CPU writes host.csv and host-ops.csv', (t) => {
+  const out = tmpdir()
+  const r = cli(['bench', '--host', '--device', 'cpu', '--quick', '--steps', '3', '--out', out])
+  t.is(r.code, 0, r.stderr)
+  t.regex(r.stdout, /bench --host: CPU backend/)
+  const rows = fs.readFileSync(path.join(out, 'host.csv'), 'utf8').trim().split('\n')
+  t.is(rows[0], 'b,h_q,s_q,length,layers,mode,kernel_us,step_us')
+  const body = rows.slice(1).map((l) => l.split(','))
+  const modes = new Set(body.map((c) => c[5]))
+  for (const m of ['await', 'sync', 'enqueue', 'graph']) t.true(modes.has(m), `mode ${m}`)
+  for (const c of body) {
+    t.is(c.length, 8)
+    t.true(['await', 'sync', 'enqueue', 'graph'].includes(c[5]!))
+    for (const k of [0, 1, 2, 3, 4]) t.true(Number.isInteger(Number(c[k])) && Number(c[k]) >= 1, `column ${k} of ${c}`)
+    t.true(Number(c[6]) > 0 && Number(c[7]) > 0, `times of ${c}`)
+  }
+  t.deepEqual([...new Set(body.map((c) => c[4]))], ['1', '2'], 'layers 1 and 2')
+  const ops = fs.readFileSync(path.join(out, 'host-ops.csv'), 'utf8').trim().split('\n')
+  t.is(ops[0], 'b,h_q,s_q,length,op,us')
+  t.deepEqual(ops.slice(1).map((l) => l.split(',')[4]), ['append-loop', 'appendBatch', 'appendBatch-device', 'batch', 'batchInto', 'plan', 'plan.update'])
+  const bad = cli(['bench', '--host', '--device', 'cpu', '--modes', 'fast'])
+  t.is(bad.code, 2)
+  t.regex(bad.stderr, /--modes/)
+  t.is(cli(['bench', '--steps', '3', '--device', 'cpu', '--tiny']).code, 2, '--steps without --host')
+})
+
+test('bench.runHost and hostKernelUs on the CPU', async (t) => {
+  const dev = Device.open('cpu')
+  const [c] = bench.hostConfigs(dev, { quick: true })
+  t.truthy(c)
+  const k = await bench.hostKernelUs(dev, c!, 2)
+  t.true(k > 0)
+  const r = await bench.runHost(dev, { ...c!, layers: 1 }, { steps: 2, warmup: 1, modes: ['enqueue', 'sync'], ops: false })
+  t.deepEqual(r.rows.map((x) => x.mode), ['enqueue', 'sync'])
+  t.deepEqual(r.ops, [])
+  t.true(r.rows.every((x) => x.stepUs > 0 && x.kernelUs > 0 && x.b === c!.b))
+  await t.throwsAsync(bench.runHost(dev, { ...c!, b: 0 }), { instanceOf: MlaError, message: /config.b/ })
+  await t.throwsAsync(bench.hostKernelUs(dev, { ...c!, layers: 1.5 }), { instanceOf: MlaError })
+})

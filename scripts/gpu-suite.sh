@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-stages=${*:-"info sass rust pipeline rust-mma rust-tma sanitizer ts matmul bench-cli"}
+stages=${*:-"info sass rust pipeline rust-mma rust-tma sanitizer ts matmul bench-cli bench-host"}
 declare -A result
 export MLA_TEST_DEVICE=cuda
 ANCHORS=${ANCHORS:-.device/anchors/flashmla-h200.csv}
@@ -74,18 +74,26 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
     bench-cli)
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
       run_stage bench-cli bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --no-progress --out '$OUT/cli' --anchors ../anchors/$(basename "$ANCHORS") ${mm:+--matmul-tflops $mm} ${BENCH_ARGS:-}" ;;
+    # The host benchmark (issue 9): decode steps driven from TypeScript vs the kernels'
+    # own time; writes $OUT/host.csv and $OUT/host-ops.csv.
+    bench-host)
+      if [[ ! -x /tmp/nodebin/node && -f .device/node.xz ]]; then
+        mkdir -p /tmp/nodebin && xz -dc .device/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node
+      fi
+      run_stage bench-host bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --host --device cuda --no-progress --out '$OUT' ${HOST_ARGS:-}" ;;
   esac
 done
 
 echo
 echo "=== summary"
-for s in info sass rust pipeline rust-mma rust-tma bench-cli ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
+for s in info sass rust pipeline rust-mma rust-tma bench-cli bench-host ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
   [[ -n "${result[$s]:-}" ]] && printf '%-10s %s\n' "$s" "${result[$s]}"
 done
 grep -h "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/ts.log 2>/dev/null | tail -6
 grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log "$OUT"/synccheck.log "$OUT"/*-pipeline.log 2>/dev/null
 cat "$OUT"/sass.log 2>/dev/null
 grep -h "copy ceiling\|matmul\|geometric\|SM clock" "$OUT"/bench-*.log "$OUT"/matmul.log 2>/dev/null
+[[ -f "$OUT/host.csv" ]] && { column -s, -t < "$OUT/host.csv" 2>/dev/null || cat "$OUT/host.csv"; }
 
 # At most 8 files come back from the device tool: keep the CSVs and the chart, pack the logs.
 (cd "$OUT" && tar -czf logs.tgz ./*.log ./clock-*.txt && rm -f ./*.log ./clock-*.txt) 2>/dev/null || true

@@ -21,7 +21,7 @@ use crate::decode::{decode_into, DecodeOptions};
 use crate::device::Device;
 use crate::dtype::{f32_to_half_bits, DType};
 use crate::error::{ErrorCode, MlaError, Result};
-use crate::plan::plan;
+use crate::plan::{plan, Plan};
 use crate::tensor::Tensor;
 use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
@@ -426,6 +426,102 @@ pub fn run_config(dev: &Device, cfg: &BenchConfig, dtype: DType, reps: usize, se
     Ok(Measurement::from_times(&lens, cfg.s_q, cfg.h_q, &times))
 }
 
+// ---------------------------------------------------------------------------------------
+// The host benchmark (`mla-decode bench --host`): how close a decode step driven from the
+// host (TypeScript) gets to the kernel. The host loops live in the CLI (they measure the
+// TypeScript API); the core supplies the configurations and the kernels' own time.
+
+/// One shape of the host benchmark: `b` sequences of `length` tokens, `h_q` heads, `s_q`
+/// query tokens, `layers` decodes per step (one plan per step, reused by every layer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostConfig {
+    pub b: usize,
+    pub h_q: usize,
+    pub s_q: usize,
+    pub length: usize,
+    pub layers: usize,
+}
+
+/// The host benchmark's shapes: on CUDA the table of issue 9 (b = 1, h_q 16, 1024 tokens;
+/// b = 128, h_q 16 and 128, 4096 tokens) with 1 and 8 layers per step; on the CPU backend
+/// small shapes of the same kinds (and `quick`: the smallest only, for tests).
+pub fn host_configs(dev: &Device, quick: bool) -> Vec<HostConfig> {
+    let shapes: &[(usize, usize, usize)] = match (dev.is_cuda(), quick) {
+        (true, false) => &[(1, 16, 1024), (128, 16, 4096), (128, 128, 4096)],
+        (true, true) => &[(1, 16, 1024), (128, 16, 4096)],
+        (false, false) => &[(1, 16, 256), (8, 16, 512), (8, 128, 256)],
+        (false, true) => &[(2, 16, 128)],
+    };
+    let layers: &[usize] = if dev.is_cuda() { &[1, 8] } else { &[1, 2] };
+    let mut v = Vec::new();
+    for &(b, h_q, length) in shapes {
+        for &l in layers {
+            v.push(HostConfig { b, h_q, s_q: 1, length, layers: l });
+        }
+    }
+    v
+}
+
+/// The kernels' own time of one layer, in microseconds: the median over `reps` of (one plan
+/// + `layers` decodes into fixed outputs) / `layers`, on random inputs of `cfg`'s shape
+/// (each sequence in its own blocks, causal, bf16). On CUDA timed with events around work
+/// that was queued entirely behind a long fill kernel, so host launch gaps are not counted;
+/// on the CPU the wall time of the same calls (there the host is the device).
+pub fn host_kernel_us(dev: &Device, cfg: &HostConfig, reps: usize) -> Result<f64> {
+    if cfg.b == 0 || cfg.h_q == 0 || cfg.s_q == 0 || cfg.layers == 0 || reps == 0 {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, "host bench config", "b, h_q, s_q, layers and reps >= 1", format!("{cfg:?}, reps {reps}")));
+    }
+    let lens = vec![cfg.length as i32; cfg.b];
+    let (table, max_nb, total_blocks) = own_blocks_table(&lens);
+    let seed = DEFAULT_SEED ^ (cfg.b as u64) << 20 ^ (cfg.h_q as u64) << 8 ^ cfg.length as u64;
+    let kv = random_tensor(dev, &[total_blocks.max(1), BLOCK_SIZE, 1, HEAD_DIM], DType::BF16, seed, 0.1, 1.0)?;
+    let qs = (0..cfg.layers)
+        .map(|l| random_tensor(dev, &[cfg.b, cfg.s_q, cfg.h_q, HEAD_DIM], DType::BF16, seed ^ (l as u64 + 1) << 40, 0.1, 1.0))
+        .collect::<Result<Vec<_>>>()?;
+    let bt = Tensor::from_i32(dev, &table, &[cfg.b, max_nb])?;
+    let sl = Tensor::from_i32(dev, &lens, &[cfg.b])?;
+    let mut p = plan(&sl, cfg.s_q * cfg.h_q, 1)?;
+    let mut out = Tensor::zeros(dev, &[cfg.b, cfg.s_q, cfg.h_q, HEAD_DIM_V], DType::BF16)?;
+    let mut lse = Tensor::zeros(dev, &[cfg.b, cfg.h_q, cfg.s_q], DType::F32)?;
+    let opts = DecodeOptions { causal: true, ..Default::default() };
+    let mut step = |p: &mut Plan| -> Result<()> {
+        p.replan(&sl)?;
+        for q in &qs {
+            decode_into(q, &kv, &bt, &sl, p, &opts, &mut out, &mut lse)?;
+        }
+        Ok(())
+    };
+    let mut times = Vec::with_capacity(reps);
+    match dev {
+        Device::Cuda(g) => {
+            step(&mut p)?;
+            dev.synchronize()?;
+            // A fill of 1 GiB (~0.3 ms) keeps the device busy while the step is queued.
+            let mut blocker = Tensor::empty(dev, &[1 << 29], DType::BF16)?;
+            let timer = crate::gpu::util::Timer::new(g, g.stream())?;
+            for i in 0..reps + 2 {
+                crate::gpu::util::fill_random(&mut blocker, i as u64, 1.0, 0.0)?;
+                timer.start()?;
+                step(&mut p)?;
+                let ms = timer.stop()? as f64;
+                if i >= 2 {
+                    times.push(ms * 1e3);
+                }
+            }
+            dev.synchronize()?;
+        }
+        Device::Cpu => {
+            step(&mut p)?;
+            for _ in 0..reps {
+                let t0 = Instant::now();
+                step(&mut p)?;
+                times.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+    }
+    Ok(median(&times) / cfg.layers as f64)
+}
+
 /// The copy ceiling of `dev` in GB/s (bytes read + bytes written), as the contract
 /// measures it: on CUDA the median of 10 device-to-device copies of 1 GiB; on the CPU the
 /// median of 5 copies of a 256 MiB host buffer (split over the backend's threads, as the
@@ -650,6 +746,16 @@ mod tests {
         }
         assert!(run_config(&Device::Cpu, &tiny_configs()[0], DType::BF16, 0, 1).is_err());
         assert!(run_config(&Device::Cpu, &tiny_configs()[0], DType::F32, 1, 1).is_err());
+    }
+
+    #[test]
+    fn host_kernel_time_on_the_cpu() {
+        let cfgs = host_configs(&Device::Cpu, true);
+        assert!(!cfgs.is_empty() && cfgs.iter().all(|c| c.s_q == 1 && c.layers >= 1));
+        assert_eq!(host_configs(&Device::Cpu, false).len(), 6);
+        let us = host_kernel_us(&Device::Cpu, &cfgs[0], 2).unwrap();
+        assert!(us.is_finite() && us > 0.0, "{us}");
+        assert!(host_kernel_us(&Device::Cpu, &HostConfig { layers: 0, ..cfgs[0].clone() }, 2).is_err());
     }
 
     #[test]

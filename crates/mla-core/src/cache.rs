@@ -18,9 +18,10 @@
 
 use std::collections::HashMap;
 
-use crate::device::Device;
+use crate::device::{Device, StepId};
 use crate::dtype::{f32_slice_to_half, DType};
 use crate::error::{ErrorCode, MlaError, Result};
+use crate::gpu::{DeviceBuffer, GpuDevice};
 use crate::tensor::{as_bytes, Tensor};
 use crate::{BLOCK_SIZE, HEAD_DIM};
 
@@ -54,6 +55,26 @@ struct SeqState {
     len: usize,
 }
 
+/// An append's blocks, taken from the free list but not committed to the sequence yet.
+struct Reservation {
+    seq: SeqId,
+    /// The sequence's block list after the append.
+    blocks: Vec<u32>,
+    /// Blocks taken from the free list (the copy-on-write block first).
+    fresh: Vec<u32>,
+    /// (shared last block, its copy, rows to copy).
+    cow_copy: Option<(u32, u32, usize)>,
+    old_len: usize,
+    new_len: usize,
+}
+
+/// Where appended rows come from.
+enum Source<'a> {
+    Host(&'a [u16]),
+    /// Device address of `[rows, 576]` contiguous rows of the cache's dtype.
+    Device(u64),
+}
+
 /// A paged latent KV cache. See the module docs for the design.
 pub struct KvCache {
     pool: Tensor,
@@ -64,6 +85,9 @@ pub struct KvCache {
     free: Vec<u32>,
     seqs: HashMap<SeqId, SeqState>,
     next_id: u64,
+    /// CUDA: device scratch for batched appends (destinations and rows), reused in stream
+    /// order.
+    scratch: Option<DeviceBuffer>,
 }
 
 /// Bytes of one latent row and of one block in the pool.
@@ -114,6 +138,7 @@ impl KvCache {
             free: (0..cfg.num_blocks as u32).rev().collect(),
             seqs: HashMap::new(),
             next_id: 0,
+            scratch: None,
         })
     }
 
@@ -147,25 +172,14 @@ impl KvCache {
     /// All-or-nothing: on `ERR_CACHE_EXHAUSTED` (or any error) the sequence is unchanged.
     pub fn append(&mut self, seq: SeqId, rows: &[u16]) -> Result<()> {
         check_whole_rows(rows.len())?;
-        let state = self.seqs.get(&seq).ok_or_else(|| unknown(seq))?;
+        self.state(seq)?;
         let n = rows.len() / HEAD_DIM;
         if n == 0 {
             return Ok(());
         }
-        let (old_len, new_len) = (state.len, state.len + n);
-        if i32::try_from(new_len).is_err() {
-            return Err(MlaError::arg(
-                ErrorCode::InvalidArgument,
-                "rows",
-                format!("a sequence length within int32 (now {old_len})"),
-                format!("{n} more rows"),
-            ));
-        }
-        let used_in_last = old_len % BLOCK_SIZE;
-        let cow = used_in_last != 0 && self.refcount[*state.blocks.last().unwrap() as usize] > 1;
-        let grow = new_len.div_ceil(BLOCK_SIZE) - old_len.div_ceil(BLOCK_SIZE);
-        let needed = grow + cow as usize;
+        let (needed, _) = self.blocks_needed(seq, n, &HashMap::new())?;
         if needed > self.free.len() {
+            let old_len = self.seqs[&seq].len;
             return Err(MlaError::arg(
                 ErrorCode::CacheExhausted,
                 "free blocks",
@@ -173,50 +187,96 @@ impl KvCache {
                 format!("{} free of {}", self.free.len(), self.num_blocks),
             ));
         }
-
         // Reserve, then write into a scratch block list; commit only when all writes passed.
-        let mut blocks = state.blocks.clone();
-        let fresh: Vec<u32> = (0..needed).map(|_| self.free.pop().unwrap()).collect();
-        let res = self.write_rows(&mut blocks, &fresh, cow, old_len, rows);
-        if let Err(e) = res {
-            // Nothing references the fresh blocks yet: hand them back in the same order.
-            self.free.extend(fresh.iter().rev());
+        let mut r = self.reserve(seq, n, &mut HashMap::new());
+        if let Err(e) = self.write_rows(&mut r, rows) {
+            self.unreserve(std::slice::from_ref(&r));
             return Err(e);
         }
-        for &b in &fresh {
-            self.refcount[b as usize] = 1;
-        }
-        if cow {
-            let old = self.seqs[&seq].blocks.last().copied().unwrap();
-            // Shared (refcount > 1), so this never frees it.
-            self.refcount[old as usize] -= 1;
-        }
-        let state = self.seqs.get_mut(&seq).unwrap();
-        state.blocks = blocks;
-        state.len = new_len;
+        self.commit(r);
         Ok(())
     }
 
-    /// Copy-on-write (when `cow`) then the row writes, into `blocks` (the sequence's list,
-    /// extended with `fresh`). Touches the pool only in `fresh` blocks and in rows at or past
-    /// `old_len` of an unshared last block, i.e. nowhere another sequence can see.
-    fn write_rows(&mut self, blocks: &mut Vec<u32>, fresh: &[u32], cow: bool, old_len: usize, rows: &[u16]) -> Result<()> {
-        let (rb, bb) = (row_bytes(self.dtype), block_bytes(self.dtype));
-        let mut fresh = fresh.iter().copied();
-        if cow {
-            let new = fresh.next().unwrap();
-            let last = blocks.last_mut().unwrap();
-            let used = old_len % BLOCK_SIZE;
-            self.pool.copy_within(*last as usize * bb, new as usize * bb, used * rb)?;
-            *last = new;
+    /// Blocks that appending `n` rows to `seq` takes from the free list, and the shared
+    /// partial last block it copies first (copy-on-write), if any; checks the length stays
+    /// within int32. `dropping` counts references that reservations made earlier in the same
+    /// batch are about to drop (their own copy-on-write of the same block).
+    fn blocks_needed(&self, seq: SeqId, n: usize, dropping: &HashMap<u32, u32>) -> Result<(usize, Option<u32>)> {
+        let state = self.state(seq)?;
+        let (old_len, new_len) = (state.len, state.len + n);
+        if i32::try_from(new_len).is_err() {
+            return Err(MlaError::arg(
+                ErrorCode::InvalidArgument,
+                "rows",
+                format!("a sequence length within int32 (now {old_len} for {seq})"),
+                format!("{n} more rows"),
+            ));
         }
-        blocks.extend(fresh);
+        let cow = if old_len % BLOCK_SIZE != 0 {
+            let last = *state.blocks.last().unwrap();
+            (self.refcount[last as usize] - dropping.get(&last).copied().unwrap_or(0) > 1).then_some(last)
+        } else {
+            None
+        };
+        Ok((new_len.div_ceil(BLOCK_SIZE) - old_len.div_ceil(BLOCK_SIZE) + cow.is_some() as usize, cow))
+    }
 
+    /// Takes the blocks an append of `n` rows needs (there must be enough free ones) and
+    /// returns the sequence's block list as it will be, uncommitted.
+    fn reserve(&mut self, seq: SeqId, n: usize, dropping: &mut HashMap<u32, u32>) -> Reservation {
+        let (needed, cow) = self.blocks_needed(seq, n, dropping).expect("checked by the caller");
+        let state = &self.seqs[&seq];
+        let old_len = state.len;
+        let mut blocks = state.blocks.clone();
+        let fresh: Vec<u32> = (0..needed).map(|_| self.free.pop().unwrap()).collect();
+        let mut cow_copy = None;
+        let mut rest = fresh.iter().copied();
+        if let Some(old) = cow {
+            let new = rest.next().unwrap();
+            cow_copy = Some((old, new, old_len % BLOCK_SIZE));
+            *blocks.last_mut().unwrap() = new;
+            *dropping.entry(old).or_default() += 1;
+        }
+        blocks.extend(rest);
+        Reservation { seq, blocks, fresh, cow_copy, old_len, new_len: old_len + n }
+    }
+
+    /// Gives reserved blocks back (nothing references them yet), newest first, so that the
+    /// free list is as it was.
+    fn unreserve(&mut self, rs: &[Reservation]) {
+        for r in rs.iter().rev() {
+            self.free.extend(r.fresh.iter().rev());
+        }
+    }
+
+    /// Makes a reservation the sequence's state.
+    fn commit(&mut self, r: Reservation) {
+        for &b in &r.fresh {
+            self.refcount[b as usize] = 1;
+        }
+        if let Some((old, _, _)) = r.cow_copy {
+            // Shared (refcount > 1), so this never frees it.
+            self.refcount[old as usize] -= 1;
+        }
+        let state = self.seqs.get_mut(&r.seq).unwrap();
+        state.blocks = r.blocks;
+        state.len = r.new_len;
+    }
+
+    /// Copy-on-write (when reserved) then the row writes of a reservation. Touches the pool
+    /// only in fresh blocks and in rows at or past `old_len` of an unshared last block,
+    /// i.e. nowhere another sequence can see.
+    fn write_rows(&mut self, r: &mut Reservation, rows: &[u16]) -> Result<()> {
+        let (rb, bb) = (row_bytes(self.dtype), block_bytes(self.dtype));
+        if let Some((old, new, used)) = r.cow_copy {
+            self.pool.copy_within(old as usize * bb, new as usize * bb, used * rb)?;
+        }
         // One write per run of rows that is contiguous in the pool (a block's rows, merged
         // with the next block's when the two are physically adjacent).
+        let blocks = &r.blocks;
         let src = as_bytes(rows);
         let mut run: Option<(usize, usize, usize)> = None; // (pool offset, src offset, len)
-        let mut pos = old_len;
+        let mut pos = r.old_len;
         let mut done = 0;
         while done < src.len() {
             let (blk, row) = (blocks[pos / BLOCK_SIZE] as usize, pos % BLOCK_SIZE);
@@ -246,6 +306,197 @@ impl KvCache {
             return Err(unknown(seq));
         }
         self.append(seq, &f32_slice_to_half(rows, self.dtype))
+    }
+
+    /// Checks a batch of distinct, live sequences and `values` latent values for them;
+    /// returns the rows per sequence.
+    fn check_batch(&self, seqs: &[SeqId], values: usize) -> Result<usize> {
+        check_whole_rows(values)?;
+        let rows = values / HEAD_DIM;
+        if seqs.is_empty() {
+            if rows != 0 {
+                return Err(MlaError::arg(ErrorCode::ShapeMismatch, "rows", "no rows for no sequences", format!("{rows} rows")));
+            }
+            return Ok(0);
+        }
+        if rows % seqs.len() != 0 {
+            return Err(MlaError::arg(
+                ErrorCode::ShapeMismatch,
+                "rows",
+                format!("the same number of rows for each of the {} sequences (a multiple of {} rows)", seqs.len(), seqs.len()),
+                format!("{rows} rows"),
+            ));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(seqs.len());
+        for (i, &s) in seqs.iter().enumerate() {
+            self.state(s).map_err(|e| MlaError::new(e.code, format!("seqs[{i}]: {}", e.message)))?;
+            if !seen.insert(s) {
+                return Err(MlaError::arg(ErrorCode::InvalidArgument, &format!("seqs[{i}]"), "distinct sequences", format!("{s} twice")));
+            }
+        }
+        Ok(rows / seqs.len())
+    }
+
+    /// Reserves blocks for appending `n` rows to each of `seqs` (all or nothing), as the
+    /// same appends one after the other would: once one of several sequences sharing a
+    /// partial last block has copied it, the next ones see one reference fewer (the last
+    /// one left writes it in place).
+    fn reserve_batch(&mut self, seqs: &[SeqId], n: usize) -> Result<Vec<Reservation>> {
+        let mut needed = 0;
+        let mut dropping = HashMap::new();
+        for &s in seqs {
+            let (k, cow) = self.blocks_needed(s, n, &dropping)?;
+            needed += k;
+            if let Some(b) = cow {
+                *dropping.entry(b).or_default() += 1;
+            }
+        }
+        if needed > self.free.len() {
+            return Err(MlaError::arg(
+                ErrorCode::CacheExhausted,
+                "free blocks",
+                format!("{needed} to append {n} rows to each of {} sequences", seqs.len()),
+                format!("{} free of {}", self.free.len(), self.num_blocks),
+            ));
+        }
+        let mut dropping = HashMap::new();
+        Ok(seqs.iter().map(|&s| self.reserve(s, n, &mut dropping)).collect())
+    }
+
+    /// Appends the same number of latent rows to each of several distinct sequences in one
+    /// call: `rows` holds `seqs.len() * n * 576` raw bits of the cache dtype, the `n` rows of
+    /// `seqs[0]` first. All or nothing across the batch: on `ERR_CACHE_EXHAUSTED` (or any
+    /// error) no sequence changed. Returns the step that writes the rows.
+    ///
+    /// On CUDA this is one host-to-device copy (the rows and their destinations, staged in
+    /// pinned memory) and one scatter kernel (`kernels/sm90/mla_cache_append.cu`), queued
+    /// without waiting; work queued before it still sees the old lengths' rows (new rows
+    /// land past them, or in copy-on-write blocks). On the CPU backend the rows are written
+    /// now. Equals one [`KvCache::append`] per sequence.
+    ///
+    /// ```
+    /// use mla_core::{DType, Device, KvCache, KvCacheConfig};
+    /// let mut c = KvCache::new(&Device::cpu(), KvCacheConfig { num_blocks: 8, dtype: DType::BF16 })?;
+    /// let (a, b) = (c.create_sequence(), c.create_sequence());
+    /// c.append_batch(&[a, b], &vec![0x3f80; 2 * 576])?;   // one token each (1.0 in bf16)
+    /// assert_eq!((c.seq_len(a)?, c.seq_len(b)?), (1, 1));
+    /// # Ok::<(), mla_core::MlaError>(())
+    /// ```
+    pub fn append_batch(&mut self, seqs: &[SeqId], rows: &[u16]) -> Result<StepId> {
+        let n = self.check_batch(seqs, rows.len())?;
+        let mut rs = self.reserve_batch(seqs, n)?;
+        let written = match self.pool.device().clone() {
+            Device::Cpu => Device::Cpu.step("appendBatch", || {
+                for (i, r) in rs.iter_mut().enumerate() {
+                    let per = n * HEAD_DIM;
+                    self.write_rows(r, &rows[i * per..(i + 1) * per])?;
+                }
+                Ok(())
+            }),
+            Device::Cuda(g) => self.scatter(&g, &rs, n, Source::Host(rows)),
+        };
+        match written {
+            Ok((id, ())) => {
+                for r in rs {
+                    self.commit(r);
+                }
+                Ok(id)
+            }
+            Err(e) => {
+                self.unreserve(&rs);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`KvCache::append_batch`] with f32 rows, rounded to the cache dtype.
+    pub fn append_batch_f32(&mut self, seqs: &[SeqId], rows: &[f32]) -> Result<StepId> {
+        self.check_batch(seqs, rows.len())?;
+        self.append_batch(seqs, &f32_slice_to_half(rows, self.dtype))
+    }
+
+    /// [`KvCache::append_batch`] with the rows in a tensor on the cache's device, e.g. the
+    /// model's own output: shape `[seqs.len(), ..., 576]` (the rows of `seqs[0]` first), the
+    /// cache's dtype. On CUDA the rows go device to device (a scatter kernel reading the
+    /// tensor), with no host round trip; only their destinations are copied from the host.
+    pub fn append_batch_from(&mut self, seqs: &[SeqId], rows: &Tensor) -> Result<StepId> {
+        if !rows.device().same(self.device()) {
+            return Err(MlaError::arg(ErrorCode::DeviceMismatch, "rows", format!("a tensor on {:?} (the cache's device)", self.device()), format!("{:?}", rows.device())));
+        }
+        if rows.dtype() != self.dtype {
+            return Err(MlaError::arg(ErrorCode::DtypeMismatch, "rows", self.dtype, rows.dtype()));
+        }
+        let sh = rows.shape();
+        if sh.len() < 2 || sh[0] != seqs.len() || sh[sh.len() - 1] != HEAD_DIM {
+            return Err(MlaError::arg(ErrorCode::ShapeMismatch, "rows", format!("[{}, ..., {HEAD_DIM}]", seqs.len()), format!("{sh:?}")));
+        }
+        let n = self.check_batch(seqs, rows.numel())?;
+        match self.pool.device().clone() {
+            Device::Cpu => {
+                let bits = rows.host().unwrap().as_u16().to_vec();
+                self.append_batch(seqs, &bits)
+            }
+            Device::Cuda(g) => {
+                let rs = self.reserve_batch(seqs, n)?;
+                match self.scatter(&g, &rs, n, Source::Device(rows.device_ptr().unwrap())) {
+                    Ok((id, ())) => {
+                        for r in rs {
+                            self.commit(r);
+                        }
+                        Ok(id)
+                    }
+                    Err(e) => {
+                        self.unreserve(&rs);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// CUDA: the copy-on-write copies, then the rows of every reservation scattered to their
+    /// token slots by one kernel, as one step.
+    fn scatter(&mut self, g: &GpuDevice, rs: &[Reservation], n: usize, src: Source<'_>) -> Result<(StepId, ())> {
+        let (rb, bb) = (row_bytes(self.dtype), block_bytes(self.dtype));
+        let mut slots: Vec<i64> = Vec::with_capacity(rs.len() * n);
+        for r in rs {
+            for pos in r.old_len..r.new_len {
+                slots.push(r.blocks[pos / BLOCK_SIZE] as i64 * BLOCK_SIZE as i64 + (pos % BLOCK_SIZE) as i64);
+            }
+        }
+        let total = slots.len();
+        let slot_bytes = (total * 8).next_multiple_of(16);
+        let need = slot_bytes + if let Source::Host(h) = &src { h.len() * 2 } else { 0 };
+        if self.scratch.as_ref().is_none_or(|s| s.len() < need) {
+            self.scratch = Some(g.alloc_uninit(need.next_power_of_two().max(1 << 16))?);
+        }
+        let pool = &mut self.pool;
+        let scratch = self.scratch.as_mut().unwrap();
+        let num_slots = (self.num_blocks * BLOCK_SIZE) as i64;
+        g.step("appendBatch", &g.stream().clone(), || {
+            for r in rs {
+                if let Some((old, new, used)) = r.cow_copy {
+                    pool.copy_within(old as usize * bb, new as usize * bb, used * rb)?;
+                }
+            }
+            if total == 0 {
+                return Ok(());
+            }
+            // One host-to-device copy: the destinations, then (host rows) the rows.
+            let pad = [0u8; 16];
+            let slot_part = as_bytes(&slots);
+            let src_ptr = match src {
+                Source::Host(rows) => {
+                    scratch.write_parts(0, &[slot_part, &pad[..slot_bytes - slot_part.len()], as_bytes(rows)])?;
+                    scratch.ptr() + slot_bytes as u64
+                }
+                Source::Device(ptr) => {
+                    scratch.write(0, slot_part)?;
+                    ptr
+                }
+            };
+            crate::gpu::util::cache_scatter(g, pool.device_ptr().unwrap(), num_slots, src_ptr, rb as i64, scratch.ptr(), total as i64, rb as i32)
+        })
     }
 
     /// Tokens in the sequence.
@@ -323,6 +574,48 @@ impl KvCache {
         let lens: Vec<i32> = states.iter().map(|s| s.len as i32).collect();
         let dev = self.device();
         Ok((Tensor::from_i32(dev, &table, &[states.len(), width])?, Tensor::from_i32(dev, &lens, &[states.len()])?))
+    }
+
+    /// [`KvCache::batch`] into existing tensors (no allocation): `block_table`
+    /// `[seqs.len(), W]` int32 (W at least the most blocks a given sequence holds) and
+    /// `cache_seqlens` `[seqs.len()]` int32, on the cache's device. On CUDA two copies are
+    /// queued (staged in pinned memory) and this returns at once; work queued earlier that
+    /// reads the tensors still sees the old values (stream order). For a serving loop and
+    /// for captured steps, whose graphs read fixed addresses.
+    pub fn batch_into(&self, seqs: &[SeqId], block_table: &mut Tensor, cache_seqlens: &mut Tensor) -> Result<()> {
+        let states = seqs.iter().map(|&s| self.state(s)).collect::<Result<Vec<_>>>()?;
+        let need = states.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
+        for (name, t) in [("block_table", &*block_table), ("cache_seqlens", &*cache_seqlens)] {
+            if !t.device().same(self.device()) {
+                return Err(MlaError::arg(ErrorCode::DeviceMismatch, name, format!("a tensor on {:?} (the cache's device)", self.device()), format!("{:?}", t.device())));
+            }
+            if t.dtype() != DType::I32 {
+                return Err(MlaError::arg(ErrorCode::DtypeMismatch, name, DType::I32, t.dtype()));
+            }
+        }
+        let b = seqs.len();
+        let bt = block_table.shape().to_vec();
+        if bt.len() != 2 || bt[0] != b || bt[1] < need.max(1) {
+            return Err(MlaError::arg(
+                ErrorCode::ShapeMismatch,
+                "block_table",
+                format!("[{b}, W] with W >= {} (the most blocks a given sequence holds, and at least 1)", need.max(1)),
+                format!("{bt:?}"),
+            ));
+        }
+        if cache_seqlens.shape() != [b] {
+            return Err(MlaError::arg(ErrorCode::ShapeMismatch, "cache_seqlens", format!("[{b}]"), format!("{:?}", cache_seqlens.shape())));
+        }
+        let width = bt[1];
+        let mut table = vec![BLOCK_TABLE_PAD; b * width];
+        for (row, s) in table.chunks_mut(width).zip(&states) {
+            for (t, &blk) in row.iter_mut().zip(&s.blocks) {
+                *t = blk as i32;
+            }
+        }
+        let lens: Vec<i32> = states.iter().map(|s| s.len as i32).collect();
+        block_table.write_bytes(0, as_bytes(&table))?;
+        cache_seqlens.write_bytes(0, as_bytes(&lens))
     }
 
     fn state(&self, seq: SeqId) -> Result<&SeqState> {

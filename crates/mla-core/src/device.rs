@@ -1,9 +1,23 @@
 //! Where work runs: the CPU backend or one CUDA device.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use crate::error::Result;
-use crate::gpu::{self, GpuDevice};
+use crate::error::{MlaError, Result};
+use crate::gpu::{self, GpuDevice, PoolStats};
+
+pub use crate::gpu::StepId;
+
+/// See [`Device::memory_stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes of host memory held by tensors of the CPU backend (all of them, process-wide).
+    pub host_tensor_bytes: u64,
+    /// CUDA: steps enqueued whose completion the log has not looked at yet.
+    pub pending_steps: u64,
+    /// CUDA: the device's allocations and pool.
+    pub gpu: Option<PoolStats>,
+}
 
 #[derive(Clone)]
 pub enum Device {
@@ -69,26 +83,120 @@ impl Device {
         }
     }
 
-    /// Waits for all queued work; on CUDA also reports errors that kernels flagged on the
-    /// device (a bad device-resident block index or sequence length, a plan that does not
-    /// fit the lengths) as typed errors, and clears them.
+    /// Waits for all queued work and reports the first step that failed on the device and
+    /// was not reported yet, as a typed error naming the step (`step 7 (decode): block_table:
+    /// ...`); the other failed steps are named in its message and dropped. See
+    /// [`Device::step`] for the model.
     ///
-    /// The flag is one per device: when several threads decode on one device, use
-    /// [`Device::run_step`], so that each error reaches the step that caused it.
+    /// ```
+    /// # use mla_core::Device;
+    /// Device::cpu().synchronize()?; // nothing failed
+    /// # Ok::<(), mla_core::MlaError>(())
+    /// ```
     pub fn synchronize(&self) -> Result<()> {
         match self {
-            Device::Cpu => Ok(()),
+            Device::Cpu => cpu_steps::report(),
             Device::Cuda(g) => g.synchronize(),
         }
     }
 
-    /// Runs `enqueue` (which queues work, e.g. `decode`), waits for the device and reports
-    /// the errors the kernels flagged, as one step that no other `run_step` or
-    /// `synchronize` on this device interleaves with.
+    /// Waits until step `id` has completed and reports its own error, if it failed. Failures
+    /// of other steps stay for the next synchronising call.
+    pub fn wait_step(&self, id: StepId) -> Result<()> {
+        match self {
+            Device::Cpu => cpu_steps::wait(id),
+            Device::Cuda(g) => g.wait_step(id),
+        }
+    }
+
+    /// Reports, without waiting, the first failed step among those whose flags were already
+    /// read (on CUDA: tracked steps that completed, and earlier harvests; see
+    /// `GpuDevice::step`). Reading a tensor to the host reports like a synchronise.
+    pub fn check_steps(&self) -> Result<()> {
+        match self {
+            Device::Cpu => cpu_steps::report(),
+            Device::Cuda(g) => g.check_steps(),
+        }
+    }
+
+    /// Runs `enqueue` as one step of this device and returns its id at once (on CUDA without
+    /// waiting for the device; the CPU backend computes while enqueueing).
+    ///
+    /// # The step model
+    ///
+    /// Everything that launches work (decode, plan, replan, a cache append, a graph replay)
+    /// is a step with an id (1, 2, 3, ... per device) and a label. Checks of shapes, dtypes
+    /// and devices run on the host before anything is queued and fail the call itself. Checks
+    /// of tensor *contents* (a block index, a length, a plan made for other lengths) run where
+    /// the data lives: on CUDA in the kernels, which OR error bits into the step's own flag.
+    /// A call that returns once its work is queued reports such an error later, typed and
+    /// naming the step: [`Device::synchronize`], [`Device::wait_step`] for that step, or
+    /// reading any tensor of the device to the host. A failed step's outputs are not valid;
+    /// later steps are unaffected (each has its own flag). The CPU backend keeps the same
+    /// model for the enqueueing calls (`decode::enqueue_into`, `KvCache::append_batch`, graph
+    /// replay): their content errors are recorded for the step and reported the same way.
+    pub fn step<T>(&self, label: impl Into<Cow<'static, str>>, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+        match self {
+            Device::Cpu => cpu_steps::step(enqueue),
+            Device::Cuda(g) => g.step(label, &g.stream().clone(), enqueue),
+        }
+    }
+
+    /// [`Device::step`] for a step that will be waited on by itself ([`Device::wait_step`]
+    /// right after): on CUDA a copy of its flag and an event are queued after it, so that the
+    /// wait covers this step only and needs no further round trip.
+    pub fn step_tracked<T>(&self, label: impl Into<Cow<'static, str>>, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+        match self {
+            Device::Cpu => cpu_steps::step(enqueue),
+            Device::Cuda(g) => g.step_tracked(label, &g.stream().clone(), enqueue),
+        }
+    }
+
+    /// Runs `enqueue` (which queues work, e.g. `decode`) as one step, waits for it and
+    /// reports the errors its kernels flagged (and only those).
     pub fn run_step<T>(&self, enqueue: impl FnOnce() -> Result<T>) -> Result<T> {
         match self {
-            Device::Cpu => enqueue(),
+            Device::Cpu => {
+                let (id, v) = cpu_steps::step(enqueue)?;
+                cpu_steps::wait(id).map(|_| v)
+            }
             Device::Cuda(g) => g.run_step(enqueue),
+        }
+    }
+
+    /// The step this thread is enqueueing on this device, if any.
+    pub fn current_step(&self) -> Option<StepId> {
+        match self {
+            Device::Cpu => cpu_steps::current(),
+            Device::Cuda(g) => g.current_step(),
+        }
+    }
+
+    /// CPU backend: records `e` as the failure of step `id` (reported like a device-side
+    /// error). No effect on CUDA, where the kernels flag their own errors.
+    /// Captures one decode step of `spec.layers` layers over the pools `kv` (one per layer)
+    /// for replays with new contents (see [`crate::gpu::graph::CapturedStep`]): a CUDA graph
+    /// on CUDA, eager replays on the CPU backend.
+    pub fn capture_step(&self, spec: &crate::gpu::graph::StepSpec, kv: &[&crate::Tensor]) -> Result<crate::gpu::graph::CapturedStep> {
+        crate::gpu::graph::capture_step(self, spec, kv)
+    }
+
+    pub(crate) fn fail_step(&self, id: StepId, label: Cow<'static, str>, e: MlaError) {
+        if let Device::Cpu = self {
+            cpu_steps::fail(id, label, e)
+        }
+    }
+
+    /// Memory and step-log facts, e.g. for a soak test: host bytes held by CPU tensors,
+    /// the device's pool, steps not yet looked at.
+    pub fn memory_stats(&self) -> MemoryStats {
+        match self {
+            Device::Cpu => MemoryStats { host_tensor_bytes: crate::tensor::live_host_bytes() as u64, pending_steps: 0, gpu: None },
+            Device::Cuda(g) => MemoryStats {
+                host_tensor_bytes: crate::tensor::live_host_bytes() as u64,
+                pending_steps: g.pending_steps() as u64,
+                gpu: Some(g.memory_stats()),
+            },
         }
     }
 
@@ -135,4 +243,99 @@ pub struct GpuStatus {
 
 pub fn gpu_status() -> GpuStatus {
     gpu::status()
+}
+
+/// The step log of the CPU backend (one per process, like the device itself). A CPU step
+/// completes while it is enqueued; failures recorded for it wait here until reported.
+mod cpu_steps {
+    use std::borrow::Cow;
+    use std::cell::Cell;
+    use std::sync::Mutex;
+
+    use super::StepId;
+    use crate::error::{ErrorCode, MlaError, Result};
+
+    struct Log {
+        next_id: StepId,
+        failed: Vec<(StepId, Cow<'static, str>, MlaError)>,
+    }
+
+    static LOG: Mutex<Log> = Mutex::new(Log { next_id: 1, failed: Vec::new() });
+
+    thread_local! {
+        static CURRENT: Cell<Option<StepId>> = const { Cell::new(None) };
+    }
+
+    fn lock() -> std::sync::MutexGuard<'static, Log> {
+        LOG.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn current() -> Option<StepId> {
+        CURRENT.with(|c| c.get())
+    }
+
+    pub fn step<T>(enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+        if let Some(id) = current() {
+            return enqueue().map(|v| (id, v));
+        }
+        let id = {
+            let mut l = lock();
+            l.next_id += 1;
+            l.next_id - 1
+        };
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                CURRENT.with(|c| c.set(None));
+            }
+        }
+        CURRENT.with(|c| c.set(Some(id)));
+        let _reset = Reset;
+        enqueue().map(|v| (id, v))
+    }
+
+    pub fn fail(id: StepId, label: Cow<'static, str>, e: MlaError) {
+        let mut l = lock();
+        // One failure per step (a step of several decodes reports its first).
+        if !l.failed.iter().any(|f| f.0 == id) {
+            l.failed.push((id, label, e));
+        }
+    }
+
+    fn named(id: StepId, label: &str, mut e: MlaError) -> MlaError {
+        e.message = format!("step {id} ({label}): {}", e.message);
+        e
+    }
+
+    pub fn wait(id: StepId) -> Result<()> {
+        let mut l = lock();
+        if id == 0 || id >= l.next_id {
+            return Err(MlaError::arg(ErrorCode::InvalidArgument, "step", format!("the id of a step enqueued on this device (1..{})", l.next_id), id));
+        }
+        match l.failed.iter().position(|f| f.0 == id) {
+            Some(i) => {
+                let (id, label, e) = l.failed.remove(i);
+                Err(named(id, &label, e))
+            }
+            None => Ok(()),
+        }
+    }
+
+    pub fn report() -> Result<()> {
+        if current().is_some() {
+            return Ok(());
+        }
+        let mut l = lock();
+        if l.failed.is_empty() {
+            return Ok(());
+        }
+        l.failed.sort_by_key(|f| f.0);
+        let (id, label, e) = l.failed.remove(0);
+        let others: Vec<String> = l.failed.drain(..).map(|f| f.0.to_string()).collect();
+        let mut e = named(id, &label, e);
+        if !others.is_empty() {
+            e.message.push_str(&format!(" [later failed steps, reported with this one: {}]", others.join(", ")));
+        }
+        Err(e)
+    }
 }

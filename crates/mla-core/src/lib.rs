@@ -32,10 +32,10 @@ pub mod validate;
 
 pub use cache::{KvCache, KvCacheConfig, SeqId, BLOCK_TABLE_PAD};
 pub use decode::{decode, DecodeOptions, DecodeOutput};
-pub use device::{Device, DeviceInfo};
+pub use device::{Device, DeviceInfo, MemoryStats, StepId};
 pub use dtype::DType;
 pub use error::{ErrorCode, MlaError, Result};
-pub use plan::{plan, Plan};
+pub use plan::{plan, Plan, SharedPlan};
 pub use tensor::Tensor;
 
 /// Latent width of one cached token (512 no-RoPE + 64 RoPE values).

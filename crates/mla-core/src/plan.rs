@@ -11,10 +11,14 @@
 //! (exclusive, within end_seq), the split index within begin_seq of the part's first
 //! segment, then zeros; `num_splits[b + 1]` = exclusive prefix sum of splits per sequence.
 
-use crate::device::Device;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+use cudarc::driver::CudaStream;
+
+use crate::device::{Device, StepId};
 use crate::dtype::DType;
 use crate::error::{ErrorCode, MlaError, Result};
-use crate::gpu::DeviceBuffer;
+use crate::gpu::{DeviceBuffer, GpuDevice};
 use crate::tensor::Tensor;
 use crate::{BLOCK_SIZE, HEAD_DIM_V, SPLIT_FIXED_COST};
 
@@ -30,7 +34,12 @@ pub const META_INTS: usize = 8;
 pub const GPU_ROW_TILE: usize = 64;
 
 /// Scheduling metadata for one decode step, plus (on the GPU) the workspace for partial
-/// results of split sequences. Reuse it for every layer of the step.
+/// results of split sequences. Reuse it for every layer of the step, and re-plan it in place
+/// ([`Plan::replan`]) when the lengths change: no allocation, on CUDA one kernel.
+///
+/// Decodes that share a plan never overwrite each other's partial results: on one stream
+/// they run in stream order, and a decode (or replan) on another stream first waits for the
+/// plan's work on the stream it was last used on.
 pub struct Plan {
     pub batch: usize,
     /// Query rows per sequence and KV head (s_q * h_q / h_kv) this plan was made for.
@@ -42,9 +51,10 @@ pub struct Plan {
     pub(crate) num_splits: Tensor,
     /// GPU only: partial outputs [b + num_parts, rows, 512] f32, lse [b + num_parts, rows]
     /// f32, then the lengths the plan was made for [b] i32 (the combine kernel compares
-    /// them with the step's). One decode at a time may use it (the binding serialises
-    /// decodes per plan).
+    /// them with the step's). Kept in order by `last_stream`.
     pub(crate) workspace: Option<DeviceBuffer>,
+    /// CUDA: the stream the plan's work was last queued on.
+    last_stream: Mutex<Option<Arc<CudaStream>>>,
 }
 
 impl Plan {
@@ -58,6 +68,69 @@ impl Plan {
     /// Exclusive prefix sum of splits per sequence, [b + 1] int32.
     pub fn num_splits(&self) -> &Tensor {
         &self.num_splits
+    }
+
+    /// Re-plans in place for new lengths (same batch size): the metadata tensors and the
+    /// workspace keep their memory. On CUDA one plan kernel is enqueued as a step (a length
+    /// out of range is reported by the next synchronising call); on the CPU the schedule is
+    /// recomputed now. Equals a fresh [`plan`] for `seqlens`.
+    ///
+    /// ```
+    /// use mla_core::{plan, Device, Tensor};
+    /// let dev = Device::cpu();
+    /// let mut p = plan(&Tensor::from_i32(&dev, &[100, 7000], &[2])?, 16, 1)?;
+    /// let grown = Tensor::from_i32(&dev, &[101, 7001], &[2])?;
+    /// p.replan(&grown)?;
+    /// assert_eq!(p.metadata().to_i32()?, plan(&grown, 16, 1)?.metadata().to_i32()?);
+    /// # Ok::<(), mla_core::MlaError>(())
+    /// ```
+    pub fn replan(&mut self, seqlens: &Tensor) -> Result<StepId> {
+        replan_step(seqlens, self, None)
+    }
+
+    /// Orders the plan's use on `stream` after its earlier work on another stream.
+    pub(crate) fn order_on(&self, g: &GpuDevice, stream: &Arc<CudaStream>, capturing: bool) -> Result<()> {
+        let mut last = self.last_stream.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(prev) = last.as_ref() {
+            if prev.cu_stream() != stream.cu_stream() && !capturing {
+                let ev = g.mem().event()?;
+                ev.record(prev)?;
+                stream.wait(&ev)?;
+                g.mem().recycle(ev);
+            }
+        }
+        if !capturing {
+            *last = Some(stream.clone());
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Plan(b = {}, rows = {}, parts = {}, {})", self.batch, self.rows, self.num_parts, self.device().kind())
+    }
+}
+
+/// A plan shared between threads and handles (the Node binding's `Plan`): decodes read it
+/// under a shared lock (on CUDA only while enqueueing; the CPU backend while it computes),
+/// [`SharedPlan::replan`] takes it exclusively. The decode-ordering rules are the plan's own
+/// (see [`Plan`]), so no decode lock is needed.
+pub struct SharedPlan {
+    plan: RwLock<Plan>,
+}
+
+impl SharedPlan {
+    pub fn new(plan: Plan) -> SharedPlan {
+        SharedPlan { plan: RwLock::new(plan) }
+    }
+    /// The plan, for a decode or to read its metadata.
+    pub fn read(&self) -> RwLockReadGuard<'_, Plan> {
+        self.plan.read().unwrap_or_else(|e| e.into_inner())
+    }
+    /// [`Plan::replan`].
+    pub fn replan(&self, seqlens: &Tensor) -> Result<StepId> {
+        self.plan.write().unwrap_or_else(|e| e.into_inner()).replan(seqlens)
     }
 }
 
@@ -159,27 +232,33 @@ pub fn plan(seqlens: &Tensor, rows: usize, h_kv: usize) -> Result<Plan> {
                 metadata: Tensor::from_i32(&device, &meta, &[num_parts, META_INTS])?,
                 num_splits: Tensor::from_i32(&device, &splits, &[b + 1])?,
                 workspace: None,
+                last_stream: Mutex::new(None),
             })
         }
         Device::Cuda(g) => {
             let metadata = Tensor::zeros(&device, &[num_parts, META_INTS], DType::I32)?;
             let num_splits = Tensor::zeros(&device, &[b + 1], DType::I32)?;
             let workspace = g.alloc_zeroed(workspace_bytes(b, num_parts, rows))?;
-            let mut p = Plan { batch: b, rows, num_parts, metadata, num_splits, workspace: Some(workspace) };
-            crate::gpu::ops::plan_into(g, seqlens, &mut p, None, i32::MAX)?;
+            let mut p = Plan { batch: b, rows, num_parts, metadata, num_splits, workspace: Some(workspace), last_stream: Mutex::new(Some(g.stream().clone())) };
+            g.step("plan", &g.stream().clone(), || crate::gpu::ops::plan_into(g, seqlens, &mut p, None, i32::MAX))?;
             Ok(p)
         }
     }
 }
 
 /// Recomputes `plan` in place from new lengths (same batch size and rows): on CUDA this
-/// enqueues the plan kernel only, so it can be captured in a CUDA graph and replayed.
+/// enqueues the plan kernel only (as a step), so it can also be captured in a CUDA graph
+/// and replayed. See [`Plan::replan`].
 pub fn replan(seqlens: &Tensor, plan: &mut Plan) -> Result<()> {
-    replan_on(seqlens, plan, None)
+    replan_step(seqlens, plan, None).map(|_| ())
 }
 
 /// [`replan`] on a given CUDA stream (None: the device's own stream).
 pub fn replan_on(seqlens: &Tensor, plan: &mut Plan, stream: Option<std::sync::Arc<cudarc::driver::CudaStream>>) -> Result<()> {
+    replan_step(seqlens, plan, stream).map(|_| ())
+}
+
+fn replan_step(seqlens: &Tensor, plan: &mut Plan, stream: Option<Arc<CudaStream>>) -> Result<StepId> {
     check_seqlens(seqlens)?;
     if !seqlens.device().same(plan.device()) {
         return Err(MlaError::arg(ErrorCode::DeviceMismatch, "cache_seqlens", format!("{:?}", plan.device()), format!("{:?}", seqlens.device())));
@@ -190,10 +269,23 @@ pub fn replan_on(seqlens: &Tensor, plan: &mut Plan, stream: Option<std::sync::Ar
     match seqlens.device() {
         Device::Cpu => {
             let (meta, splits) = host_plan(seqlens.host().unwrap().as_i32(), plan.num_parts);
-            plan.metadata.write_bytes(0, crate::tensor::as_bytes(&meta))?;
-            plan.num_splits.write_bytes(0, crate::tensor::as_bytes(&splits))
+            let (id, ()) = Device::Cpu.step("replan", || {
+                plan.metadata.write_bytes(0, crate::tensor::as_bytes(&meta))?;
+                plan.num_splits.write_bytes(0, crate::tensor::as_bytes(&splits))
+            })?;
+            Ok(id)
         }
-        Device::Cuda(g) => crate::gpu::ops::plan_into(g, seqlens, plan, stream, i32::MAX),
+        Device::Cuda(g) => {
+            let s = stream.clone().unwrap_or_else(|| g.stream().clone());
+            let capturing = g.prepare_stream(&s)?;
+            plan.order_on(g, &s, capturing)?;
+            if capturing {
+                crate::gpu::ops::plan_into(g, seqlens, plan, stream, i32::MAX)?;
+                return Ok(g.current_step().unwrap_or(0));
+            }
+            let (id, ()) = g.step("replan", &s, || crate::gpu::ops::plan_into(g, seqlens, plan, stream, i32::MAX))?;
+            Ok(id)
+        }
     }
 }
 

@@ -5,11 +5,34 @@ use crate::dtype::{f32_slice_to_half, half_slice_to_f32, DType};
 use crate::error::{ErrorCode, MlaError, Result};
 use crate::gpu::DeviceBuffer;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Bytes held by live [`HostBuf`]s (the CPU backend's tensors), process-wide.
+static LIVE_HOST_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes of host memory held by tensors of the CPU backend right now (all devices, all
+/// threads): what a soak test watches.
+pub fn live_host_bytes() -> usize {
+    LIVE_HOST_BYTES.load(Ordering::Relaxed)
+}
+
 /// Host bytes kept 4-byte aligned, so they can be viewed as u16, f32 or i32.
-#[derive(Clone)]
 pub struct HostBuf {
     words: Vec<u32>,
     len: usize,
+}
+
+impl Clone for HostBuf {
+    fn clone(&self) -> Self {
+        LIVE_HOST_BYTES.fetch_add(self.words.len() * 4, Ordering::Relaxed);
+        HostBuf { words: self.words.clone(), len: self.len }
+    }
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        LIVE_HOST_BYTES.fetch_sub(self.words.len() * 4, Ordering::Relaxed);
+    }
 }
 
 impl HostBuf {
@@ -21,6 +44,7 @@ impl HostBuf {
             .try_reserve_exact(n)
             .map_err(|_| MlaError::new(ErrorCode::OutOfMemory, format!("cannot allocate {len} bytes of host memory")))?;
         words.resize(n, 0);
+        LIVE_HOST_BYTES.fetch_add(n * 4, Ordering::Relaxed);
         Ok(HostBuf { words, len })
     }
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
@@ -185,11 +209,19 @@ impl Tensor {
         }
     }
 
-    /// All bytes, copied to the host (waits for the device's default stream on CUDA).
+    /// All bytes, copied to the host. On CUDA it waits for the device's stream, so this is a
+    /// synchronising call: it reports the first failed step that has completed and was not
+    /// reported yet (see [`Device::step`]), and then returns no data. The CPU backend does
+    /// the same with its own step log.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        match &self.storage {
-            Storage::Host(h) => Ok(h.bytes().to_vec()),
-            Storage::Device(d) => d.download(),
+        match (&self.storage, &self.device) {
+            (Storage::Device(d), Device::Cuda(g)) => g.download_checked(d),
+            (Storage::Device(d), Device::Cpu) => d.download(),
+            (Storage::Host(h), _) => {
+                let bytes = h.bytes().to_vec();
+                self.device.check_steps()?;
+                Ok(bytes)
+            }
         }
     }
 
@@ -224,6 +256,30 @@ impl Tensor {
         match &mut self.storage {
             Storage::Host(h) => h.bytes_mut()[offset..offset + bytes.len()].copy_from_slice(bytes),
             Storage::Device(d) => d.write(offset, bytes)?,
+        }
+        Ok(())
+    }
+
+    /// Overwrites this tensor with `src`'s bytes (same device, same byte size; the dtypes
+    /// may differ, e.g. raw bits). On CUDA a device-to-device copy queued on the device's
+    /// stream: e.g. new-token rows or queries produced by a model, with no host round trip.
+    pub fn copy_from(&mut self, src: &Tensor) -> Result<()> {
+        if !src.device.same(&self.device) {
+            return Err(MlaError::arg(ErrorCode::DeviceMismatch, "src", format!("a tensor on {:?}", self.device), format!("{:?}", src.device)));
+        }
+        if src.nbytes() != self.nbytes() {
+            return Err(MlaError::arg(
+                ErrorCode::ShapeMismatch,
+                "src",
+                format!("{} bytes ({:?} of {})", self.nbytes(), self.shape, self.dtype),
+                format!("{} bytes ({:?} of {})", src.nbytes(), src.shape, src.dtype),
+            ));
+        }
+        let n = self.nbytes();
+        match (&mut self.storage, &src.storage) {
+            (Storage::Host(d), Storage::Host(s)) => d.bytes_mut()[..n].copy_from_slice(&s.bytes()[..n]),
+            (Storage::Device(d), Storage::Device(s)) => d.copy_from_device(0, s.ptr(), n)?,
+            _ => unreachable!("same device, same storage kind"),
         }
         Ok(())
     }

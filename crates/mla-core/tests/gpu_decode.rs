@@ -367,3 +367,105 @@ fn sanitizer_small_cases() {
     decode(&t.q, &t.kv, &bt, &t.seqlens, &p, &DecodeOptions::default()).unwrap();
     assert_eq!(dev.synchronize().unwrap_err().code, ErrorCode::BlockIndexOutOfRange);
 }
+
+// ---------------------------------------------------------------------------------------
+// The serving path (common/serve.rs; the same bodies run on the CPU in tests/serve.rs)
+
+#[test]
+fn serve_bad_step_is_reported_by_the_next_sync() {
+    let Some(dev) = gpu("serve_bad_step_is_reported_by_the_next_sync") else { return };
+    common::serve::bad_step_is_reported_by_the_next_sync(&dev);
+}
+
+#[test]
+fn serve_wait_step_reports_its_own_error() {
+    let Some(dev) = gpu("serve_wait_step_reports_its_own_error") else { return };
+    common::serve::wait_step_reports_its_own_error(&dev);
+}
+
+#[test]
+fn serve_reading_a_tensor_reports_the_failed_step() {
+    let Some(dev) = gpu("serve_reading_a_tensor_reports_the_failed_step") else { return };
+    common::serve::reading_a_tensor_reports_the_failed_step(&dev);
+}
+
+#[test]
+fn serve_bad_length_is_reported_by_the_next_sync() {
+    let Some(dev) = gpu("serve_bad_length_is_reported_by_the_next_sync") else { return };
+    common::serve::bad_length_is_reported_by_the_next_sync(&dev);
+}
+
+#[test]
+fn serve_shape_errors_fail_the_call() {
+    let Some(dev) = gpu("serve_shape_errors_fail_the_call") else { return };
+    common::serve::shape_errors_fail_the_call(&dev);
+}
+
+/// 1500 steps > the 1024 step slots of the log: slots are reused after a wait, and a bad
+/// step's flag is cleared before its slot serves another step.
+#[test]
+fn serve_many_steps_bad_ones_never_touch_good_ones() {
+    let Some(dev) = gpu("serve_many_steps_bad_ones_never_touch_good_ones") else { return };
+    common::serve::many_steps_bad_ones_never_touch_good_ones(&dev, 1500);
+}
+
+/// A stale plan in an enqueued step is reported by the next sync, naming the step.
+#[test]
+fn serve_stale_plan_names_the_step() {
+    let Some(dev) = gpu("serve_stale_plan_names_the_step") else { return };
+    let mut rng = Rng::fresh();
+    let inp = Inputs::random(Case::new(DType::BF16, 16, 1, vec![3000, 200]), false, &mut rng);
+    let t = inp.tensors(&dev);
+    let p = plan(&t.seqlens, 16, 1).unwrap();
+    let sl = Tensor::from_i32(&dev, &[0, 150], &[2]).unwrap();
+    let (mut o, mut l) = common::serve::poisoned_outputs(&dev, &inp);
+    let id = mla_core::decode::enqueue_into(&t.q, &t.kv, &t.block_table, &sl, &p, &common::serve::opts("stale"), &mut o, &mut l).unwrap();
+    let e = dev.synchronize().unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+    assert!(e.message.starts_with(&format!("step {id} (stale): plan")), "{e}");
+}
+
+#[test]
+fn serve_replan_in_place_equals_a_fresh_plan() {
+    let Some(dev) = gpu("serve_replan_in_place_equals_a_fresh_plan") else { return };
+    common::serve::replan_in_place_equals_a_fresh_plan(&dev);
+}
+
+#[test]
+fn serve_append_batch_equals_per_sequence_appends() {
+    let Some(dev) = gpu("serve_append_batch_equals_per_sequence_appends") else { return };
+    common::serve::append_batch_equals_per_sequence_appends(&dev);
+}
+
+#[test]
+fn serve_append_batch_is_all_or_nothing() {
+    let Some(dev) = gpu("serve_append_batch_is_all_or_nothing") else { return };
+    common::serve::append_batch_is_all_or_nothing(&dev);
+}
+
+#[test]
+fn serve_batch_into_equals_batch() {
+    let Some(dev) = gpu("serve_batch_into_equals_batch") else { return };
+    common::serve::batch_into_equals_batch(&dev);
+}
+
+/// A 3-layer step captured in a CUDA graph and replayed with new lengths equals eager
+/// decodes bit for bit.
+#[test]
+fn serve_graph_replay_with_new_lengths_equals_eager_decode() {
+    let Some(dev) = gpu("serve_graph_replay_with_new_lengths_equals_eager_decode") else { return };
+    common::serve::graph_replay_with_new_lengths_equals_eager_decode(&dev);
+}
+
+#[test]
+fn serve_graph_replay_reports_bad_steps() {
+    let Some(dev) = gpu("serve_graph_replay_reports_bad_steps") else { return };
+    common::serve::graph_replay_reports_bad_steps(&dev);
+}
+
+/// 10k serving steps with forks and frees stay flat in host and device memory.
+#[test]
+fn serve_soak_10k_steps_with_forks_and_frees() {
+    let Some(dev) = gpu("serve_soak_10k_steps_with_forks_and_frees") else { return };
+    common::serve::soak(&dev, 10_000);
+}

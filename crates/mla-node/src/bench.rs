@@ -232,3 +232,89 @@ impl Task for CopyCeilingTask {
         }
     }
 }
+
+/// One shape of the host benchmark (`mla_core::bench::HostConfig`).
+#[napi(object)]
+pub struct HostConfig {
+    pub b: u32,
+    pub h_q: u32,
+    pub s_q: u32,
+    /// Tokens per sequence.
+    pub length: u32,
+    /// Decodes per step (one plan per step).
+    pub layers: u32,
+}
+
+impl HostConfig {
+    fn to_core(&self) -> bench::HostConfig {
+        bench::HostConfig {
+            b: self.b as usize,
+            h_q: self.h_q as usize,
+            s_q: self.s_q as usize,
+            length: self.length as usize,
+            layers: self.layers as usize,
+        }
+    }
+}
+
+/// The host benchmark's shapes for a device (`mla_core::bench::host_configs`).
+#[napi]
+pub fn bench_host_configs(device: &Device, quick: Option<bool>) -> Result<Vec<HostConfig>> {
+    let d = device.get()?;
+    Ok(bench::host_configs(d, quick.unwrap_or(false))
+        .into_iter()
+        .map(|c| HostConfig {
+            b: c.b as u32,
+            h_q: c.h_q as u32,
+            s_q: c.s_q as u32,
+            length: c.length as u32,
+            layers: c.layers as u32,
+        })
+        .collect())
+}
+
+/// The kernels' own time of one layer in microseconds (`mla_core::bench::host_kernel_us`),
+/// on the libuv thread pool.
+#[napi(ts_return_type = "Promise<number>")]
+pub fn bench_host_kernel_us(
+    device: &Device,
+    config: HostConfig,
+    reps: Option<u32>,
+) -> Result<AsyncTask<HostKernelTask>> {
+    Ok(AsyncTask::new(HostKernelTask {
+        dev: device.get()?.clone(),
+        cfg: config.to_core(),
+        reps: reps.unwrap_or(20) as usize,
+        failure: None,
+    }))
+}
+
+pub struct HostKernelTask {
+    dev: mla_core::Device,
+    cfg: bench::HostConfig,
+    reps: usize,
+    failure: Option<Failure>,
+}
+
+impl Task for HostKernelTask {
+    type Output = f64;
+    type JsValue = f64;
+
+    fn compute(&mut self) -> napi::Result<f64> {
+        let (dev, cfg, reps) = (&self.dev, &self.cfg, self.reps);
+        match core_async(|| core(|| bench::host_kernel_us(dev, cfg, reps))) {
+            Ok(us) => Ok(us),
+            Err(f) => {
+                self.failure = Some(f);
+                Ok(f64::NAN)
+            }
+        }
+    }
+
+    fn resolve(&mut self, env: Env, us: f64) -> napi::Result<f64> {
+        match self.failure.take() {
+            None => Ok(us),
+            Some(f) => Err(reject_with_code(&env, f)),
+        }
+    }
+}

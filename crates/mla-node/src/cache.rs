@@ -7,7 +7,7 @@ use napi_derive::napi;
 
 use crate::device::{parse_dtype, Device};
 use crate::error::{core, disposed, err, Result};
-use crate::tensor::{lock, Tensor, TensorSrc};
+use crate::tensor::{lock, lock_two, StepPart, Tensor, TensorSrc};
 
 /// Native side of `KvCache` in index.ts. The core cache sits behind a mutex: a decode
 /// that reads the pool holds it while it runs, and cache calls made meanwhile wait.
@@ -35,7 +35,15 @@ fn seq_id(seq: i64) -> Result<SeqId> {
     Ok(SeqId(seq as u64))
 }
 
+pub fn seq_ids(seqs: Vec<i64>) -> Result<Vec<SeqId>> {
+    seqs.into_iter().map(seq_id).collect()
+}
+
 impl KvCache {
+    /// The pool as a tensor source (a view).
+    pub fn pool_src(&self) -> Result<TensorSrc> {
+        Ok(TensorSrc::CachePool(self.get()?.clone()))
+    }
     fn get(&self) -> Result<&Arc<Mutex<mla_core::KvCache>>> {
         self.inner.as_ref().ok_or_else(|| disposed("cache"))
     }
@@ -94,6 +102,73 @@ impl KvCache {
     pub fn append_bits(&self, seq: i64, rows: &[u16]) -> Result<()> {
         let s = seq_id(seq)?;
         self.with(|c| c.append(s, rows))
+    }
+
+    /// `KvCache::append_batch_f32`: the same number of rows for each of `seqs` (distinct),
+    /// in one call; returns the step id.
+    #[napi]
+    pub fn append_batch_f32(&self, seqs: Vec<i64>, rows: &[f32]) -> Result<i64> {
+        let ids = seq_ids(seqs)?;
+        self.with(|c| c.append_batch_f32(&ids, rows))
+            .map(|id| id as i64)
+    }
+
+    /// `KvCache::append_batch` with raw bits of the cache's dtype.
+    #[napi]
+    pub fn append_batch_bits(&self, seqs: Vec<i64>, rows: &[u16]) -> Result<i64> {
+        let ids = seq_ids(seqs)?;
+        self.with(|c| c.append_batch(&ids, rows))
+            .map(|id| id as i64)
+    }
+
+    /// `KvCache::append_batch_from`: the rows from a tensor of its own on the cache's device
+    /// (on CUDA device to device).
+    #[napi]
+    pub fn append_batch_tensor(&self, seqs: Vec<i64>, rows: &Tensor) -> Result<i64> {
+        let ids = seq_ids(seqs)?;
+        match rows.arg("rows")? {
+            TensorSrc::Owned(t) => self
+                .with(|c| c.append_batch_from(&ids, &t))
+                .map(|id| id as i64),
+            _ => Err(err(
+                ErrorCode::InvalidArgument,
+                "rows: expected a tensor of its own, got a view of a cache or a plan",
+            )),
+        }
+    }
+
+    /// `KvCache::batch_into`: block table and lengths for `seqs` written into existing
+    /// int32 tensors (tensors of their own, no pending operation on them).
+    #[napi]
+    pub fn batch_into(
+        &self,
+        seqs: Vec<i64>,
+        block_table: &mut Tensor,
+        cache_seqlens: &mut Tensor,
+    ) -> Result<()> {
+        let ids = seq_ids(seqs)?;
+        // Looked at by reference: a clone of an owned tensor's source would make it "in use".
+        let (a, b) = (block_table.src()?, cache_seqlens.src()?);
+        if let (TensorSrc::Step(s1, StepPart::BlockTable), TensorSrc::Step(s2, StepPart::Seqlens)) =
+            (a, b)
+        {
+            if Arc::ptr_eq(s1, s2) {
+                // A captured step's own block table and lengths.
+                let (c, s) = (self.get()?.clone(), s1.clone());
+                let (cg, mut sg) = lock_two(&c, &s);
+                let (bt, sl) = sg.lengths_mut();
+                return core(|| cg.batch_into(&ids, bt, sl));
+            }
+        }
+        if matches!(a, TensorSrc::Step(..)) || matches!(b, TensorSrc::Step(..)) {
+            return Err(err(
+                ErrorCode::Unsupported,
+                "blockTable, cacheSeqlens: expected tensors of their own, or a captured step's blockTable and cacheSeqlens together",
+            ));
+        }
+        let bt = block_table.owned_mut("blockTable")?;
+        let sl = cache_seqlens.owned_mut("cacheSeqlens")?;
+        self.with(|c| c.batch_into(&ids, bt, sl))
     }
 
     /// A new sequence sharing `seq`'s blocks (copy-on-write); returns its id.

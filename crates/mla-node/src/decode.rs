@@ -1,14 +1,16 @@
-//! `decode` (libuv thread pool) and `decodeSync`: `mla_core::decode` then
-//! `Device::synchronize()`, which turns device-side index errors into typed errors.
+//! `decode` (a promise), `decodeSync` and `decodeInto` (enqueue only): translations of
+//! `mla_core::decode::{enqueue, enqueue_into}` and `Device::wait_step`. The core owns
+//! every rule (plan when omitted, plan sharing, step errors).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use mla_core::DecodeOptions;
+use mla_core::{DecodeOptions, SharedPlan};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use crate::error::{core, core_async, reject_with_code, Failure, Result};
-use crate::plan::{Plan, SharedPlan};
+use crate::plan::Plan;
 use crate::tensor::{with_all, Tensor, TensorSrc};
 
 /// The outputs of one decode step.
@@ -18,6 +20,8 @@ pub struct DecodeResult {
     pub out: Tensor,
     /// [b, h_q, s_q] fp32, natural log; +Infinity for rows that attend to no key.
     pub lse: Tensor,
+    /// The step that computed them.
+    pub step: i64,
 }
 
 struct Args {
@@ -38,6 +42,7 @@ fn args(
     plan: Option<&Plan>,
     causal: Option<bool>,
     softmax_scale: Option<f64>,
+    label: Option<String>,
 ) -> Result<Args> {
     Ok(Args {
         q: q.arg("q")?,
@@ -52,54 +57,40 @@ fn args(
             causal: causal.unwrap_or(false),
             softmax_scale: softmax_scale.map(|s| s as f32),
             stream: None,
+            label: label.map(Cow::Owned),
         },
     })
 }
 
-fn run(a: &Args) -> Result<mla_core::DecodeOutput> {
-    with_all(&[&a.q, &a.kv, &a.block_table, &a.seqlens], |t| {
-        let (q, kv, bt, sl) = (t[0], t[1], t[2], t[3]);
-        // Plan (when omitted), decode and the wait for the device form one step that no
-        // other step on the device interleaves with, so an error the kernels flag on the
-        // device reaches this decode and no other.
-        core(|| {
-            q.device().run_step(|| {
-                let plan = match &a.plan {
-                    Some(p) => p.clone(),
-                    None => {
-                        // The plan for q's shape; a q or cache of the wrong rank is reported
-                        // by decode's own checks (the plan for 1 row is only a placeholder).
-                        let (s_q, h_q) = if q.shape().len() == 4 {
-                            (q.shape()[1], q.shape()[2])
-                        } else {
-                            (1, 1)
-                        };
-                        let h_kv = if kv.shape().len() == 4 && kv.shape()[2] > 0 {
-                            kv.shape()[2]
-                        } else {
-                            1
-                        };
-                        let rows = s_q.checked_mul(h_q).map_or(1, |r| (r / h_kv).max(1));
-                        SharedPlan::new(mla_core::plan(sl, rows, h_kv)?)
-                    }
-                };
-                // One decode at a time per plan (its GPU workspace).
-                let _busy = plan.busy.lock().unwrap_or_else(|e| e.into_inner());
-                mla_core::decode(q, kv, bt, sl, &plan, &a.opts)
-            })
-        })
-    })
+/// `mla_core::decode::enqueue`: allocates the outputs and enqueues the step (planning
+/// first when no plan is given); content errors belong to the step.
+fn enqueue(a: &Args) -> Result<mla_core::DecodeOutput> {
+    let plans: Vec<&Arc<SharedPlan>> = a.plan.iter().collect();
+    with_all(
+        &[&a.q, &a.kv, &a.block_table, &a.seqlens],
+        &plans,
+        |t, p| {
+            core(|| mla_core::decode::enqueue(t[0], t[1], t[2], t[3], p.first().copied(), &a.opts))
+        },
+    )
+}
+
+fn device_of(a: &Args) -> mla_core::Device {
+    a.q.with(|t| t.device().clone())
 }
 
 fn to_js(r: mla_core::DecodeOutput) -> DecodeResult {
     DecodeResult {
+        step: r.step as i64,
         out: Tensor::owned(r.out),
         lse: Tensor::owned(r.lse),
     }
 }
 
-/// One decode step on the libuv thread pool. `plan` is computed when omitted.
-#[napi]
+/// One decode step as a promise. On CUDA the step is enqueued on the calling thread and the
+/// wait for it runs on the libuv thread pool; on the CPU backend the whole computation runs
+/// there. `plan` is computed when omitted.
+#[napi(ts_return_type = "Promise<DecodeResult>")]
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     q: &Tensor,
@@ -109,6 +100,7 @@ pub fn decode(
     plan: Option<&Plan>,
     causal: Option<bool>,
     softmax_scale: Option<f64>,
+    label: Option<String>,
 ) -> Result<AsyncTask<DecodeTask>> {
     let a = args(
         q,
@@ -118,14 +110,22 @@ pub fn decode(
         plan,
         causal,
         softmax_scale,
+        label,
     )?;
+    let device = device_of(&a);
+    let work = if device.is_cuda() {
+        Work::Wait(Some(enqueue(&a)?))
+    } else {
+        Work::Compute(a)
+    };
     Ok(AsyncTask::new(DecodeTask {
-        args: a,
+        device,
+        work,
         failure: None,
     }))
 }
 
-/// One decode step on the calling (JS) thread.
+/// One decode step on the calling (JS) thread: enqueue, then wait for the step.
 #[napi]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_sync(
@@ -136,6 +136,7 @@ pub fn decode_sync(
     plan: Option<&Plan>,
     causal: Option<bool>,
     softmax_scale: Option<f64>,
+    label: Option<String>,
 ) -> Result<DecodeResult> {
     let a = args(
         q,
@@ -145,23 +146,100 @@ pub fn decode_sync(
         plan,
         causal,
         softmax_scale,
+        label,
     )?;
-    run(&a).map(to_js)
+    let r = enqueue(&a)?;
+    let d = device_of(&a);
+    core(|| d.wait_step(r.step))?;
+    Ok(to_js(r))
+}
+
+/// `mla_core::decode::enqueue_into` into caller-owned `out` / `lse` (tensors of their own,
+/// not used by a pending operation): returns the step id once the work is queued. With no
+/// plan, one is made for the call (an allocation, part of the same step).
+#[napi]
+#[allow(clippy::too_many_arguments)]
+pub fn decode_into(
+    q: &Tensor,
+    kv_cache: &Tensor,
+    block_table: &Tensor,
+    cache_seqlens: &Tensor,
+    plan: Option<&Plan>,
+    causal: Option<bool>,
+    softmax_scale: Option<f64>,
+    label: Option<String>,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+) -> Result<i64> {
+    let a = args(
+        q,
+        kv_cache,
+        block_table,
+        cache_seqlens,
+        plan,
+        causal,
+        softmax_scale,
+        label,
+    )?;
+    let out = out.owned_mut("out")?;
+    let lse = lse.owned_mut("lse")?;
+    let plans: Vec<&Arc<SharedPlan>> = a.plan.iter().collect();
+    with_all(
+        &[&a.q, &a.kv, &a.block_table, &a.seqlens],
+        &plans,
+        |t, p| {
+            core(|| match p.first() {
+                Some(p) => {
+                    mla_core::decode::enqueue_into(t[0], t[1], t[2], t[3], p, &a.opts, out, lse)
+                }
+                None => {
+                    let dev = t[0].device().clone();
+                    let label = a.opts.label.clone().unwrap_or(Cow::Borrowed("decode"));
+                    dev.step(label, || {
+                        let p = mla_core::decode::plan_for(t[0], t[1], t[3])?;
+                        mla_core::decode::enqueue_into(
+                            t[0], t[1], t[2], t[3], &p, &a.opts, out, lse,
+                        )
+                    })
+                    .map(|(id, _)| id)
+                }
+            })
+        },
+    )
+    .map(|id| id as i64)
+}
+
+enum Work {
+    /// CUDA: the enqueued step, to wait for.
+    Wait(Option<mla_core::DecodeOutput>),
+    /// The CPU backend: compute on the thread pool.
+    Compute(Args),
 }
 
 pub struct DecodeTask {
-    args: Args,
+    device: mla_core::Device,
+    work: Work,
     failure: Option<Failure>,
 }
 
-// SAFETY-free: every field is Send (Arc'd core objects; DecodeOptions holds an
-// Option<Arc<CudaStream>>, which cudarc marks Send + Sync).
+// Every field is Send (Arc'd core objects; DecodeOptions holds an Option<Arc<CudaStream>>,
+// which cudarc marks Send + Sync).
 impl Task for DecodeTask {
     type Output = Option<mla_core::DecodeOutput>;
     type JsValue = DecodeResult;
 
     fn compute(&mut self) -> napi::Result<Self::Output> {
-        match core_async(|| run(&self.args)) {
+        let device = self.device.clone();
+        let work = &mut self.work;
+        let r = core_async(|| {
+            let out = match work {
+                Work::Wait(r) => r.take().expect("computed once"),
+                Work::Compute(a) => enqueue(a)?,
+            };
+            core(|| device.wait_step(out.step))?;
+            Ok(out)
+        });
+        match r {
             Ok(r) => Ok(Some(r)),
             Err(f) => {
                 self.failure = Some(f);

@@ -154,6 +154,7 @@ impl Device {
     pub fn synchronize(&self) -> Result<AsyncTask<SyncTask>> {
         Ok(AsyncTask::new(SyncTask {
             device: self.get()?.clone(),
+            step: None,
             result: None,
         }))
     }
@@ -162,6 +163,41 @@ impl Device {
     pub fn synchronize_sync(&self) -> Result<()> {
         let d = self.get()?;
         core(|| d.synchronize())
+    }
+
+    /// Waits (on the libuv thread pool) until step `step` has completed; rejects with its own
+    /// error when it failed.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn wait_step(&self, step: i64) -> Result<AsyncTask<SyncTask>> {
+        Ok(AsyncTask::new(SyncTask {
+            device: self.get()?.clone(),
+            step: Some(step_id(step)?),
+            result: None,
+        }))
+    }
+
+    /// `waitStep` on the calling thread.
+    #[napi]
+    pub fn wait_step_sync(&self, step: i64) -> Result<()> {
+        let d = self.get()?;
+        let id = step_id(step)?;
+        core(|| d.wait_step(id))
+    }
+
+    /// Memory and step-log facts (`mla_core::Device::memory_stats`).
+    #[napi]
+    pub fn memory_stats(&self) -> Result<MemoryStats> {
+        let m = self.get()?.memory_stats();
+        let g = m.gpu.unwrap_or_default();
+        Ok(MemoryStats {
+            host_tensor_bytes: m.host_tensor_bytes as f64,
+            pending_steps: m.pending_steps as f64,
+            device_live_bytes: g.live_bytes as f64,
+            device_live_buffers: g.live_buffers as f64,
+            pool_reserved_bytes: g.pool_reserved as f64,
+            pool_used_bytes: g.pool_used as f64,
+            device_free_bytes: g.device_free as f64,
+        })
     }
 
     /// Drops this handle (tensors keep their device alive).
@@ -252,9 +288,37 @@ impl Device {
     }
 }
 
-/// `Device.synchronize()` on the libuv thread pool.
+/// Memory facts of a device (bytes as numbers).
+#[napi(object)]
+pub struct MemoryStats {
+    /// Host bytes held by CPU-backend tensors, process-wide.
+    pub host_tensor_bytes: f64,
+    /// CUDA: steps enqueued and not yet looked at.
+    pub pending_steps: f64,
+    /// CUDA: bytes and count of live device buffers of this library.
+    pub device_live_bytes: f64,
+    pub device_live_buffers: f64,
+    /// CUDA: bytes the memory pool holds from the driver, and of those in use.
+    pub pool_reserved_bytes: f64,
+    pub pool_used_bytes: f64,
+    /// CUDA: free device memory.
+    pub device_free_bytes: f64,
+}
+
+fn step_id(step: i64) -> Result<u64> {
+    if step < 1 {
+        return Err(err(
+            ErrorCode::InvalidArgument,
+            format!("step: expected a step id (>= 1), got {step}"),
+        ));
+    }
+    Ok(step as u64)
+}
+
+/// `Device.synchronize()` / `waitStep()` on the libuv thread pool.
 pub struct SyncTask {
     device: mla_core::Device,
+    step: Option<u64>,
     result: Option<Failure>,
 }
 
@@ -264,7 +328,13 @@ impl Task for SyncTask {
 
     fn compute(&mut self) -> napi::Result<()> {
         let d = self.device.clone();
-        if let Err(f) = core_async(|| core(|| d.synchronize())) {
+        let step = self.step;
+        if let Err(f) = core_async(|| {
+            core(|| match step {
+                Some(id) => d.wait_step(id),
+                None => d.synchronize(),
+            })
+        }) {
             self.result = Some(f);
         }
         Ok(())

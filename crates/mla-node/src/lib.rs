@@ -18,10 +18,12 @@ mod decode;
 mod device;
 mod error;
 mod plan;
+mod step;
 mod tensor;
 
 pub use cache::KvCache;
 pub use decode::{decode, decode_sync, DecodeResult};
 pub use device::{gpu_status, Device, DeviceInfo, GpuStatus};
 pub use plan::Plan;
+pub use step::CapturedStep;
 pub use tensor::Tensor;

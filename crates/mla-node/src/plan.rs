@@ -1,41 +1,16 @@
 //! `Plan`: split-KV scheduling metadata (FlashMLA's get_mla_metadata).
 
-use std::ops::Deref;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use mla_core::{ErrorCode, SharedPlan};
 use napi_derive::napi;
 
-use crate::error::{disposed, Result};
-use crate::tensor::{Tensor, TensorSrc};
+use crate::error::{core, disposed, err, Result};
+use crate::tensor::{with_all, Tensor, TensorSrc};
 
-/// A core plan shared by JS handles, tensor views and pending decodes.
-///
-/// On CUDA a plan also owns the workspace of partial results that a decode writes and its
-/// combine pass reads, so two decodes using the same plan at the same time (two pending
-/// `decode()` promises) would overwrite each other's partials. `busy` serialises them:
-/// a decode holds it from launch until its device synchronisation.
-pub struct SharedPlan {
-    plan: mla_core::Plan,
-    pub busy: Mutex<()>,
-}
-
-impl Deref for SharedPlan {
-    type Target = mla_core::Plan;
-    fn deref(&self) -> &mla_core::Plan {
-        &self.plan
-    }
-}
-
-impl SharedPlan {
-    pub fn new(plan: mla_core::Plan) -> Arc<SharedPlan> {
-        Arc::new(SharedPlan {
-            plan,
-            busy: Mutex::new(()),
-        })
-    }
-}
-
-/// Native side of `Plan` in index.ts.
+/// Native side of `Plan` in index.ts: a handle to a core `SharedPlan` (its tensor views and
+/// pending decodes hold their own references). The core orders decodes that share a plan
+/// and serialises `update` with them.
 #[napi]
 pub struct Plan {
     inner: Option<Arc<SharedPlan>>,
@@ -44,7 +19,7 @@ pub struct Plan {
 impl Plan {
     pub fn wrap(p: mla_core::Plan) -> Plan {
         Plan {
-            inner: Some(SharedPlan::new(p)),
+            inner: Some(Arc::new(SharedPlan::new(p))),
         }
     }
     pub fn from_arc(p: Arc<SharedPlan>) -> Plan {
@@ -60,19 +35,19 @@ impl Plan {
     /// Number of parts the work is divided into (SM groups on CUDA, threads on the CPU).
     #[napi(getter)]
     pub fn num_parts(&self) -> Result<u32> {
-        Ok(self.get()?.num_parts as u32)
+        Ok(self.get()?.read().num_parts as u32)
     }
 
     /// Batch size the plan was made for.
     #[napi(getter)]
     pub fn batch(&self) -> Result<u32> {
-        Ok(self.get()?.batch as u32)
+        Ok(self.get()?.read().batch as u32)
     }
 
     /// Query rows per sequence and KV head (s_q * h_q / h_kv) the plan was made for.
     #[napi(getter)]
     pub fn rows(&self) -> Result<u32> {
-        Ok(self.get()?.rows as u32)
+        Ok(self.get()?.read().rows as u32)
     }
 
     /// [numParts, 8] int32 (a view of the plan's own tensor).
@@ -85,6 +60,23 @@ impl Plan {
     #[napi(getter)]
     pub fn num_splits(&self) -> Result<Tensor> {
         Ok(Tensor::view(TensorSrc::PlanNumSplits(self.get()?.clone())))
+    }
+
+    /// `mla_core::Plan::replan`: re-plans in place for new lengths (a [b] int32 tensor on the
+    /// plan's device); returns the step id (on CUDA the plan kernel is enqueued).
+    #[napi]
+    pub fn update(&self, cache_seqlens: &Tensor) -> Result<i64> {
+        let p = self.get()?.clone();
+        let src = cache_seqlens.arg("cacheSeqlens")?;
+        if let TensorSrc::PlanMetadata(q) | TensorSrc::PlanNumSplits(q) = &src {
+            if Arc::ptr_eq(q, &p) {
+                return Err(err(
+                    ErrorCode::InvalidArgument,
+                    "cacheSeqlens: expected a lengths tensor, got a view of this plan's own metadata",
+                ));
+            }
+        }
+        with_all(&[&src], &[], |t, _| core(|| p.replan(t[0]))).map(|id| id as i64)
     }
 
     #[napi(getter)]

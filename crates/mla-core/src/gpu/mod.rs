@@ -13,11 +13,17 @@ pub mod launch;
 pub mod params;
 pub mod tma;
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use cudarc::driver::{result, sys, CudaContext, CudaStream};
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream};
 
-pub use buffer::DeviceBuffer;
+pub(crate) use buffer::{MemCtx, PinnedBuf};
+pub use buffer::{DeviceBuffer, PoolStats};
 
 use crate::device::{DeviceInfo, GpuStatus, MIN_DRIVER_CUDA_VERSION};
 use crate::error::{ErrorCode, MlaError, Result};
@@ -105,21 +111,28 @@ pub fn status() -> GpuStatus {
     }
 }
 
-/// One opened CUDA device: its primary context, a default stream, the loaded kernels and
-/// the device-side error flag that kernels set on bad device-resident input.
+/// One opened CUDA device: its primary context, a default stream, the loaded kernels, its
+/// memory (pool, staging ring, events) and the log of enqueued steps with their error flags.
 pub struct GpuDevice {
     ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
     kernels: kernels::Kernels,
-    error_flag: DeviceBuffer,
-    /// Held from a step's launch until its error flag is read (see `run_step`).
-    step_lock: Mutex<()>,
+    mem: Arc<MemCtx>,
+    steps: StepLog,
+}
+
+impl Drop for GpuDevice {
+    fn drop(&mut self) {
+        // The modules are unloaded next: no kernel of them may still be queued.
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.ctx.synchronize();
+    }
 }
 
 /// One `GpuDevice` per ordinal in the process, so that every handle to a GPU shares its
-/// stream (ordering) and its error flag.
+/// stream (ordering) and its step log.
 static OPEN: Mutex<Vec<(usize, std::sync::Weak<GpuDevice>)>> = Mutex::new(Vec::new());
 
 impl GpuDevice {
@@ -169,9 +182,10 @@ impl GpuDevice {
         };
         let stream = ctx.new_stream()?;
         let kernels = kernels::Kernels::load(&ctx)?;
-        let error_flag = DeviceBuffer::alloc(&ctx, &stream, 4)?;
-        error_flag.fill(0)?;
-        Ok(Arc::new(GpuDevice { ordinal, ctx, stream, info, kernels, error_flag, step_lock: Mutex::new(()) }))
+        let mem = MemCtx::new(&ctx, &stream, ordinal)?;
+        let steps = StepLog::new(&mem)?;
+        stream.synchronize()?;
+        Ok(Arc::new(GpuDevice { ordinal, ctx, stream, info, kernels, mem, steps }))
     }
 
     pub fn ordinal(&self) -> usize {
@@ -194,78 +208,531 @@ impl GpuDevice {
     pub fn kernels(&self) -> &kernels::Kernels {
         &self.kernels
     }
-    /// Device address of the error flag (an int kernels OR `MLA_ERR_*` bits into).
-    pub fn error_flag_ptr(&self) -> u64 {
-        self.error_flag.ptr()
+    pub(crate) fn mem(&self) -> &Arc<MemCtx> {
+        &self.mem
     }
     pub fn free_memory(&self) -> Result<u64> {
         self.ctx.bind_to_thread()?;
         Ok(result::mem_get_info()?.0 as u64)
     }
 
+    /// Device address of the error flag the kernels launched now must OR `MLA_ERR_*` bits
+    /// into: the current step's own flag when called inside a step on this thread (see
+    /// [`GpuDevice::step`]), else a flag for work outside any step, which
+    /// [`GpuDevice::synchronize`] reports.
+    pub fn error_flag_ptr(&self) -> u64 {
+        match current_step(self) {
+            Some(c) => c.flag,
+            None => {
+                self.steps.ambient_used.store(true, Ordering::Release);
+                self.steps.ambient_ptr()
+            }
+        }
+    }
+
     pub fn alloc_zeroed(&self, nbytes: usize) -> Result<DeviceBuffer> {
-        let b = DeviceBuffer::alloc(&self.ctx, &self.stream, nbytes)?;
+        let b = DeviceBuffer::alloc(&self.mem, nbytes)?;
         b.fill(0)?;
         Ok(b)
     }
 
     /// An allocation whose contents are left as they are (no memset queued).
     pub fn alloc_uninit(&self, nbytes: usize) -> Result<DeviceBuffer> {
-        DeviceBuffer::alloc(&self.ctx, &self.stream, nbytes)
+        DeviceBuffer::alloc(&self.mem, nbytes)
     }
 
+    /// A new buffer holding `bytes` (the copy is queued; `bytes` is not borrowed after the call).
     pub fn upload(&self, bytes: &[u8]) -> Result<DeviceBuffer> {
-        let mut b = DeviceBuffer::alloc(&self.ctx, &self.stream, bytes.len())?;
+        let mut b = DeviceBuffer::alloc(&self.mem, bytes.len())?;
         b.write(0, bytes)?;
         Ok(b)
     }
 
-    /// Waits for every stream of this context, then turns a flagged device error into a
-    /// typed error (and clears the flag).
+    /// Notes that work goes to `stream` and, when it is not the device's stream, orders it
+    /// after everything queued on the device's stream so far (allocations, uploads). Returns
+    /// whether `stream` is capturing a graph: then the wait is left out (the caller orders
+    /// its capture stream itself) and no step bookkeeping may be queued on it. The device's
+    /// own stream is never captured by this library; do not capture it yourself.
+    pub(crate) fn prepare_stream(&self, stream: &Arc<CudaStream>) -> Result<bool> {
+        if !self.mem.note_stream(stream) {
+            return Ok(false);
+        }
+        let capturing = stream.capture_status()? != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        if !capturing {
+            let ev = self.mem.event()?;
+            ev.record(&self.stream)?;
+            stream.wait(&ev)?;
+            self.mem.recycle(ev);
+        }
+        Ok(capturing)
+    }
+
+    /// Runs `enqueue` (which queues kernels on `stream`) as one step of this device and
+    /// returns its id, without waiting for the device and without queueing anything after
+    /// the step's own work.
+    ///
+    /// Every step has an error flag of its own (a slot of the device's log): kernels
+    /// launched by `enqueue` on this thread OR their `MLA_ERR_*` bits into it
+    /// ([`GpuDevice::error_flag_ptr`]). A synchronising call ([`GpuDevice::synchronize`],
+    /// [`GpuDevice::wait_step`], reading a tensor) first queues one copy of all the slots
+    /// into pinned host memory (a "harvest", behind the work queued so far), then waits, and
+    /// reports the first failed step as a typed error naming the step (`step 12 (decode):
+    /// block_table: ...`). A failed step's slot is cleared before it is reused, so a bad step
+    /// never marks a later one.
+    ///
+    /// A step inside a step (on the same thread) is part of the outer step. When `enqueue`
+    /// fails, its error is returned (and whatever it launched is still tracked, so that
+    /// nothing leaks into a later step). Steps on another stream than the device's are
+    /// tracked as by [`GpuDevice::step_tracked`].
+    pub fn step<T>(&self, label: impl Into<Cow<'static, str>>, stream: &Arc<CudaStream>, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+        self.step_inner(label.into(), stream, None, false, enqueue)
+    }
+
+    /// [`GpuDevice::step`] for a step that will be waited on by itself (a decode's promise,
+    /// `decodeSync`, `run_step`): a 4-byte copy of its flag into pinned memory and an event
+    /// are queued after it, so that [`GpuDevice::wait_step`] waits for this step only and
+    /// reads its flag with no further round trip.
+    pub fn step_tracked<T>(&self, label: impl Into<Cow<'static, str>>, stream: &Arc<CudaStream>, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+        self.step_inner(label.into(), stream, None, true, enqueue)
+    }
+
+    /// A step whose kernels were given `flag` (a device int) at capture time instead of a
+    /// slot of the log (a CUDA graph's own flag): after its work, `flag` is copied into the
+    /// step's slot and cleared, in stream order.
+    pub(crate) fn step_with_flag<T>(&self, label: Cow<'static, str>, stream: &Arc<CudaStream>, flag: u64, tracked: bool, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+        self.step_inner(label, stream, Some(flag), tracked, enqueue)
+    }
+
+    fn step_inner<T>(&self, label: Cow<'static, str>, stream: &Arc<CudaStream>, shared: Option<u64>, tracked: bool, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+        if let Some(c) = current_step(self) {
+            return enqueue().map(|v| (c.id, v));
+        }
+        let tracked = tracked || stream.cu_stream() != self.stream.cu_stream();
+        let mut st = loop {
+            let st = self.steps.lock();
+            if !st.free.is_empty() {
+                break st;
+            }
+            // Every slot holds a step not looked at yet: harvest (waits for the queued work).
+            drop(st);
+            self.harvest(Wait::Harvest)?;
+        };
+        let slot = st.free.pop().unwrap();
+        let id = st.next_id;
+        st.next_id += 1;
+        let flag = self.steps.slot_ptr(slot);
+        let r = {
+            let _in = StepGuard::enter(CurrentStep { device: key(self), flag, id });
+            enqueue()
+        };
+        let event = match self.steps.finish(&self.mem, stream, slot, shared, tracked) {
+            Ok(e) => e,
+            Err(e) => {
+                // Nothing tracks the step: wait for it here and clear its flag now.
+                let _ = self.ctx.synchronize();
+                let _ = self.steps.clear_slot_sync(&self.stream, slot);
+                st.free.push(slot);
+                return Err(e);
+            }
+        };
+        st.pending.push_back(Pending { id, label, slot, event, known: r.is_err() });
+        r.map(|v| (id, v))
+    }
+
+    /// The id of the step this thread is enqueueing on this device, if any.
+    pub fn current_step(&self) -> Option<StepId> {
+        current_step(self).map(|c| c.id)
+    }
+
+    /// Waits until step `id` has completed and reports its own error (a failed step is
+    /// reported once: here, or by the next synchronising call when nobody waited for it).
+    /// Errors of other steps stay for the next [`GpuDevice::synchronize`]. For a step made
+    /// by [`GpuDevice::step`] (not tracked) this waits for everything queued on the device's
+    /// stream up to this call.
+    pub fn wait_step(&self, id: StepId) -> Result<()> {
+        if current_step(self).is_some() {
+            return Err(MlaError::new(ErrorCode::InvalidArgument, "wait_step: called while enqueueing a step on this thread"));
+        }
+        let ev = {
+            let st = self.steps.lock();
+            if id == 0 || id >= st.next_id {
+                return Err(MlaError::arg(ErrorCode::InvalidArgument, "step", format!("the id of a step enqueued on this device (1..{})", st.next_id), id));
+            }
+            st.pending.iter().find(|p| p.id == id).map(|p| p.event.clone())
+        };
+        match ev {
+            Some(Some(ev)) => {
+                ev.synchronize()?;
+                let mut st = self.steps.lock();
+                self.steps.resolve_tracked(&mut st, &self.stream)?;
+            }
+            Some(None) => self.harvest(Wait::Harvest)?,
+            None => {}
+        }
+        let mut st = self.steps.lock();
+        match st.failed.iter().position(|f| f.id == id) {
+            Some(i) => Err(st.failed.remove(i).into_error(&[])),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for every stream of this context, then reports the first step that failed and
+    /// was not reported yet (its flag bits as a typed error naming the step); the others that
+    /// failed with it are named in the message and dropped. Work launched outside any step
+    /// is reported as step 0.
     pub fn synchronize(&self) -> Result<()> {
-        let _step = self.step_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.sync_and_take_error()
+        if current_step(self).is_some() {
+            return Err(MlaError::new(ErrorCode::InvalidArgument, "synchronize: called while enqueueing a step on this thread"));
+        }
+        self.harvest(Wait::Device)?;
+        report(&mut self.steps.lock())
+    }
+
+    /// Copies `buf` to the host (a synchronising call: it reports the first failed step
+    /// that has completed, see [`GpuDevice::step`]). Inside a step on this thread it only
+    /// copies.
+    pub fn download_checked(&self, buf: &DeviceBuffer) -> Result<Vec<u8>> {
+        if current_step(self).is_some() {
+            return buf.download();
+        }
+        let mut bytes = None;
+        self.harvest(Wait::Then(&mut || {
+            bytes = Some(buf.download()?);
+            Ok(())
+        }))?;
+        report(&mut self.steps.lock())?;
+        Ok(bytes.expect("downloaded"))
+    }
+
+    /// Reports (without waiting) the first failed step among those whose flags were read.
+    pub fn check_steps(&self) -> Result<()> {
+        if current_step(self).is_some() {
+            return Ok(());
+        }
+        let mut st = self.steps.lock();
+        self.steps.resolve_tracked(&mut st, &self.stream)?;
+        report(&mut st)
+    }
+
+    /// Queues a harvest of every step slot behind the work queued so far, waits as `wait`
+    /// says, then looks at the flags of the steps it covers (and of tracked steps that
+    /// completed). Harvests are serialised; the step log is not locked while waiting.
+    fn harvest(&self, wait: Wait<'_>) -> Result<()> {
+        let _one = self.steps.harvest_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (cover, event) = {
+            let st = self.steps.lock();
+            // No step is half enqueued while the log is locked: every step below `cover` has
+            // queued its work before this copy.
+            let ev = self.steps.queue_harvest(&self.mem, &self.stream)?;
+            (st.next_id, ev)
+        };
+        match wait {
+            Wait::Harvest => event.synchronize()?,
+            Wait::Device => {
+                let epoch = self.mem.epoch();
+                self.ctx.synchronize()?;
+                self.mem.mark_clean(epoch);
+            }
+            Wait::Then(f) => {
+                f()?;
+                event.synchronize()?;
+            }
+        }
+        let mut st = self.steps.lock();
+        self.steps.resolve_harvested(&mut st, &self.stream, cover)?;
+        self.steps.resolve_tracked(&mut st, &self.stream)?;
+        self.mem.recycle(event);
+        Ok(())
     }
 
     /// See [`crate::Device::run_step`].
     pub fn run_step<T>(&self, enqueue: impl FnOnce() -> Result<T>) -> Result<T> {
-        let _step = self.step_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let r = enqueue();
-        // Even when enqueueing failed half-way, wait and clear what was flagged, so that
-        // no error leaks into the next step.
-        let s = self.sync_and_take_error();
-        let v = r?;
-        s.map(|_| v)
+        if current_step(self).is_some() {
+            return enqueue();
+        }
+        let (id, v) = self.step_tracked("step", &self.stream.clone(), enqueue)?;
+        self.wait_step(id)?;
+        Ok(v)
     }
 
-    fn sync_and_take_error(&self) -> Result<()> {
-        self.ctx.synchronize()?;
-        let bytes = self.error_flag.download()?;
-        let flag = i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        if flag == 0 {
-            return Ok(());
+    /// Steps enqueued whose flags were not looked at yet.
+    pub fn pending_steps(&self) -> usize {
+        self.steps.lock().pending.len()
+    }
+
+    pub fn memory_stats(&self) -> PoolStats {
+        self.mem.stats()
+    }
+}
+
+/// How a harvest waits.
+enum Wait<'a> {
+    /// For the harvest copy itself (everything queued on the device's stream before it).
+    Harvest,
+    /// For every stream of the context.
+    Device,
+    /// Runs the closure (which waits for the device's stream, e.g. a download), then for
+    /// the harvest copy.
+    Then(&'a mut dyn FnMut() -> Result<()>),
+}
+
+/// Id of an enqueued step: per device, 1, 2, 3, ... (0 names work outside any step).
+pub type StepId = u64;
+
+/// Step slots of a device's log: at most this many steps are enqueued and not looked at;
+/// the next one first harvests (which waits for the work queued so far).
+pub const STEP_SLOTS: usize = 1024;
+
+#[derive(Clone, Copy)]
+struct CurrentStep {
+    device: usize,
+    flag: u64,
+    id: StepId,
+}
+
+thread_local! {
+    static CURRENT: Cell<Option<CurrentStep>> = const { Cell::new(None) };
+}
+
+fn key(g: &GpuDevice) -> usize {
+    g as *const GpuDevice as usize
+}
+
+fn current_step(g: &GpuDevice) -> Option<CurrentStep> {
+    CURRENT.with(|c| c.get()).filter(|c| c.device == key(g))
+}
+
+/// Marks this thread as enqueueing a step until dropped (also on a panic).
+struct StepGuard(Option<CurrentStep>);
+impl StepGuard {
+    fn enter(c: CurrentStep) -> StepGuard {
+        StepGuard(CURRENT.with(|x| x.replace(Some(c))))
+    }
+}
+impl Drop for StepGuard {
+    fn drop(&mut self) {
+        CURRENT.with(|x| x.set(self.0));
+    }
+}
+
+/// Runs `f` with kernels' error flag set to `flag` (a graph capture's own flag).
+pub(crate) fn with_flag<T>(g: &GpuDevice, flag: u64, f: impl FnOnce() -> T) -> T {
+    let _in = StepGuard::enter(CurrentStep { device: key(g), flag, id: 0 });
+    f()
+}
+
+struct Pending {
+    id: StepId,
+    label: Cow<'static, str>,
+    slot: u32,
+    /// Tracked steps: the event after the copy of their flag into their pinned slot.
+    /// Others are looked at by a harvest.
+    event: Option<Arc<CudaEvent>>,
+    /// Its enqueue failed and returned that error: flags are cleared, not reported.
+    known: bool,
+}
+
+struct StepFailure {
+    id: StepId,
+    label: Cow<'static, str>,
+    bits: i32,
+}
+
+impl StepFailure {
+    fn into_error(self, others: &[StepId]) -> MlaError {
+        let mut e = flag_error(self.bits);
+        e.message = format!("step {} ({}): {}", self.id, self.label, e.message);
+        if !others.is_empty() {
+            let ids: Vec<String> = others.iter().map(|i| i.to_string()).collect();
+            e.message.push_str(&format!(" [later failed steps, reported with this one: {}]", ids.join(", ")));
         }
-        self.error_flag.fill(0)?;
-        self.stream.synchronize()?; // cleared before any later step can flag again
-        if flag & params::MLA_ERR_BLOCK_INDEX != 0 {
-            return Err(MlaError::new(
-                ErrorCode::BlockIndexOutOfRange,
-                "block_table: a device-resident block index that would be read is outside [0, num_blocks); \
-                 the kernel skipped it and the outputs of this step are not valid",
-            ));
+        e
+    }
+}
+
+/// The typed error for flag bits (the first that is set, in this order).
+fn flag_error(bits: i32) -> MlaError {
+    if bits & params::MLA_ERR_BLOCK_INDEX != 0 {
+        return MlaError::new(
+            ErrorCode::BlockIndexOutOfRange,
+            "block_table: a device-resident block index that would be read (or, by a cache append, written) is \
+             outside [0, num_blocks); the kernel skipped it and the outputs of this step are not valid",
+        );
+    }
+    if bits & params::MLA_ERR_SEQLEN != 0 {
+        return MlaError::new(
+            ErrorCode::SeqlenOutOfRange,
+            "cache_seqlens: a device-resident length is outside [0, max_blocks_per_seq * 64]; \
+             the outputs of this step are not valid",
+        );
+    }
+    MlaError::new(
+        ErrorCode::InvalidArgument,
+        "plan: the scheduling metadata does not fit these cache_seqlens (a plan made for other \
+         lengths: call replan after the lengths change); the outputs of this step are not valid",
+    )
+}
+
+/// The first failed step as an error; the rest are named in its message and dropped.
+fn report(st: &mut StepState) -> Result<()> {
+    if st.failed.is_empty() {
+        return Ok(());
+    }
+    st.failed.sort_by_key(|f| f.id);
+    let first = st.failed.remove(0);
+    let others: Vec<StepId> = st.failed.drain(..).map(|f| f.id).collect();
+    Err(first.into_error(&others))
+}
+
+struct StepState {
+    next_id: StepId,
+    free: Vec<u32>,
+    pending: VecDeque<Pending>,
+    failed: Vec<StepFailure>,
+}
+
+/// The per-device log of steps and their error flags.
+struct StepLog {
+    /// STEP_SLOTS + 1 ints on the device: one flag per slot, then the flag of work outside
+    /// any step. Zero whenever a slot is free.
+    flags: DeviceBuffer,
+    /// STEP_SLOTS ints of pinned host memory: tracked steps' flags, copied after their work.
+    tracked: PinnedBuf,
+    /// STEP_SLOTS + 1 ints of pinned host memory: the last harvest of `flags`.
+    harvested: PinnedBuf,
+    state: Mutex<StepState>,
+    harvest_lock: Mutex<()>,
+    ambient_used: AtomicBool,
+}
+
+fn read_int(buf: &PinnedBuf, i: usize) -> i32 {
+    debug_assert!(buf.len() >= (i + 1) * 4);
+    // SAFETY: in bounds; the copy that wrote it completed (its event did).
+    unsafe { std::ptr::read_volatile((buf.ptr() as *const i32).add(i)) }
+}
+
+impl StepLog {
+    fn new(mem: &Arc<MemCtx>) -> Result<StepLog> {
+        let flags = DeviceBuffer::alloc(mem, (STEP_SLOTS + 1) * 4)?;
+        flags.fill(0)?;
+        Ok(StepLog {
+            flags,
+            tracked: PinnedBuf::new(&mem.ctx, STEP_SLOTS * 4)?,
+            harvested: PinnedBuf::new(&mem.ctx, (STEP_SLOTS + 1) * 4)?,
+            state: Mutex::new(StepState { next_id: 1, free: (0..STEP_SLOTS as u32).rev().collect(), pending: VecDeque::new(), failed: Vec::new() }),
+            harvest_lock: Mutex::new(()),
+            ambient_used: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, StepState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn slot_ptr(&self, slot: u32) -> u64 {
+        self.flags.ptr() + 4 * slot as u64
+    }
+    fn ambient_ptr(&self) -> u64 {
+        self.flags.ptr() + 4 * STEP_SLOTS as u64
+    }
+
+    /// Queues after the step's work on `stream`: for a shared flag, its copy into the slot
+    /// and its clear; for a tracked step, the copy of its flag into its pinned slot and an
+    /// event (returned).
+    fn finish(&self, mem: &MemCtx, stream: &CudaStream, slot: u32, shared: Option<u64>, tracked: bool) -> Result<Option<Arc<CudaEvent>>> {
+        mem.ctx.bind_to_thread()?;
+        let s = stream.cu_stream();
+        unsafe {
+            if tracked {
+                let dst = (self.tracked.ptr() as *mut i32).add(slot as usize) as *mut c_void;
+                sys::cuMemcpyDtoHAsync_v2(dst, shared.unwrap_or(self.slot_ptr(slot)), 4, s).result()?;
+            } else if let Some(f) = shared {
+                sys::cuMemcpyDtoDAsync_v2(self.slot_ptr(slot), f, 4, s).result()?;
+            }
+            if let Some(f) = shared {
+                sys::cuMemsetD32Async(f, 0, 1, s).result()?;
+            }
         }
-        if flag & params::MLA_ERR_SEQLEN != 0 {
-            return Err(MlaError::new(
-                ErrorCode::SeqlenOutOfRange,
-                "cache_seqlens: a device-resident length is outside [0, max_blocks_per_seq * 64]; \
-                 the outputs of this step are not valid",
-            ));
+        if !tracked {
+            return Ok(None);
         }
-        Err(MlaError::new(
-            ErrorCode::InvalidArgument,
-            "plan: the scheduling metadata does not fit these cache_seqlens (a plan made for other \
-             lengths: call replan after the lengths change); the outputs of this step are not valid",
-        ))
+        let ev = mem.event()?;
+        ev.record(stream)?;
+        Ok(Some(Arc::new(ev)))
+    }
+
+    /// Queues the copy of every slot into `harvested` on the device's stream, and an event.
+    fn queue_harvest(&self, mem: &MemCtx, stream: &CudaStream) -> Result<CudaEvent> {
+        mem.ctx.bind_to_thread()?;
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(self.harvested.ptr() as *mut c_void, self.flags.ptr(), (STEP_SLOTS + 1) * 4, stream.cu_stream()).result()?;
+        }
+        let ev = mem.event()?;
+        ev.record(stream)?;
+        Ok(ev)
+    }
+
+    /// A step's flag was read as `bits`: free its slot (cleared first when set) and record
+    /// the failure.
+    fn settle(&self, st: &mut StepState, stream: &CudaStream, p: Pending, bits: i32) -> Result<()> {
+        if bits != 0 {
+            self.clear_slot_sync(stream, p.slot)?;
+            if !p.known {
+                st.failed.push(StepFailure { id: p.id, label: p.label, bits });
+            }
+        }
+        st.free.push(p.slot);
+        Ok(())
+    }
+
+    /// Tracked steps whose event completed.
+    fn resolve_tracked(&self, st: &mut StepState, stream: &CudaStream) -> Result<()> {
+        let mut i = 0;
+        while i < st.pending.len() {
+            let done = match &st.pending[i].event {
+                Some(e) => e.try_is_complete()?,
+                None => false,
+            };
+            if !done {
+                i += 1;
+                continue;
+            }
+            let p = st.pending.remove(i).unwrap();
+            let bits = read_int(&self.tracked, p.slot as usize);
+            if let Some(ev) = p.event.clone().and_then(|e| Arc::try_unwrap(e).ok()) {
+                self.flags.mem_ctx().recycle(ev);
+            }
+            self.settle(st, stream, p, bits)?;
+        }
+        Ok(())
+    }
+
+    /// Untracked steps below `cover`, from a completed harvest (they ran before it on the
+    /// device's stream), and the flag of work outside any step.
+    fn resolve_harvested(&self, st: &mut StepState, stream: &CudaStream, cover: StepId) -> Result<()> {
+        let mut i = 0;
+        while i < st.pending.len() {
+            if st.pending[i].event.is_some() || st.pending[i].id >= cover {
+                i += 1;
+                continue;
+            }
+            let p = st.pending.remove(i).unwrap();
+            let bits = read_int(&self.harvested, p.slot as usize);
+            self.settle(st, stream, p, bits)?;
+        }
+        let ambient = read_int(&self.harvested, STEP_SLOTS);
+        if ambient != 0 && self.ambient_used.swap(false, Ordering::AcqRel) {
+            unsafe { sys::cuMemsetD32Async(self.ambient_ptr(), 0, 1, stream.cu_stream()).result()? };
+            stream.synchronize()?;
+            st.failed.push(StepFailure { id: 0, label: "work outside a step".into(), bits: ambient });
+        }
+        Ok(())
+    }
+
+    /// Zeroes a slot's device flag before the slot is reused (after a failure only).
+    fn clear_slot_sync(&self, stream: &CudaStream, slot: u32) -> Result<()> {
+        unsafe { sys::cuMemsetD32Async(self.slot_ptr(slot), 0, 1, stream.cu_stream()).result()? };
+        stream.synchronize()?;
+        Ok(())
     }
 }
 

@@ -37,6 +37,36 @@ pub fn fill_random(t: &mut Tensor, seed: u64, std: f32, clamp: f32) -> Result<()
     unsafe { launch_args(&f, g.stream(), &dims, &mut args) }
 }
 
+/// Scatters `n` latent rows into a paged cache pool, on the device's stream (the kernel of
+/// `kernels/sm90/mla_cache_append.cu`): row `i` (`row_bytes` bytes at `src + i * src_stride`)
+/// goes to token slot `slots[i]` (int64, block * 64 + row) of `pool`. A slot outside
+/// `[0, num_slots)` is skipped and flagged (`MLA_ERR_BLOCK_INDEX`) in the current step's
+/// flag. Pointers and strides must be 16-byte aligned.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cache_scatter(g: &GpuDevice, pool: u64, num_slots: i64, src: u64, src_stride: i64, slots: u64, n: i64, row_bytes: i32) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    debug_assert!(row_bytes % 16 == 0 && src_stride % 16 == 0 && pool % 16 == 0 && src % 16 == 0);
+    let f = g.kernels().function("sm90/mla_cache_append", "mla_cache_append", 0)?;
+    let (mut pool, mut num_slots, mut src, mut stride_vec, mut slots, mut n, mut row_vecs, mut flag) =
+        (pool, num_slots, src, src_stride / 16, slots, n, row_bytes / 16, g.error_flag_ptr());
+    let mut args = [
+        &mut pool as *mut u64 as *mut c_void,
+        &mut num_slots as *mut i64 as *mut c_void,
+        &mut src as *mut u64 as *mut c_void,
+        &mut stride_vec as *mut i64 as *mut c_void,
+        &mut slots as *mut u64 as *mut c_void,
+        &mut n as *mut i64 as *mut c_void,
+        &mut row_vecs as *mut i32 as *mut c_void,
+        &mut flag as *mut u64 as *mut c_void,
+    ];
+    let threads = n as u64 * row_vecs as u64;
+    let blocks = threads.div_ceil(256).clamp(1, g.info().multiprocessors as u64 * 8) as u32;
+    let dims = LaunchDims { grid: (blocks, 1, 1), block: (256, 1, 1), smem: 0 };
+    unsafe { launch_args(&f, g.stream(), &dims, &mut args) }
+}
+
 /// Milliseconds between two points on a stream, measured with CUDA events.
 pub struct Timer {
     start: cudarc::driver::CudaEvent,

@@ -533,3 +533,5 @@ pub fn check(what: &str, inp: &Inputs, out_bits: &[u16], lse: &[f32], r: &Refere
     }
     err
 }
+
+pub mod serve;
