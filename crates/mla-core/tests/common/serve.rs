@@ -592,6 +592,7 @@ pub fn soak(dev: &Device, steps: usize) {
     assert_eq!(m1.host_tensor_bytes, m0.host_tensor_bytes, "host tensor bytes");
     assert_eq!(m1.pending_steps, 0, "steps left pending");
     if let (Some(g0), Some(g1)) = (m0.gpu, m1.gpu) {
+        assert!(g1.pooled || std::env::var("MLA_ALLOC").as_deref() == Ok("sync"), "device allocations are not pooled");
         assert_eq!((g1.live_buffers, g1.live_bytes), (g0.live_buffers, g0.live_bytes), "device buffers");
         assert!(g1.pool_reserved <= g0.pool_reserved.max(g0.pool_used) + (8 << 20), "pool reserved {} -> {}", g0.pool_reserved, g1.pool_reserved);
         assert!(g1.device_free + (64 << 20) >= g0.device_free, "device free memory {} -> {}", g0.device_free, g1.device_free);
