@@ -378,6 +378,8 @@ export interface MemoryStats {
   poolReservedBytes: number
   poolUsedBytes: number
   deviceFreeBytes: number
+  /** CUDA: allocations come from the stream-ordered memory pool (false on the CPU backend, or with `MLA_ALLOC=sync`). */
+  pooled: boolean
 }
 
 /** Static facts about a device. */

@@ -469,3 +469,43 @@ fn serve_soak_10k_steps_with_forks_and_frees() {
     let Some(dev) = gpu("serve_soak_10k_steps_with_forks_and_frees") else { return };
     common::serve::soak(&dev, 10_000);
 }
+
+/// Stream-ordered frees: inputs dropped right after enqueueing stay valid for the step.
+#[test]
+fn serve_inputs_dropped_after_enqueue_stay_valid() {
+    let Some(dev) = gpu("serve_inputs_dropped_after_enqueue_stay_valid") else { return };
+    common::serve::inputs_dropped_after_enqueue_stay_valid(&dev);
+}
+
+/// One plan shared by decodes on two streams of the caller's: each decode waits for the
+/// plan's earlier work on the other stream (and for the device stream's uploads), so every
+/// result is exact; errors of steps on other streams are still reported by id.
+#[test]
+fn serve_shared_plan_across_streams() {
+    let Some(dev) = gpu("serve_shared_plan_across_streams") else { return };
+    let Device::Cuda(g) = &dev else { unreachable!() };
+    let mut rng = Rng::fresh();
+    let inp = Inputs::random(Case::new(DType::BF16, 64, 2, vec![3000, 1, 700, 129]), false, &mut rng);
+    let t = inp.tensors(&dev);
+    let p = plan(&t.seqlens, 128, 1).unwrap();
+    let streams = [g.new_stream().unwrap(), g.new_stream().unwrap()];
+    let mut outs: Vec<(Tensor, Tensor)> = (0..6).map(|_| common::serve::poisoned_outputs(&dev, &inp)).collect();
+    let mut ids = Vec::new();
+    for (k, (o, l)) in outs.iter_mut().enumerate() {
+        let opts = DecodeOptions { causal: true, stream: Some(streams[k % 2].clone()), label: Some(format!("stream {}", k % 2).into()), ..Default::default() };
+        ids.push(mla_core::decode::enqueue_into(&t.q, &t.kv, &t.block_table, &t.seqlens, &p, &opts, o, l).unwrap());
+    }
+    let bt = common::serve::bad_table(&dev, &inp, inp.num_blocks() as i32);
+    let (mut bo, mut bl) = common::serve::poisoned_outputs(&dev, &inp);
+    let opts = DecodeOptions { causal: true, stream: Some(streams[1].clone()), label: Some("bad on stream 1".into()), ..Default::default() };
+    let bad = mla_core::decode::enqueue_into(&t.q, &t.kv, &bt, &t.seqlens, &p, &opts, &mut bo, &mut bl).unwrap();
+    for id in &ids {
+        dev.wait_step(*id).unwrap();
+    }
+    let e = dev.synchronize().unwrap_err();
+    assert_eq!(e.code, ErrorCode::BlockIndexOutOfRange, "{e}");
+    assert!(e.message.starts_with(&format!("step {bad} (bad on stream 1): ")), "{e}");
+    for (o, l) in &outs {
+        common::serve::check_outputs(&inp, o, l, "a decode on a caller's stream with a shared plan");
+    }
+}

@@ -98,3 +98,9 @@ fn soak_10k_steps_with_forks_and_frees() {
     let (_g, dev) = cpu();
     serve::soak(&dev, 10_000);
 }
+
+#[test]
+fn inputs_dropped_after_enqueue_stay_valid() {
+    let (_g, dev) = cpu();
+    serve::inputs_dropped_after_enqueue_stay_valid(&dev);
+}

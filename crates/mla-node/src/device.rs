@@ -197,6 +197,7 @@ impl Device {
             pool_reserved_bytes: g.pool_reserved as f64,
             pool_used_bytes: g.pool_used as f64,
             device_free_bytes: g.device_free as f64,
+            pooled: g.pooled,
         })
     }
 
@@ -303,6 +304,8 @@ pub struct MemoryStats {
     pub pool_used_bytes: f64,
     /// CUDA: free device memory.
     pub device_free_bytes: f64,
+    /// CUDA: whether allocations come from the stream-ordered memory pool.
+    pub pooled: bool,
 }
 
 fn step_id(step: i64) -> Result<u64> {

@@ -115,6 +115,9 @@ pub struct PoolStats {
     pub pool_used: u64,
     /// Free device memory reported by the driver.
     pub device_free: u64,
+    /// Whether allocations come from the stream-ordered pool (else `cuMemAlloc`, whose frees
+    /// wait for the device).
+    pub pooled: bool,
 }
 
 fn event_flags() -> Option<sys::CUevent_flags> {
@@ -127,7 +130,9 @@ impl MemCtx {
     pub(crate) fn new(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, ordinal: usize) -> Result<Arc<MemCtx>> {
         let want_pool = std::env::var("MLA_ALLOC").as_deref() != Ok("sync");
         let supported = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED).unwrap_or(0) != 0;
-        let pool = if want_pool && supported { Some(Pool(create_pool(ctx, ordinal)?)) } else { None };
+        // A pool that cannot be made (an unusual driver) leaves the synchronous allocator:
+        // slower frees, same results (`PoolStats::pooled` tells).
+        let pool = if want_pool && supported { create_pool(ctx, ordinal).ok().map(Pool) } else { None };
         Ok(Arc::new(MemCtx {
             ctx: ctx.clone(),
             stream: stream.clone(),
@@ -282,6 +287,7 @@ impl MemCtx {
         let mut s = PoolStats {
             live_bytes: self.live_bytes.load(Ordering::Relaxed) as u64,
             live_buffers: self.live_buffers.load(Ordering::Relaxed) as u64,
+            pooled: self.pool.is_some(),
             ..Default::default()
         };
         if let Some(p) = &self.pool {

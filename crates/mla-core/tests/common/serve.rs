@@ -592,6 +592,7 @@ pub fn soak(dev: &Device, steps: usize) {
     assert_eq!(m1.host_tensor_bytes, m0.host_tensor_bytes, "host tensor bytes");
     assert_eq!(m1.pending_steps, 0, "steps left pending");
     if let (Some(g0), Some(g1)) = (m0.gpu, m1.gpu) {
+        assert!(g1.pooled || std::env::var("MLA_ALLOC").as_deref() == Ok("sync"), "device allocations are not pooled");
         assert_eq!((g1.live_buffers, g1.live_bytes), (g0.live_buffers, g0.live_bytes), "device buffers");
         assert!(g1.pool_reserved <= g0.pool_reserved.max(g0.pool_used) + (8 << 20), "pool reserved {} -> {}", g0.pool_reserved, g1.pool_reserved);
         assert!(g1.device_free + (64 << 20) >= g0.device_free, "device free memory {} -> {}", g0.device_free, g1.device_free);
@@ -601,4 +602,29 @@ pub fn soak(dev: &Device, steps: usize) {
         cache.free(s).unwrap();
     }
     assert_eq!(cache.free_blocks(), cache.num_blocks(), "every block back on the free list");
+}
+
+/// Inputs dropped right after a step is enqueued (and their memory handed out again and
+/// overwritten at once) do not change the step's result: memory is freed in stream order.
+pub fn inputs_dropped_after_enqueue_stay_valid(dev: &Device) {
+    let mut rng = Rng::new("inputs_dropped_after_enqueue_stay_valid");
+    let (inp, _) = inputs(&mut rng, vec![300, 65, 1000]);
+    let (mut out, mut lse) = poisoned_outputs(dev, &inp);
+    {
+        let t = inp.tensors(dev);
+        let p = plan(&t.seqlens, inp.s_q * inp.h_q, 1).unwrap();
+        enqueue_into(&t.q, &t.kv, &t.block_table, &t.seqlens, &p, &opts("dropped"), &mut out, &mut lse).unwrap();
+        // t and p are dropped here, before the step has run on a GPU.
+    }
+    // New allocations of the same sizes, filled with garbage, may get the freed memory.
+    let junk: Vec<Tensor> = (0..4)
+        .map(|_| {
+            let mut t = Tensor::zeros(dev, &[inp.num_blocks(), 64, 1, 576], inp.dtype).unwrap();
+            t.fill_bytes(0x7F).unwrap();
+            t
+        })
+        .collect();
+    dev.synchronize().unwrap();
+    drop(junk);
+    check_outputs(&inp, &out, &lse, "a step whose inputs were dropped after enqueueing");
 }
