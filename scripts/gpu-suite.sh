@@ -30,6 +30,14 @@ for s in $stages; do
     # (by default they only take h_q * s_q <= 32).
     rust-mma) run_stage rust-mma env MLA_DECODE_KERNEL=mma .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ --include-ignored ;;
     rust-tma) run_stage rust-tma env MLA_DECODE_KERNEL=tma .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ --include-ignored ;;
+    # The warp-specialised wgmma kernel (not the default yet) on every row count, with the
+    # pipeline tests and compute-sanitizer.
+    rust-ws)
+      run_stage rust-ws env MLA_DECODE_KERNEL=ws .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ seqlen_zero --include-ignored
+      run_stage pipeline-ws env MLA_DECODE_KERNEL=ws .device/bin/gpu_pipeline --test-threads=1
+      for tool in memcheck racecheck synccheck; do
+        run_stage $tool-ws env MLA_DECODE_KERNEL=ws compute-sanitizer --tool $tool --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
+      done ;;
     # Every other variant on the edge cases (pass the names in VARIANTS).
     rust-variants) for v in ${VARIANTS:-}; do
         run_stage "rust-$v" env MLA_DECODE_KERNEL=$v .device/bin/gpu_decode --test-threads=1 edge_cases graph sanitizer_ --include-ignored
@@ -86,7 +94,7 @@ done
 
 echo
 echo "=== summary"
-for s in info sass rust pipeline rust-mma rust-tma bench-cli bench-host ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
+for s in info sass rust pipeline rust-mma rust-tma rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
   [[ -n "${result[$s]:-}" ]] && printf '%-10s %s\n' "$s" "${result[$s]}"
 done
 grep -h "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/ts.log 2>/dev/null | tail -6

@@ -61,6 +61,9 @@ pub enum DecodeKernel {
     MmaSync { tile: usize },
     /// wgmma, tiles of 64 rows, two warpgroups (`mla_decode_wgmma.cu`).
     Wgmma,
+    /// Warp-specialised wgmma, tiles of 64 rows: a TMA producer warpgroup and two consumer
+    /// warpgroups (`mla_decode_ws.cu`). Not measured yet: only with MLA_DECODE_KERNEL=ws.
+    WarpSpecialized,
 }
 
 impl DecodeKernel {
@@ -73,6 +76,7 @@ impl DecodeKernel {
             Ok("tma") => DecodeKernel::Tma { tile },
             Ok("mma") => DecodeKernel::MmaSync { tile },
             Ok("wgmma") => DecodeKernel::Wgmma,
+            Ok("ws") => DecodeKernel::WarpSpecialized,
             _ if rows <= 32 => DecodeKernel::Tma { tile },
             _ => DecodeKernel::Wgmma,
         }
@@ -80,7 +84,7 @@ impl DecodeKernel {
     pub fn tile(self) -> usize {
         match self {
             DecodeKernel::Tma { tile } | DecodeKernel::MmaSync { tile } => tile,
-            DecodeKernel::Wgmma => GPU_ROW_TILE,
+            DecodeKernel::Wgmma | DecodeKernel::WarpSpecialized => GPU_ROW_TILE,
         }
     }
     /// (module, function, dynamic shared memory bytes, threads per block), kept in step
@@ -105,6 +109,12 @@ impl DecodeKernel {
                 let t = GPU_ROW_TILE;
                 let bytes = t * row + 2 * BLOCK_SIZE * row + t * BLOCK_SIZE * 2 + 4 * t * 4 + 3 * t * 4 + 1024;
                 ("sm90/mla_decode_wgmma", format!("mla_decode_{ty}_wg64"), bytes, 256)
+            }
+            DecodeKernel::WarpSpecialized => {
+                // Q, 2 block stages, P, the factors, 1 / l twice, 8 mbarriers, alignment slack.
+                let t = GPU_ROW_TILE;
+                let bytes = t * row + 2 * BLOCK_SIZE * row + t * BLOCK_SIZE * 2 + t * 4 + 2 * t * 4 + 8 * 8 + 1024;
+                ("sm90/mla_decode_ws", format!("mla_decode_{ty}_ws64"), bytes, 384)
             }
         }
     }
@@ -172,6 +182,11 @@ pub fn decode_into(
         DecodeKernel::Tma { tile } => MlaDecodeParams {
             q_map: tma::q_map(p.q, s.dtype, s.b, rows, tile)?,
             kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE / 2)?,
+            ..p
+        },
+        DecodeKernel::WarpSpecialized => MlaDecodeParams {
+            q_map: tma::q_map(p.q, s.dtype, s.b, rows, GPU_ROW_TILE)?,
+            kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE)?,
             ..p
         },
         _ => p,

@@ -1,0 +1,319 @@
+// Split-KV MLA decode, warp-specialised wgmma (issue 8, stage C1 of the design brief):
+// 64-row tiles, one persistent CTA per SM part, three warpgroups.
+//
+//   WG2 (producer): warp 8's lane 0 walks the part's segments (for_each_segment) and
+//       streams each 64-token block into one of 2 full stages by TMA (9 boxes of 64
+//       columns x 64 rows, 128-byte swizzle), completing on the stage's full mbarrier; Q
+//       (64 rows x 576) likewise once per segment. Its other warps exit; setmaxnreg gives
+//       its registers to the consumers.
+//   WG0: S = Q K^T of every block (36 x m64n64k16 from shared memory: each warp owns 16
+//       whole rows, so the softmax needs no cross-warp reduction), the online softmax in
+//       registers, P published to shared memory with the per-row rescale factors, and the
+//       left half of O (V columns 0-255, 4 x m64n256k16 with P from registers).
+//   WG1: the right half of O (V columns 256-511, P from shared memory), rescaled by the
+//       factors WG0 published. Its PV of block n runs under WG0's S of block n + 1.
+// Handshakes: full / empty per stage (empty counts WG0 and WG1 once each), Q full / empty,
+// P full (128 WG0 arrivals) / P free (128 WG1 arrivals); named barrier 1 (256 threads)
+// at the end of a segment, where WG0 hands WG1 the row sums.
+//
+// Untrusted input as in the other kernels: a bad block index never becomes a TMA
+// coordinate (its stage is zero-filled, MLA_ERR_BLOCK_INDEX); rows past the sequence end
+// are masked in S and zeroed in the stage before any product reads them as V.
+//
+// Launch: grid (num_parts, ceil(rows / 64)), block 384, dynamic smem Smem::ALLOC;
+// params as __grid_constant__. Not the default yet: MLA_DECODE_KERNEL=ws (BENCHMARKS.md).
+#include "mla_common.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+namespace {
+
+using namespace mla;
+constexpr int M = 64;                     // query rows per tile
+constexpr int THREADS = 384;
+constexpr int REGION = M * 128;           // one 64-column box of a 64-row tile (8 KiB)
+constexpr int TILE = D / 64 * REGION;     // 9 regions: Q, or one cache block (72 KiB)
+constexpr int STAGES = 2;
+constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 2 * 128 * 232 + 128 * 40 = 384 * 168
+
+__device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
+    return (chunk >> 3) * REGION + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+}
+
+// Shared memory plan (bytes from a 1024-aligned base), kept in step with
+// DecodeKernel::function() in gpu/ops.rs.
+struct Smem {
+    static constexpr int Q = 0;
+    static constexpr int KV = Q + TILE;                // STAGES x TILE
+    static constexpr int P = KV + STAGES * TILE;       // 64 x 64 T, one swizzled region
+    static constexpr int SCALE = P + REGION;           // [64] f32: this block's rescale factors
+    static constexpr int INV_L = SCALE + M * 4;        // [2][64] f32: 1 / row sum, by segment parity
+    static constexpr int BARS = INV_L + 2 * M * 4;     // full[2], empty[2], q_full, q_empty, p_full, p_free
+    static constexpr int TOTAL = BARS + (2 * STAGES + 4) * 8;
+    static constexpr int ALLOC = TOTAL + 1024;
+    static_assert(ALLOC <= 227 * 1024, "shared memory over the sm_90 per-block limit");
+};
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+    __device__ static void qk(float* d, uint64_t a, uint64_t b) { wgmma_n64_bf16(d, a, b); }
+    __device__ static void pv_rs(float* d, const uint32_t* a, uint64_t b) { wgmma_n256t_rs_bf16(d, a, b); }
+    __device__ static void pv_ss(float* d, uint64_t a, uint64_t b) { wgmma_n256t_bf16(d, a, b); }
+};
+template <> struct Mma<__half> {
+    __device__ static void qk(float* d, uint64_t a, uint64_t b) { wgmma_n64_fp16(d, a, b); }
+    __device__ static void pv_rs(float* d, const uint32_t* a, uint64_t b) { wgmma_n256t_rs_fp16(d, a, b); }
+    __device__ static void pv_ss(float* d, uint64_t a, uint64_t b) { wgmma_n256t_fp16(d, a, b); }
+};
+
+// O (this warpgroup's 64 x 256 half) += P V-half of the block in `stage`, 4 k-steps of 16 keys.
+template <typename T>
+__device__ __forceinline__ void issue_pv_ss(float* o, uint32_t p_addr, uint32_t stage, int half) {
+#pragma unroll
+    for (int ks = 0; ks < BS / 16; ++ks)
+        Mma<T>::pv_ss(o, sw128_desc(p_addr + ks * 32, 16, 1024), sw128_desc(stage + half * 4 * REGION + ks * 16 * 128, REGION, 1024));
+}
+
+template <typename T>
+__device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
+    using L = Smem;
+    const uint32_t raw = smem_u32(smem_raw);
+    char* smem = smem_raw + (((raw + 1023) & ~1023u) - raw);
+    const uint32_t sbase = smem_u32(smem);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int wg = warp >> 2, wt = tid & 127;  // warpgroup, thread within it
+    const int r0 = blockIdx.y * M;
+    const uint32_t full0 = sbase + L::BARS, empty0 = full0 + STAGES * 8;
+    const uint32_t q_full = empty0 + STAGES * 8, q_empty = q_full + 8, p_full = q_empty + 8, p_free = p_full + 8;
+
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full0 + 8 * s, 1);
+            mbar_init(empty0 + 8 * s, 2);
+        }
+        mbar_init(q_full, 1);
+        mbar_init(q_empty, 1);
+        mbar_init(p_full, 128);
+        mbar_init(p_free, 128);
+        mbar_init_fence();
+    }
+    if (warp == 8 && lane == 0) {
+        tma_prefetch_map(&p.q_map);
+        tma_prefetch_map(&p.kv_map);
+    }
+    __syncthreads();
+
+    if (wg == 2) {
+        // ---- producer ----
+        regs_dec<PRODUCER_REGS>();
+        if (warp != 8 || lane != 0) return;
+        const uint64_t kv_policy = l2_evict_first(), q_policy = l2_evict_last();
+        Ring<STAGES> ring;
+        uint32_t q_loads = 0;
+        for_each_segment(p, [&](const Segment& sg) {
+            const auto load_block = [&](int n) {
+                const uint32_t full = full0 + 8 * ring.slot();
+                mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
+                const int idx = p.block_table[(size_t)sg.seq * p.max_blocks_per_seq + n];
+                if (idx < 0 || idx >= p.num_blocks) {
+                    atomicOr(p.error_flag, MLA_ERR_BLOCK_INDEX);
+                    uint4* z = reinterpret_cast<uint4*>(smem + L::KV + ring.slot() * TILE);
+                    for (int i = 0; i < TILE / 16; ++i) z[i] = make_uint4(0, 0, 0, 0);
+                    fence_async_smem();
+                    mbar_arrive(full);
+                } else {
+                    mbar_arrive_expect_tx(full, TILE);
+                    const uint32_t dst = sbase + L::KV + ring.slot() * TILE;
+#pragma unroll
+                    for (int c = 0; c < D / 64; ++c) tma_load_3d(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full, kv_policy);
+                }
+                ring.step();
+            };
+            // The first block needs a stage the previous segment frees before its last S,
+            // Q the consumers free after that S.
+            load_block(sg.lo);
+            mbar_wait(q_empty, (q_loads & 1) ^ 1);
+            mbar_arrive_expect_tx(q_full, TILE);
+#pragma unroll
+            for (int c = 0; c < D / 64; ++c) tma_load_3d(sbase + L::Q + c * REGION, &p.q_map, c * 64, r0, sg.seq, q_full, q_policy);
+            ++q_loads;
+            for (int n = sg.lo + 1; n < sg.hi; ++n) load_block(n);
+        });
+        return;
+    }
+
+    // ---- consumers ----
+    regs_inc<CONSUMER_REGS>();
+    const int wl = warp & 3, g = lane >> 2, t4 = lane & 3;
+    const int row0 = 16 * wl + g, row1 = row0 + 8;  // this thread's accumulator rows
+    float* scale_s = reinterpret_cast<float*>(smem + L::SCALE);
+    float* inv_l_s = reinterpret_cast<float*>(smem + L::INV_L);
+    Ring<STAGES> ring;
+    uint32_t q_loads = 0, p_uses = 0, segs = 0;
+    float o[128];
+
+    for_each_segment(p, [&](const Segment& sg) {
+        const int len = sg.len;
+        const int key_end0 = key_end_of_row(p, r0 + row0, len), key_end1 = key_end_of_row(p, r0 + row1, len);
+#pragma unroll
+        for (int i = 0; i < 128; ++i) o[i] = 0.f;
+        float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.f, l1 = 0.f;  // WG0: running max (log2) and partial sums
+
+        if (wg == 0) {
+            mbar_wait(q_full, q_loads & 1);
+            float s[32];
+            uint32_t pa[16];  // P as A fragments of the 4 k-steps of PV
+            for (int n = sg.lo; n < sg.hi; ++n) {
+                const uint32_t stage = sbase + L::KV + ring.slot() * TILE;
+                mbar_wait(full0 + 8 * ring.slot(), ring.phase());
+                const int valid = len - n * BS;
+                if (valid < BS) {
+                    // The sequence ends in this block: zero the V part of rows valid..63
+                    // (they may hold NaN) before any product reads the stage.
+                    char* st = smem + L::KV + ring.slot() * TILE;
+                    for (int i = wt; i < (BS - valid) * 64; i += 128) {
+                        const int row = valid + (i >> 6);
+                        *reinterpret_cast<uint4*>(st + ((i >> 3) & 7) * REGION + row * 128 + (i & 7) * 16) = make_uint4(0, 0, 0, 0);
+                    }
+                    fence_async_smem();
+                    named_sync<2, 128>();
+                }
+                // S = Q K^T, then (previous PV-left retired: groups retire in order).
+#pragma unroll
+                for (int i = 0; i < 32; ++i) s[i] = 0.f;
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    const uint32_t off = (kk >> 2) * REGION + (kk & 3) * 32;
+                    Mma<T>::qk(s, sw128_desc(sbase + L::Q + off, 16, 1024), sw128_desc(stage + off, 16, 1024));
+                }
+                wgmma_commit();
+                wgmma_wait<0>();
+                if (n + 1 == sg.hi && wt == 0) mbar_arrive(q_empty);  // Q read for the last time
+
+                // Online softmax of block n (log2 domain), rows row0 / row1.
+                float mx0 = -CUDART_INF_F, mx1 = -CUDART_INF_F;
+#pragma unroll
+                for (int i = 0; i < 32; ++i) {
+                    const int key = n * BS + (i >> 2) * 8 + t4 * 2 + (i & 1);
+                    const bool hi_row = i & 2;
+                    s[i] = key < (hi_row ? key_end1 : key_end0) ? s[i] * p.scale_log2 : -CUDART_INF_F;
+                    if (hi_row) mx1 = fmaxf(mx1, s[i]); else mx0 = fmaxf(mx0, s[i]);
+                }
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+                const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+                const float a0 = mn0 == -CUDART_INF_F ? 1.f : exp2f(m0 - mn0);
+                const float a1 = mn1 == -CUDART_INF_F ? 1.f : exp2f(m1 - mn1);
+                m0 = mn0;
+                m1 = mn1;
+                float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+                for (int i = 0; i < 32; i += 4) {
+                    const float p00 = mn0 == -CUDART_INF_F ? 0.f : exp2f(s[i] - mn0);
+                    const float p01 = mn0 == -CUDART_INF_F ? 0.f : exp2f(s[i + 1] - mn0);
+                    const float p10 = mn1 == -CUDART_INF_F ? 0.f : exp2f(s[i + 2] - mn1);
+                    const float p11 = mn1 == -CUDART_INF_F ? 0.f : exp2f(s[i + 3] - mn1);
+                    ps0 += p00 + p01;
+                    ps1 += p10 + p11;
+                    pa[i >> 1] = Ty<T>::pack(p00, p01);      // row0, keys 8j + 2t
+                    pa[(i >> 1) + 1] = Ty<T>::pack(p10, p11);  // row1
+                }
+                l0 = l0 * a0 + ps0;
+                l1 = l1 * a1 + ps1;
+
+                // Publish P and the factors for WG1 once it is done with the previous P.
+                if (p_uses > 0) mbar_wait(p_free, (p_uses - 1) & 1);
+                char* sp = smem + L::P;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const int key = j * 8 + t4 * 2;
+                    *reinterpret_cast<uint32_t*>(sp + tile_off(row0, key >> 3) + (key & 7) * 2) = pa[2 * j];
+                    *reinterpret_cast<uint32_t*>(sp + tile_off(row1, key >> 3) + (key & 7) * 2) = pa[2 * j + 1];
+                }
+                if (t4 == 0) {
+                    scale_s[row0] = a0;
+                    scale_s[row1] = a1;
+                }
+                fence_async_smem();  // P is read by wgmma next
+                mbar_arrive(p_full);
+                ++p_uses;
+
+                // O_left = O_left * a + P V[:, 0:256], P from registers. Accumulator groups 2ks
+                // and 2ks + 1 (pa[4ks .. 4ks + 3]) are k-step ks's A fragment.
+                if (!__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) {
+#pragma unroll
+                    for (int i = 0; i < 128; i += 4) {
+                        o[i] *= a0; o[i + 1] *= a0;
+                        o[i + 2] *= a1; o[i + 3] *= a1;
+                    }
+                }
+                wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < BS / 16; ++ks) {
+                    const uint32_t a[4] = {pa[4 * ks], pa[4 * ks + 1], pa[4 * ks + 2], pa[4 * ks + 3]};
+                    Mma<T>::pv_rs(o, a, sw128_desc(stage + ks * 16 * 128, REGION, 1024));
+                }
+                wgmma_commit();
+                wgmma_wait<0>();
+                if (wt == 0) mbar_arrive(empty0 + 8 * ring.slot());
+                ring.step();
+            }
+            ++q_loads;
+            // Row sums: the 4 threads of a row hold partial sums.
+            l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+            l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+            if (t4 == 0) {
+                inv_l_s[(segs & 1) * M + row0] = l0 > 0.f ? 1.f / l0 : 0.f;
+                inv_l_s[(segs & 1) * M + row1] = l1 > 0.f ? 1.f / l1 : 0.f;
+                if (r0 + row0 < p.rows) write_lse(p, sg, r0 + row0, m0, l0);
+                if (r0 + row1 < p.rows) write_lse(p, sg, r0 + row1, m1, l1);
+            }
+        } else {
+            for (int n = sg.lo; n < sg.hi; ++n) {
+                const uint32_t stage = sbase + L::KV + ring.slot() * TILE;
+                mbar_wait(p_full, p_uses & 1);
+                ++p_uses;
+                const float a0 = scale_s[row0], a1 = scale_s[row1];
+                if (!__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) {
+#pragma unroll
+                    for (int i = 0; i < 128; i += 4) {
+                        o[i] *= a0; o[i + 1] *= a0;
+                        o[i + 2] *= a1; o[i + 3] *= a1;
+                    }
+                }
+                wgmma_fence();
+                issue_pv_ss<T>(o, sbase + L::P, stage, 1);
+                wgmma_commit();
+                wgmma_wait<0>();
+                mbar_arrive(p_free);
+                if (wt == 0) mbar_arrive(empty0 + 8 * ring.slot());
+                ring.step();
+            }
+        }
+        named_sync<1, 256>();  // WG0's row sums are in shared memory
+        const float inv0 = inv_l_s[(segs & 1) * M + row0], inv1 = inv_l_s[(segs & 1) * M + row1];
+        ++segs;
+#pragma unroll
+        for (int i = 0; i < 128; i += 4) {
+            const int col = wg * 256 + (i >> 2) * 8 + t4 * 2;
+            if (r0 + row0 < p.rows) write_out2<T>(p, sg, r0 + row0, col, o[i] * inv0, o[i + 1] * inv0);
+            if (r0 + row1 < p.rows) write_out2<T>(p, sg, r0 + row1, col, o[i + 2] * inv1, o[i + 3] * inv1);
+        }
+    });
+}
+
+}  // namespace
+
+#define MLA_DECODE_WS_KERNEL(NAME, T)                                                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ MlaDecodeParams p) { \
+        extern __shared__ __align__(1024) char smem[];                                                       \
+        decode_ws<T>(p, smem);                                                                               \
+    }
+
+MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64, __nv_bfloat16)
+MLA_DECODE_WS_KERNEL(mla_decode_fp16_ws64, __half)
