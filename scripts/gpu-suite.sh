@@ -30,6 +30,12 @@ for s in $stages; do
     # (by default they only take h_q * s_q <= 32).
     rust-mma) run_stage rust-mma env MLA_DECODE_KERNEL=mma .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ --include-ignored ;;
     rust-tma) run_stage rust-tma env MLA_DECODE_KERNEL=tma .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ --include-ignored ;;
+    # The combine as a programmatic dependent of the decode (MLA_PDL=1; off by default until measured).
+    rust-pdl)
+      run_stage rust-pdl env MLA_PDL=1 .device/bin/gpu_decode --test-threads=1 edge_cases graph stale_plan bad_device serve_ sanitizer_ --include-ignored
+      run_stage racecheck-pdl env MLA_PDL=1 compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_ ;;
+    bench-pdl)
+      run_stage bench-pdl env MLA_PDL=1 .device/bin/gpu_bench --csv "$OUT/bench-pdl.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-} ;;
     # The warp-specialised wgmma kernel (not the default yet) on every row count, with the
     # pipeline tests and compute-sanitizer.
     rust-ws)
@@ -94,7 +100,7 @@ done
 
 echo
 echo "=== summary"
-for s in info sass rust pipeline rust-mma rust-tma rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
+for s in info sass rust pipeline rust-mma rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
   [[ -n "${result[$s]:-}" ]] && printf '%-10s %s\n' "$s" "${result[$s]}"
 done
 grep -h "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/ts.log 2>/dev/null | tail -6

@@ -56,12 +56,17 @@ __device__ __forceinline__ float split_lse(const float* ptr) {
     return l == INFINITY ? -INFINITY : l;
 }
 
+// Plain loads, not __ldg: with programmatic dependent launch a read-only (.nc) load of the
+// decode's partials could be scheduled above griddepcontrol.wait.
 __device__ __forceinline__ float4 ld_f4(const float* ptr) {
-    return __ldg(reinterpret_cast<const float4*>(ptr));
+    return *reinterpret_cast<const float4*>(ptr);
 }
 
 template <typename T>
 __device__ __forceinline__ void combine(const MlaCombineParams& p) {
+    // Launched as a programmatic dependent of the decode (MLA_PDL=1): nothing it wrote may be
+    // read before this (a no-op in an ordinary launch).
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
     const int i = blockIdx.x;
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;

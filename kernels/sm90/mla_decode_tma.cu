@@ -189,6 +189,7 @@ __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
 #define MLA_DECODE_TMA_KERNEL(NAME, T, RG, KS, QR, MODE)                                                                \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ MlaDecodeParams p) { \
         extern __shared__ __align__(1024) char smem[];                                                       \
+        mla::pdl_launch_dependents(); /* the combine may launch now */ \
         decode_tma<T, RG, KS, QR, MODE>(p, smem);                                                                   \
     }
 

@@ -14,6 +14,7 @@
 // row % 8. Cache blocks stream through a two-stage cp.async pipeline; rows past the
 // sequence end and blocks with a bad index are zero-filled, never read.
 #include "mla_common.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace {
@@ -225,6 +226,7 @@ __device__ void decode_tile_wg(const MlaDecodeParams& p, char* smem_raw) {
 #define MLA_DECODE_WG_KERNEL(NAME, T)                                                        \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const MlaDecodeParams p) { \
         extern __shared__ __align__(1024) char smem[];                                       \
+        mla::pdl_launch_dependents(); /* the combine may launch now */ \
         decode_tile_wg<T>(p, smem);                                                           \
     }
 

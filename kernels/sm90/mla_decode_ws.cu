@@ -312,6 +312,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
 #define MLA_DECODE_WS_KERNEL(NAME, T)                                                                        \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ MlaDecodeParams p) { \
         extern __shared__ __align__(1024) char smem[];                                                       \
+        mla::pdl_launch_dependents(); /* the combine may launch now */ \
         decode_ws<T>(p, smem);                                                                               \
     }
 

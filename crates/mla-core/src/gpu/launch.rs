@@ -34,3 +34,40 @@ pub unsafe fn launch_args(f: &CudaFunction, stream: &CudaStream, dims: &LaunchDi
     result::launch_kernel(f.cu_function(), dims.grid, dims.block, dims.smem, stream.cu_stream(), args)?;
     Ok(())
 }
+
+/// Launches `f` like [`launch`], as a programmatic dependent of the kernel before it on
+/// the stream (`cuLaunchKernelEx` with programmatic stream serialisation): it may start
+/// while that kernel finishes, and must execute `griddepcontrol.wait` before it reads
+/// anything the earlier kernel writes (`pdl_wait` in `kernels/sm90/tma.cuh`).
+///
+/// # Safety
+/// As [`launch`]; and the kernel must wait as said before reading its predecessor's output.
+pub unsafe fn launch_dependent<P: DeviceRepr>(f: &CudaFunction, stream: &CudaStream, dims: &LaunchDims, params: &P) -> Result<()> {
+    use cudarc::driver::sys;
+    stream.context().bind_to_thread()?;
+    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: dims.grid.0,
+        gridDimY: dims.grid.1,
+        gridDimZ: dims.grid.2,
+        blockDimX: dims.block.0,
+        blockDimY: dims.block.1,
+        blockDimZ: dims.block.2,
+        sharedMemBytes: dims.smem,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut args = [params as *const P as *mut c_void];
+    sys::cuLaunchKernelEx(&config, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()).result()?;
+    Ok(())
+}
+
+/// Whether the combine is launched as a programmatic dependent of the decode
+/// (MLA_PDL=1): off until measured on the H200 (BENCHMARKS.md).
+pub fn pdl_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MLA_PDL").as_deref() == Ok("1"))
+}
