@@ -17,11 +17,13 @@
 //! - Sequence ids are never reused: a freed id stays unknown (`ERR_UNKNOWN_SEQUENCE`).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::ops::Range;
 
 use crate::device::{Device, StepId};
 use crate::dtype::{f32_slice_to_half, DType};
 use crate::error::{ErrorCode, MlaError, Result};
-use crate::gpu::{DeviceBuffer, GpuDevice};
+use crate::gpu::{DeviceBuffer, GpuDevice, StagePart};
 use crate::tensor::{as_bytes, Tensor};
 use crate::{BLOCK_SIZE, HEAD_DIM};
 
@@ -53,24 +55,68 @@ impl std::fmt::Display for SeqId {
 struct SeqState {
     blocks: Vec<u32>,
     len: usize,
+    /// The batched call that last named this sequence (see `KvCache::reserve_batch`): a
+    /// second mention in the same call is a duplicate.
+    mark: u64,
 }
 
+/// Hashes sequence ids with one multiply (they are small sequential integers handed out
+/// by the cache): every batched call looks each of its sequences up, so SipHash's cost
+/// per lookup showed at b = 128.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type SeqMap = HashMap<SeqId, SeqState, BuildHasherDefault<IdHasher>>;
+
 /// An append's blocks, taken from the free list but not committed to the sequence yet.
+/// The blocks themselves are in the call's `taken` list (the order they were popped in),
+/// so a reservation allocates nothing.
 struct Reservation {
     seq: SeqId,
-    /// The sequence's block list after the append.
-    blocks: Vec<u32>,
-    /// Blocks taken from the free list (the copy-on-write block first).
-    fresh: Vec<u32>,
-    /// (shared last block, its copy, rows to copy).
-    cow_copy: Option<(u32, u32, usize)>,
     old_len: usize,
     new_len: usize,
+    /// The block that holds row `old_len` when that row is inside a partly filled block
+    /// (the copy-on-write copy when `cow` is set).
+    tail: Option<u32>,
+    /// Copy-on-write of a shared partial last block: (shared block, its copy, rows to copy).
+    cow: Option<(u32, u32, usize)>,
+    /// This reservation's blocks in `taken` (the copy-on-write block first).
+    taken: Range<usize>,
+}
+
+impl Reservation {
+    /// The pool block that row `pos` (`old_len <= pos < new_len`) of the sequence goes to.
+    fn block_of(&self, taken: &[u32], pos: usize) -> u32 {
+        let (bi, first_whole) = (pos / BLOCK_SIZE, self.old_len.div_ceil(BLOCK_SIZE));
+        if bi < first_whole {
+            self.tail.expect("a partial last block")
+        } else {
+            taken[self.taken.start + self.cow.is_some() as usize + (bi - first_whole)]
+        }
+    }
 }
 
 /// Where appended rows come from.
+#[derive(Clone, Copy)]
 enum Source<'a> {
+    /// Raw bits of the cache's dtype.
     Host(&'a [u16]),
+    /// f32 values, rounded to the cache's dtype on the way.
+    HostF32(&'a [f32]),
     /// Device address of `[rows, 576]` contiguous rows of the cache's dtype.
     Device(u64),
 }
@@ -83,11 +129,18 @@ pub struct KvCache {
     refcount: Vec<u32>,
     /// LIFO: `pop` takes the most recently freed block.
     free: Vec<u32>,
-    seqs: HashMap<SeqId, SeqState>,
+    seqs: SeqMap,
     next_id: u64,
+    /// The last batched call's mark (see `SeqState::mark`).
+    batch_mark: u64,
     /// CUDA: device scratch for batched appends (destinations and rows), reused in stream
     /// order.
     scratch: Option<DeviceBuffer>,
+    /// Host scratch of batched appends, kept between calls (no allocation per call): the
+    /// reservations, the blocks they took, the rows' token slots.
+    reservations: Vec<Reservation>,
+    taken: Vec<u32>,
+    slots: Vec<i64>,
 }
 
 /// Bytes of one latent row and of one block in the pool.
@@ -100,6 +153,52 @@ fn block_bytes(dtype: DType) -> usize {
 
 fn unknown(seq: SeqId) -> MlaError {
     MlaError::arg(ErrorCode::UnknownSequence, "seq", "a live sequence of this cache", format!("{} (freed or never created)", seq.0))
+}
+
+/// Blocks that appending `n` rows to `seq` (in `state`) takes from the free list, and the
+/// shared partial last block it copies first (copy-on-write), if any; checks the length
+/// stays within int32. `dropping` counts references that reservations made earlier in the
+/// same batch are about to drop (their own copy-on-write of the same block).
+fn blocks_needed(seq: SeqId, state: &SeqState, refcount: &[u32], n: usize, dropping: &HashMap<u32, u32>) -> Result<(usize, Option<u32>)> {
+    let (old_len, new_len) = (state.len, state.len + n);
+    if i32::try_from(new_len).is_err() {
+        return Err(MlaError::arg(
+            ErrorCode::InvalidArgument,
+            "rows",
+            format!("a sequence length within int32 (now {old_len} for {seq})"),
+            format!("{n} more rows"),
+        ));
+    }
+    // Nothing to write, nothing to copy (a batch of zero rows per sequence only checks).
+    let cow = if old_len % BLOCK_SIZE != 0 && n > 0 {
+        let last = *state.blocks.last().unwrap();
+        (refcount[last as usize] - dropping.get(&last).copied().unwrap_or(0) > 1).then_some(last)
+    } else {
+        None
+    };
+    Ok((new_len.div_ceil(BLOCK_SIZE) - old_len.div_ceil(BLOCK_SIZE) + cow.is_some() as usize, cow))
+}
+
+/// Takes `needed` blocks (there must be enough) from the free list onto `taken` for
+/// appending `n` rows to `seq`; the reservation, uncommitted.
+fn take_blocks(free: &mut Vec<u32>, taken: &mut Vec<u32>, seq: SeqId, state: &SeqState, n: usize, needed: usize, cow: Option<u32>) -> Reservation {
+    let start = taken.len();
+    taken.extend((0..needed).map(|_| free.pop().expect("checked by the caller")));
+    let old_len = state.len;
+    let partial = old_len % BLOCK_SIZE != 0;
+    let cow = cow.map(|old| (old, taken[start], old_len % BLOCK_SIZE));
+    let tail = match cow {
+        Some((_, new, _)) => Some(new),
+        None if partial => state.blocks.last().copied(),
+        None => None,
+    };
+    Reservation { seq, old_len, new_len: old_len + n, tail, cow, taken: start..taken.len() }
+}
+
+/// Gives reserved blocks back (nothing references them yet), newest first, so that the
+/// free list is as it was.
+fn give_back(free: &mut Vec<u32>, taken: &[u32]) {
+    free.extend(taken.iter().rev());
 }
 
 /// Appended data must be whole latent rows.
@@ -136,9 +235,13 @@ impl KvCache {
             // Reversed so that `pop` hands out 0, 1, 2, ...: a fresh sequence gets
             // physically consecutive blocks, which `append` writes with one copy.
             free: (0..cfg.num_blocks as u32).rev().collect(),
-            seqs: HashMap::new(),
+            seqs: SeqMap::default(),
             next_id: 0,
+            batch_mark: 0,
             scratch: None,
+            reservations: Vec::new(),
+            taken: Vec::new(),
+            slots: Vec::new(),
         })
     }
 
@@ -172,114 +275,70 @@ impl KvCache {
     /// All-or-nothing: on `ERR_CACHE_EXHAUSTED` (or any error) the sequence is unchanged.
     pub fn append(&mut self, seq: SeqId, rows: &[u16]) -> Result<()> {
         check_whole_rows(rows.len())?;
-        self.state(seq)?;
+        let state = self.seqs.get(&seq).ok_or_else(|| unknown(seq))?;
         let n = rows.len() / HEAD_DIM;
         if n == 0 {
             return Ok(());
         }
-        let (needed, _) = self.blocks_needed(seq, n, &HashMap::new())?;
+        let (needed, cow) = blocks_needed(seq, state, &self.refcount, n, &HashMap::new())?;
         if needed > self.free.len() {
-            let old_len = self.seqs[&seq].len;
             return Err(MlaError::arg(
                 ErrorCode::CacheExhausted,
                 "free blocks",
-                format!("{needed} to append {n} rows to {seq} (length {old_len})"),
+                format!("{needed} to append {n} rows to {seq} (length {})", state.len),
                 format!("{} free of {}", self.free.len(), self.num_blocks),
             ));
         }
-        // Reserve, then write into a scratch block list; commit only when all writes passed.
-        let mut r = self.reserve(seq, n, &mut HashMap::new());
-        if let Err(e) = self.write_rows(&mut r, rows) {
-            self.unreserve(std::slice::from_ref(&r));
+        // Reserve, then write; commit only when all writes passed.
+        let mut taken = Vec::new();
+        let r = take_blocks(&mut self.free, &mut taken, seq, state, n, needed, cow);
+        if let Err(e) = self.write_rows(&r, &taken, Source::Host(rows)) {
+            give_back(&mut self.free, &taken);
             return Err(e);
         }
-        self.commit(r);
+        self.commit(&r, &taken);
         Ok(())
     }
 
-    /// Blocks that appending `n` rows to `seq` takes from the free list, and the shared
-    /// partial last block it copies first (copy-on-write), if any; checks the length stays
-    /// within int32. `dropping` counts references that reservations made earlier in the same
-    /// batch are about to drop (their own copy-on-write of the same block).
-    fn blocks_needed(&self, seq: SeqId, n: usize, dropping: &HashMap<u32, u32>) -> Result<(usize, Option<u32>)> {
-        let state = self.state(seq)?;
-        let (old_len, new_len) = (state.len, state.len + n);
-        if i32::try_from(new_len).is_err() {
-            return Err(MlaError::arg(
-                ErrorCode::InvalidArgument,
-                "rows",
-                format!("a sequence length within int32 (now {old_len} for {seq})"),
-                format!("{n} more rows"),
-            ));
-        }
-        let cow = if old_len % BLOCK_SIZE != 0 {
-            let last = *state.blocks.last().unwrap();
-            (self.refcount[last as usize] - dropping.get(&last).copied().unwrap_or(0) > 1).then_some(last)
-        } else {
-            None
-        };
-        Ok((new_len.div_ceil(BLOCK_SIZE) - old_len.div_ceil(BLOCK_SIZE) + cow.is_some() as usize, cow))
-    }
-
-    /// Takes the blocks an append of `n` rows needs (there must be enough free ones) and
-    /// returns the sequence's block list as it will be, uncommitted.
-    fn reserve(&mut self, seq: SeqId, n: usize, dropping: &mut HashMap<u32, u32>) -> Reservation {
-        let (needed, cow) = self.blocks_needed(seq, n, dropping).expect("checked by the caller");
-        let state = &self.seqs[&seq];
-        let old_len = state.len;
-        let mut blocks = state.blocks.clone();
-        let fresh: Vec<u32> = (0..needed).map(|_| self.free.pop().unwrap()).collect();
-        let mut cow_copy = None;
-        let mut rest = fresh.iter().copied();
-        if let Some(old) = cow {
-            let new = rest.next().unwrap();
-            cow_copy = Some((old, new, old_len % BLOCK_SIZE));
-            *blocks.last_mut().unwrap() = new;
-            *dropping.entry(old).or_default() += 1;
-        }
-        blocks.extend(rest);
-        Reservation { seq, blocks, fresh, cow_copy, old_len, new_len: old_len + n }
-    }
-
-    /// Gives reserved blocks back (nothing references them yet), newest first, so that the
-    /// free list is as it was.
-    fn unreserve(&mut self, rs: &[Reservation]) {
-        for r in rs.iter().rev() {
-            self.free.extend(r.fresh.iter().rev());
-        }
-    }
-
     /// Makes a reservation the sequence's state.
-    fn commit(&mut self, r: Reservation) {
-        for &b in &r.fresh {
+    fn commit(&mut self, r: &Reservation, taken: &[u32]) {
+        for &b in &taken[r.taken.clone()] {
             self.refcount[b as usize] = 1;
         }
-        if let Some((old, _, _)) = r.cow_copy {
+        let state = self.seqs.get_mut(&r.seq).unwrap();
+        if let Some((old, new, _)) = r.cow {
             // Shared (refcount > 1), so this never frees it.
             self.refcount[old as usize] -= 1;
+            *state.blocks.last_mut().unwrap() = new;
         }
-        let state = self.seqs.get_mut(&r.seq).unwrap();
-        state.blocks = r.blocks;
+        state.blocks.extend_from_slice(&taken[r.taken.start + r.cow.is_some() as usize..r.taken.end]);
         state.len = r.new_len;
     }
 
-    /// Copy-on-write (when reserved) then the row writes of a reservation. Touches the pool
-    /// only in fresh blocks and in rows at or past `old_len` of an unshared last block,
-    /// i.e. nowhere another sequence can see.
-    fn write_rows(&mut self, r: &mut Reservation, rows: &[u16]) -> Result<()> {
+    /// Copy-on-write (when reserved) then the row writes of a reservation, from `src` (the
+    /// reservation's own rows). Touches the pool only in fresh blocks and in rows at or past
+    /// `old_len` of an unshared last block, i.e. nowhere another sequence can see.
+    fn write_rows(&mut self, r: &Reservation, taken: &[u32], src: Source<'_>) -> Result<()> {
         let (rb, bb) = (row_bytes(self.dtype), block_bytes(self.dtype));
-        if let Some((old, new, used)) = r.cow_copy {
+        if let Some((old, new, used)) = r.cow {
             self.pool.copy_within(old as usize * bb, new as usize * bb, used * rb)?;
         }
+        let converted;
+        let src: &[u8] = match src {
+            Source::Host(bits) => as_bytes(bits),
+            Source::HostF32(values) => {
+                converted = f32_slice_to_half(values, self.dtype);
+                as_bytes(&converted)
+            }
+            Source::Device(_) => unreachable!("device rows are scattered by the kernel"),
+        };
         // One write per run of rows that is contiguous in the pool (a block's rows, merged
         // with the next block's when the two are physically adjacent).
-        let blocks = &r.blocks;
-        let src = as_bytes(rows);
         let mut run: Option<(usize, usize, usize)> = None; // (pool offset, src offset, len)
         let mut pos = r.old_len;
         let mut done = 0;
         while done < src.len() {
-            let (blk, row) = (blocks[pos / BLOCK_SIZE] as usize, pos % BLOCK_SIZE);
+            let (blk, row) = (r.block_of(taken, pos) as usize, pos % BLOCK_SIZE);
             let take = (BLOCK_SIZE - row).min((src.len() - done) / rb);
             let dst = blk * bb + row * rb;
             run = match run {
@@ -308,59 +367,122 @@ impl KvCache {
         self.append(seq, &f32_slice_to_half(rows, self.dtype))
     }
 
-    /// Checks a batch of distinct, live sequences and `values` latent values for them;
-    /// returns the rows per sequence.
-    fn check_batch(&self, seqs: &[SeqId], values: usize) -> Result<usize> {
+    /// Checks `values` latent values for a batch of `seqs` sequences; returns the rows per
+    /// sequence. (The sequences themselves are checked by [`KvCache::reserve_batch`].)
+    fn check_batch_rows(seqs: usize, values: usize) -> Result<usize> {
         check_whole_rows(values)?;
         let rows = values / HEAD_DIM;
-        if seqs.is_empty() {
+        if seqs == 0 {
             if rows != 0 {
                 return Err(MlaError::arg(ErrorCode::ShapeMismatch, "rows", "no rows for no sequences", format!("{rows} rows")));
             }
             return Ok(0);
         }
-        if rows % seqs.len() != 0 {
+        if rows % seqs != 0 {
             return Err(MlaError::arg(
                 ErrorCode::ShapeMismatch,
                 "rows",
-                format!("the same number of rows for each of the {} sequences (a multiple of {} rows)", seqs.len(), seqs.len()),
+                format!("the same number of rows for each of the {seqs} sequences (a multiple of {seqs} rows)"),
                 format!("{rows} rows"),
             ));
         }
-        let mut seen = std::collections::HashSet::with_capacity(seqs.len());
-        for (i, &s) in seqs.iter().enumerate() {
-            self.state(s).map_err(|e| MlaError::new(e.code, format!("seqs[{i}]: {}", e.message)))?;
-            if !seen.insert(s) {
-                return Err(MlaError::arg(ErrorCode::InvalidArgument, &format!("seqs[{i}]"), "distinct sequences", format!("{s} twice")));
-            }
-        }
-        Ok(rows / seqs.len())
+        Ok(rows / seqs)
     }
 
-    /// Reserves blocks for appending `n` rows to each of `seqs` (all or nothing), as the
-    /// same appends one after the other would: once one of several sequences sharing a
-    /// partial last block has copied it, the next ones see one reference fewer (the last
-    /// one left writes it in place).
-    fn reserve_batch(&mut self, seqs: &[SeqId], n: usize) -> Result<Vec<Reservation>> {
-        let mut needed = 0;
+    /// Reserves blocks for appending `n` rows to each of `seqs` (all or nothing) into
+    /// `self.reservations` / `self.taken`, as the same appends one after the other would:
+    /// once one of several sequences sharing a partial last block has copied it, the next
+    /// ones see one reference fewer (the last one left writes it in place).
+    ///
+    /// One pass, one lookup per sequence. Errors, in this order whatever the positions: an
+    /// unknown or repeated sequence (the first), a length past int32 (the first), too few
+    /// free blocks (naming all that the batch needs). On an error nothing is reserved.
+    fn reserve_batch(&mut self, seqs: &[SeqId], n: usize) -> Result<()> {
+        self.reservations.clear();
+        self.taken.clear();
+        self.batch_mark += 1;
+        let mark = self.batch_mark;
         let mut dropping = HashMap::new();
-        for &s in seqs {
-            let (k, cow) = self.blocks_needed(s, n, &dropping)?;
+        let (mut needed, mut short, mut too_long) = (0usize, false, None);
+        for (i, &s) in seqs.iter().enumerate() {
+            let Some(state) = self.seqs.get_mut(&s) else {
+                give_back(&mut self.free, &self.taken);
+                return Err(MlaError::new(ErrorCode::UnknownSequence, format!("seqs[{i}]: {}", unknown(s).message)));
+            };
+            if state.mark == mark {
+                give_back(&mut self.free, &self.taken);
+                return Err(MlaError::arg(ErrorCode::InvalidArgument, &format!("seqs[{i}]"), "distinct sequences", format!("{s} twice")));
+            }
+            state.mark = mark;
+            if too_long.is_some() {
+                continue;
+            }
+            let (k, cow) = match blocks_needed(s, state, &self.refcount, n, &dropping) {
+                Ok(x) => x,
+                Err(e) => {
+                    too_long = Some(e);
+                    continue;
+                }
+            };
             needed += k;
             if let Some(b) = cow {
                 *dropping.entry(b).or_default() += 1;
             }
+            short |= needed > self.free.len();
+            if !short {
+                let r = take_blocks(&mut self.free, &mut self.taken, s, state, n, k, cow);
+                self.reservations.push(r);
+            }
         }
-        if needed > self.free.len() {
-            return Err(MlaError::arg(
+        let err = match (too_long, short) {
+            (Some(e), _) => e,
+            (None, true) => MlaError::arg(
                 ErrorCode::CacheExhausted,
                 "free blocks",
                 format!("{needed} to append {n} rows to each of {} sequences", seqs.len()),
-                format!("{} free of {}", self.free.len(), self.num_blocks),
-            ));
+                format!("{} free of {}", self.free.len() + self.taken.len(), self.num_blocks),
+            ),
+            (None, false) => return Ok(()),
+        };
+        give_back(&mut self.free, &self.taken);
+        self.reservations.clear();
+        self.taken.clear();
+        Err(err)
+    }
+
+    /// Writes the reserved rows from `src` (`n` per sequence) as one step and commits the
+    /// reservations; on an error gives their blocks back.
+    fn write_batch(&mut self, n: usize, src: Source<'_>) -> Result<StepId> {
+        let rs = std::mem::take(&mut self.reservations);
+        let taken = std::mem::take(&mut self.taken);
+        let written = match self.pool.device().clone() {
+            Device::Cpu => Device::Cpu.step("appendBatch", || {
+                let per = n * HEAD_DIM;
+                for (i, r) in rs.iter().enumerate() {
+                    let part = match src {
+                        Source::Host(bits) => Source::Host(&bits[i * per..(i + 1) * per]),
+                        Source::HostF32(values) => Source::HostF32(&values[i * per..(i + 1) * per]),
+                        Source::Device(_) => unreachable!("a CPU cache takes host rows"),
+                    };
+                    self.write_rows(r, &taken, part)?;
+                }
+                Ok(())
+            }),
+            Device::Cuda(g) => self.scatter(&g, &rs, &taken, src),
+        };
+        match written {
+            Ok(_) => {
+                for r in &rs {
+                    self.commit(r, &taken);
+                }
+            }
+            Err(_) => give_back(&mut self.free, &taken),
         }
-        let mut dropping = HashMap::new();
-        Ok(seqs.iter().map(|&s| self.reserve(s, n, &mut dropping)).collect())
+        // The scratch vectors go back for the next call.
+        (self.reservations, self.taken) = (rs, taken);
+        self.reservations.clear();
+        self.taken.clear();
+        written.map(|(id, ())| id)
     }
 
     /// Appends the same number of latent rows to each of several distinct sequences in one
@@ -383,36 +505,17 @@ impl KvCache {
     /// # Ok::<(), mla_core::MlaError>(())
     /// ```
     pub fn append_batch(&mut self, seqs: &[SeqId], rows: &[u16]) -> Result<StepId> {
-        let n = self.check_batch(seqs, rows.len())?;
-        let mut rs = self.reserve_batch(seqs, n)?;
-        let written = match self.pool.device().clone() {
-            Device::Cpu => Device::Cpu.step("appendBatch", || {
-                for (i, r) in rs.iter_mut().enumerate() {
-                    let per = n * HEAD_DIM;
-                    self.write_rows(r, &rows[i * per..(i + 1) * per])?;
-                }
-                Ok(())
-            }),
-            Device::Cuda(g) => self.scatter(&g, &rs, n, Source::Host(rows)),
-        };
-        match written {
-            Ok((id, ())) => {
-                for r in rs {
-                    self.commit(r);
-                }
-                Ok(id)
-            }
-            Err(e) => {
-                self.unreserve(&rs);
-                Err(e)
-            }
-        }
+        let n = Self::check_batch_rows(seqs.len(), rows.len())?;
+        self.reserve_batch(seqs, n)?;
+        self.write_batch(n, Source::Host(rows))
     }
 
-    /// [`KvCache::append_batch`] with f32 rows, rounded to the cache dtype.
+    /// [`KvCache::append_batch`] with f32 rows, rounded to the cache dtype (on CUDA straight
+    /// into the pinned staging memory of the one copy: no intermediate buffer).
     pub fn append_batch_f32(&mut self, seqs: &[SeqId], rows: &[f32]) -> Result<StepId> {
-        self.check_batch(seqs, rows.len())?;
-        self.append_batch(seqs, &f32_slice_to_half(rows, self.dtype))
+        let n = Self::check_batch_rows(seqs.len(), rows.len())?;
+        self.reserve_batch(seqs, n)?;
+        self.write_batch(n, Source::HostF32(rows))
     }
 
     /// [`KvCache::append_batch`] with the rows in a tensor on the cache's device, e.g. the
@@ -430,52 +533,46 @@ impl KvCache {
         if sh.len() < 2 || sh[0] != seqs.len() || sh[sh.len() - 1] != HEAD_DIM {
             return Err(MlaError::arg(ErrorCode::ShapeMismatch, "rows", format!("[{}, ..., {HEAD_DIM}]", seqs.len()), format!("{sh:?}")));
         }
-        let n = self.check_batch(seqs, rows.numel())?;
-        match self.pool.device().clone() {
-            Device::Cpu => {
-                let bits = rows.host().unwrap().as_u16().to_vec();
-                self.append_batch(seqs, &bits)
-            }
-            Device::Cuda(g) => {
-                let rs = self.reserve_batch(seqs, n)?;
-                match self.scatter(&g, &rs, n, Source::Device(rows.device_ptr().unwrap())) {
-                    Ok((id, ())) => {
-                        for r in rs {
-                            self.commit(r);
-                        }
-                        Ok(id)
-                    }
-                    Err(e) => {
-                        self.unreserve(&rs);
-                        Err(e)
-                    }
-                }
-            }
-        }
+        let n = Self::check_batch_rows(seqs.len(), rows.numel())?;
+        self.reserve_batch(seqs, n)?;
+        let src = match rows.host() {
+            Some(h) => Source::Host(h.as_u16()),
+            None => Source::Device(rows.device_ptr().unwrap()),
+        };
+        self.write_batch(n, src)
     }
 
     /// CUDA: the copy-on-write copies, then the rows of every reservation scattered to their
-    /// token slots by one kernel, as one step.
-    fn scatter(&mut self, g: &GpuDevice, rs: &[Reservation], n: usize, src: Source<'_>) -> Result<(StepId, ())> {
+    /// token slots by one kernel, as one step: one staged host-to-device copy of the slots
+    /// (and host rows, converted on the way from f32), one launch.
+    fn scatter(&mut self, g: &GpuDevice, rs: &[Reservation], taken: &[u32], src: Source<'_>) -> Result<(StepId, ())> {
         let (rb, bb) = (row_bytes(self.dtype), block_bytes(self.dtype));
-        let mut slots: Vec<i64> = Vec::with_capacity(rs.len() * n);
+        let slots = &mut self.slots;
+        slots.clear();
         for r in rs {
             for pos in r.old_len..r.new_len {
-                slots.push(r.blocks[pos / BLOCK_SIZE] as i64 * BLOCK_SIZE as i64 + (pos % BLOCK_SIZE) as i64);
+                slots.push(r.block_of(taken, pos) as i64 * BLOCK_SIZE as i64 + (pos % BLOCK_SIZE) as i64);
             }
         }
         let total = slots.len();
         let slot_bytes = (total * 8).next_multiple_of(16);
-        let need = slot_bytes + if let Source::Host(h) = &src { h.len() * 2 } else { 0 };
+        let need = slot_bytes
+            + match src {
+                Source::Host(h) => h.len() * 2,
+                Source::HostF32(v) => v.len() * 2,
+                Source::Device(_) => 0,
+            };
         if self.scratch.as_ref().is_none_or(|s| s.len() < need) {
             self.scratch = Some(g.alloc_uninit(need.next_power_of_two().max(1 << 16))?);
         }
         let pool = &mut self.pool;
         let scratch = self.scratch.as_mut().unwrap();
         let num_slots = (self.num_blocks * BLOCK_SIZE) as i64;
+        let dtype = self.dtype;
+        let slots = &self.slots;
         g.step("appendBatch", &g.stream().clone(), || {
             for r in rs {
-                if let Some((old, new, used)) = r.cow_copy {
+                if let Some((old, new, used)) = r.cow {
                     pool.copy_within(old as usize * bb, new as usize * bb, used * rb)?;
                 }
             }
@@ -484,14 +581,19 @@ impl KvCache {
             }
             // One host-to-device copy: the destinations, then (host rows) the rows.
             let pad = [0u8; 16];
-            let slot_part = as_bytes(&slots);
+            let slot_part = StagePart::Bytes(as_bytes(slots));
+            let pad_part = StagePart::Bytes(&pad[..slot_bytes - total * 8]);
             let src_ptr = match src {
                 Source::Host(rows) => {
-                    scratch.write_parts(0, &[slot_part, &pad[..slot_bytes - slot_part.len()], as_bytes(rows)])?;
+                    scratch.write_staged(0, &[slot_part, pad_part, StagePart::Bytes(as_bytes(rows))])?;
+                    scratch.ptr() + slot_bytes as u64
+                }
+                Source::HostF32(values) => {
+                    scratch.write_staged(0, &[slot_part, pad_part, StagePart::Half(values, dtype)])?;
                     scratch.ptr() + slot_bytes as u64
                 }
                 Source::Device(ptr) => {
-                    scratch.write(0, slot_part)?;
+                    scratch.write_staged(0, &[slot_part])?;
                     ptr
                 }
             };

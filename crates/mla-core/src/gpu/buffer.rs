@@ -71,6 +71,41 @@ impl Drop for PinnedBuf {
     }
 }
 
+/// One part of a staged host-to-device copy ([`DeviceBuffer::write_staged`]).
+#[derive(Clone, Copy)]
+pub enum StagePart<'a> {
+    /// Bytes as they are.
+    Bytes(&'a [u8]),
+    /// f32 values, rounded to the 16-bit `DType` (bf16 / fp16) while they are staged.
+    Half(&'a [f32], crate::dtype::DType),
+}
+
+impl StagePart<'_> {
+    /// Bytes this part takes in the copy.
+    pub fn len(&self) -> usize {
+        match self {
+            StagePart::Bytes(b) => b.len(),
+            StagePart::Half(v, _) => v.len() * 2,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Writes the part into `dst` (exactly `len()` bytes).
+    fn write_to(&self, dst: &mut [u8]) {
+        match self {
+            StagePart::Bytes(b) => dst.copy_from_slice(b),
+            StagePart::Half(v, dtype) => {
+                // Ring regions start at multiples of 256 and parts before a 16-bit part are
+                // whole elements: 2-byte aligned (checked).
+                let (pre, bits, post) = unsafe { dst.align_to_mut::<u16>() };
+                assert!(pre.is_empty() && post.is_empty(), "a 16-bit part at an odd address");
+                crate::dtype::f32_slice_to_half_into(v, bits, *dtype)
+            }
+        }
+    }
+}
+
 /// A staged region of the ring: [start, end) is free again once `event` completed.
 struct InFlight {
     start: usize,
@@ -223,12 +258,12 @@ impl MemCtx {
     /// Copies `bytes` to device address `dst` on `stream`, staged through the pinned ring
     /// (returns before the copy ran; the ring slot is reused only once it has).
     pub(crate) fn upload(&self, dst: sys::CUdeviceptr, bytes: &[u8], stream: &CudaStream) -> Result<()> {
-        self.upload_parts(dst, &[bytes], stream)
+        self.upload_parts(dst, &[StagePart::Bytes(bytes)], stream)
     }
 
     /// [`MemCtx::upload`] of the concatenation of `parts` (one copy into the ring, one
-    /// host-to-device copy).
-    pub(crate) fn upload_parts(&self, dst: sys::CUdeviceptr, parts: &[&[u8]], stream: &CudaStream) -> Result<()> {
+    /// host-to-device copy); f32 parts are rounded to 16 bits straight into the ring.
+    pub(crate) fn upload_parts(&self, dst: sys::CUdeviceptr, parts: &[StagePart<'_>], stream: &CudaStream) -> Result<()> {
         let n: usize = parts.iter().map(|p| p.len()).sum();
         if n == 0 {
             return Ok(());
@@ -236,11 +271,25 @@ impl MemCtx {
         self.ctx.bind_to_thread()?;
         if n > STAGING_BYTES / 2 {
             let mut at = dst;
+            let mut owned: Vec<u16> = Vec::new();
             for p in parts {
-                if !p.is_empty() {
-                    unsafe { result::memcpy_htod_async(at, p, stream.cu_stream())? };
+                let bytes = match p {
+                    StagePart::Bytes(b) => *b,
+                    StagePart::Half(v, dtype) => {
+                        owned.clear();
+                        owned.resize(v.len(), 0);
+                        crate::dtype::f32_slice_to_half_into(v, &mut owned, *dtype);
+                        crate::tensor::as_bytes(&owned[..])
+                    }
+                };
+                if !bytes.is_empty() {
+                    unsafe { result::memcpy_htod_async(at, bytes, stream.cu_stream())? };
                 }
-                at += p.len() as u64;
+                at += bytes.len() as u64;
+                if matches!(p, StagePart::Half(..)) {
+                    // `owned` is reused by the next part: let this copy read it first.
+                    stream.synchronize()?;
+                }
             }
             // The host slices are only borrowed: wait until the copies have read them.
             stream.synchronize()?;
@@ -269,9 +318,10 @@ impl MemCtx {
         let base = st.buf.as_ref().unwrap().ptr();
         // SAFETY: [start, end) lies in the ring and no queued copy reads it any more.
         unsafe {
-            let mut at = start;
+            let ring = std::slice::from_raw_parts_mut(base.add(start), n);
+            let mut at = 0;
             for p in parts {
-                std::ptr::copy_nonoverlapping(p.as_ptr(), base.add(at), p.len());
+                p.write_to(&mut ring[at..at + p.len()]);
                 at += p.len();
             }
             sys::cuMemcpyHtoDAsync_v2(dst, base.add(start) as *const c_void, n, stream.cu_stream()).result()?;
@@ -398,6 +448,13 @@ impl DeviceBuffer {
 
     /// [`DeviceBuffer::write`] of the concatenation of `parts` (one staged copy).
     pub fn write_parts(&mut self, offset: usize, parts: &[&[u8]]) -> Result<()> {
+        let parts: Vec<StagePart<'_>> = parts.iter().map(|p| StagePart::Bytes(p)).collect();
+        self.write_staged(offset, &parts)
+    }
+
+    /// [`DeviceBuffer::write_parts`] with parts that may be converted while they are staged
+    /// (f32 rows rounded to bf16 / fp16 straight into the pinned ring).
+    pub fn write_staged(&mut self, offset: usize, parts: &[StagePart<'_>]) -> Result<()> {
         assert!(offset + parts.iter().map(|p| p.len()).sum::<usize>() <= self.len);
         self.mem.upload_parts(self.ptr + offset as u64, parts, &self.mem.stream)
     }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream};
 
 pub(crate) use buffer::{MemCtx, PinnedBuf};
-pub use buffer::{DeviceBuffer, PoolStats};
+pub use buffer::{DeviceBuffer, PoolStats, StagePart};
 
 use crate::device::{DeviceInfo, GpuStatus, MIN_DRIVER_CUDA_VERSION};
 use crate::error::{ErrorCode, MlaError, Result};
