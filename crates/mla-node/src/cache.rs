@@ -35,8 +35,20 @@ fn seq_id(seq: i64) -> Result<SeqId> {
     Ok(SeqId(seq as u64))
 }
 
-pub fn seq_ids(seqs: Vec<i64>) -> Result<Vec<SeqId>> {
-    seqs.into_iter().map(seq_id).collect()
+/// Sequence ids as index.ts passes them: a Float64Array of safe integers (`seqList`), read
+/// in one go rather than one JS value at a time.
+pub fn seq_ids(seqs: &[f64]) -> Result<Vec<SeqId>> {
+    seqs.iter()
+        .map(|&v| {
+            if v.fract() != 0.0 || !(v.abs() <= 9007199254740991.0) {
+                return Err(err(
+                    ErrorCode::InvalidArgument,
+                    format!("seqs: expected sequence ids (integers), got {v}"),
+                ));
+            }
+            seq_id(v as i64)
+        })
+        .collect()
 }
 
 impl KvCache {
@@ -107,7 +119,7 @@ impl KvCache {
     /// `KvCache::append_batch_f32`: the same number of rows for each of `seqs` (distinct),
     /// in one call; returns the step id.
     #[napi]
-    pub fn append_batch_f32(&self, seqs: Vec<i64>, rows: &[f32]) -> Result<i64> {
+    pub fn append_batch_f32(&self, seqs: &[f64], rows: &[f32]) -> Result<i64> {
         let ids = seq_ids(seqs)?;
         self.with(|c| c.append_batch_f32(&ids, rows))
             .map(|id| id as i64)
@@ -115,7 +127,7 @@ impl KvCache {
 
     /// `KvCache::append_batch` with raw bits of the cache's dtype.
     #[napi]
-    pub fn append_batch_bits(&self, seqs: Vec<i64>, rows: &[u16]) -> Result<i64> {
+    pub fn append_batch_bits(&self, seqs: &[f64], rows: &[u16]) -> Result<i64> {
         let ids = seq_ids(seqs)?;
         self.with(|c| c.append_batch(&ids, rows))
             .map(|id| id as i64)
@@ -124,7 +136,7 @@ impl KvCache {
     /// `KvCache::append_batch_from`: the rows from a tensor of its own on the cache's device
     /// (on CUDA device to device).
     #[napi]
-    pub fn append_batch_tensor(&self, seqs: Vec<i64>, rows: &Tensor) -> Result<i64> {
+    pub fn append_batch_tensor(&self, seqs: &[f64], rows: &Tensor) -> Result<i64> {
         let ids = seq_ids(seqs)?;
         match rows.arg("rows")? {
             TensorSrc::Owned(t) => self
@@ -142,7 +154,7 @@ impl KvCache {
     #[napi]
     pub fn batch_into(
         &self,
-        seqs: Vec<i64>,
+        seqs: &[f64],
         block_table: &mut Tensor,
         cache_seqlens: &mut Tensor,
     ) -> Result<()> {
@@ -225,8 +237,8 @@ impl KvCache {
 
     /// Block table [b, maxBlocksPerSeq] and lengths [b] for `seqs`, on the cache's device.
     #[napi]
-    pub fn batch(&self, seqs: Vec<i64>, max_blocks_per_seq: Option<u32>) -> Result<CacheBatch> {
-        let ids = seqs.into_iter().map(seq_id).collect::<Result<Vec<_>>>()?;
+    pub fn batch(&self, seqs: &[f64], max_blocks_per_seq: Option<u32>) -> Result<CacheBatch> {
+        let ids = seq_ids(seqs)?;
         let (bt, lens) = self.with(|c| c.batch(&ids, max_blocks_per_seq.map(|m| m as usize)))?;
         Ok(CacheBatch {
             block_table: Tensor::owned(bt),

@@ -107,7 +107,7 @@ impl CapturedStep {
     /// The block table and lengths for `seqs` of `cache`, written into the step's own
     /// tensors (`KvCache::batch_into`).
     #[napi]
-    pub fn set_batch(&self, cache: &crate::cache::KvCache, seqs: Vec<i64>) -> Result<()> {
+    pub fn set_batch(&self, cache: &crate::cache::KvCache, seqs: &[f64]) -> Result<()> {
         let s = self.get()?.clone();
         let pool = cache.pool_src()?;
         let ids = crate::cache::seq_ids(seqs)?;
