@@ -12,6 +12,7 @@ pub mod util;
 pub mod launch;
 pub mod params;
 pub mod tma;
+pub mod tma_cache;
 
 use std::borrow::Cow;
 use std::cell::Cell;

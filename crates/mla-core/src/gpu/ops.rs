@@ -6,7 +6,8 @@ use cudarc::driver::CudaStream;
 
 use super::launch::{launch, LaunchDims};
 use super::params::{MlaCombineParams, MlaDecodeParams, MlaPlanParams};
-use super::tma;
+// Tensor maps through the per-thread cache (gpu/tma_cache.rs: same functions as tma.rs).
+use super::tma_cache as tma;
 use super::GpuDevice;
 use crate::decode::DecodeOptions;
 use crate::dtype::DType;
