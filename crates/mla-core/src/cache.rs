@@ -185,7 +185,7 @@ fn take_blocks(free: &mut Vec<u32>, taken: &mut Vec<u32>, seq: SeqId, state: &Se
     let start = taken.len();
     taken.extend((0..needed).map(|_| free.pop().expect("checked by the caller")));
     let old_len = state.len;
-    let partial = old_len % BLOCK_SIZE != 0;
+    let partial = !old_len.is_multiple_of(BLOCK_SIZE);
     let cow = cow.map(|old| (old, taken[start], old_len % BLOCK_SIZE));
     let tail = match cow {
         Some((_, new, _)) => Some(new),
@@ -378,7 +378,7 @@ impl KvCache {
             }
             return Ok(0);
         }
-        if rows % seqs != 0 {
+        if !rows.is_multiple_of(seqs) {
             return Err(MlaError::arg(
                 ErrorCode::ShapeMismatch,
                 "rows",
