@@ -52,6 +52,18 @@ impl PinnedBuf {
         unsafe { std::ptr::write_bytes(ptr, 0, len.max(16)) };
         Ok(PinnedBuf { ctx: ctx.clone(), ptr, len })
     }
+    /// Page-locked memory mapped into the context's device address space
+    /// (CU_MEMHOSTALLOC_DEVICEMAP), zeroed, and its device address: kernels can write it
+    /// directly (with unified addressing the two addresses are the same).
+    pub(crate) fn new_mapped(ctx: &Arc<CudaContext>, len: usize) -> Result<(PinnedBuf, u64)> {
+        ctx.bind_to_thread()?;
+        let ptr = unsafe { result::malloc_host(len.max(16), sys::CU_MEMHOSTALLOC_DEVICEMAP)? } as *mut u8;
+        unsafe { std::ptr::write_bytes(ptr, 0, len.max(16)) };
+        let buf = PinnedBuf { ctx: ctx.clone(), ptr, len };
+        let mut dev: sys::CUdeviceptr = 0;
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, ptr as *mut c_void, 0).result()? };
+        Ok((buf, dev))
+    }
     pub(crate) fn ptr(&self) -> *mut u8 {
         self.ptr
     }
@@ -416,9 +428,6 @@ impl DeviceBuffer {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-    pub(crate) fn mem_ctx(&self) -> &Arc<MemCtx> {
-        &self.mem
     }
 
     /// All bytes, after the device's stream reached this point.

@@ -331,7 +331,7 @@ impl GpuDevice {
             Err(e) => {
                 // Nothing tracks the step: wait for it here and clear its flag now.
                 let _ = self.ctx.synchronize();
-                let _ = self.steps.clear_slot_sync(&self.stream, slot);
+                let _ = self.steps.clear_slot_sync(&self.stream, slot as usize);
                 st.free.push(slot);
                 return Err(e);
             }
@@ -423,26 +423,29 @@ impl GpuDevice {
         let (cover, event) = {
             let st = self.steps.lock();
             // No step is half enqueued while the log is locked: every step below `cover` has
-            // queued its work before this copy.
-            let ev = self.steps.queue_harvest(&self.mem, &self.stream)?;
+            // queued its work before this point of the device's stream.
+            let ev = self.steps.queue_harvest(&self.mem, &self.stream, !matches!(wait, Wait::Device))?;
             (st.next_id, ev)
         };
         match wait {
-            Wait::Harvest => event.synchronize()?,
+            Wait::Harvest => event.as_ref().expect("queued").synchronize()?,
             Wait::Device => {
                 let epoch = self.mem.epoch();
                 self.ctx.synchronize()?;
                 self.mem.mark_clean(epoch);
+                // A device-memory log's copy, if one was queued, is done too.
             }
             Wait::Then(f) => {
                 f()?;
-                event.synchronize()?;
+                event.as_ref().expect("queued").synchronize()?;
             }
         }
         let mut st = self.steps.lock();
         self.steps.resolve_harvested(&mut st, &self.stream, cover)?;
         self.steps.resolve_tracked(&mut st, &self.stream)?;
-        self.mem.recycle(event);
+        if let Some(ev) = event {
+            self.mem.recycle(ev);
+        }
         Ok(())
     }
 
@@ -463,6 +466,12 @@ impl GpuDevice {
 
     pub fn memory_stats(&self) -> PoolStats {
         self.mem.stats()
+    }
+
+    /// Whether the step flags are mapped host memory (the default; `MLA_STEP_FLAGS=device`
+    /// keeps them in device memory, copied to the host by tracked steps and harvests).
+    pub fn step_flags_mapped(&self) -> bool {
+        self.steps.mapped()
     }
 }
 
@@ -592,34 +601,64 @@ struct StepState {
     failed: Vec<StepFailure>,
 }
 
+/// Where the step flags live (`MLA_STEP_FLAGS`).
+enum Flags {
+    /// Page-locked host memory mapped into the device's address space (`dev` is its device
+    /// address), STEP_SLOTS + 1 ints: the kernels OR their bits straight into host memory
+    /// (only on an error: no traffic otherwise), and the host reads a step's flag once the
+    /// step has completed. Nothing is copied: a tracked step queues only its event, a
+    /// harvest only waits. The default.
+    Mapped { host: PinnedBuf, dev: u64 },
+    /// Device memory, STEP_SLOTS + 1 ints, and two pinned copies: a tracked step's flag is
+    /// copied into `tracked` after its work (4 bytes), a harvest copies every slot into
+    /// `harvested` (4 KiB). With `MLA_STEP_FLAGS=device`, or where host memory cannot be
+    /// mapped.
+    Device { flags: DeviceBuffer, tracked: PinnedBuf, harvested: PinnedBuf },
+}
+
 /// The per-device log of steps and their error flags.
 struct StepLog {
-    /// STEP_SLOTS + 1 ints on the device: one flag per slot, then the flag of work outside
-    /// any step. Zero whenever a slot is free.
-    flags: DeviceBuffer,
-    /// STEP_SLOTS ints of pinned host memory: tracked steps' flags, copied after their work.
-    tracked: PinnedBuf,
-    /// STEP_SLOTS + 1 ints of pinned host memory: the last harvest of `flags`.
-    harvested: PinnedBuf,
+    /// One flag per slot, then the flag of work outside any step. Zero whenever a slot is
+    /// free.
+    flags: Flags,
+    /// The device address of slot 0.
+    flags_dev: u64,
+    mem: Arc<MemCtx>,
     state: Mutex<StepState>,
     harvest_lock: Mutex<()>,
     ambient_used: AtomicBool,
 }
 
 fn read_int(buf: &PinnedBuf, i: usize) -> i32 {
-    debug_assert!(buf.len() >= (i + 1) * 4);
-    // SAFETY: in bounds; the copy that wrote it completed (its event did).
+    assert!(buf.len() >= (i + 1) * 4);
+    // SAFETY: in bounds; the work that wrote slot `i` has completed (its event or a
+    // synchronisation did; the device writes a flag only by atomics while its step runs).
     unsafe { std::ptr::read_volatile((buf.ptr() as *const i32).add(i)) }
 }
 
 impl StepLog {
     fn new(mem: &Arc<MemCtx>) -> Result<StepLog> {
-        let flags = DeviceBuffer::alloc(mem, (STEP_SLOTS + 1) * 4)?;
-        flags.fill(0)?;
+        let n = (STEP_SLOTS + 1) * 4;
+        let mapped = match std::env::var("MLA_STEP_FLAGS").as_deref() {
+            Ok("device") => None,
+            _ => PinnedBuf::new_mapped(&mem.ctx, n).ok(),
+        };
+        let flags = match mapped {
+            Some((host, dev)) => Flags::Mapped { host, dev },
+            None => {
+                let flags = DeviceBuffer::alloc(mem, n)?;
+                flags.fill(0)?;
+                Flags::Device { flags, tracked: PinnedBuf::new(&mem.ctx, STEP_SLOTS * 4)?, harvested: PinnedBuf::new(&mem.ctx, n)? }
+            }
+        };
+        let flags_dev = match &flags {
+            Flags::Mapped { dev, .. } => *dev,
+            Flags::Device { flags, .. } => flags.ptr(),
+        };
         Ok(StepLog {
             flags,
-            tracked: PinnedBuf::new(&mem.ctx, STEP_SLOTS * 4)?,
-            harvested: PinnedBuf::new(&mem.ctx, (STEP_SLOTS + 1) * 4)?,
+            flags_dev,
+            mem: mem.clone(),
             state: Mutex::new(StepState { next_id: 1, free: (0..STEP_SLOTS as u32).rev().collect(), pending: VecDeque::new(), failed: Vec::new() }),
             harvest_lock: Mutex::new(()),
             ambient_used: AtomicBool::new(false),
@@ -630,24 +669,38 @@ impl StepLog {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
     fn slot_ptr(&self, slot: u32) -> u64 {
-        self.flags.ptr() + 4 * slot as u64
+        self.flags_dev + 4 * slot as u64
     }
     fn ambient_ptr(&self) -> u64 {
-        self.flags.ptr() + 4 * STEP_SLOTS as u64
+        self.flags_dev + 4 * STEP_SLOTS as u64
+    }
+    /// Whether the flags are host memory the kernels write into (no copies).
+    fn mapped(&self) -> bool {
+        matches!(self.flags, Flags::Mapped { .. })
     }
 
     /// Queues after the step's work on `stream`: for a shared flag, its copy into the slot
-    /// and its clear; for a tracked step, the copy of its flag into its pinned slot and an
-    /// event (returned).
+    /// and its clear; for a tracked step, with device flags the copy of its flag into its
+    /// pinned slot, and an event (returned).
     fn finish(&self, mem: &MemCtx, stream: &CudaStream, slot: u32, shared: Option<u64>, tracked: bool) -> Result<Option<Arc<CudaEvent>>> {
         mem.ctx.bind_to_thread()?;
         let s = stream.cu_stream();
         unsafe {
-            if tracked {
-                let dst = (self.tracked.ptr() as *mut i32).add(slot as usize) as *mut c_void;
-                sys::cuMemcpyDtoHAsync_v2(dst, shared.unwrap_or(self.slot_ptr(slot)), 4, s).result()?;
-            } else if let Some(f) = shared {
-                sys::cuMemcpyDtoDAsync_v2(self.slot_ptr(slot), f, 4, s).result()?;
+            match &self.flags {
+                Flags::Mapped { .. } => {
+                    if let Some(f) = shared {
+                        // Device int -> mapped host int (a unified-address copy).
+                        sys::cuMemcpyAsync(self.slot_ptr(slot), f, 4, s).result()?;
+                    }
+                }
+                Flags::Device { tracked: pinned, .. } => {
+                    if tracked {
+                        let dst = (pinned.ptr() as *mut i32).add(slot as usize) as *mut c_void;
+                        sys::cuMemcpyDtoHAsync_v2(dst, shared.unwrap_or(self.slot_ptr(slot)), 4, s).result()?;
+                    } else if let Some(f) = shared {
+                        sys::cuMemcpyDtoDAsync_v2(self.slot_ptr(slot), f, 4, s).result()?;
+                    }
+                }
             }
             if let Some(f) = shared {
                 sys::cuMemsetD32Async(f, 0, 1, s).result()?;
@@ -661,22 +714,44 @@ impl StepLog {
         Ok(Some(Arc::new(ev)))
     }
 
-    /// Queues the copy of every slot into `harvested` on the device's stream, and an event.
-    fn queue_harvest(&self, mem: &MemCtx, stream: &CudaStream) -> Result<CudaEvent> {
+    /// Queues what a harvest reads behind the work queued so far on the device's stream:
+    /// with device flags the copy of every slot into `harvested` and an event; with mapped
+    /// flags an event when `event` asks for one (a wait for the whole device needs none).
+    fn queue_harvest(&self, mem: &MemCtx, stream: &CudaStream, event: bool) -> Result<Option<CudaEvent>> {
         mem.ctx.bind_to_thread()?;
-        unsafe {
-            sys::cuMemcpyDtoHAsync_v2(self.harvested.ptr() as *mut c_void, self.flags.ptr(), (STEP_SLOTS + 1) * 4, stream.cu_stream()).result()?;
+        if let Flags::Device { flags, harvested, .. } = &self.flags {
+            unsafe {
+                sys::cuMemcpyDtoHAsync_v2(harvested.ptr() as *mut c_void, flags.ptr(), (STEP_SLOTS + 1) * 4, stream.cu_stream()).result()?;
+            }
+        } else if !event {
+            return Ok(None);
         }
         let ev = mem.event()?;
         ev.record(stream)?;
-        Ok(ev)
+        Ok(Some(ev))
+    }
+
+    /// A completed tracked step's flag.
+    fn read_tracked(&self, slot: u32) -> i32 {
+        match &self.flags {
+            Flags::Mapped { host, .. } => read_int(host, slot as usize),
+            Flags::Device { tracked, .. } => read_int(tracked, slot as usize),
+        }
+    }
+
+    /// Slot `i`'s flag as of the last completed harvest.
+    fn read_harvested(&self, i: usize) -> i32 {
+        match &self.flags {
+            Flags::Mapped { host, .. } => read_int(host, i),
+            Flags::Device { harvested, .. } => read_int(harvested, i),
+        }
     }
 
     /// A step's flag was read as `bits`: free its slot (cleared first when set) and record
     /// the failure.
     fn settle(&self, st: &mut StepState, stream: &CudaStream, p: Pending, bits: i32) -> Result<()> {
         if bits != 0 {
-            self.clear_slot_sync(stream, p.slot)?;
+            self.clear_slot_sync(stream, p.slot as usize)?;
             if !p.known {
                 st.failed.push(StepFailure { id: p.id, label: p.label, bits });
             }
@@ -698,9 +773,9 @@ impl StepLog {
                 continue;
             }
             let p = st.pending.remove(i).unwrap();
-            let bits = read_int(&self.tracked, p.slot as usize);
+            let bits = self.read_tracked(p.slot);
             if let Some(ev) = p.event.clone().and_then(|e| Arc::try_unwrap(e).ok()) {
-                self.flags.mem_ctx().recycle(ev);
+                self.mem.recycle(ev);
             }
             self.settle(st, stream, p, bits)?;
         }
@@ -717,22 +792,32 @@ impl StepLog {
                 continue;
             }
             let p = st.pending.remove(i).unwrap();
-            let bits = read_int(&self.harvested, p.slot as usize);
+            let bits = self.read_harvested(p.slot as usize);
             self.settle(st, stream, p, bits)?;
         }
-        let ambient = read_int(&self.harvested, STEP_SLOTS);
+        let ambient = self.read_harvested(STEP_SLOTS);
         if ambient != 0 && self.ambient_used.swap(false, Ordering::AcqRel) {
-            unsafe { sys::cuMemsetD32Async(self.ambient_ptr(), 0, 1, stream.cu_stream()).result()? };
-            stream.synchronize()?;
+            self.clear_slot_sync(stream, STEP_SLOTS)?;
             st.failed.push(StepFailure { id: 0, label: "work outside a step".into(), bits: ambient });
         }
         Ok(())
     }
 
-    /// Zeroes a slot's device flag before the slot is reused (after a failure only).
-    fn clear_slot_sync(&self, stream: &CudaStream, slot: u32) -> Result<()> {
-        unsafe { sys::cuMemsetD32Async(self.slot_ptr(slot), 0, 1, stream.cu_stream()).result()? };
-        stream.synchronize()?;
+    /// Zeroes a flag (slot `i`, or STEP_SLOTS for work outside a step) before it is reused
+    /// (after a failure only): mapped flags by a host store (nothing on the device uses the
+    /// slot now: its step completed), device flags by a memset that this waits for.
+    fn clear_slot_sync(&self, stream: &CudaStream, i: usize) -> Result<()> {
+        match &self.flags {
+            Flags::Mapped { host, .. } => {
+                // SAFETY: within the array; no queued work writes this slot (see above).
+                unsafe { std::ptr::write_volatile((host.ptr() as *mut i32).add(i), 0) };
+                std::sync::atomic::fence(Ordering::SeqCst);
+            }
+            Flags::Device { flags, .. } => {
+                unsafe { sys::cuMemsetD32Async(flags.ptr() + 4 * i as u64, 0, 1, stream.cu_stream()).result()? };
+                stream.synchronize()?;
+            }
+        }
         Ok(())
     }
 }
