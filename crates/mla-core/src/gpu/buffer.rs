@@ -9,6 +9,14 @@
 //!   per-step allocation costs no driver allocation), and gives the rest back to the driver
 //!   at the next synchronisation. `MLA_ALLOC=sync` (or a device without memory pools) falls
 //!   back to `cuMemAlloc` / `cuMemFree`, where a free waits for the whole device.
+//! - Freed pool allocations of up to [`REUSE_MAX_BUFFER`] bytes are kept on a short list
+//!   (at most [`REUSE_MAX_BUFFERS`], [`REUSE_MAX_BYTES`] in all) and handed out again to an
+//!   allocation of the same size without a driver call either way (a decode's outputs,
+//!   allocated and disposed every call, cost two cuMemAllocFromPoolAsync and two
+//!   cuMemFreeAsync per call otherwise). The same stream order holds: work queued on the
+//!   device's stream before the free comes before any use of the new allocation, which is
+//!   queued later on the same stream (or on a stream made to wait for it). The list goes
+//!   back to the pool at every `Device::synchronize`. `MLA_BUFFER_REUSE=0` turns it off.
 //! - Work enqueued on another stream of the device (a `DecodeOptions::stream`) is not
 //!   ordered before a free on the device's stream: while any such work may be pending (since
 //!   the last `Device::synchronize`), a drop waits for the whole device first, as before.
@@ -30,6 +38,19 @@ use crate::error::{ErrorCode, MlaError, Result};
 pub const POOL_RELEASE_THRESHOLD: u64 = 512 << 20;
 /// Bytes of the pinned staging ring for host-to-device writes.
 pub const STAGING_BYTES: usize = 8 << 20;
+/// Freed allocations kept for reuse by size (see the module docs): at most this many, ...
+pub const REUSE_MAX_BUFFERS: usize = 32;
+/// ... of at most this many bytes in all, ...
+pub const REUSE_MAX_BYTES: usize = 64 << 20;
+/// ... each at most this large.
+pub const REUSE_MAX_BUFFER: usize = 32 << 20;
+
+/// Freed allocations kept for reuse: (bytes, address), the most recent last.
+#[derive(Default)]
+struct Reuse {
+    bufs: Vec<(usize, sys::CUdeviceptr)>,
+    bytes: usize,
+}
 
 /// A raw `CUmemoryPool` (an opaque driver handle, usable from any thread).
 struct Pool(sys::CUmemoryPool);
@@ -144,6 +165,8 @@ pub(crate) struct MemCtx {
     clean_epoch: AtomicU64,
     staging: Mutex<Staging>,
     events: Mutex<Vec<CudaEvent>>,
+    /// None when reuse is off (`MLA_BUFFER_REUSE=0`, or no pool).
+    reuse: Option<Mutex<Reuse>>,
     /// Bytes of live allocations made here (for `Device::memory_stats`).
     live_bytes: AtomicUsize,
     live_buffers: AtomicUsize,
@@ -158,7 +181,8 @@ pub struct PoolStats {
     pub live_buffers: u64,
     /// Bytes the memory pool holds from the driver (live + kept for reuse); 0 without a pool.
     pub pool_reserved: u64,
-    /// Bytes of the pool in use by live allocations; 0 without a pool.
+    /// Bytes of the pool in use by live allocations (and, until the next synchronize, the
+    /// freed ones kept for reuse); 0 without a pool.
     pub pool_used: u64,
     /// Free device memory reported by the driver.
     pub device_free: u64,
@@ -180,6 +204,7 @@ impl MemCtx {
         // A pool that cannot be made (an unusual driver) leaves the synchronous allocator:
         // slower frees, same results (`PoolStats::pooled` tells).
         let pool = if want_pool && supported { create_pool(ctx, ordinal).ok().map(Pool) } else { None };
+        let reuse = (pool.is_some() && std::env::var("MLA_BUFFER_REUSE").as_deref() != Ok("0")).then(|| Mutex::new(Reuse::default()));
         Ok(Arc::new(MemCtx {
             ctx: ctx.clone(),
             stream: stream.clone(),
@@ -188,6 +213,7 @@ impl MemCtx {
             clean_epoch: AtomicU64::new(0),
             staging: Mutex::new(Staging::default()),
             events: Mutex::new(Vec::new()),
+            reuse,
             live_bytes: AtomicUsize::new(0),
             live_buffers: AtomicUsize::new(0),
         }))
@@ -231,9 +257,19 @@ impl MemCtx {
     }
 
     fn alloc_raw(&self, len: usize) -> Result<sys::CUdeviceptr> {
-        self.ctx.bind_to_thread()?;
         // Zero-byte tensors still get a distinct, valid address.
         let n = len.max(16);
+        if let Some(r) = &self.reuse {
+            let mut r = r.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = r.bufs.iter().rposition(|&(len, _)| len == n) {
+                let (_, ptr) = r.bufs.swap_remove(i);
+                r.bytes -= n;
+                self.live_bytes.fetch_add(n, Ordering::Relaxed);
+                self.live_buffers.fetch_add(1, Ordering::Relaxed);
+                return Ok(ptr);
+            }
+        }
+        self.ctx.bind_to_thread()?;
         let ptr = match &self.pool {
             Some(p) => unsafe { result::mem_pool::alloc_async(p.0, n, self.stream.cu_stream())? },
             None => unsafe { result::malloc_sync(n)? },
@@ -251,8 +287,20 @@ impl MemCtx {
                     // Kernels on another stream may still read it.
                     let _ = self.ctx.synchronize();
                 }
-                unsafe {
-                    let _ = result::free_async(ptr, self.stream.cu_stream());
+                let n = len.max(16);
+                let kept = self.reuse.as_ref().is_some_and(|r| {
+                    let mut r = r.lock().unwrap_or_else(|e| e.into_inner());
+                    let fits = n <= REUSE_MAX_BUFFER && r.bufs.len() < REUSE_MAX_BUFFERS && r.bytes + n <= REUSE_MAX_BYTES;
+                    if fits {
+                        r.bufs.push((n, ptr));
+                        r.bytes += n;
+                    }
+                    fits
+                });
+                if !kept {
+                    unsafe {
+                        let _ = result::free_async(ptr, self.stream.cu_stream());
+                    }
                 }
             }
             None => {
@@ -345,6 +393,21 @@ impl MemCtx {
         Ok(())
     }
 
+    /// Gives the allocations kept for reuse back to the pool (in stream order).
+    pub(crate) fn flush_reuse(&self) {
+        let Some(r) = &self.reuse else { return };
+        let bufs = std::mem::take(&mut *r.lock().unwrap_or_else(|e| e.into_inner()));
+        if bufs.bufs.is_empty() {
+            return;
+        }
+        let _ = self.ctx.bind_to_thread();
+        for (_, ptr) in bufs.bufs {
+            unsafe {
+                let _ = result::free_async(ptr, self.stream.cu_stream());
+            }
+        }
+    }
+
     pub(crate) fn stats(&self) -> PoolStats {
         let mut s = PoolStats {
             live_bytes: self.live_bytes.load(Ordering::Relaxed) as u64,
@@ -372,6 +435,8 @@ impl Drop for MemCtx {
         let _ = self.ctx.bind_to_thread();
         let _ = self.ctx.synchronize();
         self.staging.get_mut().unwrap_or_else(|e| e.into_inner()).inflight.clear();
+        self.flush_reuse();
+        let _ = self.ctx.synchronize();
         if let Some(p) = self.pool.take() {
             unsafe {
                 let _ = result::mem_pool::destroy(p.0);

@@ -386,6 +386,7 @@ impl GpuDevice {
             return Err(MlaError::new(ErrorCode::InvalidArgument, "synchronize: called while enqueueing a step on this thread"));
         }
         self.harvest(Wait::Device)?;
+        self.mem.flush_reuse();
         report(&mut self.steps.lock())
     }
 
