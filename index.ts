@@ -1103,12 +1103,93 @@ function nativeArgs(a: DecodeArgs) {
   return [q._n, kv, bt._n, sl._n, plan?._n, a.causal ?? undefined, a.softmaxScale ?? undefined, a.label ?? undefined] as const
 }
 
+// ---------------------------------------------------------------------------------------
+// Completion of awaited CUDA decodes
+
+/**
+ * How long (µs) an awaited CUDA decode is polled for from the event loop before its wait
+ * moves to the libuv thread pool: `MLA_AWAIT_SPIN_US`, default 2000; 0 waits on the pool
+ * at once (the previous behaviour).
+ */
+const AWAIT_SPIN_US = (() => {
+  const v = Number(process.env.MLA_AWAIT_SPIN_US ?? '2000')
+  return Number.isFinite(v) && v >= 0 ? v : 2000
+})()
+let awaitSpinUs = AWAIT_SPIN_US
+
+/** @internal The bench's breakdown compares both completion paths in one process. */
+export function _setAwaitSpinUs(us: number | undefined): void {
+  awaitSpinUs = us ?? AWAIT_SPIN_US
+}
+
+interface StepWaiter {
+  poll: () => boolean
+  fallback: () => Promise<void>
+  until: number
+  resolve: () => void
+  reject: (e: unknown) => void
+}
+const waiters: StepWaiter[] = []
+let polling = false
+
+/**
+ * Resolves once `poll()` says the step has completed (it throws the step's error when the
+ * step failed). Polled from the event loop — one `setImmediate` turn per round, one poll
+ * per pending step — so the JS thread stays free and no thread has to be woken when the
+ * step ends, for up to `spinUs` µs; past that the wait moves to `fallback()` (the libuv
+ * pool), so that long steps do not keep a core busy.
+ */
+function whenDone(poll: () => boolean, fallback: () => Promise<void>, spinUs: number): Promise<void> {
+  if (spinUs <= 0) return fallback()
+  return new Promise<void>((resolve, reject) => {
+    waiters.push({ poll, fallback, until: performance.now() + spinUs / 1000, resolve, reject })
+    if (!polling) {
+      polling = true
+      setImmediate(pollSteps)
+    }
+  })
+}
+
+function pollSteps(): void {
+  const now = performance.now()
+  let kept = 0
+  for (let i = 0; i < waiters.length; i++) {
+    const w = waiters[i]!
+    let done: boolean
+    try {
+      done = w.poll()
+    } catch (e) {
+      w.reject(toMlaError(e))
+      continue
+    }
+    if (done) w.resolve()
+    else if (now > w.until) w.fallback().then(w.resolve, w.reject)
+    else waiters[kept++] = w
+  }
+  waiters.length = kept
+  if (kept > 0) setImmediate(pollSteps)
+  else polling = false
+}
+
+/** The completion of a CUDA decode's tracked step (`out` is one of its outputs). */
+function stepDone(out: Native.Tensor, step: number): Promise<void> {
+  return whenDone(
+    () => native.pollStep(out, step),
+    () => callAsync(async () => void (await call(() => out.device.waitStep(step)))),
+    awaitSpinUs,
+  )
+}
+
+/** @internal The poller with stand-in polls, for tests. */
+export const _whenDone = whenDone
+
 /**
  * One MLA decode step: attention of `q` over each sequence's cached latent rows, resolving
  * once the results are complete. On CUDA the step is enqueued on the calling thread and
- * only the wait runs on the libuv thread pool; on the CPU backend the computation runs
- * there. The JS thread stays free either way. Allocates the outputs; a serving loop uses
- * {@link decodeInto} instead.
+ * its completion is polled from the event loop (an event query per turn of the loop, for
+ * up to `MLA_AWAIT_SPIN_US` µs, default 2000), then waited for on the libuv thread pool;
+ * on the CPU backend the computation runs on the pool. The JS thread stays free either
+ * way. Allocates the outputs; a serving loop uses {@link decodeInto} instead.
  *
  * Errors: the JS types, the integer arguments, and every shape, dtype and device rule
  * (including a plan made for another batch size or `sQ * hQ / hKv`) are checked before
@@ -1134,8 +1215,23 @@ function nativeArgs(a: DecodeArgs) {
  */
 export function decode(args: DecodeArgs): Promise<DecodeResult> {
   return callAsync(async () => {
-    const r = (await call(() => native.decode(...nativeArgs(args)))) as Native.DecodeResult
-    return { out: Tensor._wrap(r.out), lse: Tensor._wrap(r.lse), step: r.step }
+    const a = nativeArgs(args)
+    const e = call(() => native.decodeEnqueue(...a))
+    if (e == null) {
+      // The CPU backend: the computation itself runs on the libuv pool.
+      const r = (await call(() => native.decode(...a))) as Native.DecodeResult
+      return { out: Tensor._wrap(r.out), lse: Tensor._wrap(r.lse), step: r.step }
+    }
+    const r: DecodeResult = { out: Tensor._wrap(e.out), lse: Tensor._wrap(e.lse), step: e.step }
+    try {
+      await stepDone(e.out, e.step)
+    } catch (err) {
+      // A failed step's outputs are not valid: not returned, freed now.
+      r.out.dispose()
+      r.lse.dispose()
+      throw err
+    }
+    return r
   })
 }
 

@@ -7,7 +7,7 @@
 // makes them run (and fail) anyway. Serial: the CPU backend's step log is one per process.
 
 import test, { type ExecutionContext } from 'ava'
-import { Device, KvCache, MlaError, Tensor, captureStep, decode, decodeInto, decodeSync, gpuStatus, type ErrorCode } from '../index'
+import { Device, KvCache, MlaError, Tensor, _whenDone, captureStep, decode, decodeInto, decodeSync, gpuStatus, type ErrorCode } from '../index'
 import { BASE_SEED, D, Rng, caseTensors, checkAccuracy, makeCase, randomF32, referenceDecode, toBits, type CaseData } from './_helpers'
 
 const status = gpuStatus()
@@ -473,4 +473,49 @@ both('soak: 10k serving steps with forks and frees stay flat in memory and exact
   t.true(rss <= base!.rss + 48 * 2 ** 20, `resident memory ${base!.rss} -> ${rss}`)
   for (const s of slots) cache.free(s)
   t.is(cache.freeBlocks, cache.numBlocks)
+})
+
+// The completion poller of awaited CUDA decodes (index.ts whenDone), with stand-in polls:
+// on the CPU backend decode computes on the pool and never polls.
+test.serial('the await poller: resolves when the poll does, rejects with the step error, falls back after the budget, keeps the loop free', async (t) => {
+  const polls = [0, 0, 0]
+  const doneAfter = [3, 1, 6]
+  let fallbacks = 0
+  let otherWork = 0
+  const timer = setInterval(() => otherWork++, 0)
+  const waits = doneAfter.map((n, i) =>
+    _whenDone(
+      () => ++polls[i]! >= n,
+      () => {
+        fallbacks++
+        return Promise.resolve()
+      },
+      1e6,
+    ),
+  )
+  await Promise.all(waits)
+  t.deepEqual(polls, doneAfter, 'each step polled until done, and no more')
+  t.is(fallbacks, 0)
+  // A failed step: the poll throws the binding's error (a string code); the promise rejects
+  // with it as an MlaError.
+  const failing = _whenDone(() => {
+    throw Object.assign(new Error('step 7 (layer 1): block_table: ...'), { code: 'ERR_BLOCK_INDEX' })
+  }, () => Promise.resolve(), 1e6)
+  const e = await t.throwsAsync(failing)
+  t.true(e instanceof MlaError && e.code === 'ERR_BLOCK_INDEX', String(e))
+  // Past the budget the wait goes to the fallback, whose outcome is the promise's.
+  let fellBack = 0
+  await _whenDone(() => false, () => (fellBack++, new Promise<void>((r) => setTimeout(r, 5))), 1000)
+  t.is(fellBack, 1)
+  await t.throwsAsync(_whenDone(() => false, () => Promise.reject(new MlaError('ERR_CUDA', 'x')), 1), { message: 'x' })
+  // A zero budget waits on the fallback at once, without polling.
+  let polled = false
+  await _whenDone(() => (polled = true), () => Promise.resolve(), 0)
+  t.false(polled)
+  // Other callbacks ran while polling (the loop was never blocked).
+  const before = otherWork
+  const t0 = performance.now()
+  await _whenDone(() => performance.now() > t0 + 20, () => Promise.resolve(), 1e6)
+  clearInterval(timer)
+  t.true(otherWork > before, `timers ran during polling (${before} -> ${otherWork})`)
 })

@@ -478,6 +478,7 @@ impl KvCache {
             }
             Err(_) => give_back(&mut self.free, &taken),
         }
+        crate::trace::mark("append:written");
         // The scratch vectors go back for the next call.
         (self.reservations, self.taken) = (rs, taken);
         self.reservations.clear();
@@ -507,6 +508,7 @@ impl KvCache {
     pub fn append_batch(&mut self, seqs: &[SeqId], rows: &[u16]) -> Result<StepId> {
         let n = Self::check_batch_rows(seqs.len(), rows.len())?;
         self.reserve_batch(seqs, n)?;
+        crate::trace::mark("append:reserved");
         self.write_batch(n, Source::Host(rows))
     }
 
@@ -515,6 +517,7 @@ impl KvCache {
     pub fn append_batch_f32(&mut self, seqs: &[SeqId], rows: &[f32]) -> Result<StepId> {
         let n = Self::check_batch_rows(seqs.len(), rows.len())?;
         self.reserve_batch(seqs, n)?;
+        crate::trace::mark("append:reserved");
         self.write_batch(n, Source::HostF32(rows))
     }
 
@@ -535,6 +538,7 @@ impl KvCache {
         }
         let n = Self::check_batch_rows(seqs.len(), rows.numel())?;
         self.reserve_batch(seqs, n)?;
+        crate::trace::mark("append:reserved");
         let src = match rows.host() {
             Some(h) => Source::Host(h.as_u16()),
             None => Source::Device(rows.device_ptr().unwrap()),
@@ -597,6 +601,7 @@ impl KvCache {
                     ptr
                 }
             };
+            crate::trace::mark("append:staged");
             crate::gpu::util::cache_scatter(g, pool.device_ptr().unwrap(), num_slots, src_ptr, rb as i64, scratch.ptr(), total as i64, rb as i32)
         })
     }

@@ -219,6 +219,7 @@ pub fn decode_auto(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Tens
 pub fn enqueue(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Tensor, plan: Option<&Plan>, opts: &DecodeOptions) -> Result<DecodeOutput> {
     check_scale(opts.scale())?;
     let dev = q.device();
+    crate::trace::mark("enqueue:start");
     let (step, (out, lse)) = dev.step_tracked(opts.label(), || {
         let owned;
         let p = match plan {
@@ -234,6 +235,7 @@ pub fn enqueue(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Tensor, 
             Err(e) => return Err(e),
         };
         let (mut out, mut lse) = outputs(dev, &s)?;
+        crate::trace::mark("enqueue:outputs");
         enqueue_into(q, kv, block_table, seqlens, p, opts, &mut out, &mut lse)?;
         Ok((out, lse))
     })?;
@@ -284,7 +286,12 @@ fn run(
                 crate::gpu::ops::decode_into(g, s, q, kv, block_table, seqlens, plan, opts, out, lse)?;
                 return Ok(g.current_step().unwrap_or(0));
             }
-            let (id, ()) = g.step(opts.label(), &stream, || crate::gpu::ops::decode_into(g, s, q, kv, block_table, seqlens, plan, opts, out, lse))?;
+            let (id, ()) = g.step(opts.label(), &stream, || {
+                crate::trace::mark("decode:launch");
+                let r = crate::gpu::ops::decode_into(g, s, q, kv, block_table, seqlens, plan, opts, out, lse);
+                crate::trace::mark("decode:launched");
+                r
+            })?;
             Ok(id)
         }
     }

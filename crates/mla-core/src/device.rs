@@ -109,6 +109,17 @@ impl Device {
         }
     }
 
+    /// Whether step `id` has completed, without waiting: `Ok(true)` once it has (reporting
+    /// its own error, as [`Device::wait_step`] does), `Ok(false)` while it runs. Meant for
+    /// tracked steps ([`Device::step_tracked`]: one event query on CUDA); an untracked step
+    /// on CUDA is waited for. The CPU backend's steps complete while they are enqueued.
+    pub fn poll_step(&self, id: StepId) -> Result<bool> {
+        match self {
+            Device::Cpu => cpu_steps::wait(id).map(|()| true),
+            Device::Cuda(g) => g.poll_step(id),
+        }
+    }
+
     /// Reports, without waiting, the first failed step among those whose flags were already
     /// read (on CUDA: tracked steps that completed, and earlier harvests; see
     /// `GpuDevice::step`). Reading a tensor to the host reports like a synchronise.

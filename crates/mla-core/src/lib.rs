@@ -28,6 +28,7 @@ pub mod error;
 pub mod gpu;
 pub mod plan;
 pub mod tensor;
+pub mod trace;
 pub mod validate;
 
 pub use cache::{KvCache, KvCacheConfig, SeqId, BLOCK_TABLE_PAD};

@@ -120,6 +120,7 @@ impl KvCache {
     /// in one call; returns the step id.
     #[napi]
     pub fn append_batch_f32(&self, seqs: &[f64], rows: &[f32]) -> Result<i64> {
+        mla_core::trace::mark("native:enter");
         let ids = seq_ids(seqs)?;
         self.with(|c| c.append_batch_f32(&ids, rows))
             .map(|id| id as i64)
@@ -128,6 +129,7 @@ impl KvCache {
     /// `KvCache::append_batch` with raw bits of the cache's dtype.
     #[napi]
     pub fn append_batch_bits(&self, seqs: &[f64], rows: &[u16]) -> Result<i64> {
+        mla_core::trace::mark("native:enter");
         let ids = seq_ids(seqs)?;
         self.with(|c| c.append_batch(&ids, rows))
             .map(|id| id as i64)
@@ -137,6 +139,7 @@ impl KvCache {
     /// (on CUDA device to device).
     #[napi]
     pub fn append_batch_tensor(&self, seqs: &[f64], rows: &Tensor) -> Result<i64> {
+        mla_core::trace::mark("native:enter");
         let ids = seq_ids(seqs)?;
         match rows.arg("rows")? {
             TensorSrc::Owned(t) => self

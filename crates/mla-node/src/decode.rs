@@ -125,6 +125,57 @@ pub fn decode(
     }))
 }
 
+/// CUDA: `mla_core::decode::enqueue` on the calling thread, returning the outputs and the
+/// step at once (the outputs are valid once the step completed: index.ts polls
+/// `pollStep`, then falls back to `Device.waitStep`). The result objects are made here,
+/// while the kernels run, not after the wait. Other devices: `null`, nothing done (their
+/// `decode` computes on the libuv pool).
+#[napi]
+#[allow(clippy::too_many_arguments)]
+pub fn decode_enqueue(
+    q: &Tensor,
+    kv_cache: &Tensor,
+    block_table: &Tensor,
+    cache_seqlens: &Tensor,
+    plan: Option<&Plan>,
+    causal: Option<bool>,
+    softmax_scale: Option<f64>,
+    label: Option<String>,
+) -> Result<Option<DecodeResult>> {
+    mla_core::trace::mark("native:enter");
+    let a = args(
+        q,
+        kv_cache,
+        block_table,
+        cache_seqlens,
+        plan,
+        causal,
+        softmax_scale,
+        label,
+    )?;
+    if !device_of(&a).is_cuda() {
+        return Ok(None);
+    }
+    let r = to_js(enqueue(&a)?);
+    mla_core::trace::mark("native:exit");
+    Ok(Some(r))
+}
+
+/// Whether the step that computes `out` (a tensor of that step's device) has completed,
+/// without waiting (`mla_core::Device::poll_step`); throws the step's own error once it
+/// has, if it failed.
+#[napi]
+pub fn poll_step(out: &Tensor, step: i64) -> Result<bool> {
+    if step < 1 {
+        return Err(crate::error::err(
+            mla_core::ErrorCode::InvalidArgument,
+            format!("step: expected a step id (>= 1), got {step}"),
+        ));
+    }
+    let d = out.src()?.with(|t| t.device().clone());
+    core(|| d.poll_step(step as u64))
+}
+
 /// One decode step on the calling (JS) thread: enqueue, then wait for the step.
 #[napi]
 #[allow(clippy::too_many_arguments)]
@@ -171,6 +222,7 @@ pub fn decode_into(
     out: &mut Tensor,
     lse: &mut Tensor,
 ) -> Result<i64> {
+    mla_core::trace::mark("native:enter");
     let a = args(
         q,
         kv_cache,
@@ -206,7 +258,10 @@ pub fn decode_into(
             })
         },
     )
-    .map(|id| id as i64)
+    .map(|id| {
+        mla_core::trace::mark("native:exit");
+        id as i64
+    })
 }
 
 enum Work {

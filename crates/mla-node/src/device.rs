@@ -161,8 +161,11 @@ impl Device {
 
     #[napi]
     pub fn synchronize_sync(&self) -> Result<()> {
+        mla_core::trace::mark("native:enter");
         let d = self.get()?;
-        core(|| d.synchronize())
+        let r = core(|| d.synchronize());
+        mla_core::trace::mark("native:exit");
+        r
     }
 
     /// Waits (on the libuv thread pool) until step `step` has completed; rejects with its own
@@ -330,6 +333,7 @@ impl Task for SyncTask {
     type JsValue = ();
 
     fn compute(&mut self) -> napi::Result<()> {
+        mla_core::trace::mark("pool:start");
         let d = self.device.clone();
         let step = self.step;
         if let Err(f) = core_async(|| {

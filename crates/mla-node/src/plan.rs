@@ -66,6 +66,7 @@ impl Plan {
     /// plan's device); returns the step id (on CUDA the plan kernel is enqueued).
     #[napi]
     pub fn update(&self, cache_seqlens: &Tensor) -> Result<i64> {
+        mla_core::trace::mark("native:enter");
         let p = self.get()?.clone();
         let src = cache_seqlens.arg("cacheSeqlens")?;
         if let TensorSrc::PlanMetadata(q) | TensorSrc::PlanNumSplits(q) = &src {
@@ -76,7 +77,10 @@ impl Plan {
                 ));
             }
         }
-        with_all(&[&src], &[], |t, _| core(|| p.replan(t[0]))).map(|id| id as i64)
+        with_all(&[&src], &[], |t, _| core(|| p.replan(t[0]))).map(|id| {
+            mla_core::trace::mark("native:exit");
+            id as i64
+        })
     }
 
     #[napi(getter)]

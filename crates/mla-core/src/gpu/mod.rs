@@ -326,6 +326,7 @@ impl GpuDevice {
             let _in = StepGuard::enter(CurrentStep { device: key(self), flag, id });
             enqueue()
         };
+        crate::trace::mark("step:enqueued");
         let event = match self.steps.finish(&self.mem, stream, slot, shared, tracked) {
             Ok(e) => e,
             Err(e) => {
@@ -337,6 +338,7 @@ impl GpuDevice {
             }
         };
         st.pending.push_back(Pending { id, label, slot, event, known: r.is_err() });
+        crate::trace::mark("step:finished");
         r.map(|v| (id, v))
     }
 
@@ -364,6 +366,7 @@ impl GpuDevice {
         match ev {
             Some(Some(ev)) => {
                 ev.synchronize()?;
+                crate::trace::mark("wait:complete");
                 let mut st = self.steps.lock();
                 self.steps.resolve_tracked(&mut st, &self.stream)?;
             }
@@ -374,6 +377,41 @@ impl GpuDevice {
         match st.failed.iter().position(|f| f.id == id) {
             Some(i) => Err(st.failed.remove(i).into_error(&[])),
             None => Ok(()),
+        }
+    }
+
+    /// Whether step `id` has completed, without waiting: `Ok(true)` once it has, reporting
+    /// its own error as [`GpuDevice::wait_step`] does (once), `Ok(false)` while its work
+    /// runs. A tracked step ([`GpuDevice::step_tracked`]: a decode's promise, decodeSync)
+    /// costs one event query; for an untracked step this waits as `wait_step` does (it has
+    /// no completion of its own to look at).
+    pub fn poll_step(&self, id: StepId) -> Result<bool> {
+        if current_step(self).is_some() {
+            return Err(MlaError::new(ErrorCode::InvalidArgument, "poll_step: called while enqueueing a step on this thread"));
+        }
+        {
+            let mut st = self.steps.lock();
+            if id == 0 || id >= st.next_id {
+                return Err(MlaError::arg(ErrorCode::InvalidArgument, "step", format!("the id of a step enqueued on this device (1..{})", st.next_id), id));
+            }
+            match st.pending.iter().find(|p| p.id == id).map(|p| p.event.clone()) {
+                Some(Some(ev)) => {
+                    if !ev.try_is_complete()? {
+                        return Ok(false);
+                    }
+                    crate::trace::mark("poll:complete");
+                    self.steps.resolve_tracked(&mut st, &self.stream)?;
+                }
+                Some(None) => {
+                    drop(st);
+                    return self.wait_step(id).map(|()| true);
+                }
+                None => {}
+            }
+            match st.failed.iter().position(|f| f.id == id) {
+                Some(i) => Err(st.failed.remove(i).into_error(&[])),
+                None => Ok(true),
+            }
         }
     }
 
@@ -433,6 +471,7 @@ impl GpuDevice {
             Wait::Device => {
                 let epoch = self.mem.epoch();
                 self.ctx.synchronize()?;
+                crate::trace::mark("sync:device-idle");
                 self.mem.mark_clean(epoch);
                 // A device-memory log's copy, if one was queued, is done too.
             }
