@@ -7,6 +7,9 @@
  *   mla-decode bench --host      the host benchmark: decode steps driven from TypeScript
  *                                (await, sync, enqueue, graph) vs the kernels' own time;
  *                                host.csv, host-ops.csv
+ *   mla-decode bench --host-breakdown   where the host time of one call goes (phases of
+ *                                an awaited decode, an enqueued step, appendBatch);
+ *                                host-breakdown.csv
  *   mla-decode info [--device]   GPU status and device facts
  *   mla-decode --help
  *
@@ -24,6 +27,9 @@ const HELP = `mla-decode: MLA decoding (FlashMLA-compatible) for Node.js
 Usage:
   mla-decode bench [options]   run the benchmark; print a table, write CSV + SVG
   mla-decode bench --host      the host benchmark (see below); write host.csv, host-ops.csv
+  mla-decode bench --host-breakdown
+                               phases of one call of each host-path mode (see below);
+                               write host-breakdown.csv
   mla-decode info [--device D] GPU status and the device that would run
   mla-decode --help            this text
 
@@ -64,7 +70,19 @@ bench --host options (--device, --out, --quick as above):
   behind a long fill, so launch gaps are not counted):
     host.csv      b,h_q,s_q,length,layers,mode,kernel_us,step_us
     host-ops.csv  b,h_q,s_q,length,op,us   (append-loop, appendBatch, appendBatch-device,
-                  batch, batchInto, plan, plan.update: host time of one call)
+                  appendBatch-f32, batch, batchInto, plan, plan.update: host time of one
+                  call)
+
+bench --host-breakdown options (--device, --out, --quick, --steps as --host's; --steps is
+the calls per mode, default 200 on CUDA, 20 on the CPU):
+  For each shape of --host (one layer), the median gap between consecutive phase marks of
+  one call (js:* in index.ts, native:* in the binding, the rest in the core, all on
+  CLOCK_MONOTONIC) for: await (completion polled from the event loop), await-pool (the
+  wait on the libuv pool, MLA_AWAIT_SPIN_US=0), enqueue (plan.update + decodeInto +
+  synchronizeSync), appendBatch (host bits), appendBatch-device, appendBatch-f32; and the
+  two completion paths around a stand-in wait of 30 and 500 us (stub-pool, stub-poll: the
+  latency from the wait's end to the JS continuation, no GPU work).
+    host-breakdown.csv  b,h_q,s_q,length,mode,phase,us,n
 
 Timing: median of CUDA-event-timed runs after warm-up (wall clock on the CPU backend).
 GB/s = (sum(seqlens)*576 + b*s_q*h_q*576 + b*s_q*h_q*512) * 2 bytes / time;
@@ -378,6 +396,7 @@ async function cmdBench(argv: string[]): Promise<number> {
       'no-progress': { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
       host: { type: 'boolean', default: false },
+      'host-breakdown': { type: 'boolean', default: false },
       steps: { type: 'string' },
       modes: { type: 'string' },
     },
@@ -385,6 +404,10 @@ async function cmdBench(argv: string[]): Promise<number> {
   if (values.help) {
     console.log(HELP)
     return 0
+  }
+  if (values['host-breakdown']) {
+    if (values.host || values.modes !== undefined) throw new UsageError('--host-breakdown runs on its own (no --host, no --modes)')
+    return cmdBenchHostBreakdown(values)
   }
   if (values.host) return cmdBenchHost(values)
   if (values.steps !== undefined || values.modes !== undefined) throw new UsageError('--steps and --modes go with --host')
@@ -548,6 +571,44 @@ async function cmdBenchHost(values: { device: string; quick: boolean; out: strin
   fs.writeFileSync(csvPath, hostCsv(rows))
   fs.writeFileSync(opsPath, hostOpsCsv(ops))
   console.log(`wrote ${csvPath}, ${opsPath}`)
+  return 0
+}
+
+export const HOST_BREAKDOWN_CSV_HEADER = 'b,h_q,s_q,length,mode,phase,us,n'
+
+export function hostBreakdownCsv(phases: bench.HostPhase[]): string {
+  return [HOST_BREAKDOWN_CSV_HEADER, ...phases.map((p) => [p.b, p.hQ, p.sQ, p.length, p.mode, `"${p.phase}"`, p.us.toFixed(2), p.n].join(','))].join('\n') + '\n'
+}
+
+async function cmdBenchHostBreakdown(values: { device: string; quick: boolean; out: string; steps?: string }): Promise<number> {
+  const calls = positiveInt('steps', values.steps)
+  using dev = openDevice(values.device)
+  const seen = new Set<string>()
+  const configs = bench.hostConfigs(dev, { quick: values.quick }).filter((c) => {
+    const k = `${c.b}/${c.hQ}/${c.sQ}/${c.length}`
+    return !seen.has(k) && (seen.add(k), true)
+  })
+  const outDir = path.resolve(values.out)
+  fs.mkdirSync(outDir, { recursive: true })
+  console.log(`mla-decode ${version()} bench --host-breakdown: ${dev.info.name} (${dev.kind}); ${configs.length} shapes, median of ${calls ?? (dev.kind === 'cuda' ? 200 : 20)} calls per mode`)
+  const all: bench.HostPhase[] = []
+  for (const c of configs) {
+    const { phases, info } = await bench.runHostBreakdown(dev, { ...c, layers: 1 }, calls ? { calls } : {})
+    console.log(`\nb=${c.b} h_q=${c.hQ} s_q=${c.sQ} len=${c.length} (${info})`)
+    let mode = ''
+    for (const p of phases) {
+      if (p.mode !== mode) {
+        mode = p.mode
+        const total = phases.filter((x) => x.mode === mode && !x.mode.startsWith('stub')).reduce((a, x) => a + x.us, 0)
+        console.log(`  ${mode}${mode.startsWith('stub') ? '' : ` (sum of medians ${total.toFixed(1)} us)`}`)
+      }
+      console.log(`    ${p.us.toFixed(2).padStart(9)} us  ${p.phase}${p.n < (calls ?? 0) ? `  (${p.n} calls)` : ''}`)
+    }
+    all.push(...phases)
+  }
+  const file = path.join(outDir, 'host-breakdown.csv')
+  fs.writeFileSync(file, hostBreakdownCsv(all))
+  console.log(`wrote ${file}`)
   return 0
 }
 

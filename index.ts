@@ -1793,7 +1793,7 @@ export namespace bench {
     hQ: number
     sQ: number
     length: number
-    /** `append-loop` (one `append` per sequence), `appendBatch` (host rows), `appendBatch-device` (rows from a tensor), `batch`, `batchInto`, `plan`, `plan.update`. */
+    /** `append-loop` (one `append` per sequence), `appendBatch` (host bf16 bits), `appendBatch-device` (rows from a tensor), `appendBatch-f32` (host f32 rows, rounded on the way), `batch`, `batchInto`, `plan`, `plan.update`. */
     op: string
     us: number
   }
@@ -1861,7 +1861,7 @@ export namespace bench {
     const modes = opts.modes ?? HOST_MODES
     const { b, hQ, sQ, length, layers } = config
     const opReps = cudaDev ? 30 : 5
-    const width = Math.ceil((length + 3 * opReps + 2) / BLOCK_SIZE)
+    const width = Math.ceil((length + 4 * (opReps + 2)) / BLOCK_SIZE)
     using cache = new KvCache(dev, { numBlocks: b * (width + 1), dtype: 'bf16' })
     const seqs = Array.from({ length: b }, () => cache.createSequence())
     const chunk = randomBits(b * Math.min(length, BLOCK_SIZE) * HEAD_DIM, 0x5eed ^ b)
@@ -1938,6 +1938,7 @@ export namespace bench {
       const row = randomBits(HEAD_DIM, 7)
       const rowsB = randomBits(b * HEAD_DIM, 8)
       const rowsT = dev.tensor(rowsB, [b, 1, HEAD_DIM], 'bf16')
+      const rowsF = bf16ToF32(rowsB)
       const op = (name: string, f: () => void, after?: () => void) => {
         const ts: number[] = []
         for (let i = 0; i < opReps + 2; i++) {
@@ -1957,6 +1958,7 @@ export namespace bench {
       })
       op('appendBatch', () => cache.appendBatch(seqs, rowsB))
       op('appendBatch-device', () => cache.appendBatch(seqs, rowsT))
+      op('appendBatch-f32', () => cache.appendBatch(seqs, rowsF))
       op('batch', () => (made = cache.batch(seqs, width)), () => {
         made?.blockTable.dispose()
         made?.cacheSeqlens.dispose()
@@ -1969,5 +1971,156 @@ export namespace bench {
     for (const x of [...qs, ...outs.flatMap((o) => [o.out, o.lse]), blockTable, cacheSeqlens]) x.dispose()
     await dev.synchronize()
     return { rows, ops }
+  }
+
+  /** One row of `host-breakdown.csv`: the median time between two consecutive marks of a call. */
+  export interface HostPhase {
+    b: number
+    hQ: number
+    sQ: number
+    length: number
+    /** `await` (polled completion), `await-pool` (the wait on the libuv pool), `enqueue` (plan.update + decodeInto + synchronizeSync), `appendBatch`, `appendBatch-device`, `appendBatch-f32`; `stub-poll` / `stub-pool`: the two completion paths around a stand-in wait of 30 or 500 µs, no GPU work. */
+    mode: string
+    /** `from -> to`: two consecutive marks (`js:*` in index.ts, `native:*` in the binding, the rest in the core); a repeated mark gets `#2`, `#3`. */
+    phase: string
+    /** Median µs over the calls that had this phase. */
+    us: number
+    /** Calls that had it. */
+    n: number
+  }
+
+  function phasesOf(mode: string, config: HostConfig, labels: string[], ns: number[], starts: (l: string) => boolean): HostPhase[] {
+    // Split the log into calls (each begins at a start mark), name the gaps between
+    // consecutive marks, and take the median of each gap over the calls.
+    const gaps = new Map<string, number[]>()
+    let seen = new Map<string, number>()
+    let prev: string | undefined
+    let prevT = 0
+    for (let i = 0; i < labels.length; i++) {
+      const l = labels[i]!
+      if (starts(l)) {
+        seen = new Map()
+        prev = undefined
+      }
+      const k = (seen.get(l) ?? 0) + 1
+      seen.set(l, k)
+      const name = k > 1 ? `${l}#${k}` : l
+      if (prev !== undefined) {
+        const key = `${prev} -> ${name}`
+        let v = gaps.get(key)
+        if (v === undefined) gaps.set(key, (v = []))
+        v.push((ns[i]! - prevT) / 1e3)
+      }
+      prev = name
+      prevT = ns[i]!
+    }
+    const { b, hQ, sQ, length } = config
+    return [...gaps.entries()].map(([phase, v]) => ({ b, hQ, sQ, length, mode, phase, us: median(v), n: v.length }))
+  }
+
+  /**
+   * Where the host time of one call goes (the engine of `npx mla-decode bench
+   * --host-breakdown`): runs `calls` calls of each mode on one layer of `config` with the
+   * phase marks on (`mla_core::trace`, CLOCK_MONOTONIC like `process.hrtime`), and reports
+   * the median gap between consecutive marks. Also the two completion paths of an awaited
+   * decode around a stand-in wait (`stub-*`), which need no GPU.
+   */
+  export async function runHostBreakdown(device: Device, config: HostConfig, opts: { calls?: number; warmup?: number } = {}): Promise<{ phases: HostPhase[]; info: string }> {
+    const dev = want(device, Device, 'device')
+    for (const k of ['b', 'hQ', 'sQ', 'length'] as const) int(`config.${k}`, config?.[k], 1, MAX_I32)
+    const cudaDev = dev.kind === 'cuda'
+    const calls = opts.calls ?? (cudaDev ? 200 : 20)
+    const warmup = opts.warmup ?? (cudaDev ? 20 : 2)
+    int('calls', calls, 1, MAX_I32)
+    int('warmup', warmup, 0, MAX_I32)
+    const { b, hQ, sQ, length } = config
+    const width = Math.ceil((length + 3 * (calls + warmup) + 2) / BLOCK_SIZE)
+    using cache = new KvCache(dev, { numBlocks: b * (width + 1), dtype: 'bf16' })
+    const seqs = Array.from({ length: b }, () => cache.createSequence())
+    const chunk = randomBits(b * Math.min(length, BLOCK_SIZE) * HEAD_DIM, 0x5eed ^ b)
+    for (let done = 0; done < length; done += BLOCK_SIZE) {
+      const n = Math.min(BLOCK_SIZE, length - done)
+      cache.appendBatch(seqs, chunk.subarray(0, b * n * HEAD_DIM))
+    }
+    const { blockTable, cacheSeqlens } = cache.batch(seqs, width)
+    using q = dev.tensor(randomBits(b * sQ * hQ * HEAD_DIM, 0x9e37 ^ hQ), [b, sQ, hQ, HEAD_DIM], 'bf16')
+    using out = dev.zeros([b, sQ, hQ, HEAD_DIM_V], 'bf16')
+    using lse = dev.zeros([b, hQ, sQ], 'fp32')
+    using plan = dev.plan(cacheSeqlens, { sQ, hQ })
+    const rowsB = randomBits(b * HEAD_DIM, 8)
+    using rowsT = dev.tensor(rowsB, [b, 1, HEAD_DIM], 'bf16')
+    const rowsF = bf16ToF32(rowsB)
+    await dev.synchronize()
+    const args: DecodeArgs = { q, kvCache: cache, blockTable, cacheSeqlens, plan, causal: true }
+    const mark = (l: string) => native.benchTraceMark(l)
+    const phases: HostPhase[] = []
+    const run = async (mode: string, one: () => Promise<void> | void, start = 'js:call') => {
+      for (let i = 0; i < warmup; i++) await one()
+      await dev.synchronize()
+      native.benchTrace(true)
+      try {
+        for (let i = 0; i < calls; i++) await one()
+      } finally {
+        const log = native.benchTraceTake()
+        native.benchTrace(false)
+        phases.push(...phasesOf(mode, config, log.labels, log.ns, (l) => l === start))
+      }
+      await dev.synchronize()
+    }
+    const awaited = async () => {
+      mark('js:call')
+      const r = await decode(args)
+      mark('js:resumed')
+      r.out.dispose()
+      r.lse.dispose()
+      mark('js:disposed')
+    }
+    try {
+      await run('await', awaited)
+      _setAwaitSpinUs(0)
+      await run('await-pool', awaited)
+    } finally {
+      _setAwaitSpinUs(undefined)
+    }
+    await run('enqueue', () => {
+      mark('js:call')
+      plan.update(cacheSeqlens)
+      mark('js:updated')
+      decodeInto(args, { out, lse })
+      mark('js:enqueued')
+      dev.synchronizeSync()
+      mark('js:done')
+    })
+    for (const [mode, rows] of [['appendBatch', rowsB], ['appendBatch-device', rowsT], ['appendBatch-f32', rowsF]] as const) {
+      await run(mode, () => {
+        mark('js:call')
+        cache.appendBatch(seqs, rows)
+        mark('js:done')
+      })
+    }
+    // The completion paths alone, around a stand-in wait (no GPU work): a pool task that
+    // spins until the deadline, against the event-loop poller.
+    for (const us of [30, 500]) {
+      const pool: number[] = []
+      const poll: number[] = []
+      for (let i = 0; i < calls + warmup; i++) {
+        const deadline = await native.benchCompletionStub(us)
+        const t1 = native.benchNowNs()
+        const d2 = native.benchNowNs() + us * 1e3
+        await whenDone(() => native.benchNowNs() >= d2, () => Promise.resolve(), 1e6)
+        const t2 = native.benchNowNs()
+        if (i >= warmup) {
+          pool.push((t1 - deadline) / 1e3)
+          poll.push((t2 - d2) / 1e3)
+        }
+      }
+      phases.push({ b, hQ, sQ, length, mode: 'stub-pool', phase: `wait ${us} us: done -> js:resumed`, us: median(pool), n: pool.length })
+      phases.push({ b, hQ, sQ, length, mode: 'stub-poll', phase: `wait ${us} us: done -> js:resumed`, us: median(poll), n: poll.length })
+    }
+    blockTable.dispose()
+    cacheSeqlens.dispose()
+    await dev.synchronize()
+    const info = `${call(() => native.benchHostPathInfo(dev._n))}; MLA_AWAIT_SPIN_US ${AWAIT_SPIN_US}`
+    return { phases, info }
   }
 }

@@ -226,11 +226,30 @@ test('mla-decode bench --host on the CPU writes host.csv and host-ops.csv', (t) 
   t.deepEqual([...new Set(body.map((c) => c[4]))], ['1', '2'], 'layers 1 and 2')
   const ops = fs.readFileSync(path.join(out, 'host-ops.csv'), 'utf8').trim().split('\n')
   t.is(ops[0], 'b,h_q,s_q,length,op,us')
-  t.deepEqual(ops.slice(1).map((l) => l.split(',')[4]), ['append-loop', 'appendBatch', 'appendBatch-device', 'batch', 'batchInto', 'plan', 'plan.update'])
+  t.deepEqual(ops.slice(1).map((l) => l.split(',')[4]), ['append-loop', 'appendBatch', 'appendBatch-device', 'appendBatch-f32', 'batch', 'batchInto', 'plan', 'plan.update'])
   const bad = cli(['bench', '--host', '--device', 'cpu', '--modes', 'fast'])
   t.is(bad.code, 2)
   t.regex(bad.stderr, /--modes/)
   t.is(cli(['bench', '--steps', '3', '--device', 'cpu', '--tiny']).code, 2, '--steps without --host')
+})
+
+test('mla-decode bench --host-breakdown on the CPU writes host-breakdown.csv', (t) => {
+  const out = tmpdir()
+  const r = cli(['bench', '--host-breakdown', '--device', 'cpu', '--quick', '--steps', '3', '--out', out])
+  t.is(r.code, 0, r.stderr)
+  t.regex(r.stdout, /bench --host-breakdown: CPU backend/)
+  const rows = fs.readFileSync(path.join(out, 'host-breakdown.csv'), 'utf8').trim().split('\n')
+  t.is(rows[0], 'b,h_q,s_q,length,mode,phase,us,n')
+  const body = rows.slice(1).map((l) => l.split(','))
+  const modes = new Set(body.map((c) => c[4]))
+  for (const m of ['await', 'await-pool', 'enqueue', 'appendBatch', 'appendBatch-device', 'appendBatch-f32', 'stub-pool', 'stub-poll']) t.true(modes.has(m), `mode ${m}`)
+  for (const c of body) {
+    t.is(c.length, 8, c.join(','))
+    t.true(Number(c[6]) >= 0 && Number.isInteger(Number(c[7])) && Number(c[7]) >= 1, c.join(','))
+  }
+  t.true(body.some((c) => c[4] === 'enqueue' && c[5] === '"js:call -> native:enter"'), 'enqueue phases start at the JS call')
+  t.is(cli(['bench', '--host-breakdown', '--host', '--device', 'cpu']).code, 2, '--host-breakdown with --host')
+  fs.rmSync(out, { recursive: true, force: true })
 })
 
 test('bench.runHost and hostKernelUs on the CPU', async (t) => {

@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-stages=${*:-"info sass rust pipeline rust-mma rust-tma sanitizer ts matmul bench-cli bench-host"}
+stages=${*:-"info sass rust pipeline rust-mma rust-tma sanitizer ts matmul bench-cli bench-host bench-host-breakdown"}
 declare -A result
 export MLA_TEST_DEVICE=cuda
 ANCHORS=${ANCHORS:-.device/anchors/flashmla-h200.csv}
@@ -95,12 +95,31 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
         mkdir -p /tmp/nodebin && xz -dc .device/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node
       fi
       run_stage bench-host bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --host --device cuda --no-progress --out '$OUT' ${HOST_ARGS:-}" ;;
+    # Where one call's host time goes (phases of await, await-pool, enqueue, appendBatch;
+    # the two completion paths around a stand-in wait): $OUT/host-breakdown.csv.
+    bench-host-breakdown)
+      if [[ ! -x /tmp/nodebin/node && -f .device/node.xz ]]; then
+        mkdir -p /tmp/nodebin && xz -dc .device/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node
+      fi
+      run_stage bench-host-breakdown bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --host-breakdown --device cuda --out '$OUT' ${HOST_ARGS:-}" ;;
+    # The host bench with the serving-path switches of issue 9 (part 2) back on their
+    # previous behaviour (device step flags with copies, no buffer reuse, no tensor-map
+    # cache, awaits waited on the libuv pool): $OUT/host-ab.csv, $OUT/host-ops-ab.csv.
+    bench-host-ab)
+      if [[ ! -x /tmp/nodebin/node && -f .device/node.xz ]]; then
+        mkdir -p /tmp/nodebin && xz -dc .device/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node
+      fi
+      mkdir -p "$OUT/ab"
+      run_stage bench-host-ab bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH MLA_STEP_FLAGS=device MLA_BUFFER_REUSE=0 MLA_TMA_CACHE=0 MLA_AWAIT_SPIN_US=0 node dist/cli.js bench --host --device cuda --no-progress --out '$OUT/ab' ${HOST_ARGS:-} && mv '$OUT/ab/host.csv' '$OUT/host-ab.csv' && mv '$OUT/ab/host-ops.csv' '$OUT/host-ops-ab.csv' && rmdir '$OUT/ab'" ;;
+    # The serving-path tests with the step flags in device memory (the fallback path).
+    rust-flags-device)
+      run_stage rust-flags-device env MLA_STEP_FLAGS=device .device/bin/gpu_decode --test-threads=1 serve_ graph stale_plan edge_cases --include-ignored ;;
   esac
 done
 
 echo
 echo "=== summary"
-for s in info sass rust pipeline rust-mma rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
+for s in info sass rust pipeline rust-mma rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
   [[ -n "${result[$s]:-}" ]] && printf '%-10s %s\n' "$s" "${result[$s]}"
 done
 grep -h "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/ts.log 2>/dev/null | tail -6
@@ -108,6 +127,7 @@ grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.
 cat "$OUT"/sass.log 2>/dev/null
 grep -h "copy ceiling\|matmul\|geometric\|SM clock" "$OUT"/bench-*.log "$OUT"/matmul.log 2>/dev/null
 [[ -f "$OUT/host.csv" ]] && { column -s, -t < "$OUT/host.csv" 2>/dev/null || cat "$OUT/host.csv"; }
+[[ -f "$OUT/host-ab.csv" ]] && { echo "previous paths (bench-host-ab):"; column -s, -t < "$OUT/host-ab.csv" 2>/dev/null || cat "$OUT/host-ab.csv"; }
 
 # At most 8 files come back from the device tool: keep the CSVs and the chart, pack the logs.
 (cd "$OUT" && tar -czf logs.tgz ./*.log ./clock-*.txt && rm -f ./*.log ./clock-*.txt) 2>/dev/null || true

@@ -318,3 +318,76 @@ impl Task for HostKernelTask {
         }
     }
 }
+
+/// The host breakdown's phase log (`mla_core::trace`): `on` starts recording (clearing the
+/// log), `false` stops it.
+#[napi]
+pub fn bench_trace(on: bool) {
+    mla_core::trace::enable(on);
+}
+
+/// A mark from the JS side, on the same clock as the native ones.
+#[napi]
+pub fn bench_trace_mark(label: String) {
+    mla_core::trace::mark_owned(label);
+}
+
+/// The marks recorded since the last take, in order.
+#[napi(object)]
+pub struct TraceLog {
+    pub labels: Vec<String>,
+    /// CLOCK_MONOTONIC, nanoseconds (the clock of process.hrtime).
+    pub ns: Vec<f64>,
+}
+
+#[napi]
+pub fn bench_trace_take() -> TraceLog {
+    let v = mla_core::trace::take();
+    TraceLog {
+        labels: v.iter().map(|(l, _)| l.to_string()).collect(),
+        ns: v.iter().map(|(_, t)| *t as f64).collect(),
+    }
+}
+
+/// Facts about the device's host path that a breakdown reports with its numbers: whether
+/// the step flags are mapped host memory (else device memory, copied).
+#[napi]
+pub fn bench_host_path_info(device: &Device) -> Result<String> {
+    Ok(match device.get()? {
+        mla_core::Device::Cuda(g) => format!("step flags {}", if g.step_flags_mapped() { "mapped" } else { "device (copied)" }),
+        mla_core::Device::Cpu => "cpu backend".to_string(),
+    })
+}
+
+/// A stand-in for the wait of an awaited decode on the libuv pool: `compute` spins until
+/// `spin_us` after the call (as a CUDA event wait spins), then the promise resolves with
+/// that deadline (CLOCK_MONOTONIC ns). The JS side's resume time minus the deadline is the
+/// pool path's completion latency (uv_async_send, the JS thread's wake, the resolution).
+pub struct CompletionStub {
+    deadline: u64,
+}
+
+impl Task for CompletionStub {
+    type Output = f64;
+    type JsValue = f64;
+    fn compute(&mut self) -> napi::Result<f64> {
+        while mla_core::trace::now_ns() < self.deadline {
+            std::hint::spin_loop();
+        }
+        Ok(self.deadline as f64)
+    }
+    fn resolve(&mut self, _env: Env, v: f64) -> napi::Result<f64> {
+        Ok(v)
+    }
+}
+
+#[napi(ts_return_type = "Promise<number>")]
+pub fn bench_completion_stub(spin_us: f64) -> AsyncTask<CompletionStub> {
+    AsyncTask::new(CompletionStub { deadline: mla_core::trace::now_ns() + (spin_us.max(0.0) * 1e3) as u64 })
+}
+
+/// CLOCK_MONOTONIC ns (the clock of the trace marks and of process.hrtime).
+#[napi]
+pub fn bench_now_ns() -> f64 {
+    mla_core::trace::now_ns() as f64
+}
