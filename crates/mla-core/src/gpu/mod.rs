@@ -367,6 +367,9 @@ impl GpuDevice {
             Some(Some(ev)) => {
                 ev.synchronize()?;
                 crate::trace::mark("wait:complete");
+                // Our clone goes first, so that resolve_tracked can give the event back to
+                // the pool (else it is destroyed, and the next step creates one).
+                drop(ev);
                 let mut st = self.steps.lock();
                 self.steps.resolve_tracked(&mut st, &self.stream)?;
             }
@@ -396,7 +399,9 @@ impl GpuDevice {
             }
             match st.pending.iter().find(|p| p.id == id).map(|p| p.event.clone()) {
                 Some(Some(ev)) => {
-                    if !ev.try_is_complete()? {
+                    let done = ev.try_is_complete()?;
+                    drop(ev); // as in wait_step: the event goes back to the pool
+                    if !done {
                         return Ok(false);
                     }
                     crate::trace::mark("poll:complete");
@@ -812,9 +817,11 @@ impl StepLog {
                 i += 1;
                 continue;
             }
-            let p = st.pending.remove(i).unwrap();
+            let mut p = st.pending.remove(i).unwrap();
             let bits = self.read_tracked(p.slot);
-            if let Some(ev) = p.event.clone().and_then(|e| Arc::try_unwrap(e).ok()) {
+            // Taken, not cloned: a clone would keep the count above one, so the event would
+            // never go back to the pool (destroyed here, created anew by the next step).
+            if let Some(ev) = p.event.take().and_then(|e| Arc::try_unwrap(e).ok()) {
                 self.mem.recycle(ev);
             }
             self.settle(st, stream, p, bits)?;
