@@ -337,7 +337,12 @@ impl GpuDevice {
                 return Err(e);
             }
         };
-        st.pending.push_back(Pending { id, label, slot, event, known: r.is_err() });
+        let p = Pending { id, label, slot, event, known: r.is_err() };
+        if p.event.is_some() {
+            st.tracked.push_back(p);
+        } else {
+            st.pending.push_back(p);
+        }
         crate::trace::mark("step:finished");
         r.map(|v| (id, v))
     }
@@ -361,7 +366,7 @@ impl GpuDevice {
             if id == 0 || id >= st.next_id {
                 return Err(MlaError::arg(ErrorCode::InvalidArgument, "step", format!("the id of a step enqueued on this device (1..{})", st.next_id), id));
             }
-            st.pending.iter().find(|p| p.id == id).map(|p| p.event.clone())
+            st.find(id).map(|p| p.event.clone())
         };
         match ev {
             Some(Some(ev)) => {
@@ -397,7 +402,7 @@ impl GpuDevice {
             if id == 0 || id >= st.next_id {
                 return Err(MlaError::arg(ErrorCode::InvalidArgument, "step", format!("the id of a step enqueued on this device (1..{})", st.next_id), id));
             }
-            match st.pending.iter().find(|p| p.id == id).map(|p| p.event.clone()) {
+            match st.find(id).map(|p| p.event.clone()) {
                 Some(Some(ev)) => {
                     let done = ev.try_is_complete()?;
                     drop(ev); // as in wait_step: the event goes back to the pool
@@ -506,7 +511,8 @@ impl GpuDevice {
 
     /// Steps enqueued whose flags were not looked at yet.
     pub fn pending_steps(&self) -> usize {
-        self.steps.lock().pending.len()
+        let st = self.steps.lock();
+        st.pending.len() + st.tracked.len()
     }
 
     pub fn memory_stats(&self) -> PoolStats {
@@ -642,8 +648,20 @@ fn report(st: &mut StepState) -> Result<()> {
 struct StepState {
     next_id: StepId,
     free: Vec<u32>,
+    /// Untracked steps not looked at yet, in id order (a harvest settles a prefix).
     pending: VecDeque<Pending>,
+    /// Tracked steps (with an event) not looked at yet, in id order. Apart from `pending`,
+    /// so that polling or waiting for one does not walk the untracked steps an await loop
+    /// leaves behind (its plan.update steps, up to STEP_SLOTS of them).
+    tracked: VecDeque<Pending>,
     failed: Vec<StepFailure>,
+}
+
+impl StepState {
+    /// The step `id`, if it is still pending.
+    fn find(&self, id: StepId) -> Option<&Pending> {
+        self.tracked.iter().rev().find(|p| p.id == id).or_else(|| self.pending.binary_search_by_key(&id, |p| p.id).ok().map(|i| &self.pending[i]))
+    }
 }
 
 /// Where the step flags live (`MLA_STEP_FLAGS`).
@@ -704,7 +722,7 @@ impl StepLog {
             flags,
             flags_dev,
             mem: mem.clone(),
-            state: Mutex::new(StepState { next_id: 1, free: (0..STEP_SLOTS as u32).rev().collect(), pending: VecDeque::new(), failed: Vec::new() }),
+            state: Mutex::new(StepState { next_id: 1, free: (0..STEP_SLOTS as u32).rev().collect(), pending: VecDeque::new(), tracked: VecDeque::new(), failed: Vec::new() }),
             harvest_lock: Mutex::new(()),
             ambient_used: AtomicBool::new(false),
         })
@@ -808,16 +826,16 @@ impl StepLog {
     /// Tracked steps whose event completed.
     fn resolve_tracked(&self, st: &mut StepState, stream: &CudaStream) -> Result<()> {
         let mut i = 0;
-        while i < st.pending.len() {
-            let done = match &st.pending[i].event {
+        while i < st.tracked.len() {
+            let done = match &st.tracked[i].event {
                 Some(e) => e.try_is_complete()?,
-                None => false,
+                None => true,
             };
             if !done {
                 i += 1;
                 continue;
             }
-            let mut p = st.pending.remove(i).unwrap();
+            let mut p = st.tracked.remove(i).unwrap();
             let bits = self.read_tracked(p.slot);
             // Taken, not cloned: a clone would keep the count above one, so the event would
             // never go back to the pool (destroyed here, created anew by the next step).
@@ -832,13 +850,8 @@ impl StepLog {
     /// Untracked steps below `cover`, from a completed harvest (they ran before it on the
     /// device's stream), and the flag of work outside any step.
     fn resolve_harvested(&self, st: &mut StepState, stream: &CudaStream, cover: StepId) -> Result<()> {
-        let mut i = 0;
-        while i < st.pending.len() {
-            if st.pending[i].event.is_some() || st.pending[i].id >= cover {
-                i += 1;
-                continue;
-            }
-            let p = st.pending.remove(i).unwrap();
+        while st.pending.front().is_some_and(|p| p.id < cover) {
+            let p = st.pending.pop_front().unwrap();
             let bits = self.read_harvested(p.slot as usize);
             self.settle(st, stream, p, bits)?;
         }
