@@ -154,8 +154,8 @@ impl Device {
     }
 
     /// [`Device::step`] for a step that will be waited on by itself ([`Device::wait_step`]
-    /// right after): on CUDA a copy of its flag and an event are queued after it, so that the
-    /// wait covers this step only and needs no further round trip.
+    /// or [`Device::poll_step`]): on CUDA an event is queued after it, so that the wait
+    /// covers this step only and needs no further round trip.
     pub fn step_tracked<T>(&self, label: impl Into<Cow<'static, str>>, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
         match self {
             Device::Cpu => cpu_steps::step(enqueue),

@@ -274,11 +274,12 @@ impl GpuDevice {
     ///
     /// Every step has an error flag of its own (a slot of the device's log): kernels
     /// launched by `enqueue` on this thread OR their `MLA_ERR_*` bits into it
-    /// ([`GpuDevice::error_flag_ptr`]). A synchronising call ([`GpuDevice::synchronize`],
-    /// [`GpuDevice::wait_step`], reading a tensor) first queues one copy of all the slots
-    /// into pinned host memory (a "harvest", behind the work queued so far), then waits, and
-    /// reports the first failed step as a typed error naming the step (`step 12 (decode):
-    /// block_table: ...`). A failed step's slot is cleared before it is reused, so a bad step
+    /// ([`GpuDevice::error_flag_ptr`]; the slots are page-locked host memory mapped into
+    /// the device, see `Flags`). A synchronising call ([`GpuDevice::synchronize`],
+    /// [`GpuDevice::wait_step`], reading a tensor) waits for the work queued so far, reads
+    /// the slots of the steps it covers (a "harvest"; with `MLA_STEP_FLAGS=device` it first
+    /// queues a copy of all the slots into pinned memory), and reports the first failed step
+    /// as a typed error naming the step (`step 12 (decode): block_table: ...`). A failed step's slot is cleared before it is reused, so a bad step
     /// never marks a later one.
     ///
     /// A step inside a step (on the same thread) is part of the outer step. When `enqueue`
@@ -290,9 +291,9 @@ impl GpuDevice {
     }
 
     /// [`GpuDevice::step`] for a step that will be waited on by itself (a decode's promise,
-    /// `decodeSync`, `run_step`): a 4-byte copy of its flag into pinned memory and an event
-    /// are queued after it, so that [`GpuDevice::wait_step`] waits for this step only and
-    /// reads its flag with no further round trip.
+    /// `decodeSync`, `run_step`): an event is queued after it (with `MLA_STEP_FLAGS=device`
+    /// also a 4-byte copy of its flag into pinned memory), so that [`GpuDevice::wait_step`]
+    /// and [`GpuDevice::poll_step`] look at this step only, with no further round trip.
     pub fn step_tracked<T>(&self, label: impl Into<Cow<'static, str>>, stream: &Arc<CudaStream>, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
         self.step_inner(label.into(), stream, None, true, enqueue)
     }
