@@ -7,7 +7,7 @@
 // makes them run (and fail) anyway. Serial: the CPU backend's step log is one per process.
 
 import test, { type ExecutionContext } from 'ava'
-import { Device, KvCache, MlaError, Tensor, _whenDone, captureStep, decode, decodeInto, decodeSync, gpuStatus, type ErrorCode } from '../index'
+import { Device, KvCache, MlaError, Tensor, _setAwaitSpinUs, _whenDone, captureStep, decode, decodeInto, decodeSync, gpuStatus, type ErrorCode } from '../index'
 import { BASE_SEED, D, Rng, caseTensors, checkAccuracy, makeCase, randomF32, referenceDecode, toBits, type CaseData } from './_helpers'
 
 const status = gpuStatus()
@@ -518,4 +518,45 @@ test.serial('the await poller: resolves when the poll does, rejects with the ste
   await _whenDone(() => performance.now() > t0 + 20, () => Promise.resolve(), 1e6)
   clearInterval(timer)
   t.true(otherWork > before, `timers ran during polling (${before} -> ${otherWork})`)
+})
+
+both('awaited decodes: polled and pool completions agree; concurrent awaits; a bad step rejects alone, with its id', async (t, dev) => {
+  const c = servingCase([90, 300, 1, 64])
+  const args = caseTensors(dev, c)
+  const plan = dev.plan(args.cacheSeqlens, { sQ: 2, hQ: 16 })
+  try {
+    // The default budget (polled), the pool at once (0), and a budget that runs out (1 us).
+    for (const spin of [undefined, 0, 1]) {
+      _setAwaitSpinUs(spin)
+      const r = await decode({ ...args, plan, causal: true })
+      await expectExact(t, `spin ${spin ?? 'default'}`, c, r)
+      r.out.dispose()
+      r.lse.dispose()
+      const bad = badTable(dev, c, c.numBlocks + 1)
+      const [good, failed, good2] = await Promise.allSettled([
+        decode({ ...args, plan, causal: true, label: 'ok' }),
+        decode({ ...args, blockTable: bad, plan, causal: true, label: 'bad' }),
+        decode({ ...args, plan, causal: true, label: 'ok too' }),
+      ])
+      t.is(good.status, 'fulfilled')
+      t.is(good2.status, 'fulfilled')
+      t.is(failed.status, 'rejected')
+      if (failed.status === 'rejected') {
+        const e = failed.reason as MlaError
+        t.true(e instanceof MlaError && e.code === 'ERR_BLOCK_INDEX', String(e))
+        t.is(e.stepLabel, 'bad')
+      }
+      for (const x of [good, good2]) {
+        if (x.status === 'fulfilled') {
+          await expectExact(t, `concurrent, spin ${spin ?? 'default'}`, c, x.value)
+          x.value.out.dispose()
+          x.value.lse.dispose()
+        }
+      }
+      bad.dispose()
+      await t.notThrowsAsync(dev.synchronize(), 'the bad step was reported once, by its own promise')
+    }
+  } finally {
+    _setAwaitSpinUs(undefined)
+  }
 })
