@@ -384,6 +384,12 @@ fn serve_wait_step_reports_its_own_error() {
 }
 
 #[test]
+fn serve_poll_step_reports_its_own_error() {
+    let Some(dev) = gpu("serve_poll_step_reports_its_own_error") else { return };
+    common::serve::poll_step_reports_its_own_error(&dev);
+}
+
+#[test]
 fn serve_reading_a_tensor_reports_the_failed_step() {
     let Some(dev) = gpu("serve_reading_a_tensor_reports_the_failed_step") else { return };
     common::serve::reading_a_tensor_reports_the_failed_step(&dev);

@@ -33,6 +33,12 @@ fn wait_step_reports_its_own_error() {
 }
 
 #[test]
+fn poll_step_reports_its_own_error() {
+    let (_g, dev) = cpu();
+    serve::poll_step_reports_its_own_error(&dev);
+}
+
+#[test]
 fn reading_a_tensor_reports_the_failed_step() {
     let (_g, dev) = cpu();
     serve::reading_a_tensor_reports_the_failed_step(&dev);

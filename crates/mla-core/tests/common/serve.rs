@@ -89,6 +89,43 @@ pub fn wait_step_reports_its_own_error(dev: &Device) {
     assert_eq!(dev.wait_step(sc + 1_000_000).unwrap_err().code, ErrorCode::InvalidArgument);
 }
 
+/// `poll_step` of tracked steps (`decode::enqueue`, what an awaited decode runs): false
+/// while running, then true or the step's own error, once; an untracked step is waited for.
+pub fn poll_step_reports_its_own_error(dev: &Device) {
+    let mut rng = Rng::new("poll_step_reports_its_own_error");
+    let (inp, _) = inputs(&mut rng, vec![64, 700, 3]);
+    let t = inp.tensors(dev);
+    let p = plan(&t.seqlens, inp.s_q * inp.h_q, 1).unwrap();
+    let bt = bad_table(dev, &inp, inp.num_blocks() as i32 + 2);
+    let poll = |id: StepId| -> mla_core::Result<()> {
+        let t0 = std::time::Instant::now();
+        loop {
+            if dev.poll_step(id)? {
+                return Ok(());
+            }
+            assert!(t0.elapsed().as_secs() < 30, "step {id} never completed");
+            std::hint::spin_loop();
+        }
+    };
+    let bad = mla_core::decode::enqueue(&t.q, &t.kv, &bt, &t.seqlens, Some(&p), &opts("bad")).unwrap();
+    let good = mla_core::decode::enqueue(&t.q, &t.kv, &t.block_table, &t.seqlens, Some(&p), &opts("good")).unwrap();
+    poll(good.step).expect("the good step's own result");
+    assert!(dev.poll_step(good.step).unwrap(), "done stays done");
+    let e = poll(bad.step).unwrap_err();
+    assert_eq!(e.code, ErrorCode::BlockIndexOutOfRange, "{e}");
+    assert!(e.message.starts_with(&format!("step {} (bad): ", bad.step)), "{e}");
+    assert!(dev.poll_step(bad.step).unwrap(), "reported once");
+    dev.synchronize().expect("nothing left to report");
+    check_outputs(&inp, &good.out, &good.lse, "good step");
+    // An untracked step: polled by waiting for it.
+    let (mut o, mut l) = poisoned_outputs(dev, &inp);
+    let s = enqueue_into(&t.q, &t.kv, &t.block_table, &t.seqlens, &p, &opts("untracked"), &mut o, &mut l).unwrap();
+    assert!(dev.poll_step(s).unwrap());
+    check_outputs(&inp, &o, &l, "untracked step");
+    assert_eq!(dev.poll_step(0).unwrap_err().code, ErrorCode::InvalidArgument);
+    assert_eq!(dev.poll_step(s + 1_000_000).unwrap_err().code, ErrorCode::InvalidArgument);
+}
+
 /// Reading a tensor to the host is a synchronising call: it reports the failed step.
 pub fn reading_a_tensor_reports_the_failed_step(dev: &Device) {
     let mut rng = Rng::new("reading_a_tensor_reports_the_failed_step");
