@@ -384,6 +384,12 @@ fn serve_wait_step_reports_its_own_error() {
 }
 
 #[test]
+fn serve_outputs_dropped_while_pending_are_reused_in_stream_order() {
+    let Some(dev) = gpu("serve_outputs_dropped_while_pending_are_reused_in_stream_order") else { return };
+    common::serve::outputs_dropped_while_pending_are_reused_in_stream_order(&dev);
+}
+
+#[test]
 fn serve_poll_step_reports_its_own_error() {
     let Some(dev) = gpu("serve_poll_step_reports_its_own_error") else { return };
     common::serve::poll_step_reports_its_own_error(&dev);

@@ -110,3 +110,9 @@ fn inputs_dropped_after_enqueue_stay_valid() {
     let (_g, dev) = cpu();
     serve::inputs_dropped_after_enqueue_stay_valid(&dev);
 }
+
+#[test]
+fn outputs_dropped_while_pending_are_reused_in_stream_order() {
+    let (_g, dev) = cpu();
+    serve::outputs_dropped_while_pending_are_reused_in_stream_order(&dev);
+}

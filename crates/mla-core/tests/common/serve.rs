@@ -665,3 +665,29 @@ pub fn inputs_dropped_after_enqueue_stay_valid(dev: &Device) {
     drop(junk);
     check_outputs(&inp, &out, &lse, "a step whose inputs were dropped after enqueueing");
 }
+
+/// Outputs dropped while their decode may still run: the next allocations of the same
+/// sizes (handed the same memory by the reuse list or the pool) hold what is written into
+/// them, not what the earlier decode writes (stream order); and the decode's own results,
+/// when kept, are exact.
+pub fn outputs_dropped_while_pending_are_reused_in_stream_order(dev: &Device) {
+    let mut rng = Rng::new("outputs_dropped_while_pending_are_reused_in_stream_order");
+    let (inp, _) = inputs(&mut rng, vec![4000, 3000, 2000, 4096]);
+    let t = inp.tensors(dev);
+    let p = plan(&t.seqlens, inp.s_q * inp.h_q, 1).unwrap();
+    for round in 0..4 {
+        let r = mla_core::decode::enqueue(&t.q, &t.kv, &t.block_table, &t.seqlens, Some(&p), &opts("dropped")).unwrap();
+        let (out_shape, lse_shape) = (r.out.shape().to_vec(), r.lse.shape().to_vec());
+        drop(r);
+        let a: Vec<f32> = (0..out_shape.iter().product::<usize>()).map(|i| (i % 97) as f32 * 0.25).collect();
+        let b: Vec<f32> = (0..lse_shape.iter().product::<usize>()).map(|i| -((i % 13) as f32)).collect();
+        let out = Tensor::from_f32(dev, &a, &out_shape, DType::BF16).unwrap();
+        let lse = Tensor::from_f32(dev, &b, &lse_shape, DType::F32).unwrap();
+        let kept = mla_core::decode::enqueue(&t.q, &t.kv, &t.block_table, &t.seqlens, Some(&p), &opts("kept")).unwrap();
+        assert_eq!(out.to_f32().unwrap(), a, "round {round}: a new tensor in reused memory holds its own data");
+        assert_eq!(lse.to_f32().unwrap(), b, "round {round}: lse");
+        dev.wait_step(kept.step).unwrap();
+        check_outputs(&inp, &kept.out, &kept.lse, "a decode into reused memory");
+    }
+    dev.synchronize().unwrap();
+}
