@@ -14,18 +14,7 @@ use mla_core::gpu::util::fill_random;
 use mla_core::plan::{host_plan, replan_on};
 use mla_core::{decode, plan, DType, DecodeOptions, Device, ErrorCode, Tensor, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
-fn gpu(test: &str) -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            if std::env::var("MLA_TEST_DEVICE").as_deref() == Ok("cuda") {
-                panic!("MLA_TEST_DEVICE=cuda but no usable GPU: {e}");
-            }
-            println!("SKIPPED {test} (no GPU: {e})");
-            None
-        }
-    }
-}
+use common::gpu;
 
 /// Runs `case` on `dev` with outputs poisoned (0xFF bytes: NaN) before the run.
 fn run_on(dev: &Device, inp: &Inputs, causal: bool) -> (Vec<f32>, Vec<f32>) {
