@@ -32,7 +32,7 @@ for c in mla-kernels mla-core; do
   tar -xzf "$f" -C "$work/crates"
 done
 tar -tzf "target/package/mla-kernels-$version.crate" > "$work/kernels-files.txt"
-grep -q "prebuilt/sm90/mla_decode.cubin" "$work/kernels-files.txt" || die "the mla-kernels crate carries no prebuilt cubins"
+grep -q "prebuilt/portable/mla_decode.cubin" "$work/kernels-files.txt" || die "the mla-kernels crate carries no prebuilt cubins"
 [[ ! -e $work/crates/mla-kernels-$version/../../kernels ]] || die "a kernels/ folder sits above the unpacked crate"
 
 cat > "$work/app/Cargo.toml" <<TOML

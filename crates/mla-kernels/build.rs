@@ -51,11 +51,11 @@ struct ArchTarget {
     virtual_arch: &'static str,
 }
 
-const TARGETS: &[ArchTarget] = &[ArchTarget {
-    dir: "sm90",
-    arch: "sm_90a",
-    virtual_arch: "compute_90a",
-}];
+const TARGETS: &[ArchTarget] = &[
+    ArchTarget { dir: "common", arch: "sm_90a", virtual_arch: "compute_90a" },
+    ArchTarget { dir: "portable", arch: "sm_90a", virtual_arch: "compute_90a" },
+    ArchTarget { dir: "sm90", arch: "sm_90a", virtual_arch: "compute_90a" },
+];
 
 /// nvcc flags for every kernel. No fast math: precision matters (see the accuracy contract).
 const COMMON_FLAGS: &[&str] = &["-cubin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v"];
@@ -300,6 +300,7 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
                 // Stand-ins for the host headers nvcc includes and NVRTC lacks.
                 args.push(format!("--pre-include={}", nvrtc_dir.join("mla_nvrtc_prelude.h").display()));
                 args.push(format!("-I{}", dir.display()));
+                args.push(format!("-I{}", kernels_dir.join("common").display()));
                 args.push(format!("-I{}", kernels_dir.display()));
                 args.push(format!("-I{}", nvrtc_dir.display()));
                 args.push(format!("-I{}", nvcc.include.display()));
@@ -312,6 +313,7 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
                 args.push(format!("arch={},code={}", t.virtual_arch, t.arch));
                 args.extend(COMMON_FLAGS.iter().map(|s| s.to_string()));
                 args.push(format!("-I{}", dir.display()));
+                args.push(format!("-I{}", kernels_dir.join("common").display()));
                 args.push(format!("-I{}", kernels_dir.display()));
                 args.extend(extra_flags.iter().cloned());
             }

@@ -16,7 +16,7 @@ include!(concat!(env!("OUT_DIR"), "/registry.rs"));
 /// One compiled module.
 #[derive(Debug)]
 pub struct Module {
-    /// `<arch>/<name>`, e.g. `sm90/mla_decode`.
+    /// `<folder>/<name>`, e.g. `portable/mla_decode`.
     pub name: &'static str,
     /// Target architecture, e.g. `sm_90a`.
     pub arch: &'static str,
@@ -77,17 +77,17 @@ mod tests {
         }
         // The launcher (crates/mla-core/src/gpu/ops.rs) looks these up by name.
         for (module_name, entries) in [
-            ("sm90/mla_plan", &["mla_plan_kernel"][..]),
+            ("common/mla_plan", &["mla_plan_kernel"][..]),
             (
-                "sm90/mla_decode",
+                "portable/mla_decode",
                 &["mla_decode_bf16_m16", "mla_decode_bf16_m32", "mla_decode_fp16_m16", "mla_decode_fp16_m32"][..],
             ),
             (
                 "sm90/mla_decode_wgmma",
-                &["mla_decode_bf16_wg64", "mla_decode_fp16_wg64", "mla_decode_bf16_wg64v1", "mla_decode_bf16_wg64p"][..],
+                &["mla_decode_bf16_wg64", "mla_decode_fp16_wg64"][..],
             ),
-            ("sm90/mla_combine", &["mla_combine_bf16", "mla_combine_fp16"][..]),
-            ("sm90/mla_util", &["mla_fill_random_bf16", "mla_fill_random_fp16"][..]),
+            ("common/mla_combine", &["mla_combine_bf16", "mla_combine_fp16"][..]),
+            ("common/mla_util", &["mla_fill_random_bf16", "mla_fill_random_fp16"][..]),
         ] {
             let Some(m) = module(module_name) else {
                 panic!("{module_name} was not built")

@@ -31,7 +31,7 @@ fn pick_stream<'a>(g: &'a GpuDevice, s: &'a Option<Arc<CudaStream>>) -> &'a Arc<
 
 /// Enqueues the plan kernel: metadata and num_splits from device-resident lengths.
 pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Option<Arc<CudaStream>>, max_seqlen: i32) -> Result<()> {
-    let f = g.kernels().function("sm90/mla_plan", "mla_plan_kernel", 0)?;
+    let f = g.kernels().function("common/mla_plan", "mla_plan_kernel", 0)?;
     let ws = plan.workspace.as_ref().expect("a CUDA plan has a workspace");
     let p = MlaPlanParams {
         seqlens: ptr(seqlens),
@@ -99,7 +99,7 @@ impl DecodeKernel {
             }
             DecodeKernel::MmaSync { tile } => {
                 let bytes = tile * row + 2 * BLOCK_SIZE * row + mma_scratch(tile);
-                ("sm90/mla_decode", format!("mla_decode_{ty}_m{tile}"), bytes, 256)
+                ("portable/mla_decode", format!("mla_decode_{ty}_m{tile}"), bytes, 256)
             }
             DecodeKernel::Wgmma => {
                 let t = GPU_ROW_TILE;
@@ -140,7 +140,7 @@ pub fn decode_into(
     let (module, name, smem, threads) = kernel.function(ty);
     let smem = smem as u32;
     let f = g.kernels().function(module, &name, smem)?;
-    let fc = g.kernels().function("sm90/mla_combine", &format!("mla_combine_{ty}"), 0)?;
+    let fc = g.kernels().function("common/mla_combine", &format!("mla_combine_{ty}"), 0)?;
     let oaccum = ws.ptr();
     let lseaccum = oaccum + slots * rows as u64 * HEAD_DIM_V as u64 * 4;
     let p = MlaDecodeParams {
