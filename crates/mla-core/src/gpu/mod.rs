@@ -11,6 +11,7 @@ pub mod ops;
 pub mod util;
 pub mod launch;
 pub mod params;
+pub mod portable;
 pub mod tma;
 
 use std::borrow::Cow;

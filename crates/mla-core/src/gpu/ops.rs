@@ -98,8 +98,8 @@ impl DecodeKernel {
                 ("sm90/mla_decode_tma", format!("mla_decode_{ty}_tma{tile}{variant}"), bars + 12 * 8 + 1024, 384)
             }
             DecodeKernel::MmaSync { tile } => {
-                let bytes = tile * row + 2 * BLOCK_SIZE * row + mma_scratch(tile);
-                ("portable/mla_decode", format!("mla_decode_{ty}_m{tile}"), bytes, 256)
+                // Q, a ring of half-block stages, scratch: per tile (gpu/portable.rs).
+                ("portable/mla_decode", format!("mla_decode_{ty}_m{tile}"), super::portable::smem_bytes(tile), 256)
             }
             DecodeKernel::Wgmma => {
                 let t = GPU_ROW_TILE;
