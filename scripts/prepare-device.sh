@@ -23,7 +23,12 @@ done
 cp target/release/examples/gpu_bench "$out/bin/"
 # The cubins, for reading their SASS there (cuobjdump).
 mkdir -p "$out/cubins"
-cp "$(ls -td target/release/build/mla-kernels-*/out | head -1)"/*/*.cubin "$out/cubins/"
+# Those of this build's manifest (one per module and target; the PTX is read there too).
+kout=$(dirname "$(ls -t target/release/build/mla-kernels-*/out/MANIFEST.txt | head -1)")
+while read -r _ name arch; do
+  ext=cubin; [[ $arch == compute_* ]] && ext=ptx
+  cp "$kout/$name.$arch.$ext" "$out/cubins/${name//\//__}.$arch.$ext"
+done < <(grep '^module ' "$kout/MANIFEST.txt")
 strip "$out/bin/"* || true
 
 # Anchors (bench/anchors/; the ava bench test reads them from pkg/bench/anchors).

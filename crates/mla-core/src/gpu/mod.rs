@@ -182,7 +182,7 @@ impl GpuDevice {
             total_memory: ctx.total_mem()? as u64,
         };
         let stream = ctx.new_stream()?;
-        let kernels = kernels::Kernels::load(&ctx)?;
+        let kernels = kernels::Kernels::load(&ctx, "sm_90a", &["common", "sm90"])?;
         let mem = MemCtx::new(&ctx, &stream, ordinal)?;
         let steps = StepLog::new(&mem)?;
         stream.synchronize()?;
