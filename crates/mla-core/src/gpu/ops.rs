@@ -6,6 +6,7 @@ use cudarc::driver::CudaStream;
 
 use super::launch::{launch, LaunchDims};
 use super::params::{MlaCombineParams, MlaDecodeParams, MlaPlanParams};
+use super::path::KernelPath;
 use super::tma;
 use super::GpuDevice;
 use crate::decode::DecodeOptions;
@@ -57,7 +58,7 @@ pub enum DecodeKernel {
     /// A TMA producer warp feeding mma.sync consumers, tiles of 16 or 32 rows
     /// (`mla_decode_tma.cu`): the memory-bound shapes.
     Tma { tile: usize },
-    /// cp.async + mma.sync, tiles of 16 or 32 rows (`mla_decode.cu`): the portable path.
+    /// cp.async + mma.sync, tiles of 16 or 32 rows (`portable/mla_decode.cu`): the portable path.
     MmaSync { tile: usize },
     /// wgmma, tiles of 64 rows, two warpgroups (`mla_decode_wgmma.cu`).
     Wgmma,
@@ -67,8 +68,15 @@ impl DecodeKernel {
     /// The default by shape: up to 32 rows the TMA kernel (memory-bound, no padding),
     /// above that wgmma (BENCHMARKS.md). MLA_DECODE_KERNEL=tma|mma|wgmma overrides it
     /// (for benchmarking and for testing every kernel on every shape).
-    pub fn for_rows(rows: usize) -> DecodeKernel {
+    ///
+    /// A device on a portable path (not sm_90, or MLA_FORCE_PORTABLE=1) has only the
+    /// cp.async kernel: tiles of 16 rows, or 32 where it has them (`portable_max_tile`).
+    /// On the Hopper path `mma` names a module it does not load (a typed error at lookup).
+    pub fn for_rows(rows: usize, path: KernelPath, portable_max_tile: usize) -> DecodeKernel {
         let tile = if rows <= 16 { 16 } else { 32 };
+        if path != KernelPath::Hopper {
+            return DecodeKernel::MmaSync { tile: tile.min(portable_max_tile.max(16)) };
+        }
         match std::env::var("MLA_DECODE_KERNEL").as_deref() {
             Ok("tma") => DecodeKernel::Tma { tile },
             Ok("mma") => DecodeKernel::MmaSync { tile },
@@ -135,7 +143,7 @@ pub fn decode_into(
         DType::BF16 => "bf16",
         _ => "fp16",
     };
-    let kernel = DecodeKernel::for_rows(rows);
+    let kernel = DecodeKernel::for_rows(rows, g.kernel_path(), g.portable_max_tile());
     let tile = kernel.tile();
     let (module, name, smem, threads) = kernel.function(ty);
     let smem = smem as u32;
