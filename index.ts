@@ -280,14 +280,42 @@ function seqId(name: string, v: unknown): number {
 // ---------------------------------------------------------------------------------------
 // GPU status and conversions
 
+/**
+ * The kernels a CUDA device runs: `'hopper'` (sm_90a: TMA and wgmma, H100 / H200),
+ * `'portable'` (cp.async + mma.sync from a cubin of the device's own architecture: sm_80,
+ * sm_86, sm_89, sm_120) or `'portable-ptx'` (the same kernels from the compute_80 PTX,
+ * JIT-compiled by the driver when the device is opened: newer GPUs without a cubin, and
+ * Hopper when forced).
+ */
+export type KernelPath = 'hopper' | 'portable' | 'portable-ptx'
+
+/** One visible CUDA device in {@link GpuStatus}. */
+export interface GpuDeviceStatus {
+  ordinal: number
+  name: string
+  computeCapability: [number, number]
+  /** The path `Device.open('cuda:<ordinal>')` would use (`MLA_FORCE_PORTABLE` included); absent when it cannot be opened (see `reason`). */
+  kernelPath?: KernelPath
+  /** The target of the modules it would load, e.g. `'sm_90a'`, `'sm_86'`, `'compute_80'`. */
+  kernelTarget?: string
+  reason?: string
+}
+
 /** Whether the CUDA backend can be used on this machine, and why not. */
 export interface GpuStatus {
-  /** A CUDA device of compute capability 9.0 is visible and this build has kernels. */
+  /** A CUDA device of compute capability 8.0 or newer is visible, has a kernel path, and this build has kernels. */
   available: boolean
   /** CUDA devices visible to the driver (0 without a driver). */
   deviceCount: number
-  /** Whether this build carries the sm_90a kernels (a CUDA compiler was present at build time). */
+  /** Whether this build carries GPU kernels (a CUDA compiler was present at build time). */
   kernelsBuilt: boolean
+  /**
+   * The embedded kernel targets: cubins and PTX, e.g.
+   * `['sm_80', 'sm_86', 'sm_89', 'sm_90a', 'sm_120', 'compute_80']`; empty without kernels.
+   */
+  kernelTargets: string[]
+  /** Every visible CUDA device and the kernel path it would use (empty without a driver). */
+  devices: GpuDeviceStatus[]
   /** The compiler that built the kernels, e.g. `'NVRTC 12.9 + ptxas 12.9.86 (repo .cuda)'`; absent without kernels. */
   kernelsCompiler?: string
   /**
@@ -312,7 +340,14 @@ export interface GpuStatus {
  */
 export function gpuStatus(): GpuStatus {
   const s = call(() => native.gpuStatus())
-  const r: GpuStatus = { available: s.available, deviceCount: s.deviceCount, kernelsBuilt: s.kernelsBuilt }
+  const devices = s.devices.map((d) => {
+    const r: GpuDeviceStatus = { ordinal: d.ordinal, name: d.name, computeCapability: [d.computeCapability[0] ?? 0, d.computeCapability[1] ?? 0] }
+    if (d.kernelPath != null) r.kernelPath = d.kernelPath as KernelPath
+    if (d.kernelTarget != null) r.kernelTarget = d.kernelTarget
+    if (d.reason != null) r.reason = d.reason
+    return r
+  })
+  const r: GpuStatus = { available: s.available, deviceCount: s.deviceCount, kernelsBuilt: s.kernelsBuilt, kernelTargets: [...s.kernelTargets], devices }
   if (s.kernelsCompiler != null) r.kernelsCompiler = s.kernelsCompiler
   if (s.driverVersion != null) r.driverVersion = [s.driverVersion[0]!, s.driverVersion[1]!]
   if (s.reason != null) r.reason = s.reason
@@ -392,11 +427,27 @@ export interface DeviceInfo {
   ordinal: number
   /** [major, minor]; [0, 0] on the CPU backend. */
   computeCapability: [number, number]
+  /** The kernels a CUDA device runs; absent on the CPU backend. */
+  kernelPath?: KernelPath
   /** Multiprocessors on CUDA; worker threads on the CPU backend. */
   multiprocessors: number
   /** Bytes of device memory; 0 on the CPU backend. */
   totalMemory: number
 }
+
+/** Options of {@link Device.open} (CUDA devices). */
+export interface DeviceOpenOptions {
+  /**
+   * The portable kernels even where the Hopper ones would run (as `MLA_FORCE_PORTABLE=1`):
+   * a cubin of the device's architecture when this build has one, else the compute_80 PTX
+   * (on an H100 / H200: the PTX, JIT-compiled when the device is opened).
+   */
+  portable?: boolean
+  /** Exactly this path, or a typed error when the device or this build cannot run it. Overrides `portable`. */
+  kernelPath?: KernelPath
+}
+
+const KERNEL_PATHS: readonly KernelPath[] = ['hopper', 'portable', 'portable-ptx']
 
 function checkShape(shape: unknown): number[] {
   if (!Array.isArray(shape)) fail('ERR_SHAPE', `shape: expected an array of integers within [0, ${MAX_EXTENT}], got ${show(shape)}`)
@@ -405,7 +456,8 @@ function checkShape(shape: unknown): number[] {
 }
 
 /**
- * A compute device: the multi-threaded CPU backend or one CUDA device (Hopper, sm_90a).
+ * A compute device: the multi-threaded CPU backend or one CUDA device (compute capability
+ * 8.0 or newer: Ampere, Ada, Hopper, Blackwell; see {@link KernelPath}).
  * Tensors, caches and plans are created from a device and keep it alive; disposing the
  * handle only releases this reference.
  *
@@ -432,10 +484,25 @@ export class Device {
    * Opens a device. `'cuda'` / `'cuda:<n>'` never fall back to the CPU: without a usable
    * GPU they throw `ERR_GPU_UNAVAILABLE` (or `ERR_KERNELS_UNAVAILABLE` when this build has
    * no kernels). `'auto'` (the default) picks CUDA device 0 when usable, else the CPU.
+   *
+   * `options` choose the CUDA kernels (then `'auto'` means device 0, never the CPU):
+   * `Device.open('cuda', { portable: true })` runs the portable kernels on a Hopper card.
+   * A device runs one path per process: asking for another while it is open throws
+   * `ERR_INVALID_ARGUMENT`.
    */
-  static open(spec: DeviceSpec = 'auto'): Device {
+  static open(spec: DeviceSpec = 'auto', options?: DeviceOpenOptions): Device {
     if (typeof spec !== 'string') fail('ERR_INVALID_ARGUMENT', `device: expected a string, got ${describe(spec)}`)
-    return new Device(call(() => native.Device.open(spec)))
+    if (options === undefined) return new Device(call(() => native.Device.open(spec)))
+    if (options === null || typeof options !== 'object') fail('ERR_INVALID_ARGUMENT', `options: expected an object, got ${describe(options)}`)
+    const { portable, kernelPath } = options
+    if (portable !== undefined && typeof portable !== 'boolean') fail('ERR_INVALID_ARGUMENT', `options.portable: expected a boolean, got ${show(portable)}`)
+    if (kernelPath !== undefined && !KERNEL_PATHS.includes(kernelPath)) {
+      fail('ERR_INVALID_ARGUMENT', `options.kernelPath: expected one of ${KERNEL_PATHS.map((p) => `'${p}'`).join(', ')}, got ${show(kernelPath)}`)
+    }
+    const o: { portable?: boolean; kernelPath?: string } = {}
+    if (portable !== undefined) o.portable = portable
+    if (kernelPath !== undefined) o.kernelPath = kernelPath
+    return new Device(call(() => native.Device.open(spec, o)))
   }
 
   /** `'cpu'` or `'cuda'`. */
@@ -451,6 +518,7 @@ export class Device {
       name: i.name,
       ordinal: i.ordinal,
       computeCapability: [i.computeCapability[0] ?? 0, i.computeCapability[1] ?? 0],
+      ...(i.kernelPath != null ? { kernelPath: i.kernelPath as KernelPath } : {}),
       multiprocessors: i.multiprocessors,
       totalMemory: i.totalMemory,
     }
@@ -1458,7 +1526,7 @@ const deviceName = (d: Device): string => (d.kind === 'cuda' ? `cuda:${d.info.or
 showAs(Device, (d) => {
   const i = d.info
   return d.kind === 'cuda'
-    ? { kind: d.kind, ordinal: i.ordinal, name: i.name, computeCapability: i.computeCapability.join('.'), multiprocessors: i.multiprocessors }
+    ? { kind: d.kind, ordinal: i.ordinal, name: i.name, computeCapability: i.computeCapability.join('.'), kernelPath: i.kernelPath, multiprocessors: i.multiprocessors }
     : { kind: d.kind, name: i.name }
 })
 showAs(Tensor, (t) => ({ shape: t.shape, dtype: t.dtype, device: deviceName(t.device), storage: t.storage, nbytes: t.nbytes }))

@@ -124,17 +124,20 @@ pub fn status() -> GpuStatus {
     }
 }
 
+/// A device's name and compute capability, without a context.
+fn probe_device(ordinal: usize) -> Result<(String, (i32, i32))> {
+    let dev = result::device::get(ordinal as i32)?;
+    // SAFETY: reads two ints of a valid device handle.
+    let attr = |a| unsafe { result::device::get_attribute(dev, a) };
+    let cc = (
+        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+    );
+    Ok((result::device::get_name(dev)?, cc))
+}
+
 fn device_status(ordinal: usize, req: Result<Request>) -> GpuDeviceStatus {
-    let probe = || -> Result<(String, (i32, i32))> {
-        let dev = result::device::get(ordinal as i32)?;
-        let attr = |a| unsafe { result::device::get_attribute(dev, a) };
-        let cc = (
-            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
-            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
-        );
-        Ok((result::device::get_name(dev)?, cc))
-    };
-    let (name, cc, choice) = match probe() {
+    let (name, cc, choice) = match probe_device(ordinal) {
         Ok((name, cc)) => (name, cc, req.and_then(|r| path::select_for_build(cc, r, driver_version()))),
         Err(e) => (String::new(), (0, 0), Err(e)),
     };
@@ -232,11 +235,13 @@ impl GpuDevice {
                 format!("this build has no GPU kernels: {}", mla_kernels::UNAVAILABLE_REASON),
             ));
         }
+        // The path first, from the device's attributes: a device that cannot run any is
+        // refused before a context exists.
+        let (_, cc) = probe_device(ordinal)?;
+        let choice = path::select_for_build(cc, req, driver_version())?;
         let ctx = CudaContext::new(ordinal)?;
         // Buffers here are raw allocations ordered on our own streams.
         unsafe { ctx.disable_event_tracking() };
-        let cc = ctx.compute_capability()?;
-        let choice = path::select_for_build(cc, req, driver_version())?;
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let info = DeviceInfo {
             kind: "cuda",
