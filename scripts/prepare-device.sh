@@ -23,11 +23,10 @@ done
 cp target/release/examples/gpu_bench "$out/bin/"
 # The cubins, for reading their SASS there (cuobjdump).
 mkdir -p "$out/cubins"
-# Those of this build's manifest (one per module and target; the PTX is read there too).
+# Those of this build's manifest (one per module and cubin target; the PTX has no SASS).
 kout=$(dirname "$(ls -t target/release/build/mla-kernels-*/out/MANIFEST.txt | head -1)")
 while read -r _ name arch; do
-  ext=cubin; [[ $arch == compute_* ]] && ext=ptx
-  cp "$kout/$name.$arch.$ext" "$out/cubins/${name//\//__}.$arch.$ext"
+  [[ $arch == compute_* ]] || cp "$kout/$name.$arch.cubin" "$out/cubins/${name//\//__}.$arch.cubin"
 done < <(grep '^module ' "$kout/MANIFEST.txt")
 strip "$out/bin/"* || true
 
