@@ -56,7 +56,11 @@ impl Kernels {
         let Some(m) = self.modules.iter().find(|(n, _)| *n == module) else {
             return Err(MlaError::new(
                 ErrorCode::KernelsUnavailable,
-                format!("kernel {module}:{name}: module {module} is not loaded on this device (its kernels are the {} builds)", self.target),
+                format!(
+                    "kernel {module}:{name}: module {module} is not loaded on this device (its kernels are the {} builds{})",
+                    self.target,
+                    if module.starts_with("portable/") { "; MLA_FORCE_PORTABLE=1 opens a Hopper device on the portable kernels" } else { "" }
+                ),
             ));
         };
         let f = m.1.load_function(name).map_err(|_| {
