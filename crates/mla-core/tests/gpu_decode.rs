@@ -267,6 +267,42 @@ fn one_device_per_ordinal() {
     }
 }
 
+/// The device runs the path its compute capability and MLA_FORCE_PORTABLE give, gpuStatus()
+/// says the same, and a conflicting explicit request is refused while it is open.
+#[test]
+fn kernel_path_follows_the_device_and_the_request() {
+    use mla_core::gpu::path::{select_for_build, Request};
+    use mla_core::{DeviceOptions, KernelPath};
+    let Some(dev) = gpu("kernel_path_follows_the_device_and_the_request") else { return };
+    let info = dev.info();
+    let req = Request::from_env_value(std::env::var("MLA_FORCE_PORTABLE").ok().as_deref()).unwrap();
+    let want = select_for_build(info.compute_capability, req, mla_core::gpu::driver_version()).unwrap();
+    assert_eq!(info.kernel_path, Some(want.path), "{info:?}");
+    let Device::Cuda(g) = &dev else { unreachable!() };
+    assert_eq!(g.kernel_target(), want.target);
+    if info.compute_capability == (9, 0) {
+        let forced = req != Request::Auto;
+        assert_eq!(want.path, if forced { KernelPath::PortablePtx } else { KernelPath::Hopper });
+        // The H200 lets a block have 227 KiB: the PTX's 32-row tiles run there.
+        if forced {
+            assert_eq!(g.portable_max_tile(), 32);
+        }
+    }
+    let s = mla_core::device::gpu_status();
+    assert!(s.available, "{s:?}");
+    assert_eq!(s.devices[0].kernel_path, info.kernel_path, "{s:?}");
+    assert!(s.kernel_targets.contains(&want.target), "{s:?}");
+    let other = if want.path == KernelPath::Hopper { KernelPath::PortablePtx } else { KernelPath::Hopper };
+    if select_for_build(info.compute_capability, Request::Exact(other), None).is_ok() {
+        let e = Device::cuda_with(0, DeviceOptions { kernel_path: Some(other), ..Default::default() }).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+        assert!(e.message.contains(want.path.as_str()) && e.message.contains(other.as_str()), "{e}");
+    }
+    // The same request again shares the open device.
+    let again = Device::cuda_with(0, DeviceOptions { kernel_path: Some(want.path), ..Default::default() }).unwrap();
+    assert!(again.same(&dev));
+}
+
 /// Steps run from several threads at once: each error reaches the step that caused it.
 #[test]
 fn concurrent_steps_get_their_own_errors() {

@@ -6,6 +6,7 @@ use cudarc::driver::CudaStream;
 
 use super::launch::{launch, LaunchDims};
 use super::params::{MlaCombineParams, MlaDecodeParams, MlaPlanParams};
+use super::path::KernelPath;
 use super::tma;
 use super::GpuDevice;
 use crate::decode::DecodeOptions;
@@ -31,7 +32,7 @@ fn pick_stream<'a>(g: &'a GpuDevice, s: &'a Option<Arc<CudaStream>>) -> &'a Arc<
 
 /// Enqueues the plan kernel: metadata and num_splits from device-resident lengths.
 pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Option<Arc<CudaStream>>, max_seqlen: i32) -> Result<()> {
-    let f = g.kernels().function("sm90/mla_plan", "mla_plan_kernel", 0)?;
+    let f = g.kernels().function("common/mla_plan", "mla_plan_kernel", 0)?;
     let ws = plan.workspace.as_ref().expect("a CUDA plan has a workspace");
     let p = MlaPlanParams {
         seqlens: ptr(seqlens),
@@ -57,7 +58,7 @@ pub enum DecodeKernel {
     /// A TMA producer warp feeding mma.sync consumers, tiles of 16 or 32 rows
     /// (`mla_decode_tma.cu`): the memory-bound shapes.
     Tma { tile: usize },
-    /// cp.async + mma.sync, tiles of 16 or 32 rows (`mla_decode.cu`): the portable path.
+    /// cp.async + mma.sync, tiles of 16 or 32 rows (`portable/mla_decode.cu`): the portable path.
     MmaSync { tile: usize },
     /// wgmma, tiles of 64 rows, two warpgroups (`mla_decode_wgmma.cu`).
     Wgmma,
@@ -70,8 +71,15 @@ impl DecodeKernel {
     /// The default by shape: up to 32 rows the TMA kernel (memory-bound, no padding),
     /// above that wgmma (BENCHMARKS.md). MLA_DECODE_KERNEL=tma|mma|wgmma overrides it
     /// (for benchmarking and for testing every kernel on every shape).
-    pub fn for_rows(rows: usize) -> DecodeKernel {
+    ///
+    /// A device on a portable path (not sm_90, or MLA_FORCE_PORTABLE=1) has only the
+    /// cp.async kernel: tiles of 16 rows, or 32 where it has them (`portable_max_tile`).
+    /// On the Hopper path `mma` names a module it does not load (a typed error at lookup).
+    pub fn for_rows(rows: usize, path: KernelPath, portable_max_tile: usize) -> DecodeKernel {
         let tile = if rows <= 16 { 16 } else { 32 };
+        if path != KernelPath::Hopper {
+            return DecodeKernel::MmaSync { tile: tile.min(portable_max_tile.max(16)) };
+        }
         match std::env::var("MLA_DECODE_KERNEL").as_deref() {
             Ok("tma") => DecodeKernel::Tma { tile },
             Ok("mma") => DecodeKernel::MmaSync { tile },
@@ -102,8 +110,8 @@ impl DecodeKernel {
                 ("sm90/mla_decode_tma", format!("mla_decode_{ty}_tma{tile}{variant}"), bars + 12 * 8 + 1024, 384)
             }
             DecodeKernel::MmaSync { tile } => {
-                let bytes = tile * row + 2 * BLOCK_SIZE * row + mma_scratch(tile);
-                ("sm90/mla_decode", format!("mla_decode_{ty}_m{tile}"), bytes, 256)
+                // Q, a ring of half-block stages, scratch: per tile (gpu/portable.rs).
+                ("portable/mla_decode", format!("mla_decode_{ty}_m{tile}"), super::portable::smem_bytes(tile), 256)
             }
             DecodeKernel::Wgmma => {
                 let t = GPU_ROW_TILE;
@@ -145,12 +153,12 @@ pub fn decode_into(
         DType::BF16 => "bf16",
         _ => "fp16",
     };
-    let kernel = DecodeKernel::for_rows(rows);
+    let kernel = DecodeKernel::for_rows(rows, g.kernel_path(), g.portable_max_tile());
     let tile = kernel.tile();
     let (module, name, smem, threads) = kernel.function(ty);
     let smem = smem as u32;
     let f = g.kernels().function(module, &name, smem)?;
-    let fc = g.kernels().function("sm90/mla_combine", &format!("mla_combine_{ty}"), 0)?;
+    let fc = g.kernels().function("common/mla_combine", &format!("mla_combine_{ty}"), 0)?;
     let oaccum = ws.ptr();
     let lseaccum = oaccum + slots * rows as u64 * HEAD_DIM_V as u64 * 4;
     let p = MlaDecodeParams {
