@@ -218,9 +218,9 @@ pub fn decode_into(
         slots: slots as i32,
     };
     let dims = LaunchDims { grid: (s.b as u32, rows.div_ceil(8) as u32, 1), block: (256, 1, 1), smem: 0 };
-    if super::launch::pdl_enabled() {
+    if super::launch::pdl_enabled() && g.kernel_path() == KernelPath::Hopper {
         // The combine starts its launch under the decode's tail; it waits (griddepcontrol)
-        // before it reads anything.
+        // before it reads anything. Only sm_90 code has that wait: never on the portable path.
         unsafe { super::launch::launch_dependent(&fc, stream, &dims, &c) }
     } else {
         unsafe { launch(&fc, stream, &dims, &c) }
