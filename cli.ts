@@ -90,6 +90,10 @@ TFLOPS = 2 * s_q * sum(seqlens) * h_q * (576 + 512) / time. The copy ceiling (1 
 device-to-device on CUDA, 256 MiB host copy on the CPU) is measured in the same run;
 compare ratios to it, not raw times across machines.
 
+Kernels: Hopper (sm_90) runs its own; Ampere, Ada and Blackwell (compute capability 8.0+)
+the portable ones, from a cubin of their architecture or the compute_80 PTX (\`info\`
+prints which). MLA_FORCE_PORTABLE=1 runs the portable kernels on Hopper too.
+
 Exit status: 0 done, 1 a failure (device, measurement, files), 2 a usage error.`
 
 const CSV_HEADER = 'tag,b,s_q,mean_sk,h_q,varlen,ms,gbps,tflops,pct_copy_ceiling,floor_ms,anchor_ms,speedup'
@@ -624,12 +628,17 @@ function cmdInfo(argv: string[]): number {
   }
   const s = gpuStatus()
   console.log(`mla-decode ${version()} (node ${process.version}, ${process.platform}-${process.arch})`)
-  console.log(`gpu: ${s.available ? 'available' : 'unavailable'}; ${s.deviceCount} CUDA device(s); kernels ${s.kernelsBuilt ? 'built (sm_90a)' : 'not built'}${s.reason ? `; ${s.reason}` : ''}`)
+  console.log(`gpu: ${s.available ? 'available' : 'unavailable'}; ${s.deviceCount} CUDA device(s); kernels ${s.kernelsBuilt ? 'built' : 'not built'}${s.reason ? `; ${s.reason}` : ''}`)
   console.log(`driver: ${s.driverVersion ? `CUDA ${s.driverVersion.join('.')}` : 'none'}; kernels: ${s.kernelsCompiler ?? 'none'}`)
+  console.log(`kernel targets: ${s.kernelTargets.length ? s.kernelTargets.join(', ') : 'none'}`)
+  for (const d of s.devices) {
+    const how = d.kernelPath ? `kernel path ${d.kernelPath} (${d.kernelTarget})` : `cannot be opened: ${d.reason ?? 'unknown'}`
+    console.log(`  cuda:${d.ordinal} ${d.name}, compute capability ${d.computeCapability.join('.')}: ${how}`)
+  }
   using dev = openDevice(values.device)
   const i = dev.info
   console.log(`device (${values.device}): ${i.name}`)
-  console.log(`  kind ${i.kind}, ordinal ${i.ordinal}${i.kind === 'cuda' ? `, compute capability ${i.computeCapability.join('.')}, ${i.multiprocessors} SMs, ${(i.totalMemory / 2 ** 30).toFixed(1)} GiB` : `, ${i.multiprocessors} threads`}`)
+  console.log(`  kind ${i.kind}, ordinal ${i.ordinal}${i.kind === 'cuda' ? `, compute capability ${i.computeCapability.join('.')}, kernel path ${i.kernelPath}, ${i.multiprocessors} SMs, ${(i.totalMemory / 2 ** 30).toFixed(1)} GiB` : `, ${i.multiprocessors} threads`}`)
   console.log(`  bench suite: ${bench.defaultSuite(dev)} (${bench.configs(bench.defaultSuite(dev)).length} configurations)`)
   return 0
 }

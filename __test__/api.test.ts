@@ -101,6 +101,41 @@ test('gpuStatus reports a consistent state', (t) => {
   t.log(JSON.stringify(s))
 })
 
+test('gpuStatus().kernelTargets: every cubin and the compute_80 PTX this build embeds', (t) => {
+  const s = gpuStatus()
+  if (!s.kernelsBuilt) {
+    // A CPU-only build (no CUDA compiler): nothing embedded, and it says so.
+    t.deepEqual(s.kernelTargets, [])
+    t.log('CPU-only build: no kernel targets')
+    return
+  }
+  t.deepEqual(s.kernelTargets, ['sm_80', 'sm_86', 'sm_89', 'sm_90a', 'sm_120', 'compute_80'])
+  t.is(s.devices.length, s.deviceCount)
+  for (const d of s.devices) {
+    t.true(d.kernelPath === undefined ? typeof d.reason === 'string' : ['hopper', 'portable', 'portable-ptx'].includes(d.kernelPath), JSON.stringify(d))
+    if (d.kernelTarget !== undefined) t.true(s.kernelTargets.includes(d.kernelTarget))
+  }
+})
+
+test('Device.open options are checked before anything opens', (t) => {
+  const bad = (f: () => unknown, re: RegExp) => {
+    const e = t.throws(f, { instanceOf: MlaError })
+    t.is(e?.code, 'ERR_INVALID_ARGUMENT')
+    t.regex(e?.message ?? '', re)
+  }
+  bad(() => Device.open('cuda', { kernelPath: 'sm80' as never }), /options\.kernelPath: expected one of 'hopper', 'portable', 'portable-ptx', got "sm80"/)
+  bad(() => Device.open('cuda', { portable: 1 as never }), /options\.portable: expected a boolean, got 1/)
+  bad(() => Device.open('cuda', null as never), /options: expected an object/)
+  // The CPU backend has no kernel path to choose.
+  bad(() => Device.open('cpu', { portable: true }), /the 'cpu' device has none/)
+  t.is(Device.open('cpu', {}).kind, 'cpu')
+  // Without a usable GPU, asking for CUDA kernels never falls back to the CPU.
+  if (!gpuStatus().available) {
+    const e = t.throws(() => Device.open('auto', { portable: true }), { instanceOf: MlaError })
+    t.true(['ERR_GPU_UNAVAILABLE', 'ERR_KERNELS_UNAVAILABLE', 'ERR_DRIVER_TOO_OLD'].includes(e?.code ?? ''), e?.message)
+  }
+})
+
 test('the CPU device', (t) => {
   const d = Device.open('cpu')
   t.is(d.kind, 'cpu')
@@ -108,6 +143,7 @@ test('the CPU device', (t) => {
   t.is(i.kind, 'cpu')
   t.regex(i.name, /CPU/)
   t.deepEqual(i.computeCapability, [0, 0])
+  t.is(i.kernelPath, undefined)
   t.true(i.multiprocessors >= 1)
   t.true(d.same(cpu))
   t.false(d.disposed)

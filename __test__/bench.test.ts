@@ -156,6 +156,7 @@ test('mla-decode --help and info', (t) => {
   const i = cli(['info', '--device', 'cpu'])
   t.is(i.code, 0, i.stderr)
   t.regex(i.stdout, /gpu: (available|unavailable)/)
+  t.regex(i.stdout, /kernel targets: (none|sm_80, sm_86, sm_89, sm_90a, sm_120, compute_80)\n/)
   t.regex(i.stdout, /device \(cpu\): CPU backend/)
   t.true(fs.readFileSync(CLI, 'utf8').startsWith('#!/usr/bin/env node\n'))
 })

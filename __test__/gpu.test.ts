@@ -5,7 +5,7 @@
 // as "skipped".
 
 import test, { type ExecutionContext } from 'ava'
-import { Device, KvCache, decode, decodeSync, gpuStatus, type Tensor } from '../index'
+import { Device, KvCache, MlaError, decode, decodeSync, gpuStatus, type Tensor } from '../index'
 import { accuracyCases, runCase } from './_accuracy'
 import {
   BASE_SEED,
@@ -57,7 +57,13 @@ gpuTest('the device: kind, info, Device.open("auto") picks it, pointers are expo
   t.is(dev.kind, 'cuda')
   const i = dev.info
   t.log(JSON.stringify(i))
-  t.deepEqual(i.computeCapability, [9, 0])
+  t.true(i.computeCapability[0] >= 8, `compute capability ${i.computeCapability.join('.')}`)
+  // The path follows the compute capability, or MLA_FORCE_PORTABLE (the PTX on Hopper).
+  const forcedPortable = (process.env.MLA_FORCE_PORTABLE ?? '0') !== '0'
+  const hopper = i.computeCapability[0] === 9 && i.computeCapability[1] === 0
+  if (hopper) t.is(i.kernelPath, forcedPortable ? 'portable-ptx' : 'hopper')
+  else t.true(i.kernelPath === 'portable' || i.kernelPath === 'portable-ptx', String(i.kernelPath))
+  t.is(status.devices[i.ordinal]?.kernelPath, i.kernelPath)
   t.true(i.multiprocessors > 0)
   t.true(i.totalMemory > 0)
   t.is(Device.open('auto').kind, 'cuda')
@@ -66,6 +72,16 @@ gpuTest('the device: kind, info, Device.open("auto") picks it, pointers are expo
   t.true((x.devicePtr ?? 0n) > 0n)
   t.true(x.device.same(dev))
   t.deepEqual([...x.toInt32ArraySync()], [1, 2, 3])
+})
+
+gpuTest('a device runs one kernel path per process: another one is refused while it is open', (t, dev) => {
+  const i = dev.info
+  const hopperCard = i.computeCapability[0] === 9 && i.computeCapability[1] === 0
+  const other = i.kernelPath === 'hopper' ? 'portable-ptx' : 'hopper'
+  const e = t.throws(() => Device.open(`cuda:${i.ordinal}`, { kernelPath: other }), { instanceOf: MlaError })
+  // Hopper kernels on another card: the build has none for it; on a Hopper card: the open one wins.
+  t.is(e?.code, hopperCard ? 'ERR_INVALID_ARGUMENT' : 'ERR_KERNELS_UNAVAILABLE', e?.message)
+  t.true(Device.open(`cuda:${i.ordinal}`, { kernelPath: i.kernelPath! }).same(dev))
 })
 
 const cpu = Device.open('cpu')

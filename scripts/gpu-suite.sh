@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole GPU suite on a lent GPU machine, in one call (run from the repo root there,
 # after scripts/prepare-device.sh here). Writes logs under $OUT (or ./gpu-out) and prints
-# a short table last.  Stages: info, rust tests, sanitizer, typescript tests, bench.
+# a short table last.  Stages: info, rust tests, sanitizer, typescript tests, bench; the
+# portable kernels forced on this (Hopper) card: rust-portable, bench-portable.
 #   bash scripts/gpu-suite.sh [stage ...]     (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-stages=${*:-"info sass rust pipeline rust-mma rust-tma sanitizer ts matmul bench-cli bench-host bench-host-breakdown"}
+stages=${*:-"info sass rust pipeline rust-portable rust-tma sanitizer ts matmul bench-cli bench-host bench-host-breakdown bench-portable"}
 declare -A result
 export MLA_TEST_DEVICE=cuda
 ANCHORS=${ANCHORS:-.device/anchors/flashmla-h200.csv}
@@ -26,9 +27,18 @@ for s in $stages; do
     sass) run_stage sass bash -c 'for c in .device/cubins/*.cubin; do printf "%-28s HGMMA %4d  HMMA %4d  LDL/STL %d\n" "$(basename $c)" "$(cuobjdump --dump-sass $c | grep -c HGMMA)" "$(cuobjdump --dump-sass $c | grep -c "HMMA")" "$(cuobjdump --dump-sass $c | grep -cE "LDL|STL")"; done' ;;
     rust) run_stage rust .device/bin/gpu_decode --test-threads=1 ;;
     pipeline) run_stage pipeline .device/bin/gpu_pipeline --test-threads=1 ;;
-    # The cp.async mma.sync kernel (the portable path) and the TMA kernel on every row count
-    # (by default they only take h_q * s_q <= 32).
-    rust-mma) run_stage rust-mma env MLA_DECODE_KERNEL=mma .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ --include-ignored ;;
+    # The portable path (cp.async + mma.sync, the kernels of sm_80/86/89/120 and of newer
+    # GPUs) forced on Hopper: every module from the compute_80 PTX, JIT-compiled at open;
+    # rows <= 16 take the 16-row tile of the 99 KiB parts, more rows the 32-row one of sm_80.
+    # The whole decode and pipeline suites, then the sanitizers (the ring of half-block stages).
+    rust-portable)
+      run_stage rust-portable env MLA_FORCE_PORTABLE=1 .device/bin/gpu_decode --test-threads=1
+      run_stage pipeline-portable env MLA_FORCE_PORTABLE=1 .device/bin/gpu_pipeline --test-threads=1
+      run_stage memcheck-portable env MLA_FORCE_PORTABLE=1 compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
+      run_stage racecheck-portable env MLA_FORCE_PORTABLE=1 compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
+      run_stage synccheck-portable env MLA_FORCE_PORTABLE=1 compute-sanitizer --tool synccheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
+      run_stage memcheck-pipeline-portable env MLA_FORCE_PORTABLE=1 compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/gpu_pipeline --test-threads=1 ;;
+    # The TMA kernel on every row count (by default it only takes h_q * s_q <= 32).
     rust-tma) run_stage rust-tma env MLA_DECODE_KERNEL=tma .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ --include-ignored ;;
     # The combine as a programmatic dependent of the decode (MLA_PDL=1; off by default until measured).
     rust-pdl)
@@ -84,6 +94,11 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
         kill $smi 2>/dev/null
         awk -F', *' '$1 > 1000 {n++; s += $1; if (!lo || $1 < lo) lo = $1; if ($1 > hi) hi = $1} END {if (n) printf "SM clock under load: mean %.0f MHz, min %d, max %d (%d samples)\n", s / n, lo, hi, n}' "$OUT/clock-$v.txt" | tee -a "$OUT/bench-$v.log"
       done ;;
+    # The benchmark on the forced portable path (what the workstation GPUs run, here on
+    # Hopper's bandwidth: for the record, not a target).
+    bench-portable)
+      mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
+      run_stage bench-portable env MLA_FORCE_PORTABLE=1 .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-portable.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-} ;;
     # The user-facing command (TypeScript CLI over the same core): CSV + SVG chart.
     bench-cli)
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
@@ -119,13 +134,13 @@ done
 
 echo
 echo "=== summary"
-for s in info sass rust pipeline rust-mma rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
-  [[ -n "${result[$s]:-}" ]] && printf '%-10s %s\n' "$s" "${result[$s]}"
+for s in info sass rust pipeline rust-portable pipeline-portable memcheck-portable racecheck-portable synccheck-portable memcheck-pipeline-portable rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device bench-portable ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
+  [[ -n "${result[$s]:-}" ]] && printf '%-26s %s\n' "$s" "${result[$s]}"
 done
-grep -h "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/ts.log 2>/dev/null | tail -6
-grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log "$OUT"/synccheck.log "$OUT"/*-pipeline.log 2>/dev/null
+grep -H "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/pipeline*.log "$OUT"/ts.log 2>/dev/null | tail -12
+grep -H "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/memcheck*.log "$OUT"/racecheck*.log "$OUT"/synccheck*.log 2>/dev/null
 cat "$OUT"/sass.log 2>/dev/null
-grep -h "copy ceiling\|matmul\|geometric\|SM clock" "$OUT"/bench-*.log "$OUT"/matmul.log 2>/dev/null
+grep -H "copy ceiling\|matmul\|geometric\|SM clock" "$OUT"/bench-*.log "$OUT"/matmul.log 2>/dev/null
 [[ -f "$OUT/host.csv" ]] && { column -s, -t < "$OUT/host.csv" 2>/dev/null || cat "$OUT/host.csv"; }
 [[ -f "$OUT/host-ab.csv" ]] && { echo "previous paths (bench-host-ab):"; column -s, -t < "$OUT/host-ab.csv" 2>/dev/null || cat "$OUT/host-ab.csv"; }
 

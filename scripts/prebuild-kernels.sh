@@ -3,7 +3,7 @@
 # into crates/mla-kernels/prebuilt/, with their ptxas reports, build.rs's manifest and a
 # snapshot of kernels/ (the sources they were built from). The packaged crate ships that
 # folder, so a Rust user builds mla-kernels without any CUDA compiler; build.rs uses it only
-# while it matches the kernel sources. prebuilt/ is git-ignored (about 2 MB of cubins).
+# while it matches the kernel sources. prebuilt/ is git-ignored (about 5 MB of cubins and PTX).
 #
 #   bash scripts/prebuild-kernels.sh      (part of `npm run package`; needs `npm run build`)
 set -euo pipefail
@@ -28,12 +28,15 @@ grep -q '^module ' "$manifest" || die "this build has no GPU kernels (see gpuSta
 dest=crates/mla-kernels/prebuilt
 rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
 cp "$manifest" "$out_dir/ptxas.log" "$dest.tmp/"
-while read -r _ name _; do
+# One line per (module, target): "module common/mla_plan sm_86" -> common/mla_plan.sm_86.cubin
+# (compute_80: .ptx) and its report.
+while read -r _ name arch; do
+  ext=cubin; [[ $arch == compute_* ]] && ext=ptx
   mkdir -p "$dest.tmp/$(dirname "$name")"
-  cp "$out_dir/$name.cubin" "$out_dir/$name.ptxas.txt" "$dest.tmp/$(dirname "$name")/"
+  cp "$out_dir/$name.$arch.$ext" "$out_dir/$name.$arch.ptxas.txt" "$dest.tmp/$(dirname "$name")/"
 done < <(grep '^module ' "$manifest")
 # The sources the cubins were built from (rebuilding from the packaged crate uses them).
 mkdir -p "$dest.tmp/kernels"
 (cd kernels && find . -type f ! -name '.*' -print0 | xargs -0 cp --parents -t "../$dest.tmp/kernels")
 rm -rf "$dest" && mv "$dest.tmp" "$dest"
-echo "prebuild-kernels: $(grep -c '^module ' "$dest/MANIFEST.txt") modules ($(sed -n 's/^compiler //p' "$dest/MANIFEST.txt")), $(du -sh "$dest" | cut -f1) in $dest"
+echo "prebuild-kernels: $(grep -c '^module ' "$dest/MANIFEST.txt") modules for $(awk '/^module / {print $3}' "$dest/MANIFEST.txt" | sort -u | paste -sd, -) ($(sed -n 's/^compiler //p' "$dest/MANIFEST.txt")), $(du -sh "$dest" | cut -f1) in $dest"

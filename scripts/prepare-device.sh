@@ -23,7 +23,11 @@ done
 cp target/release/examples/gpu_bench "$out/bin/"
 # The cubins, for reading their SASS there (cuobjdump).
 mkdir -p "$out/cubins"
-cp "$(ls -td target/release/build/mla-kernels-*/out | head -1)"/*/*.cubin "$out/cubins/"
+# Those of this build's manifest (one per module and cubin target; the PTX has no SASS).
+kout=$(dirname "$(ls -t target/release/build/mla-kernels-*/out/MANIFEST.txt | head -1)")
+while read -r _ name arch; do
+  [[ $arch == compute_* ]] || cp "$kout/$name.$arch.cubin" "$out/cubins/${name//\//__}.$arch.cubin"
+done < <(grep '^module ' "$kout/MANIFEST.txt")
 strip "$out/bin/"* || true
 
 # Anchors (bench/anchors/; the ava bench test reads them from pkg/bench/anchors).

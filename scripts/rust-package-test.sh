@@ -32,7 +32,10 @@ for c in mla-kernels mla-core; do
   tar -xzf "$f" -C "$work/crates"
 done
 tar -tzf "target/package/mla-kernels-$version.crate" > "$work/kernels-files.txt"
-grep -q "prebuilt/sm90/mla_decode.cubin" "$work/kernels-files.txt" || die "the mla-kernels crate carries no prebuilt cubins"
+for f in portable/mla_decode.sm_80.cubin portable/mla_decode.sm_86.cubin portable/mla_decode.sm_89.cubin \
+  portable/mla_decode.sm_120.cubin portable/mla_decode.compute_80.ptx common/mla_plan.sm_90a.cubin sm90/mla_decode_tma.sm_90a.cubin; do
+  grep -q "prebuilt/$f" "$work/kernels-files.txt" || die "the mla-kernels crate carries no prebuilt $f"
+done
 [[ ! -e $work/crates/mla-kernels-$version/../../kernels ]] || die "a kernels/ folder sits above the unpacked crate"
 
 cat > "$work/app/Cargo.toml" <<TOML
@@ -79,10 +82,11 @@ fn main() -> mla_core::Result<()> {
     assert!(mla_kernels::available(), "no kernels: {}", mla_kernels::UNAVAILABLE_REASON);
     let dir = std::env::args().nth(1).expect("cubin output folder");
     for m in mla_kernels::MODULES {
-        let path = format!("{dir}/{}.cubin", m.name.replace('/', "__"));
-        std::fs::write(&path, m.cubin).unwrap();
+        let ext = if m.is_ptx() { "ptx" } else { "cubin" };
+        let path = format!("{dir}/{}.{}.{ext}", m.name.replace('/', "__"), m.arch);
+        std::fs::write(&path, m.image).unwrap();
     }
-    println!("modules: {}", mla_kernels::MODULES.iter().map(|m| m.name).collect::<Vec<_>>().join(", "));
+    println!("modules: {} for {}", mla_kernels::MODULES.len(), mla_kernels::targets().join(", "));
     Ok(())
 }
 RS
@@ -102,10 +106,11 @@ echo "== the embedded cubins are the prebuilt ones, and the npm package's"
 node_file=mla-decode.linux-x64-gnu.node
 [[ -f $node_file ]] || die "$node_file is missing: run 'npm run build' first"
 n=0
-while read -r _ name _; do
-  f="$work/cubins/${name//\//__}.cubin"
-  [[ -f $f ]] || die "the scratch project did not embed $name"
-  cmp -s "$f" "crates/mla-kernels/prebuilt/$name.cubin" || die "$name: the crate's cubin differs from prebuilt/$name.cubin"
+while read -r _ name arch; do
+  ext=cubin; [[ $arch == compute_* ]] && ext=ptx
+  f="$work/cubins/${name//\//__}.$arch.$ext"
+  [[ -f $f ]] || die "the scratch project did not embed $name ($arch)"
+  cmp -s "$f" "crates/mla-kernels/prebuilt/$name.$arch.$ext" || die "$name: the crate's image differs from prebuilt/$name.$arch.$ext"
   n=$((n + 1))
 done < <(grep '^module ' crates/mla-kernels/prebuilt/MANIFEST.txt)
 [[ $(ls "$work/cubins" | wc -l) == "$n" ]] || die "the scratch project embeds $(ls "$work/cubins" | wc -l) modules, the manifest lists $n"

@@ -1,6 +1,10 @@
-//! Compiles `<repo root>/kernels/<arch dir>/*.cu` to cubins and generates
-//! `OUT_DIR/registry.rs` (the `MODULES` table, `UNAVAILABLE_REASON`, `NVCC_VERSION`,
-//! `COMPILER`).
+//! Compiles `<repo root>/kernels/<folder>/*.cu` for the targets of [`FOLDERS`] (cubins for
+//! real architectures, PTX for a virtual one) and generates `OUT_DIR/registry.rs` (the
+//! `MODULES` table, `UNAVAILABLE_REASON`, `NVCC_VERSION`, `COMPILER`).
+//!
+//! One job per (source, virtual architecture): NVRTC makes the PTX once (`-arch=compute_XX`),
+//! then ptxas makes each cubin of that virtual architecture; a PTX target embeds that PTX
+//! text as it is (the driver JIT-compiles it at load time). With nvcc, one nvcc run per target.
 //!
 //! Prebuilt cubins: `prebuilt/` (made by `scripts/prebuild-kernels.sh`, part of `npm run
 //! package`, shipped in the packaged crate) holds the cubins of a release build, the
@@ -40,25 +44,72 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-/// One kernel directory per target architecture. Add a row to build another folder
-/// (e.g. `sm80` with `arch=compute_80,code=sm_80`, `sm120` with `arch=compute_120a,code=sm_120a`).
-struct ArchTarget {
-    /// Folder under `kernels/`.
-    dir: &'static str,
-    /// Value of `Module::arch`, and the real architecture the cubin is for.
+/// One thing a source is built into.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Target {
+    /// Value of `Module::arch`: the real architecture of a cubin (`sm_86`), or the virtual
+    /// architecture of embedded PTX (`compute_80`).
     arch: &'static str,
-    /// The virtual architecture the PTX is generated for.
+    /// The virtual architecture the PTX is generated for (`__CUDA_ARCH__` of the source).
     virtual_arch: &'static str,
 }
 
-const TARGETS: &[ArchTarget] = &[ArchTarget {
-    dir: "sm90",
-    arch: "sm_90a",
-    virtual_arch: "compute_90a",
-}];
+impl Target {
+    const fn cubin(arch: &'static str, virtual_arch: &'static str) -> Target {
+        Target { arch, virtual_arch }
+    }
+    const fn ptx(virtual_arch: &'static str) -> Target {
+        Target { arch: virtual_arch, virtual_arch }
+    }
+    fn is_ptx(&self) -> bool {
+        self.arch.starts_with("compute_")
+    }
+}
 
-/// nvcc flags for every kernel. No fast math: precision matters (see the accuracy contract).
-const COMMON_FLAGS: &[&str] = &["-cubin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v"];
+const SM_80: Target = Target::cubin("sm_80", "compute_80"); // A100, A30
+const SM_86: Target = Target::cubin("sm_86", "compute_86"); // RTX 30xx, A40, A6000, A10
+const SM_89: Target = Target::cubin("sm_89", "compute_89"); // RTX 40xx, L4, L40S, RTX 6000 Ada
+const SM_90A: Target = Target::cubin("sm_90a", "compute_90a"); // H100, H200 (wgmma, TMA, setmaxnreg)
+const SM_120: Target = Target::cubin("sm_120", "compute_120"); // RTX 50xx, RTX PRO 6000 Blackwell
+/// For every GPU of compute capability >= 8.0 without a cubin of its own (B200 and other
+/// newer parts), and for the forced portable path on Hopper.
+const PTX_80: Target = Target::ptx("compute_80");
+
+/// A folder under `kernels/` and what each of its `*.cu` files is built for. Each
+/// (file, target) is one `Module`. A folder with `.cu` files and no row is skipped with a
+/// warning.
+struct Folder {
+    dir: &'static str,
+    targets: &'static [Target],
+}
+
+const FOLDERS: &[Folder] = &[
+    // Plan, combine, cache append, test helpers: every path needs them.
+    Folder { dir: "common", targets: &[SM_80, SM_86, SM_89, SM_90A, SM_120, PTX_80] },
+    // The cp.async + mma.sync decode. Not for sm_90a: Hopper runs the sm90/ kernels, and
+    // the forced portable path there runs this folder's compute_80 PTX.
+    Folder { dir: "portable", targets: &[SM_80, SM_86, SM_89, SM_120, PTX_80] },
+    Folder { dir: "sm90", targets: &[SM_90A] },
+];
+
+/// Where a module's image lies, relative to OUT_DIR (and to prebuilt/):
+/// `<folder>/<stem>.<arch>.cubin`, or `.ptx` for a PTX target.
+fn image_rel(name: &str, arch: &str) -> String {
+    let ext = if arch.starts_with("compute_") { "ptx" } else { "cubin" };
+    format!("{name}.{arch}.{ext}")
+}
+/// ptxas's report of a module, next to its image.
+fn report_rel(name: &str, arch: &str) -> String {
+    format!("{name}.{arch}.ptxas.txt")
+}
+/// The report stored for a PTX target (no ptxas runs for it here).
+fn ptx_note(name: &str, arch: &str) -> String {
+    format!("{arch} PTX of {name}: compiled by the driver when the module is loaded; ptxas's report of the same PTX is the sm_80 module's\n")
+}
+
+/// nvcc flags for every kernel (then `-cubin -Xptxas -v`, or `-ptx`). No fast math:
+/// precision matters (see the accuracy contract).
+const COMMON_FLAGS: &[&str] = &["-O3", "-std=c++17", "-lineinfo"];
 /// The same with NVRTC, then ptxas (NVRTC has no -O: it always optimises).
 const NVRTC_FLAGS: &[&str] = &["-std=c++17", "--generate-line-info"];
 const PTXAS_FLAGS: &[&str] = &["-O3", "-v", "--generate-line-info"];
@@ -85,8 +136,8 @@ const TRACKED_ENV: &[&str] = &[
 ];
 
 /// The prebuilt cubins inside this crate (filled by scripts/prebuild-kernels.sh, shipped
-/// in the packaged crate, git-ignored): `MANIFEST.txt`, `<arch dir>/<stem>.cubin` and
-/// `.ptxas.txt` as in OUT_DIR, and `kernels/`, the sources they were built from.
+/// in the packaged crate, git-ignored): `MANIFEST.txt`, `<folder>/<stem>.<arch>.cubin` (or
+/// `.ptx`) and `.ptxas.txt` as in OUT_DIR, and `kernels/`, the sources they were built from.
 const PREBUILT_DIR: &str = "prebuilt";
 const MANIFEST: &str = "MANIFEST.txt";
 
@@ -109,28 +160,38 @@ const KNOWN_WGMMA_WARNINGS: &[(&str, &[&str])] = &[
     ("mla_decode_fp16_wg64", &["C7519", "C7520"]),
 ];
 
-/// Entry functions whose name contains one of these must not spill (the wgmma / TMA
-/// kernels, where a spill means local-memory traffic in the main loop).
-const NO_SPILL_MARKERS: &[&str] = &["_wg", "_tma"];
+/// Entry functions whose name contains one of these must not spill (the decode kernels:
+/// wgmma, TMA and the portable m16 / m32, where a spill means local-memory traffic in the
+/// main loop), on every target.
+const NO_SPILL_MARKERS: &[&str] = &["_wg", "_tma", "_m16", "_m32"];
 
+/// One source for one virtual architecture, and the targets made from that PTX.
 struct Job {
-    name: String, // "sm90/mla_decode"
-    arch: &'static str,
+    name: String, // "portable/mla_decode"
     src: PathBuf,
-    cubin: PathBuf,
-    report: PathBuf,
+    /// NVRTC's PTX (NVRTC route): `<stem>.<virtual arch>.ptx`, which is also the image of
+    /// a PTX target.
+    ptx: PathBuf,
+    outputs: Vec<Output>,
     stamp: PathBuf,
-    /// nvcc's arguments, or NVRTC's options (NVRTC route).
+    /// nvcc's arguments without the target ones, or NVRTC's options (NVRTC route).
     args: Vec<String>,
-    /// ptxas's arguments (NVRTC route).
-    ptxas_args: Vec<String>,
     hash: String,
+}
+
+struct Output {
+    target: Target,
+    image: PathBuf,
+    report: PathBuf,
+    /// ptxas's arguments (NVRTC route, cubins).
+    ptxas_args: Vec<String>,
 }
 
 struct Built {
     name: String,
     arch: &'static str,
-    cubin: PathBuf,
+    /// The cubin, or the PTX text of a PTX target.
+    image: PathBuf,
     report: String,
     /// Compiler diagnostics other than ptxas's info lines (warnings).
     diagnostics: Vec<String>,
@@ -283,77 +344,102 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
         .collect();
     let mut jobs = Vec::new();
     let mut sizes = Vec::new();
-    for t in TARGETS {
-        let dir = kernels_dir.join(t.dir);
+    for folder in FOLDERS {
+        let dir = kernels_dir.join(folder.dir);
         let mut srcs: Vec<PathBuf> = list_cu(&dir);
         srcs.sort();
-        let out = out_dir.join(t.dir);
+        let out = out_dir.join(folder.dir);
         fs::create_dir_all(&out).unwrap();
+        // The virtual architectures of this folder, in table order.
+        let mut virtuals: Vec<&'static str> = Vec::new();
+        for t in folder.targets {
+            if !virtuals.contains(&t.virtual_arch) {
+                virtuals.push(t.virtual_arch);
+            }
+        }
         for src in srcs {
             let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-            let cubin = out.join(format!("{stem}.cubin"));
-            let mut args: Vec<String> = Vec::new();
-            let mut ptxas_args: Vec<String> = Vec::new();
-            if nvrtc.is_some() {
-                args.push(format!("--gpu-architecture={}", t.virtual_arch));
-                args.extend(NVRTC_FLAGS.iter().map(|s| s.to_string()));
-                // Stand-ins for the host headers nvcc includes and NVRTC lacks.
-                args.push(format!("--pre-include={}", nvrtc_dir.join("mla_nvrtc_prelude.h").display()));
+            let name = format!("{}/{stem}", folder.dir);
+            for &va in &virtuals {
+                let mut args: Vec<String> = Vec::new();
+                if nvrtc.is_some() {
+                    args.push(format!("--gpu-architecture={va}"));
+                    args.extend(NVRTC_FLAGS.iter().map(|s| s.to_string()));
+                    // Stand-ins for the host headers nvcc includes and NVRTC lacks.
+                    args.push(format!("--pre-include={}", nvrtc_dir.join("mla_nvrtc_prelude.h").display()));
+                } else {
+                    args.extend(COMMON_FLAGS.iter().map(|s| s.to_string()));
+                }
+                // The folder's own headers first, then the shared ones (a kernel of sm90/
+                // includes "mla_common.cuh" and "tma.cuh" by bare name).
                 args.push(format!("-I{}", dir.display()));
+                args.push(format!("-I{}", kernels_dir.join("common").display()));
                 args.push(format!("-I{}", kernels_dir.display()));
-                args.push(format!("-I{}", nvrtc_dir.display()));
-                args.push(format!("-I{}", nvcc.include.display()));
+                if nvrtc.is_some() {
+                    args.push(format!("-I{}", nvrtc_dir.display()));
+                    args.push(format!("-I{}", nvcc.include.display()));
+                }
                 args.extend(extra_flags.iter().cloned());
-                ptxas_args.push(format!("-arch={}", t.arch));
-                ptxas_args.extend(PTXAS_FLAGS.iter().map(|s| s.to_string()));
-                ptxas_args.extend(ptxas_extra.iter().cloned());
-            } else {
-                args.push("-gencode".into());
-                args.push(format!("arch={},code={}", t.virtual_arch, t.arch));
-                args.extend(COMMON_FLAGS.iter().map(|s| s.to_string()));
-                args.push(format!("-I{}", dir.display()));
-                args.push(format!("-I{}", kernels_dir.display()));
-                args.extend(extra_flags.iter().cloned());
+                let outputs: Vec<Output> = folder
+                    .targets
+                    .iter()
+                    .filter(|t| t.virtual_arch == va)
+                    .map(|&t| {
+                        let mut ptxas_args = Vec::new();
+                        if !t.is_ptx() {
+                            ptxas_args.push(format!("-arch={}", t.arch));
+                            ptxas_args.extend(PTXAS_FLAGS.iter().map(|s| s.to_string()));
+                            ptxas_args.extend(ptxas_extra.iter().cloned());
+                        }
+                        Output {
+                            target: t,
+                            image: out_dir.join(image_rel(&name, t.arch)),
+                            report: out_dir.join(report_rel(&name, t.arch)),
+                            ptxas_args,
+                        }
+                    })
+                    .collect();
+                let mut h = Fnv::new();
+                for o in &outputs {
+                    h.str(o.target.arch);
+                    for a in &o.ptxas_args {
+                        h.str(a);
+                    }
+                }
+                h.str(&nvrtc_headers_hash);
+                h.str(&nvcc.path.to_string_lossy());
+                h.str(&version_text);
+                for a in &args {
+                    h.str(a);
+                }
+                for v in ["NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN"] {
+                    h.str(&env::var(v).unwrap_or_default());
+                }
+                h.str(&headers_hash);
+                h.str(&src.to_string_lossy());
+                h.bytes(&fs::read(&src).unwrap_or_default());
+                sizes.push(fs::metadata(&src).map(|m| m.len()).unwrap_or(0));
+                jobs.push(Job {
+                    ptx: out.join(format!("{stem}.{va}.ptx")),
+                    stamp: out.join(format!("{stem}.{va}.stamp")),
+                    name: name.clone(),
+                    src: src.clone(),
+                    outputs,
+                    args,
+                    hash: h.finish(),
+                });
             }
-            let mut h = Fnv::new();
-            for a in &ptxas_args {
-                h.str(a);
-            }
-            h.str(&nvrtc_headers_hash);
-            h.str(&nvcc.path.to_string_lossy());
-            h.str(&version_text);
-            for a in &args {
-                h.str(a);
-            }
-            for v in ["NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN"] {
-                h.str(&env::var(v).unwrap_or_default());
-            }
-            h.str(&headers_hash);
-            h.str(&src.to_string_lossy());
-            h.bytes(&fs::read(&src).unwrap_or_default());
-            sizes.push(fs::metadata(&src).map(|m| m.len()).unwrap_or(0));
-            jobs.push(Job {
-                name: format!("{}/{stem}", t.dir),
-                arch: t.arch,
-                report: out.join(format!("{stem}.ptxas.txt")),
-                stamp: out.join(format!("{stem}.stamp")),
-                src,
-                cubin,
-                args,
-                ptxas_args,
-                hash: h.finish(),
-            });
         }
     }
-    // Arch folders with sources but no TARGETS row are not built: say so.
+    // Folders with sources but no FOLDERS row are not built: say so.
     if let Ok(rd) = fs::read_dir(&kernels_dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if e.path().is_dir()
-                && !TARGETS.iter().any(|t| t.dir == name)
+                && !FOLDERS.iter().any(|f| f.dir == name)
                 && !list_cu(&e.path()).is_empty()
             {
-                println!("cargo:warning=kernels/{name}/ has .cu files but no target in crates/mla-kernels/build.rs TARGETS: not built");
+                println!("cargo:warning=kernels/{name}/ has .cu files but no row in crates/mla-kernels/build.rs FOLDERS: not built");
             }
         }
     }
@@ -371,7 +457,7 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
         })
         .clamp(1, jobs.len().max(1));
     let queue = Mutex::new(order.into_iter());
-    let results: Vec<Mutex<Option<Result<Built, String>>>> =
+    let results: Vec<Mutex<Option<Result<Vec<Built>, String>>>> =
         jobs.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|s| {
         for _ in 0..workers {
@@ -391,7 +477,7 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
     let mut failures = Vec::new();
     for (job, r) in jobs.iter().zip(results) {
         match r.into_inner().unwrap().expect("every job ran") {
-            Ok(b) => built.push(b),
+            Ok(b) => built.extend(b),
             Err(out) => failures.push((job.name.clone(), out)),
         }
     }
@@ -635,95 +721,118 @@ fn nvcc_version(nvcc: &Path) -> Result<(String, String), String> {
     Ok((v, text))
 }
 
-fn compile(nvcc: &Path, job: &Job) -> Result<Built, String> {
+/// nvcc route: one nvcc run per target (`-cubin` with ptxas's report, or `-ptx`).
+fn compile(nvcc: &Path, job: &Job) -> Result<Vec<Built>, String> {
     if let Some(b) = cached(job) {
         return Ok(b);
     }
     let _ = fs::remove_file(&job.stamp);
-    let tmp = job.cubin.with_extension("cubin.tmp");
-    let out = Command::new(nvcc)
-        .args(&job.args)
-        .arg(&job.src)
-        .arg("-o")
-        .arg(&tmp)
-        .output()
-        .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        let _ = fs::remove_file(&tmp);
-        return Err(format!(
-            "$ {} {} {} -o {}\n{}",
-            nvcc.display(),
-            job.args.join(" "),
-            job.src.display(),
-            tmp.display(),
-            text
-        ));
+    let mut built = Vec::new();
+    for o in &job.outputs {
+        let t = o.target;
+        let tmp = o.image.with_extension("tmp");
+        let mut args: Vec<String> = if t.is_ptx() {
+            vec!["-ptx".into(), format!("-arch={}", t.virtual_arch)]
+        } else {
+            ["-gencode", &format!("arch={},code={}", t.virtual_arch, t.arch), "-cubin", "-Xptxas", "-v"].map(String::from).to_vec()
+        };
+        args.extend(job.args.iter().cloned());
+        let out = Command::new(nvcc)
+            .args(&args)
+            .arg(&job.src)
+            .arg("-o")
+            .arg(&tmp)
+            .output()
+            .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            let _ = fs::remove_file(&tmp);
+            return Err(format!("$ {} {} {} -o {}\n{}", nvcc.display(), args.join(" "), job.src.display(), tmp.display(), text));
+        }
+        fs::rename(&tmp, &o.image).map_err(|e| format!("moving {}: {e}", tmp.display()))?;
+        let (mut report, diagnostics) = split_output(&text);
+        if t.is_ptx() {
+            report = ptx_note(&job.name, t.arch);
+        }
+        built.push(finish_output(job, o, report, diagnostics));
     }
-    fs::rename(&tmp, &job.cubin).map_err(|e| format!("moving {}: {e}", tmp.display()))?;
-    let (report, diagnostics) = split_output(&text);
-    fs::write(&job.report, &report).unwrap();
-    fs::write(job.report.with_extension("diag"), diagnostics.join("\n")).unwrap();
     fs::write(&job.stamp, &job.hash).unwrap();
-    Ok(Built {
-        name: job.name.clone(),
-        arch: job.arch,
-        cubin: job.cubin.clone(),
-        report,
-        diagnostics,
-    })
+    Ok(built)
 }
 
-/// NVRTC route: the source to PTX in-process, then ptxas to the cubin (with its report).
-fn compile_nvrtc(nvrtc: &Nvrtc, ptxas: &Path, job: &Job) -> Result<Built, String> {
+/// NVRTC route: the source to PTX in-process (once for the job's virtual architecture),
+/// then ptxas to each cubin (with its report); a PTX target is that PTX.
+fn compile_nvrtc(nvrtc: &Nvrtc, ptxas: &Path, job: &Job) -> Result<Vec<Built>, String> {
     if let Some(b) = cached(job) {
         return Ok(b);
     }
     let _ = fs::remove_file(&job.stamp);
     let (ptx, log) = nvrtc.to_ptx(&job.src, &job.args)?;
-    let ptx_path = job.cubin.with_extension("ptx");
-    fs::write(&ptx_path, &ptx).map_err(|e| format!("writing {}: {e}", ptx_path.display()))?;
-    let tmp = job.cubin.with_extension("cubin.tmp");
-    let out = Command::new(ptxas)
-        .args(&job.ptxas_args)
-        .arg(&ptx_path)
-        .arg("-o")
-        .arg(&tmp)
-        .output()
-        .map_err(|e| format!("could not run {}: {e}", ptxas.display()))?;
-    let text = log + &String::from_utf8_lossy(&out.stdout) + &String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        let _ = fs::remove_file(&tmp);
-        return Err(format!(
-            "$ {} {} {} -o {}\n{}",
-            ptxas.display(),
-            job.ptxas_args.join(" "),
-            ptx_path.display(),
-            tmp.display(),
-            text
-        ));
+    fs::write(&job.ptx, &ptx).map_err(|e| format!("writing {}: {e}", job.ptx.display()))?;
+    let mut built = Vec::new();
+    for o in &job.outputs {
+        if o.target.is_ptx() {
+            debug_assert_eq!(o.image, job.ptx);
+            // NVRTC's warnings are shown with a cubin of the same PTX when there is one.
+            let diagnostics = if job.outputs.iter().all(|x| x.target.is_ptx()) { split_output(&log).1 } else { vec![] };
+            built.push(finish_output(job, o, ptx_note(&job.name, o.target.arch), diagnostics));
+            continue;
+        }
+        let tmp = o.image.with_extension("cubin.tmp");
+        let out = Command::new(ptxas)
+            .args(&o.ptxas_args)
+            .arg(&job.ptx)
+            .arg("-o")
+            .arg(&tmp)
+            .output()
+            .map_err(|e| format!("could not run {}: {e}", ptxas.display()))?;
+        let text = log.clone() + &String::from_utf8_lossy(&out.stdout) + &String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            let _ = fs::remove_file(&tmp);
+            return Err(format!(
+                "$ {} {} {} -o {}\n{}",
+                ptxas.display(),
+                o.ptxas_args.join(" "),
+                job.ptx.display(),
+                tmp.display(),
+                text
+            ));
+        }
+        fs::rename(&tmp, &o.image).map_err(|e| format!("moving {}: {e}", tmp.display()))?;
+        let (report, diagnostics) = split_output(&text);
+        built.push(finish_output(job, o, report, diagnostics));
     }
-    fs::rename(&tmp, &job.cubin).map_err(|e| format!("moving {}: {e}", tmp.display()))?;
-    let (report, diagnostics) = split_output(&text);
-    fs::write(&job.report, &report).unwrap();
-    fs::write(job.report.with_extension("diag"), diagnostics.join("\n")).unwrap();
     fs::write(&job.stamp, &job.hash).unwrap();
-    Ok(Built { name: job.name.clone(), arch: job.arch, cubin: job.cubin.clone(), report, diagnostics })
+    Ok(built)
 }
 
-/// A module compiled earlier from the same inputs.
-fn cached(job: &Job) -> Option<Built> {
+/// Writes an output's report and diagnostics next to it.
+fn finish_output(job: &Job, o: &Output, report: String, diagnostics: Vec<String>) -> Built {
+    fs::write(&o.report, &report).unwrap();
+    fs::write(o.report.with_extension("diag"), diagnostics.join("\n")).unwrap();
+    Built { name: job.name.clone(), arch: o.target.arch, image: o.image.clone(), report, diagnostics }
+}
+
+/// A job compiled earlier from the same inputs.
+fn cached(job: &Job) -> Option<Vec<Built>> {
     let stamp = fs::read_to_string(&job.stamp).ok()?;
-    if stamp.trim() != job.hash || !job.cubin.is_file() {
+    if stamp.trim() != job.hash {
         return None;
     }
-    let report = fs::read_to_string(&job.report).ok()?;
-    // Warnings of a cached module are shown again on every run of this script.
-    let diagnostics = fs::read_to_string(job.report.with_extension("diag"))
-        .map(|d| d.lines().filter(|l| !l.is_empty()).map(String::from).collect())
-        .unwrap_or_default();
-    Some(Built { name: job.name.clone(), arch: job.arch, cubin: job.cubin.clone(), report, diagnostics })
+    job.outputs
+        .iter()
+        .map(|o| {
+            if !o.image.is_file() {
+                return None;
+            }
+            let report = fs::read_to_string(&o.report).ok()?;
+            // Warnings of a cached module are shown again on every run of this script.
+            let diagnostics = fs::read_to_string(o.report.with_extension("diag"))
+                .map(|d| d.lines().filter(|l| !l.is_empty()).map(String::from).collect())
+                .unwrap_or_default();
+            Some(Built { name: job.name.clone(), arch: o.target.arch, image: o.image.clone(), report, diagnostics })
+        })
+        .collect()
 }
 
 /// Splits nvcc's output into ptxas's resource report (without the run-dependent
@@ -955,10 +1064,10 @@ fn write_registry(out_dir: &Path, built: &[Built], reason: &str, version: &str, 
     for b in built {
         writeln!(
             s,
-            "    Module {{ name: {:?}, arch: {:?}, cubin: include_bytes!({:?}), resource_report: {:?} }},",
+            "    Module {{ name: {:?}, arch: {:?}, image: include_bytes!({:?}), resource_report: {:?} }},",
             b.name,
             b.arch,
-            b.cubin.to_string_lossy(),
+            b.image.to_string_lossy(),
             b.report
         )
         .unwrap();
@@ -1006,7 +1115,8 @@ fn load_prebuilt(dir: &Path, sources: &str) -> Result<Prebuilt, String> {
             "version" => p.version = v.to_string(),
             "module" => {
                 let (name, arch) = v.split_once(' ').ok_or_else(|| format!("bad manifest line '{line}'"))?;
-                let t = TARGETS.iter().find(|t| t.arch == arch).ok_or_else(|| format!("unknown arch {arch}"))?;
+                let folder = FOLDERS.iter().find(|f| name.split('/').next() == Some(f.dir)).ok_or_else(|| format!("module {name} is in no folder of FOLDERS"))?;
+                let t = folder.targets.iter().find(|t| t.arch == arch).ok_or_else(|| format!("{name}: {arch} is not a target of kernels/{}", folder.dir))?;
                 p.modules.push((name.to_string(), t.arch));
             }
             _ => {}
@@ -1018,10 +1128,21 @@ fn load_prebuilt(dir: &Path, sources: &str) -> Result<Prebuilt, String> {
     if p.modules.is_empty() {
         return Err("the manifest lists no module".into());
     }
-    for (name, _) in &p.modules {
-        for ext in ["cubin", "ptxas.txt"] {
-            if !dir.join(format!("{name}.{ext}")).is_file() {
-                return Err(format!("{name}.{ext} is missing"));
+    for (name, arch) in &p.modules {
+        for f in [image_rel(name, arch), report_rel(name, arch)] {
+            if !dir.join(&f).is_file() {
+                return Err(format!("{f} is missing"));
+            }
+        }
+    }
+    // Every target of the table, or the packaged crate would lack one.
+    for folder in FOLDERS {
+        let names: std::collections::BTreeSet<&str> = p.modules.iter().map(|(n, _)| n.as_str()).filter(|n| n.split('/').next() == Some(folder.dir)).collect();
+        for n in names {
+            for t in folder.targets {
+                if !p.modules.iter().any(|(m, a)| m == n && *a == t.arch) {
+                    return Err(format!("{n} has no {} build", t.arch));
+                }
             }
         }
     }
@@ -1033,14 +1154,14 @@ fn load_prebuilt(dir: &Path, sources: &str) -> Result<Prebuilt, String> {
 fn use_prebuilt(out_dir: &Path, p: &Prebuilt, sources: &str) {
     let mut built = Vec::new();
     for (name, arch) in &p.modules {
-        let cubin = out_dir.join(format!("{name}.cubin"));
-        fs::create_dir_all(cubin.parent().unwrap()).unwrap();
-        let bytes = fs::read(p.dir.join(format!("{name}.cubin"))).unwrap();
-        if fs::read(&cubin).ok().as_deref() != Some(&bytes[..]) {
-            fs::write(&cubin, &bytes).unwrap();
+        let image = out_dir.join(image_rel(name, arch));
+        fs::create_dir_all(image.parent().unwrap()).unwrap();
+        let bytes = fs::read(p.dir.join(image_rel(name, arch))).unwrap();
+        if fs::read(&image).ok().as_deref() != Some(&bytes[..]) {
+            fs::write(&image, &bytes).unwrap();
         }
-        let report = fs::read_to_string(p.dir.join(format!("{name}.ptxas.txt"))).unwrap();
-        built.push(Built { name: name.clone(), arch, cubin, report, diagnostics: vec![] });
+        let report = fs::read_to_string(p.dir.join(report_rel(name, arch))).unwrap();
+        built.push(Built { name: name.clone(), arch, image, report, diagnostics: vec![] });
     }
     println!("cargo:available=1");
     println!("cargo:nvcc_version={}", p.version);

@@ -4,13 +4,9 @@
 #pragma once
 #include <stdint.h>
 
-namespace mla {
+#include "mla_tma_map.cuh"
 
-// A CUtensorMap, encoded on the host (crates/mla-core/src/gpu/tma.rs) and passed by value
-// inside a __grid_constant__ parameter block. 64-byte alignment is what the TMA unit needs.
-struct alignas(64) TmaMap {
-    uint64_t opaque[16];
-};
+namespace mla {
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");

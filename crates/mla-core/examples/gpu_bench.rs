@@ -9,6 +9,7 @@
 //! Inputs are random (never zeros), generated on the device; block tables map each
 //! sequence to its own blocks; the cache is far larger than L2 for every grid shape.
 //! `--device cpu` runs the same FlashMLA suite on the CPU backend (slow: hours).
+//! `MLA_FORCE_PORTABLE=1` runs the portable kernels (on Hopper: the compute_80 PTX).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -39,7 +40,8 @@ fn main() -> mla_core::Result<()> {
     let info = dev.info();
     let ceiling = copy_ceiling_gbps(&dev)?;
     let what = if dev.is_cuda() { "1 GiB device-to-device" } else { "256 MiB host memcpy" };
-    println!("device: {} ({} SMs); copy ceiling {:.0} GB/s ({what}, read + write)", info.name, info.multiprocessors, ceiling);
+    let path = info.kernel_path.map(|p| format!(", kernel path {p}")).unwrap_or_default();
+    println!("device: {} ({} SMs{path}); copy ceiling {:.0} GB/s ({what}, read + write)", info.name, info.multiprocessors, ceiling);
     let mut csv = String::from("tag,b,s_q,mean_sk,h_q,varlen,ms,gbps,tflops,pct_copy_ceiling,floor_ms,anchor_ms,speedup\n");
     println!(
         "{:<10} {:>4} {:>3} {:>6} {:>4} {:>3} {:>9} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7}",

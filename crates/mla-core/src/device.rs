@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::error::{MlaError, Result};
 use crate::gpu::{self, GpuDevice, PoolStats};
 
+pub use crate::gpu::path::KernelPath;
 pub use crate::gpu::StepId;
 
 /// See [`Device::memory_stats`].
@@ -23,7 +24,7 @@ pub struct MemoryStats {
 pub enum Device {
     /// The multi-threaded CPU backend (host memory).
     Cpu,
-    /// One CUDA device (sm_90a kernels).
+    /// One CUDA device (compute capability 8.0 or newer; see [`KernelPath`]).
     Cuda(Arc<GpuDevice>),
 }
 
@@ -35,6 +36,8 @@ pub struct DeviceInfo {
     pub ordinal: usize,
     /// (major, minor); (0, 0) on the CPU backend.
     pub compute_capability: (i32, i32),
+    /// The kernels a CUDA device runs; `None` on the CPU backend.
+    pub kernel_path: Option<KernelPath>,
     /// Multiprocessors on CUDA; worker threads on the CPU backend.
     pub multiprocessors: usize,
     pub total_memory: u64,
@@ -45,12 +48,26 @@ impl Device {
         Device::Cpu
     }
 
-    /// Opens CUDA device `ordinal`. Fails with `ERR_GPU_UNAVAILABLE` (no driver, no such
-    /// device, not sm_90), `ERR_DRIVER_TOO_OLD` (a driver older than CUDA 12.0) or
-    /// `ERR_KERNELS_UNAVAILABLE` (built without a CUDA compiler): never falls back to the
-    /// CPU silently.
+    /// Opens CUDA device `ordinal`, on the kernel path its compute capability gives (Hopper
+    /// on 9.0, the portable kernels on 8.x, 10.x, 12.x; `MLA_FORCE_PORTABLE=1` forces the
+    /// portable ones). Fails with `ERR_GPU_UNAVAILABLE` (no driver, no such device,
+    /// compute capability below 8.0), `ERR_DRIVER_TOO_OLD` (a driver older than CUDA 12.0,
+    /// or older than the kernel compiler where the PTX must be JIT-compiled) or
+    /// `ERR_KERNELS_UNAVAILABLE` (built without a CUDA compiler, or without kernels for this
+    /// device): never falls back to the CPU silently.
     pub fn cuda(ordinal: usize) -> Result<Device> {
         Ok(Device::Cuda(GpuDevice::open(ordinal)?))
+    }
+
+    /// [`Device::cuda`] with options, e.g. the portable kernels on a Hopper card:
+    ///
+    /// ```no_run
+    /// # use mla_core::{Device, DeviceOptions};
+    /// let dev = Device::cuda_with(0, DeviceOptions { force_portable: true, ..Default::default() })?;
+    /// # Ok::<(), mla_core::MlaError>(())
+    /// ```
+    pub fn cuda_with(ordinal: usize, opts: DeviceOptions) -> Result<Device> {
+        Ok(Device::Cuda(GpuDevice::open_with(ordinal, &opts)?))
     }
 
     /// CUDA device 0 when it is usable, else the CPU backend.
@@ -76,6 +93,7 @@ impl Device {
                 name: format!("CPU backend ({} threads)", rayon::current_num_threads()),
                 ordinal: 0,
                 compute_capability: (0, 0),
+                kernel_path: None,
                 multiprocessors: rayon::current_num_threads(),
                 total_memory: 0,
             },
@@ -235,15 +253,47 @@ impl std::fmt::Debug for Device {
 /// and later on Linux), and the driver API calls are bound at the CUDA 12.0 level.
 pub const MIN_DRIVER_CUDA_VERSION: (i32, i32) = (12, 0);
 
+/// How [`Device::cuda_with`] opens a device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceOptions {
+    /// The portable kernels even where the Hopper ones would run (what `MLA_FORCE_PORTABLE=1`
+    /// does): a cubin of the device's architecture when the build has one, else the
+    /// compute_80 PTX (on Hopper: the PTX, JIT-compiled at open).
+    pub force_portable: bool,
+    /// Exactly this path, or a typed error when the device or the build cannot run it;
+    /// takes precedence over `force_portable` and `MLA_FORCE_PORTABLE`.
+    pub kernel_path: Option<KernelPath>,
+}
+
+/// One visible CUDA device in [`GpuStatus`].
+#[derive(Debug, Clone)]
+pub struct GpuDeviceStatus {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    /// The path [`Device::cuda`] would open it on (`MLA_FORCE_PORTABLE` included); `None`
+    /// when it cannot be opened, with `reason` saying why.
+    pub kernel_path: Option<KernelPath>,
+    /// The target of the modules it would load (`sm_90a`, `sm_86`, `compute_80`).
+    pub kernel_target: Option<&'static str>,
+    pub reason: Option<String>,
+}
+
 /// Whether a CUDA GPU can be used, and why not.
 #[derive(Debug, Clone)]
 pub struct GpuStatus {
+    /// A visible device can be opened (it has a kernel path) and this build has kernels.
     pub available: bool,
     pub device_count: usize,
     pub kernels_built: bool,
     /// The compiler that built the kernels (e.g. `NVRTC 12.9 + ptxas 12.9.86 (repo .cuda)`);
     /// empty when none were built.
     pub kernels_compiler: &'static str,
+    /// The embedded targets: cubins (`sm_80`, `sm_86`, `sm_89`, `sm_90a`, `sm_120`) and PTX
+    /// (`compute_80`); empty without kernels.
+    pub kernel_targets: Vec<&'static str>,
+    /// Every visible device and the path it would use.
+    pub devices: Vec<GpuDeviceStatus>,
     /// The CUDA version the installed driver supports (cuDriverGetVersion), as (major,
     /// minor); `None` without a driver. Below [`MIN_DRIVER_CUDA_VERSION`] the GPU path
     /// reports `ERR_DRIVER_TOO_OLD`.

@@ -20,9 +20,10 @@ pub enum ErrorCode {
     CacheExhausted,
     /// A sequence id that the cache does not know (freed or never created).
     UnknownSequence,
-    /// No usable CUDA GPU (no driver, no device, or not compute capability 9.0).
+    /// No usable CUDA GPU (no driver, no device, or a compute capability below 8.0).
     GpuUnavailable,
-    /// This build carries no GPU kernels (no CUDA compiler at build time).
+    /// This build carries no GPU kernels (no CUDA compiler at build time), or none for this
+    /// device or the kernel path asked for.
     KernelsUnavailable,
     /// The CUDA driver is older than the kernels need (see
     /// [`crate::device::MIN_DRIVER_CUDA_VERSION`]); the message names both versions.

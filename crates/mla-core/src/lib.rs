@@ -33,7 +33,7 @@ pub mod validate;
 
 pub use cache::{KvCache, KvCacheConfig, SeqId, BLOCK_TABLE_PAD};
 pub use decode::{decode, DecodeOptions, DecodeOutput};
-pub use device::{Device, DeviceInfo, MemoryStats, StepId};
+pub use device::{Device, DeviceInfo, DeviceOptions, KernelPath, MemoryStats, StepId};
 pub use dtype::DType;
 pub use error::{ErrorCode, MlaError, Result};
 pub use plan::{plan, Plan, SharedPlan};

@@ -5,7 +5,7 @@
 //! blocks costs `n + SPLIT_FIXED_COST` (the fixed cost of a split: loading q, writing a
 //! partial result, merging it). A sequence cut into several segments is merged by the
 //! combine pass. The result depends only on `cache_seqlens` and the part count, and the
-//! GPU kernel (`kernels/sm90/mla_plan.cu`) computes exactly [`host_plan`] on the device.
+//! GPU kernel (`kernels/common/mla_plan.cu`) computes exactly [`host_plan`] on the device.
 //!
 //! Layout (int32): `metadata[num_parts][8]` = begin_seq, begin_block, end_seq, end_block
 //! (exclusive, within end_seq), the split index within begin_seq of the part's first

@@ -14,18 +14,7 @@ use mla_core::gpu::util::fill_random;
 use mla_core::plan::{host_plan, replan_on};
 use mla_core::{decode, plan, DType, DecodeOptions, Device, ErrorCode, Tensor, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
-fn gpu(test: &str) -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            if std::env::var("MLA_TEST_DEVICE").as_deref() == Ok("cuda") {
-                panic!("MLA_TEST_DEVICE=cuda but no usable GPU: {e}");
-            }
-            println!("SKIPPED {test} (no GPU: {e})");
-            None
-        }
-    }
-}
+use common::gpu;
 
 /// Runs `case` on `dev` with outputs poisoned (0xFF bytes: NaN) before the run.
 fn run_on(dev: &Device, inp: &Inputs, causal: bool) -> (Vec<f32>, Vec<f32>) {
@@ -276,6 +265,42 @@ fn one_device_per_ordinal() {
         (Device::Cuda(x), Device::Cuda(y)) => assert!(Arc::ptr_eq(x, y)),
         _ => unreachable!(),
     }
+}
+
+/// The device runs the path its compute capability and MLA_FORCE_PORTABLE give, gpuStatus()
+/// says the same, and a conflicting explicit request is refused while it is open.
+#[test]
+fn kernel_path_follows_the_device_and_the_request() {
+    use mla_core::gpu::path::{select_for_build, Request};
+    use mla_core::{DeviceOptions, KernelPath};
+    let Some(dev) = gpu("kernel_path_follows_the_device_and_the_request") else { return };
+    let info = dev.info();
+    let req = Request::from_env_value(std::env::var("MLA_FORCE_PORTABLE").ok().as_deref()).unwrap();
+    let want = select_for_build(info.compute_capability, req, mla_core::gpu::driver_version()).unwrap();
+    assert_eq!(info.kernel_path, Some(want.path), "{info:?}");
+    let Device::Cuda(g) = &dev else { unreachable!() };
+    assert_eq!(g.kernel_target(), want.target);
+    if info.compute_capability == (9, 0) {
+        let forced = req != Request::Auto;
+        assert_eq!(want.path, if forced { KernelPath::PortablePtx } else { KernelPath::Hopper });
+        // The H200 lets a block have 227 KiB: the PTX's 32-row tiles run there.
+        if forced {
+            assert_eq!(g.portable_max_tile(), 32);
+        }
+    }
+    let s = mla_core::device::gpu_status();
+    assert!(s.available, "{s:?}");
+    assert_eq!(s.devices[0].kernel_path, info.kernel_path, "{s:?}");
+    assert!(s.kernel_targets.contains(&want.target), "{s:?}");
+    let other = if want.path == KernelPath::Hopper { KernelPath::PortablePtx } else { KernelPath::Hopper };
+    if select_for_build(info.compute_capability, Request::Exact(other), None).is_ok() {
+        let e = Device::cuda_with(0, DeviceOptions { kernel_path: Some(other), ..Default::default() }).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+        assert!(e.message.contains(want.path.as_str()) && e.message.contains(other.as_str()), "{e}");
+    }
+    // The same request again shares the open device.
+    let again = Device::cuda_with(0, DeviceOptions { kernel_path: Some(want.path), ..Default::default() }).unwrap();
+    assert!(again.same(&dev));
 }
 
 /// Steps run from several threads at once: each error reaches the step that caused it.

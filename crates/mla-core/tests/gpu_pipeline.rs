@@ -13,18 +13,7 @@ use common::{Case, Inputs, Rng};
 use mla_core::decode::decode_into;
 use mla_core::{plan, DType, DecodeOptions, Device, Tensor, HEAD_DIM_V};
 
-fn gpu(test: &str) -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            if std::env::var("MLA_TEST_DEVICE").as_deref() == Ok("cuda") {
-                panic!("MLA_TEST_DEVICE=cuda but no usable GPU: {e}");
-            }
-            println!("SKIPPED {test} (no GPU: {e})");
-            None
-        }
-    }
-}
+use common::gpu;
 
 fn check(dev: &Device, case: Case, rng: &mut Rng) {
     let inp = Inputs::random(case.clone(), rng.below(2) == 1, rng);

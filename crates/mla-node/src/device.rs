@@ -18,7 +18,33 @@ pub struct GpuStatus {
     pub kernels_compiler: Option<String>,
     /// [major, minor] CUDA version of the driver; None without a driver.
     pub driver_version: Option<Vec<i32>>,
+    /// The embedded kernel targets: cubins ("sm_80", ..., "sm_120") and PTX ("compute_80").
+    pub kernel_targets: Vec<String>,
+    /// Every visible CUDA device and the kernel path it would use.
+    pub devices: Vec<GpuDeviceStatus>,
     pub reason: Option<String>,
+}
+
+/// One visible CUDA device (`mla_core::device::GpuDeviceStatus`).
+#[napi(object)]
+pub struct GpuDeviceStatus {
+    pub ordinal: u32,
+    pub name: String,
+    pub compute_capability: Vec<i32>,
+    /// "hopper", "portable" or "portable-ptx"; None when the device cannot be opened.
+    pub kernel_path: Option<String>,
+    /// "sm_90a", "sm_86", "compute_80", ...
+    pub kernel_target: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Options of `Device.open` (native side of `DeviceOpenOptions` in index.ts).
+#[napi(object)]
+pub struct DeviceOpenOptions {
+    /// The portable kernels even on Hopper (as MLA_FORCE_PORTABLE=1).
+    pub portable: Option<bool>,
+    /// Exactly this path: "hopper", "portable" or "portable-ptx".
+    pub kernel_path: Option<String>,
 }
 
 /// `mla_core::device::gpu_status()`.
@@ -31,6 +57,19 @@ pub fn gpu_status() -> Result<GpuStatus> {
         kernels_built: s.kernels_built,
         kernels_compiler: Some(s.kernels_compiler.to_string()).filter(|c| !c.is_empty()),
         driver_version: s.driver_version.map(|(a, b)| vec![a, b]),
+        kernel_targets: s.kernel_targets.iter().map(|t| t.to_string()).collect(),
+        devices: s
+            .devices
+            .into_iter()
+            .map(|d| GpuDeviceStatus {
+                ordinal: d.ordinal as u32,
+                name: d.name,
+                compute_capability: vec![d.compute_capability.0, d.compute_capability.1],
+                kernel_path: d.kernel_path.map(|p| p.as_str().to_string()),
+                kernel_target: d.kernel_target.map(String::from),
+                reason: d.reason,
+            })
+            .collect(),
         reason: s.reason,
     })
 }
@@ -42,6 +81,8 @@ pub struct DeviceInfo {
     pub ordinal: u32,
     /// [major, minor]; [0, 0] on the CPU backend.
     pub compute_capability: Vec<i32>,
+    /// "hopper", "portable" or "portable-ptx" on CUDA; None on the CPU backend.
+    pub kernel_path: Option<String>,
     /// Multiprocessors on CUDA; worker threads on the CPU backend.
     pub multiprocessors: u32,
     /// Bytes of device memory (0 on the CPU backend).
@@ -96,18 +137,41 @@ impl Device {
     /// Opens a device: "auto" (CUDA device 0 when usable, else the CPU backend), "cpu",
     /// "cuda" (device 0) or "cuda:N". Asking for CUDA never falls back to the CPU: it
     /// throws ERR_GPU_UNAVAILABLE or ERR_KERNELS_UNAVAILABLE.
+    /// `options` (CUDA only): `portable` forces the portable kernels, `kernelPath` asks for
+    /// exactly one path.
     #[napi(factory)]
-    pub fn open(spec: Option<String>) -> Result<Device> {
+    pub fn open(spec: Option<String>, options: Option<DeviceOpenOptions>) -> Result<Device> {
         let spec = spec.unwrap_or_else(|| "auto".to_string());
+        let mut opts = mla_core::DeviceOptions::default();
+        if let Some(o) = options {
+            opts.force_portable = o.portable.unwrap_or(false);
+            if let Some(p) = o.kernel_path {
+                opts.kernel_path = Some(mla_core::KernelPath::parse(&p).ok_or_else(|| {
+                    err(
+                        ErrorCode::InvalidArgument,
+                        format!("kernelPath: expected 'hopper', 'portable' or 'portable-ptx', got '{p}'"),
+                    )
+                })?);
+            }
+        }
+        let asked = opts != mla_core::DeviceOptions::default();
         let d = match spec.as_str() {
+            // Options name CUDA kernels: 'auto' with options must not quietly open the CPU.
+            "auto" if asked => core(|| mla_core::Device::cuda_with(0, opts))?,
             "auto" => core(|| Ok(mla_core::Device::best()))?,
+            "cpu" if asked => {
+                return Err(err(
+                    ErrorCode::InvalidArgument,
+                    "options: portable / kernelPath choose CUDA kernels; the 'cpu' device has none".to_string(),
+                ))
+            }
             "cpu" => mla_core::Device::cpu(),
-            "cuda" => core(|| mla_core::Device::cuda(0))?,
+            "cuda" => core(|| mla_core::Device::cuda_with(0, opts))?,
             s => match s
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse::<usize>().ok())
             {
-                Some(n) => core(|| mla_core::Device::cuda(n))?,
+                Some(n) => core(|| mla_core::Device::cuda_with(n, opts))?,
                 None => {
                     return Err(err(
                         ErrorCode::InvalidArgument,
@@ -133,6 +197,7 @@ impl Device {
             name: i.name,
             ordinal: i.ordinal as u32,
             compute_capability: vec![i.compute_capability.0, i.compute_capability.1],
+            kernel_path: i.kernel_path.map(|p| p.as_str().to_string()),
             multiprocessors: i.multiprocessors as u32,
             total_memory: i.total_memory as f64,
         })

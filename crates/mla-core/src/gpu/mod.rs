@@ -1,4 +1,5 @@
-//! The CUDA runtime: device discovery, memory, streams and the embedded sm_90a kernels.
+//! The CUDA runtime: device discovery, memory, streams and the embedded kernels (sm_90a for
+//! Hopper, the portable path's cubins and compute_80 PTX for every other GPU from sm_80 on).
 //!
 //! libcuda is loaded at run time (cudarc's dynamic loading), and only after checking that
 //! it exists, so a process on a machine without a driver gets `ERR_GPU_UNAVAILABLE`
@@ -11,6 +12,8 @@ pub mod ops;
 pub mod util;
 pub mod launch;
 pub mod params;
+pub mod path;
+pub mod portable;
 pub mod tma;
 pub mod tma_cache;
 
@@ -26,7 +29,8 @@ use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream};
 pub(crate) use buffer::{MemCtx, PinnedBuf};
 pub use buffer::{DeviceBuffer, PoolStats, StagePart};
 
-use crate::device::{DeviceInfo, GpuStatus, MIN_DRIVER_CUDA_VERSION};
+use crate::device::{DeviceInfo, DeviceOptions, GpuDeviceStatus, GpuStatus, MIN_DRIVER_CUDA_VERSION};
+use path::{KernelPath, PathChoice, Request};
 use crate::error::{ErrorCode, MlaError, Result};
 
 struct Driver {
@@ -102,20 +106,72 @@ pub fn status() -> GpuStatus {
     if reason.is_none() && !kernels_built {
         reason = Some(format!("this build has no GPU kernels: {}", mla_kernels::UNAVAILABLE_REASON));
     }
+    // Per device, the path Device::cuda(ordinal) would take (MLA_FORCE_PORTABLE included),
+    // from its attributes alone: no context is created.
+    let req = Request::from_env_value(std::env::var("MLA_FORCE_PORTABLE").ok().as_deref());
+    let devices: Vec<GpuDeviceStatus> = (0..count).map(|i| device_status(i, req.clone())).collect();
+    if reason.is_none() && !devices.iter().any(|d| d.kernel_path.is_some()) {
+        reason = devices.first().and_then(|d| d.reason.clone());
+    }
     GpuStatus {
         available: reason.is_none(),
         device_count: count,
         kernels_built,
         kernels_compiler: mla_kernels::COMPILER,
+        kernel_targets: mla_kernels::targets(),
         driver_version: driver_version(),
+        devices,
         reason,
     }
+}
+
+/// A device's name and compute capability, without a context.
+fn probe_device(ordinal: usize) -> Result<(String, (i32, i32))> {
+    let dev = result::device::get(ordinal as i32)?;
+    // SAFETY: reads two ints of a valid device handle.
+    let attr = |a| unsafe { result::device::get_attribute(dev, a) };
+    let cc = (
+        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+    );
+    Ok((result::device::get_name(dev)?, cc))
+}
+
+fn device_status(ordinal: usize, req: Result<Request>) -> GpuDeviceStatus {
+    let (name, cc, choice) = match probe_device(ordinal) {
+        Ok((name, cc)) => (name, cc, req.and_then(|r| path::select_for_build(cc, r, driver_version()))),
+        Err(e) => (String::new(), (0, 0), Err(e)),
+    };
+    GpuDeviceStatus {
+        ordinal,
+        name,
+        compute_capability: cc,
+        kernel_path: choice.as_ref().ok().map(|c| c.path),
+        kernel_target: choice.as_ref().ok().map(|c| c.target),
+        reason: choice.err().map(|e| format!("{}: {}", e.code.as_str(), e.message)),
+    }
+}
+
+/// The request of `opts`: its own path or force, else MLA_FORCE_PORTABLE.
+fn request_of(opts: &DeviceOptions) -> Result<Request> {
+    if let Some(p) = opts.kernel_path {
+        return Ok(Request::Exact(p));
+    }
+    if opts.force_portable {
+        return Ok(Request::Portable);
+    }
+    Request::from_env_value(std::env::var("MLA_FORCE_PORTABLE").ok().as_deref())
 }
 
 /// One opened CUDA device: its primary context, a default stream, the loaded kernels, its
 /// memory (pool, staging ring, events) and the log of enqueued steps with their error flags.
 pub struct GpuDevice {
     ordinal: usize,
+    /// The kernels this device runs, and the target of the modules it loaded.
+    choice: PathChoice,
+    /// Largest row tile of the portable decode here: 32 where the loaded build has it and
+    /// the device lets a block have its shared memory, else 16.
+    portable_max_tile: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
@@ -139,17 +195,37 @@ static OPEN: Mutex<Vec<(usize, std::sync::Weak<GpuDevice>)>> = Mutex::new(Vec::n
 impl GpuDevice {
     /// The device `ordinal`, opened on first use and shared while any handle lives.
     pub fn open(ordinal: usize) -> Result<Arc<GpuDevice>> {
+        GpuDevice::open_with(ordinal, &DeviceOptions::default())
+    }
+
+    /// [`GpuDevice::open`] with options (the kernel path). A device runs one path per
+    /// process: asking for another one while it is open is an error; a request without
+    /// any (no option, MLA_FORCE_PORTABLE unset) shares the open device whatever its path.
+    pub fn open_with(ordinal: usize, opts: &DeviceOptions) -> Result<Arc<GpuDevice>> {
+        let req = request_of(opts)?;
         let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|(_, w)| w.strong_count() > 0);
         if let Some(g) = open.iter().find(|(o, _)| *o == ordinal).and_then(|(_, w)| w.upgrade()) {
+            if req != Request::Auto {
+                let want = path::select_for_build(g.info.compute_capability, req, driver_version())?;
+                if want.path != g.choice.path {
+                    return Err(MlaError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "device cuda:{ordinal} is open with kernel path '{}' in this process; '{}' was asked for (a device runs one path: dispose of every handle and tensor of it first)",
+                            g.choice.path, want.path
+                        ),
+                    ));
+                }
+            }
             return Ok(g);
         }
-        let g = GpuDevice::create(ordinal)?;
+        let g = GpuDevice::create(ordinal, req)?;
         open.push((ordinal, Arc::downgrade(&g)));
         Ok(g)
     }
 
-    fn create(ordinal: usize) -> Result<Arc<GpuDevice>> {
+    fn create(ordinal: usize, req: Request) -> Result<Arc<GpuDevice>> {
         let count = device_count()?;
         if ordinal >= count {
             return Err(MlaError::arg(ErrorCode::GpuUnavailable, "device", format!("an ordinal below {count}"), ordinal));
@@ -160,37 +236,49 @@ impl GpuDevice {
                 format!("this build has no GPU kernels: {}", mla_kernels::UNAVAILABLE_REASON),
             ));
         }
+        // The path first, from the device's attributes: a device that cannot run any is
+        // refused before a context exists.
+        let (_, cc) = probe_device(ordinal)?;
+        let choice = path::select_for_build(cc, req, driver_version())?;
         let ctx = CudaContext::new(ordinal)?;
         // Buffers here are raw allocations ordered on our own streams.
         unsafe { ctx.disable_event_tracking() };
-        let cc = ctx.compute_capability()?;
-        if cc != (9, 0) {
-            return Err(MlaError::arg(
-                ErrorCode::GpuUnavailable,
-                "device compute capability",
-                "9.0 (Hopper: the kernels are sm_90a)",
-                format!("{}.{}", cc.0, cc.1),
-            ));
-        }
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let info = DeviceInfo {
             kind: "cuda",
             name: ctx.name()?,
             ordinal,
             compute_capability: cc,
+            kernel_path: Some(choice.path),
             multiprocessors: sms,
             total_memory: ctx.total_mem()? as u64,
         };
         let stream = ctx.new_stream()?;
-        let kernels = kernels::Kernels::load(&ctx)?;
+        let kernels = kernels::Kernels::load(&ctx, choice.target, choice.path.folders())?;
+        let portable_max_tile = match choice.path {
+            KernelPath::Hopper => 0,
+            _ => portable_tile(&ctx, &kernels)?,
+        };
         let mem = MemCtx::new(&ctx, &stream, ordinal)?;
         let steps = StepLog::new(&mem)?;
         stream.synchronize()?;
-        Ok(Arc::new(GpuDevice { ordinal, ctx, stream, info, kernels, mem, steps }))
+        Ok(Arc::new(GpuDevice { ordinal, choice, portable_max_tile, ctx, stream, info, kernels, mem, steps }))
     }
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+    /// The kernels this device runs.
+    pub fn kernel_path(&self) -> KernelPath {
+        self.choice.path
+    }
+    /// The target of the loaded modules (`sm_90a`, `sm_86`, `compute_80`).
+    pub fn kernel_target(&self) -> &'static str {
+        self.choice.target
+    }
+    /// Largest row tile of the portable decode on this device (16 or 32; 0 on Hopper).
+    pub fn portable_max_tile(&self) -> usize {
+        self.portable_max_tile
     }
     pub fn info(&self) -> &DeviceInfo {
         &self.info
@@ -525,6 +613,24 @@ impl GpuDevice {
     pub fn step_flags_mapped(&self) -> bool {
         self.steps.mapped()
     }
+}
+
+/// The largest portable decode tile the loaded modules have and the device can run: a
+/// block's shared memory (the opt-in limit) must hold it. 16-row tiles fit every part from
+/// sm_80 on; a device where even they do not is refused, typed, at open.
+fn portable_tile(ctx: &Arc<CudaContext>, kernels: &kernels::Kernels) -> Result<usize> {
+    let optin = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+    let need16 = portable::smem_bytes(16);
+    if optin < need16 {
+        return Err(MlaError::arg(
+            ErrorCode::GpuUnavailable,
+            "device shared memory per block",
+            format!("at least {need16} bytes (the portable decode's 16-row tile)"),
+            format!("{optin} bytes"),
+        ));
+    }
+    let m32 = kernels.has_function("portable/mla_decode", "mla_decode_bf16_m32") && optin >= portable::smem_bytes(32);
+    Ok(if m32 { 32 } else { 16 })
 }
 
 /// How a harvest waits.

@@ -6,6 +6,7 @@ use cudarc::driver::CudaStream;
 
 use super::launch::{launch, LaunchDims};
 use super::params::{MlaCombineParams, MlaDecodeParams, MlaPlanParams};
+use super::path::KernelPath;
 // Tensor maps through the per-thread cache (gpu/tma_cache.rs: same functions as tma.rs).
 use super::tma_cache as tma;
 use super::GpuDevice;
@@ -32,7 +33,7 @@ fn pick_stream<'a>(g: &'a GpuDevice, s: &'a Option<Arc<CudaStream>>) -> &'a Arc<
 
 /// Enqueues the plan kernel: metadata and num_splits from device-resident lengths.
 pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Option<Arc<CudaStream>>, max_seqlen: i32) -> Result<()> {
-    let f = g.kernels().function("sm90/mla_plan", "mla_plan_kernel", 0)?;
+    let f = g.kernels().function("common/mla_plan", "mla_plan_kernel", 0)?;
     let ws = plan.workspace.as_ref().expect("a CUDA plan has a workspace");
     let p = MlaPlanParams {
         seqlens: ptr(seqlens),
@@ -58,7 +59,7 @@ pub enum DecodeKernel {
     /// A TMA producer warp feeding mma.sync consumers, tiles of 16 or 32 rows
     /// (`mla_decode_tma.cu`): the memory-bound shapes.
     Tma { tile: usize },
-    /// cp.async + mma.sync, tiles of 16 or 32 rows (`mla_decode.cu`): the portable path.
+    /// cp.async + mma.sync, tiles of 16 or 32 rows (`portable/mla_decode.cu`): the portable path.
     MmaSync { tile: usize },
     /// wgmma, tiles of 64 rows, two warpgroups (`mla_decode_wgmma.cu`).
     Wgmma,
@@ -71,8 +72,15 @@ impl DecodeKernel {
     /// The default by shape: up to 32 rows the TMA kernel (memory-bound, no padding),
     /// above that wgmma (BENCHMARKS.md). MLA_DECODE_KERNEL=tma|mma|wgmma overrides it
     /// (for benchmarking and for testing every kernel on every shape).
-    pub fn for_rows(rows: usize) -> DecodeKernel {
+    ///
+    /// A device on a portable path (not sm_90, or MLA_FORCE_PORTABLE=1) has only the
+    /// cp.async kernel: tiles of 16 rows, or 32 where it has them (`portable_max_tile`).
+    /// On the Hopper path `mma` names a module it does not load (a typed error at lookup).
+    pub fn for_rows(rows: usize, path: KernelPath, portable_max_tile: usize) -> DecodeKernel {
         let tile = if rows <= 16 { 16 } else { 32 };
+        if path != KernelPath::Hopper {
+            return DecodeKernel::MmaSync { tile: tile.min(portable_max_tile.max(16)) };
+        }
         match std::env::var("MLA_DECODE_KERNEL").as_deref() {
             Ok("tma") => DecodeKernel::Tma { tile },
             Ok("mma") => DecodeKernel::MmaSync { tile },
@@ -103,8 +111,8 @@ impl DecodeKernel {
                 ("sm90/mla_decode_tma", format!("mla_decode_{ty}_tma{tile}{variant}"), bars + 12 * 8 + 1024, 384)
             }
             DecodeKernel::MmaSync { tile } => {
-                let bytes = tile * row + 2 * BLOCK_SIZE * row + mma_scratch(tile);
-                ("sm90/mla_decode", format!("mla_decode_{ty}_m{tile}"), bytes, 256)
+                // Q, a ring of half-block stages, scratch: per tile (gpu/portable.rs).
+                ("portable/mla_decode", format!("mla_decode_{ty}_m{tile}"), super::portable::smem_bytes(tile), 256)
             }
             DecodeKernel::Wgmma => {
                 let t = GPU_ROW_TILE;
@@ -146,12 +154,12 @@ pub fn decode_into(
         DType::BF16 => "bf16",
         _ => "fp16",
     };
-    let kernel = DecodeKernel::for_rows(rows);
+    let kernel = DecodeKernel::for_rows(rows, g.kernel_path(), g.portable_max_tile());
     let tile = kernel.tile();
     let (module, name, smem, threads) = kernel.function(ty);
     let smem = smem as u32;
     let f = g.kernels().function(module, &name, smem)?;
-    let fc = g.kernels().function("sm90/mla_combine", &format!("mla_combine_{ty}"), 0)?;
+    let fc = g.kernels().function("common/mla_combine", &format!("mla_combine_{ty}"), 0)?;
     let oaccum = ws.ptr();
     let lseaccum = oaccum + slots * rows as u64 * HEAD_DIM_V as u64 * 4;
     let p = MlaDecodeParams {
@@ -211,9 +219,9 @@ pub fn decode_into(
         slots: slots as i32,
     };
     let dims = LaunchDims { grid: (s.b as u32, rows.div_ceil(8) as u32, 1), block: (256, 1, 1), smem: 0 };
-    if super::launch::pdl_enabled() {
+    if super::launch::pdl_enabled() && g.kernel_path() == KernelPath::Hopper {
         // The combine starts its launch under the decode's tail; it waits (griddepcontrol)
-        // before it reads anything.
+        // before it reads anything. Only sm_90 code has that wait: never on the portable path.
         unsafe { super::launch::launch_dependent(&fc, stream, &dims, &c) }
     } else {
         unsafe { launch(&fc, stream, &dims, &c) }

@@ -1,4 +1,4 @@
-//! Mirrors of `kernels/sm90/mla_params.cuh`, field for field.
+//! Mirrors of `kernels/common/mla_params.cuh`, field for field.
 
 use cudarc::driver::DeviceRepr;
 
@@ -7,7 +7,7 @@ pub const MLA_ERR_SEQLEN: i32 = 2;
 pub const MLA_ERR_PLAN: i32 = 4;
 pub const MLA_META_INTS: usize = 8;
 
-/// A `CUtensorMap` (`mla::TmaMap` in `kernels/sm90/tma.cuh`): 128 opaque bytes, 64-byte
+/// A `CUtensorMap` (`mla::TmaMap` in `kernels/common/mla_tma_map.cuh`): 128 opaque bytes, 64-byte
 /// aligned, encoded by [`super::tma`]. All zero for kernels that do not use it.
 #[repr(C, align(64))]
 #[derive(Debug, Clone, Copy, Default)]

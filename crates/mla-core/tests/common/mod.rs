@@ -535,3 +535,18 @@ pub fn check(what: &str, inp: &Inputs, out_bits: &[u16], lse: &[f32], r: &Refere
 }
 
 pub mod serve;
+
+/// CUDA device 0 for a GPU test, or None after printing "SKIPPED <test> (no GPU: ...)";
+/// with MLA_TEST_DEVICE=cuda (the GPU suite sets it) a missing GPU fails the test instead.
+pub fn gpu(test: &str) -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if std::env::var("MLA_TEST_DEVICE").as_deref() == Ok("cuda") {
+                panic!("MLA_TEST_DEVICE=cuda but no usable GPU: {e}");
+            }
+            println!("SKIPPED {test} (no GPU: {e})");
+            None
+        }
+    }
+}

@@ -66,7 +66,9 @@ template <typename T>
 __device__ __forceinline__ void combine(const MlaCombineParams& p) {
     // Launched as a programmatic dependent of the decode (MLA_PDL=1): nothing it wrote may be
     // read before this (a no-op in an ordinary launch).
+#if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
     const int i = blockIdx.x;
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;

@@ -3,7 +3,7 @@
 #pragma once
 #include <stdint.h>
 
-#include "tma.cuh"
+#include "mla_tma_map.cuh"
 
 // Bits OR-ed into the device error flag (one int per device).
 #define MLA_ERR_BLOCK_INDEX 1   // a block index that would be read is outside [0, num_blocks)
