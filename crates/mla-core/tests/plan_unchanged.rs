@@ -92,6 +92,7 @@ fn hashes(dtype: DType, h_q: usize, s_q: usize, lens: &[i32], causal: bool, part
         metadata: &meta,
         num_splits: &splits,
         num_parts: parts,
+        chunks: None,
         causal,
         scale: 1.0 / 24.0,
     };

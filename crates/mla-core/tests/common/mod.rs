@@ -535,3 +535,4 @@ pub fn check(what: &str, inp: &Inputs, out_bits: &[u16], lse: &[f32], r: &Refere
 }
 
 pub mod serve;
+pub mod invariant;
