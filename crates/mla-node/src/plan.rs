@@ -50,6 +50,12 @@ impl Plan {
         Ok(self.get()?.read().rows as u32)
     }
 
+    /// Whether the plan is batch-invariant (`mla_core::Plan::batch_invariant`).
+    #[napi(getter)]
+    pub fn batch_invariant(&self) -> Result<bool> {
+        Ok(self.get()?.read().batch_invariant())
+    }
+
     /// [numParts, 8] int32 (a view of the plan's own tensor).
     #[napi(getter)]
     pub fn tile_scheduler_metadata(&self) -> Result<Tensor> {
