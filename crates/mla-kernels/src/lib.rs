@@ -84,7 +84,7 @@ mod tests {
             ),
             (
                 "sm90/mla_decode_wgmma",
-                &["mla_decode_bf16_wg64", "mla_decode_fp16_wg64", "mla_decode_bf16_wg64v1", "mla_decode_bf16_wg64p"][..],
+                &["mla_decode_bf16_wg64", "mla_decode_fp16_wg64"][..],
             ),
             ("sm90/mla_combine", &["mla_combine_bf16", "mla_combine_fp16"][..]),
             ("sm90/mla_util", &["mla_fill_random_bf16", "mla_fill_random_fp16"][..]),
