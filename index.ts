@@ -829,7 +829,7 @@ export class Plan {
   /**
    * Re-plans in place for new lengths (`cacheSeqlens`, a `[batch]` int32 tensor on the
    * plan's device): the same memory, no allocation; equals a fresh {@link Device.plan} for
-   * them. On CUDA one plan kernel is enqueued (returns at once; a length out of range is
+   * them with the same options (a batch-invariant plan stays one). On CUDA one plan kernel is enqueued (returns at once; a length out of range is
    * reported by the next synchronising call, naming this step); the CPU backend recomputes
    * now. Decodes enqueued earlier with this plan still use the old schedule (stream order).
    * Returns the step id.

@@ -69,7 +69,8 @@ impl Plan {
     }
 
     /// `mla_core::Plan::replan`: re-plans in place for new lengths (a [b] int32 tensor on the
-    /// plan's device); returns the step id (on CUDA the plan kernel is enqueued).
+    /// plan's device), with the plan's options (a batch-invariant plan stays one); returns
+    /// the step id (on CUDA the plan kernel is enqueued).
     #[napi]
     pub fn update(&self, cache_seqlens: &Tensor) -> Result<i64> {
         let p = self.get()?.clone();
