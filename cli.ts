@@ -58,6 +58,10 @@ bench options:
   --matmul-tflops T            a matmul ceiling for the floor_ms column (default: none,
                                the floor is then bytes at the copy ceiling)
   --out DIR                    output directory (default ./bench-out): bench.csv, bench.svg
+  --batch-invariant            measure batch-invariant plans (a sequence's output bit for
+                               bit the same whatever else is in the batch), and the default
+                               plan on the same inputs: adds default_ms and vs_default
+                               (invariant time / default time) and their geometric mean
   --no-progress                no in-place progress bar (also off when stderr is no TTY)
 
 bench --host options (--device, --out, --quick as above):
@@ -146,7 +150,8 @@ function geomean(xs: number[]): number | undefined {
 }
 
 function table(rows: Row[], ceiling: number, withAnchors: boolean): string {
-  const head = ['label', 'b', 'ms', 'GB/s', 'TFLOPS', '%copy', ...(withAnchors ? ['anchor ms', 'speedup'] : [])]
+  const withDefault = rows.some((r) => r.m.defaultMs != null)
+  const head = ['label', 'b', 'ms', 'GB/s', 'TFLOPS', '%copy', ...(withAnchors ? ['anchor ms', 'speedup'] : []), ...(withDefault ? ['default ms', 'vs default'] : [])]
   const body = rows.map((r) => [
     r.config.label,
     String(r.m.b),
@@ -155,6 +160,7 @@ function table(rows: Row[], ceiling: number, withAnchors: boolean): string {
     fmt.tflops(r.m.tflops),
     `${((100 * r.m.gbps) / ceiling).toFixed(1)}%`,
     ...(withAnchors ? [r.anchorMs !== undefined ? fmt.ms(r.anchorMs) : '-', r.anchorMs !== undefined ? `${(r.anchorMs / r.m.ms).toFixed(3)}x` : '-'] : []),
+    ...(withDefault ? (r.m.defaultMs != null ? [fmt.ms(r.m.defaultMs), `${(r.m.ms / r.m.defaultMs).toFixed(3)}x`] : ['-', '-']) : []),
   ])
   const widths = head.map((h, i) => Math.max(h.length, ...body.map((row) => row[i]!.length)))
   const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ')
@@ -167,6 +173,8 @@ function sig(x: number): string {
 }
 
 function csv(rows: Row[], ceiling: number, matmulTflops: number): string {
+  // Batch-invariant runs: two more columns, the default plan's time and the ratio.
+  const withDefault = rows.some((r) => r.m.defaultMs != null)
   const lines = rows.map(({ config: c, m, anchorMs }) => {
     // The floor: bytes at the copy ceiling or FLOPs at the matmul ceiling, the larger.
     const floorMs = Math.max(m.bytes / (ceiling * 1e9), Number.isFinite(matmulTflops) ? m.flops / (matmulTflops * 1e12) : 0) * 1e3
@@ -184,9 +192,10 @@ function csv(rows: Row[], ceiling: number, matmulTflops: number): string {
       floorMs.toFixed(5),
       anchorMs ?? '',
       anchorMs !== undefined ? (anchorMs / m.ms).toFixed(4) : '',
+      ...(withDefault ? (m.defaultMs != null ? [m.defaultMs.toFixed(5), (m.ms / m.defaultMs).toFixed(4)] : ['', '']) : []),
     ].join(',')
   })
-  return [CSV_HEADER, ...lines].join('\n') + '\n'
+  return [CSV_HEADER + (withDefault ? ',default_ms,vs_default' : ''), ...lines].join('\n') + '\n'
 }
 
 // ---------------------------------------------------------------------------------------
@@ -398,6 +407,7 @@ async function cmdBench(argv: string[]): Promise<number> {
       'matmul-tflops': { type: 'string' },
       out: { type: 'string', default: 'bench-out' },
       'no-progress': { type: 'boolean', default: false },
+      'batch-invariant': { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
       host: { type: 'boolean', default: false },
       'host-breakdown': { type: 'boolean', default: false },
@@ -415,6 +425,7 @@ async function cmdBench(argv: string[]): Promise<number> {
   }
   if (values.host) return cmdBenchHost(values)
   if (values.steps !== undefined || values.modes !== undefined) throw new UsageError('--steps and --modes go with --host')
+  const invariant = values['batch-invariant']
   const reps = positiveInt('reps', values.reps)
   const dtype = values.dtype
   if (dtype !== 'bf16' && dtype !== 'fp16') throw new UsageError(`--dtype: expected bf16 or fp16, got '${dtype}'`)
@@ -452,6 +463,7 @@ async function cmdBench(argv: string[]): Promise<number> {
 
   console.log(`mla-decode ${version()} bench: ${info.name} (${dev.kind}${dev.kind === 'cuda' ? `:${info.ordinal}, ${info.multiprocessors} SMs` : ''})`)
   console.log(`suite ${suite}${values.quick ? ' (quick)' : ''}: ${configs.length} configurations, ${dtype}, causal, median of ${effReps} runs${anchors.size ? `, ${anchors.size} anchors` : ''}`)
+  if (invariant) console.log('batch-invariant plans: ms is the invariant plan, default_ms the default plan on the same inputs (timed runs alternating)')
   if (suite === 'cpu') console.log('(CPU backend: a reduced grid at b=8; --suite flashmla runs FlashMLA\'s b=128 grid, far too slow on a few cores)')
 
   const live = process.stderr.isTTY === true && !values['no-progress'] && !process.env.CI
@@ -483,11 +495,12 @@ async function cmdBench(argv: string[]): Promise<number> {
     const w = String(configs.length).length
     for (const [i, c] of configs.entries()) {
       progress.begin(c.label, i)
-      const m = await bench.run(dev, c, { reps: effReps, dtype: dtype as HalfDType })
+      const m = await bench.run(dev, c, { reps: effReps, dtype: dtype as HalfDType, ...(invariant ? { batchInvariant: true } : {}) })
       const anchorMs = bench.anchorFor(anchors, c)
       rows.push({ config: c, m, anchorMs })
       const vs = anchorMs !== undefined ? `  ${(anchorMs / m.ms).toFixed(3)}x vs FlashMLA` : ''
-      progress.log(`[${String(i + 1).padStart(w)}/${configs.length}] ${c.label}  ${fmt.ms(m.ms)} ms  ${fmt.gbps(m.gbps)} GB/s  ${fmt.tflops(m.tflops)} TFLOPS${vs}`)
+      const vd = m.defaultMs != null ? `  ${(m.ms / m.defaultMs).toFixed(3)}x the default plan's time` : ''
+      progress.log(`[${String(i + 1).padStart(w)}/${configs.length}] ${c.label}  ${fmt.ms(m.ms)} ms  ${fmt.gbps(m.gbps)} GB/s  ${fmt.tflops(m.tflops)} TFLOPS${vs}${vd}`)
     }
   } finally {
     progress.end()
@@ -514,6 +527,13 @@ async function cmdBench(argv: string[]): Promise<number> {
       console.log(`${name}: geometric mean speed-up vs FlashMLA anchors ${g.toFixed(3)}x over ${xs.length} configurations (${slower} slower)`)
     }
     if (!any) console.log('no configuration of this run has an anchor (anchors apply to FlashMLA shapes only: the flashmla suite)')
+  }
+  if (invariant) {
+    for (const [name, pred] of [['grid', (r: Row) => r.config.tag === 'grid'], ['beyond', (r: Row) => r.config.tag !== 'grid'], ['all', () => true]] as const) {
+      const xs = rows.filter((r) => r.m.defaultMs != null && pred(r)).map((r) => r.m.ms / r.m.defaultMs!)
+      const g = geomean(xs)
+      if (g !== undefined) console.log(`${name}: batch-invariant / default plan time, geometric mean ${g.toFixed(3)}x over ${xs.length} configurations (worst ${Math.max(...xs).toFixed(3)}x)`)
+    }
   }
   const files = writeOutputs()
   const shown = (f: string) => {

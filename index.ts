@@ -673,16 +673,23 @@ export class Device {
    * plan.dispose()
    * ```
    *
+   * With `batchInvariant: true` the plan's split points depend on each sequence's own
+   * length only, so a sequence's `out` and `lse` are bit for bit the same whatever else is
+   * in the batch (see {@link Plan.batchInvariant} for what is and is not guaranteed, and
+   * the README's "Batch-invariant decoding" for the cost). {@link Plan.update} keeps it.
+   *
    * @param opts.sQ query tokens per sequence (default 1)
    * @param opts.hQ query heads
    * @param opts.hKv KV heads (must be 1, the default)
+   * @param opts.batchInvariant batch-invariant split points (default false: FlashMLA's schedule)
    */
-  plan(cacheSeqlens: Tensor, opts: { sQ?: number; hQ: number; hKv?: number }): Plan {
+  plan(cacheSeqlens: Tensor, opts: { sQ?: number; hQ: number; hKv?: number; batchInvariant?: boolean }): Plan {
     const t = want(cacheSeqlens, Tensor, 'cacheSeqlens')
-    const { sQ = 1, hQ, hKv = 1 } = opts ?? ({} as { hQ: number })
+    const { sQ = 1, hQ, hKv = 1, batchInvariant } = opts ?? ({} as { hQ: number; batchInvariant?: boolean })
     for (const [k, v] of [['sQ', sQ], ['hQ', hQ], ['hKv', hKv]] as const) int(k, v, 1, MAX_I32)
     if (sQ * hQ > MAX_I32) fail('ERR_INVALID_ARGUMENT', `sQ * hQ: expected at most ${MAX_I32}, got ${sQ} * ${hQ} = ${sQ * hQ}`)
-    return Plan._wrap(call(() => this._n.plan(t._n, sQ, hQ, hKv)))
+    if (batchInvariant != null && typeof batchInvariant !== 'boolean') fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(batchInvariant)}`)
+    return Plan._wrap(call(() => this._n.plan(t._n, sQ, hQ, hKv, batchInvariant ?? undefined)))
   }
 
   /** Releases this handle. Objects created from the device keep it alive. */
@@ -875,6 +882,24 @@ export class Plan {
     return call(() => this._n.rows)
   }
   /**
+   * Whether the plan is batch-invariant (`device.plan(..., { batchInvariant: true })`):
+   * each sequence is cut into chunks that depend on its own length only (at most 8 chunks
+   * of about 32 blocks = 2048 tokens; longer sequences get 8 longer chunks), each chunk
+   * its own split, merged in chunk order. Then a sequence's `out` and `lse` bits are a
+   * function of its own queries, cache rows and length: the same beside any batchmates,
+   * at any position in the batch, wherever its blocks sit in the pool.
+   *
+   * Guaranteed on one backend and device kind, with one build of the package, for one
+   * dtype, `hQ`, `sQ`, `causal` and `softmaxScale`. Not guaranteed across the CPU and
+   * CUDA backends, across decode kernels (`MLA_DECODE_KERNEL`), across CPUs whose inner
+   * loops differ (AVX2 or not), across versions that change a kernel, with the
+   * `MLA_INVARIANT_*` / `MLA_SPLIT_FIXED_COST` tuning variables changed, or between an
+   * invariant and a default plan.
+   */
+  get batchInvariant(): boolean {
+    return call(() => this._n.batchInvariant)
+  }
+  /**
    * `[numParts, 8]` int32: per part, begin_seq, begin_block, end_seq, end_block, the
    * split index of its first segment, then zeros.
    *
@@ -895,7 +920,7 @@ export class Plan {
   /**
    * Re-plans in place for new lengths (`cacheSeqlens`, a `[batch]` int32 tensor on the
    * plan's device): the same memory, no allocation; equals a fresh {@link Device.plan} for
-   * them. On CUDA one plan kernel is enqueued (returns at once; a length out of range is
+   * them with the same options (a batch-invariant plan stays one). On CUDA one plan kernel is enqueued (returns at once; a length out of range is
    * reported by the next synchronising call, naming this step); the CPU backend recomputes
    * now. Decodes enqueued earlier with this plan still use the old schedule (stream order).
    * Returns the step id.
@@ -1147,6 +1172,11 @@ export interface DecodeArgs {
   softmaxScale?: number
   /** The step's label in error messages (default `'decode'`), e.g. `'layer 3'`. */
   label?: string
+  /**
+   * Without `plan`: plan batch-invariantly (see {@link Plan.batchInvariant}). With a plan,
+   * `true` requires a batch-invariant one (`ERR_INVALID_ARGUMENT` otherwise). Default false.
+   */
+  batchInvariant?: boolean
 }
 
 /** Outputs of one decode step. */
@@ -1169,7 +1199,8 @@ function nativeArgs(a: DecodeArgs) {
   if (a.causal != null && typeof a.causal !== 'boolean') fail('ERR_INVALID_ARGUMENT', `causal: expected a boolean, got ${describe(a.causal)}`)
   if (a.softmaxScale != null && typeof a.softmaxScale !== 'number') fail('ERR_INVALID_ARGUMENT', `softmaxScale: expected a number, got ${describe(a.softmaxScale)}`)
   if (a.label != null && typeof a.label !== 'string') fail('ERR_INVALID_ARGUMENT', `label: expected a string, got ${describe(a.label)}`)
-  return [q._n, kv, bt._n, sl._n, plan?._n, a.causal ?? undefined, a.softmaxScale ?? undefined, a.label ?? undefined] as const
+  if (a.batchInvariant != null && typeof a.batchInvariant !== 'boolean') fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(a.batchInvariant)}`)
+  return [q._n, kv, bt._n, sl._n, plan?._n, a.causal ?? undefined, a.softmaxScale ?? undefined, a.label ?? undefined, a.batchInvariant ?? undefined] as const
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1552,6 +1583,8 @@ export namespace bench {
     gbps: number
     /** flops / median time, 1e12 per second. */
     tflops: number
+    /** With {@link RunOptions.batchInvariant}: the default plan's median time on the same inputs, milliseconds. */
+    defaultMs?: number
   }
 
   /** Options of {@link bench.run}. */
@@ -1562,6 +1595,11 @@ export namespace bench {
     dtype?: HalfDType
     /** Seed of the random lengths and inputs (default: the benchmark's fixed seed). */
     seed?: number
+    /**
+     * Measure a batch-invariant plan ({@link Plan.batchInvariant}), and the default plan on
+     * the same inputs with the timed runs alternating ({@link Measurement.defaultMs}).
+     */
+    batchInvariant?: boolean
   }
 
   /** The configurations of a suite, in order. `quick`: `'flashmla'` with mean 4096 only; `'cpu'` with mean 1024 only. */
@@ -1594,6 +1632,7 @@ export namespace bench {
       }
       if (opts.reps !== undefined) int('reps', opts.reps, 1, MAX_I32)
       if (opts.seed !== undefined) int('seed', opts.seed, 0, Number.MAX_SAFE_INTEGER)
+      if (opts.batchInvariant != null && typeof opts.batchInvariant !== 'boolean') fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(opts.batchInvariant)}`)
       const c: Native.BenchConfig = {
         tag: config.tag,
         b: config.b,
@@ -1605,7 +1644,7 @@ export namespace bench {
         flashmlaShape: config.flashmlaShape ?? false,
       }
       if (config.lens) c.lens = config.lens
-      return call(() => native.benchRun(d, c, opts.reps, opts.dtype, opts.seed))
+      return call(() => native.benchRun(d, c, opts.reps, opts.dtype, opts.seed, opts.batchInvariant ?? undefined))
     })
   }
 
@@ -1666,7 +1705,7 @@ showAs(Device, (d) => {
     : { kind: d.kind, name: i.name }
 })
 showAs(Tensor, (t) => ({ shape: t.shape, dtype: t.dtype, device: deviceName(t.device), storage: t.storage, nbytes: t.nbytes }))
-showAs(Plan, (p) => ({ batch: p.batch, rows: p.rows, numParts: p.numParts }))
+showAs(Plan, (p) => ({ batch: p.batch, rows: p.rows, numParts: p.numParts, batchInvariant: p.batchInvariant }))
 showAs(KvCache, (c) => ({ numBlocks: c.numBlocks, freeBlocks: c.freeBlocks, dtype: c.dtype, sequences: c.sequences().length, device: deviceName(c.device) }))
 
 // Captured steps (CUDA graphs of a whole decode step)
@@ -1689,6 +1728,8 @@ export interface CaptureOptions {
   softmaxScale?: number
   /** The replays' label in error messages (default `'graph step'`). */
   label?: string
+  /** The step's plan batch-invariant (see {@link Plan.batchInvariant}); every replay re-plans with it. Default false. */
+  batchInvariant?: boolean
 }
 
 /**
@@ -1803,9 +1844,10 @@ export function captureStep(device: Device, opts: CaptureOptions): CapturedStep 
   if (opts.causal != null && typeof opts.causal !== 'boolean') fail('ERR_INVALID_ARGUMENT', `causal: expected a boolean, got ${describe(opts.causal)}`)
   if (opts.softmaxScale != null && typeof opts.softmaxScale !== 'number') fail('ERR_INVALID_ARGUMENT', `softmaxScale: expected a number, got ${describe(opts.softmaxScale)}`)
   if (opts.label != null && typeof opts.label !== 'string') fail('ERR_INVALID_ARGUMENT', `label: expected a string, got ${describe(opts.label)}`)
+  if (opts.batchInvariant != null && typeof opts.batchInvariant !== 'boolean') fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(opts.batchInvariant)}`)
   const dtype = opts.dtype ?? kv[0]!.dtype
   return CapturedStep._wrap(
-    call(() => native.captureStep(d._n, kv.map((t) => t._n), batch, maxBlocksPerSeq, sQ, hQ, dtype, opts.causal ?? undefined, opts.softmaxScale ?? undefined, opts.label ?? undefined)),
+    call(() => native.captureStep(d._n, kv.map((t) => t._n), batch, maxBlocksPerSeq, sQ, hQ, dtype, opts.causal ?? undefined, opts.softmaxScale ?? undefined, opts.label ?? undefined, opts.batchInvariant ?? undefined)),
   )
 }
 

@@ -336,7 +336,7 @@ test('util.inspect shows what a Device, Tensor, Plan and KvCache are', (t) => {
   const show = (x: unknown) => util.inspect(x, { breakLength: Infinity })
   t.is(show(cpu), `Device { kind: 'cpu', name: '${cpu.info.name}' }`)
   t.is(show(q), `Tensor { shape: [ 1, 1, 2, ${D} ], dtype: 'bf16', device: 'cpu', storage: 'owned', nbytes: ${2 * D * 2} }`)
-  t.is(show(plan), `Plan { batch: 1, rows: 2, numParts: ${plan.numParts} }`)
+  t.is(show(plan), `Plan { batch: 1, rows: 2, numParts: ${plan.numParts}, batchInvariant: false }`)
   t.is(show(cache), `KvCache { numBlocks: 3, freeBlocks: 1, dtype: 'bf16', sequences: 1, device: 'cpu' }`)
   q.dispose()
   t.is(show(q), 'Tensor <disposed>')

@@ -119,6 +119,29 @@ test('mla-decode bench --tiny on the CPU writes the table, CSV and SVG', (t) => 
   fs.rmSync(out, { recursive: true, force: true })
 })
 
+test('bench.run and mla-decode bench with --batch-invariant: the invariant plan and the default plan on the same inputs', async (t) => {
+  const dev = Device.open('cpu')
+  const c = bench.configs('tiny')[1]!
+  const m = await bench.run(dev, c, { reps: 2, batchInvariant: true })
+  t.true(m.ms > 0 && m.defaultMs !== undefined && m.defaultMs > 0, JSON.stringify(m))
+  t.is((await bench.run(dev, c, { reps: 1 })).defaultMs ?? undefined, undefined)
+  await t.throwsAsync(bench.run(dev, c, { batchInvariant: 'no' as unknown as boolean }), { instanceOf: MlaError, message: /batchInvariant/ })
+
+  const out = tmpdir()
+  const r = cli(['bench', '--device', 'cpu', '--tiny', '--reps', '1', '--batch-invariant', '--out', out])
+  t.is(r.code, 0, r.stderr + r.stdout)
+  t.regex(r.stdout, /x the default plan's time/)
+  t.regex(r.stdout, /all: batch-invariant \/ default plan time, geometric mean [0-9.]+x over 3 configurations/)
+  const lines = fs.readFileSync(path.join(out, 'bench.csv'), 'utf8').trim().split('\n')
+  t.is(lines[0], CSV_HEADER + ',default_ms,vs_default')
+  for (const line of lines.slice(1)) {
+    const f = line.split(',')
+    const [ms, dms, vs] = [Number(f[6]), Number(f[13]), Number(f[14])]
+    t.true(ms > 0 && dms > 0 && Math.abs(vs - ms / dms) < 1e-3 * vs, line)
+  }
+  fs.rmSync(out, { recursive: true, force: true })
+})
+
 test('mla-decode bench --filter, --anchors, usage errors', (t) => {
   const out = tmpdir()
   const anchors = path.join(out, 'a.csv')

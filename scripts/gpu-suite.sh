@@ -3,12 +3,14 @@
 # after scripts/prepare-device.sh here). Writes logs under $OUT (or ./gpu-out) and prints
 # a short table last.  Stages: info, rust tests, sanitizer, typescript tests, bench; the
 # portable kernels forced on this (Hopper) card: rust-portable, bench-portable.
+# `invariant` (batch-invariant decoding: its tests with each decode kernel, and under
+# compute-sanitizer) runs by default, `bench-invariant` (its cost) on request.
 #   bash scripts/gpu-suite.sh [stage ...]     (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-stages=${*:-"info sass rust pipeline rust-portable rust-tma sanitizer ts matmul bench-cli bench-host bench-host-breakdown bench-portable"}
+stages=${*:-"info sass rust pipeline invariant rust-portable rust-tma sanitizer ts matmul bench-cli bench-host bench-host-breakdown bench-portable"}
 declare -A result
 export MLA_TEST_DEVICE=cuda
 ANCHORS=${ANCHORS:-.device/anchors/flashmla-h200.csv}
@@ -67,6 +69,18 @@ for s in $stages; do
       # The TMA producer across segment boundaries and splits.
       run_stage memcheck-pipeline compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/gpu_pipeline --test-threads=1
       run_stage racecheck-pipeline compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_pipeline --test-threads=1 ;;
+    # Batch-invariant decoding (issue 11): gpu_invariant with every decode kernel
+    # (INVARIANT_KERNELS, default: the kernel by shape, tma and ws on every shape, and the
+    # portable kernel forced),
+    # then its sanitizer case (many chunks to a part) under memcheck, racecheck, synccheck.
+    invariant)
+      for k in ${INVARIANT_KERNELS:-default tma ws portable}; do
+        if [[ $k == portable ]]; then sel=(MLA_FORCE_PORTABLE=1); else sel=(MLA_DECODE_KERNEL=$k); fi
+        run_stage "invariant-$k" env "${sel[@]}" .device/bin/gpu_invariant --test-threads=1
+      done
+      for tool in memcheck racecheck synccheck; do
+        run_stage "$tool-invariant" compute-sanitizer --tool $tool --error-exitcode 9 .device/bin/gpu_invariant --test-threads=1 --ignored sanitizer_
+      done ;;
     ts)
       if [[ -f .device/node.xz ]]; then
         mkdir -p /tmp/nodebin && xz -dc .device/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node
@@ -99,6 +113,21 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
     bench-portable)
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
       run_stage bench-portable env MLA_FORCE_PORTABLE=1 .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-portable.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-} ;;
+    # The cost of batch-invariant plans: each configuration with an invariant plan and,
+    # on the same inputs (timed runs alternating), the default plan; writes
+    # $OUT/bench-invariant.csv (default_ms, vs_default) and prints the grid's geometric
+    # mean of vs_default (target <= 1.10). INVARIANT_CHUNKS="16 64" also runs those chunk
+    # sizes (MLA_INVARIANT_CHUNK_BLOCKS), into bench-invariant-c<N>.csv.
+    bench-invariant)
+      mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
+      for c in default ${INVARIANT_CHUNKS:-}; do
+        if [[ $c == default ]]; then name=bench-invariant; chunk=(); else name=bench-invariant-c$c; chunk=(MLA_INVARIANT_CHUNK_BLOCKS=$c); fi
+        nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$OUT/clock-$name.txt" 2>/dev/null &
+        smi=$!
+        run_stage "$name" env "${chunk[@]}" .device/bin/gpu_bench --batch-invariant --matmul-tflops "${mm:-nan}" --csv "$OUT/$name.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
+        kill $smi 2>/dev/null
+        awk -F', *' '$1 > 1000 {n++; s += $1; if (!lo || $1 < lo) lo = $1; if ($1 > hi) hi = $1} END {if (n) printf "SM clock under load: mean %.0f MHz, min %d, max %d (%d samples)\n", s / n, lo, hi, n}' "$OUT/clock-$name.txt" | tee -a "$OUT/$name.log"
+      done ;;
     # The user-facing command (TypeScript CLI over the same core): CSV + SVG chart.
     bench-cli)
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
@@ -134,7 +163,7 @@ done
 
 echo
 echo "=== summary"
-for s in info sass rust pipeline rust-portable pipeline-portable memcheck-portable racecheck-portable synccheck-portable memcheck-pipeline-portable rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device bench-portable ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
+for s in info sass rust pipeline invariant-default invariant-tma invariant-ws invariant-portable memcheck-invariant racecheck-invariant synccheck-invariant bench-invariant rust-portable pipeline-portable memcheck-portable racecheck-portable synccheck-portable memcheck-pipeline-portable rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device bench-portable ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
   [[ -n "${result[$s]:-}" ]] && printf '%-26s %s\n' "$s" "${result[$s]}"
 done
 grep -H "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/pipeline*.log "$OUT"/ts.log 2>/dev/null | tail -12

@@ -51,30 +51,57 @@ struct Segment {
 // Calls f(Segment) for each non-empty segment the plan gave part blockIdx.x. Lengths
 // outside [0, max_blocks_per_seq * 64] are flagged and treated as 0, and block ranges are
 // clipped to the sequence, so a stale or foreign plan can never send a read past the
-// block-table entries a sequence uses.
+// block-table entries a sequence uses. With a batch-invariant plan (chunk_blocks > 0) a
+// part's range of a sequence is cut at the sequence's chunk boundaries: each chunk is its
+// own segment with its own slot (the sequence's first + chunk index), direct only when the
+// sequence is one chunk, so what a chunk computes never depends on the part holding it.
 template <typename F>
 __device__ __forceinline__ void for_each_segment(const MlaDecodeParams& p, F&& f) {
     const int* meta = p.metadata + blockIdx.x * MLA_META_INTS;
-    const int begin_seq = meta[0], begin_blk = meta[1], end_seq = meta[2], end_blk = meta[3];
-    for (int seq = max(begin_seq, 0); seq <= min(end_seq, p.b - 1); ++seq) {
+    // One call site of f, and only (seq, next block) live across it: the rest is re-read
+    // per segment (the decode kernels have no register to spare).
+    int seq = max(meta[0], 0), at = 0;
+    while (seq <= min(meta[2], p.b - 1)) {
+        const int begin_seq = meta[0], begin_blk = meta[1], end_seq = meta[2], end_blk = meta[3];
         int len = p.seqlens[seq];
         if (len < 0 || len > p.max_blocks_per_seq * BS) {
             if (threadIdx.x == 0) atomicOr(p.error_flag, MLA_ERR_SEQLEN);
             len = 0;
         }
         const int nblk = (len + BS - 1) / BS;
-        const int lo = max(seq == begin_seq ? begin_blk : 0, 0);
+        const int lo = max(max(seq == begin_seq ? begin_blk : 0, 0), at);
         const int hi = min(seq == end_seq ? end_blk : nblk, nblk);
-        if (hi <= lo) continue;
-        const int first = p.num_splits[seq], next = p.num_splits[seq + 1];
-        const int slot = first + (seq == begin_seq ? meta[4] : 0);
-        if (first < 0 || next > p.b + p.num_parts || next - first < 1 || slot < first || slot >= next) {
-            // Metadata that does not fit: never let it steer a write.
-            if (threadIdx.x == 0) atomicOr(p.error_flag, MLA_ERR_PLAN);
+        if (hi <= lo) {
+            ++seq;
+            at = 0;
             continue;
         }
-        Segment s{seq, len, lo, hi, slot, next - first == 1};
+        const int first = p.num_splits[seq], next = p.num_splits[seq + 1];
+        const bool chunked = p.chunk_blocks > 0;
+        const long long slots = chunked ? (long long)p.b * p.max_chunks : (long long)p.b + p.num_parts;
+        int n, slot, e = hi;
+        bool fits;
+        if (chunked) {
+            n = mla_chunks_of(nblk, p.chunk_blocks, p.max_chunks);
+            const int k = mla_chunk_of_block(lo, nblk, n);
+            e = min(hi, mla_chunk_start(k + 1, nblk, n));
+            slot = first + k;
+            fits = first >= 0 && next <= slots && next - first == n;
+        } else {
+            n = next - first;
+            slot = first + (seq == begin_seq ? meta[4] : 0);
+            fits = first >= 0 && next <= slots && n >= 1 && slot >= first && slot < next;
+        }
+        if (!fits) {
+            // Metadata that does not fit: never let it steer a write.
+            if (threadIdx.x == 0) atomicOr(p.error_flag, MLA_ERR_PLAN);
+            ++seq;
+            at = 0;
+            continue;
+        }
+        Segment s{seq, len, lo, e, slot, n == 1};
         f(s);
+        at = e;
     }
 }
 

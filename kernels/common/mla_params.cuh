@@ -16,6 +16,18 @@
 // num_splits has b + 1 ints: the exclusive prefix sum of splits per sequence.
 #define MLA_META_INTS 8
 
+// Batch-invariant plans (plan.rs, InvariantChunks): a sequence of nb blocks is cut into
+// n = min(max_chunks, ceil(nb / chunk_blocks)) chunks, chunk k being blocks
+// [k * nb / n, (k + 1) * nb / n), so its split points depend on its own length only.
+__host__ __device__ __forceinline__ int mla_chunks_of(int nb, int chunk_blocks, int max_chunks) {
+    const long long n = ((long long)nb + chunk_blocks - 1) / chunk_blocks;
+    return n < max_chunks ? (int)n : max_chunks;
+}
+__host__ __device__ __forceinline__ int mla_chunk_start(int k, int nb, int n) { return (int)((long long)k * nb / n); }
+__host__ __device__ __forceinline__ int mla_chunk_of_block(int x, int nb, int n) {
+    return (int)(((long long)(x + 1) * n - 1) / nb);
+}
+
 struct MlaPlanParams {
     const int* seqlens;      // [b]
     int* metadata;           // [num_parts, MLA_META_INTS]
@@ -27,6 +39,8 @@ struct MlaPlanParams {
     int block_size;          // 64
     int fixed_cost;          // work units one split costs on top of its blocks
     int max_seqlen;          // max_blocks_per_seq * block_size
+    int chunk_blocks;        // batch-invariant plan: its chunk rule; 0 = the default plan
+    int max_chunks;
 };
 
 struct MlaDecodeParams {
@@ -36,8 +50,8 @@ struct MlaDecodeParams {
     const int* seqlens;      // [b]
     void* out;               // [b, s_q, h_q, 512]        bf16 / fp16
     float* lse;              // [b, h_q, s_q]
-    float* oaccum;           // [b + num_parts, rows, 512] partial outputs of split sequences
-    float* lseaccum;         // [b + num_parts, rows]
+    float* oaccum;           // [slots, rows, 512] partial outputs of split sequences
+    float* lseaccum;         // [slots, rows]   (slots: b + num_parts, or b * max_chunks)
     const int* metadata;     // [num_parts, MLA_META_INTS]
     const int* num_splits;   // [b + 1]
     int* error_flag;
@@ -51,6 +65,8 @@ struct MlaDecodeParams {
     int causal;
     float scale;             // softmax scale
     float scale_log2;        // softmax scale * log2(e)
+    int chunk_blocks;        // batch-invariant plan: every chunk its own segment; 0 = default plan
+    int max_chunks;          // (then oaccum / lseaccum hold b * max_chunks slots)
     // Tensor maps of the TMA kernels (the cp.async kernels ignore them), encoded by the
     // host for these q / kv pointers (crates/mla-core/src/gpu/tma.rs):
     mla::TmaMap q_map;       // q as [b][rows][576], box 64 columns x tile rows, 128-byte swizzle

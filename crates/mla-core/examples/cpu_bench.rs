@@ -112,6 +112,7 @@ fn main() {
                 metadata: p.metadata().host().unwrap().as_i32(),
                 num_splits: p.num_splits().host().unwrap().as_i32(),
                 num_parts: p.num_parts,
+                chunks: p.chunks(),
                 causal,
                 scale: opts.scale(),
             };

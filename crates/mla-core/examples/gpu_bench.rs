@@ -5,6 +5,12 @@
 //! cargo run --release -p mla-core --example gpu_bench -- [--quick] [--csv out.csv]
 //!     [--anchors flashmla-h100.csv,flashmla-h100-beyond.csv] [--reps 30]
 //!     [--matmul-tflops T] [--filter prefix,prefix...] [--device cuda:N|cpu]
+//!     [--batch-invariant]
+//!
+//! --batch-invariant: every configuration is measured with a batch-invariant plan and,
+//! on the same inputs with the timed runs alternating, with the default plan; the CSV gains
+//! default_ms and vs_default (invariant time / default time), and the geometric mean of
+//! vs_default over the grid is printed (the target: at most 1.10).
 //!
 //! Inputs are random (never zeros), generated on the device; block tables map each
 //! sequence to its own blocks; the cache is far larger than L2 for every grid shape.
@@ -14,14 +20,16 @@
 use std::collections::HashMap;
 use std::io::Write;
 
-use mla_core::bench::{anchor_ms, copy_ceiling_gbps, geomean, load_anchors, run_config, suite_configs, DEFAULT_SEED};
-use mla_core::{DType, Device};
+use mla_core::bench::{anchor_ms, copy_ceiling_gbps, geomean, load_anchors, run_config_plans, suite_configs, DEFAULT_SEED};
+use mla_core::{DType, Device, PlanOptions};
 
 fn main() -> mla_core::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let flag = |k: &str| args.iter().any(|a| a == k);
     let opt = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
     let quick = flag("--quick");
+    let invariant = flag("--batch-invariant");
+    let plans = if invariant { vec![PlanOptions::invariant(), PlanOptions::default()] } else { vec![PlanOptions::default()] };
     // --filter tag/s_q/mean/h_q/varlen (prefixes, comma-separated, e.g. grid/1/4096/128,short):
     // run only those.
     let filter = opt("--filter").unwrap_or_default();
@@ -42,18 +50,34 @@ fn main() -> mla_core::Result<()> {
     let what = if dev.is_cuda() { "1 GiB device-to-device" } else { "256 MiB host memcpy" };
     let path = info.kernel_path.map(|p| format!(", kernel path {p}")).unwrap_or_default();
     println!("device: {} ({} SMs{path}); copy ceiling {:.0} GB/s ({what}, read + write)", info.name, info.multiprocessors, ceiling);
-    let mut csv = String::from("tag,b,s_q,mean_sk,h_q,varlen,ms,gbps,tflops,pct_copy_ceiling,floor_ms,anchor_ms,speedup\n");
+    if invariant {
+        let c = mla_core::InvariantChunks::standard();
+        println!("batch-invariant plans: chunks of {} blocks, at most {} per sequence; ms is the invariant plan, default ms the default plan (same inputs, runs alternating)", c.chunk_blocks, c.max_chunks);
+    }
+    let mut csv = String::from("tag,b,s_q,mean_sk,h_q,varlen,ms,gbps,tflops,pct_copy_ceiling,floor_ms,anchor_ms,speedup");
+    csv.push_str(if invariant { ",default_ms,vs_default\n" } else { "\n" });
     println!(
-        "{:<10} {:>4} {:>3} {:>6} {:>4} {:>3} {:>9} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7}",
-        "tag", "b", "s_q", "mean", "h_q", "var", "ms", "GB/s", "TFLOPS", "%copy", "floor ms", "anchor", "speedup"
+        "{:<10} {:>4} {:>3} {:>6} {:>4} {:>3} {:>9} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7}{}",
+        "tag", "b", "s_q", "mean", "h_q", "var", "ms", "GB/s", "TFLOPS", "%copy", "floor ms", "anchor", "speedup",
+        if invariant { format!(" {:>10} {:>10}", "default ms", "vs default") } else { String::new() }
     );
     let mut speedups = Vec::new();
     let mut beyond_speedups = Vec::new();
+    let (mut vs_grid, mut vs_beyond) = (Vec::new(), Vec::new());
     for c in suite_configs("flashmla", quick)? {
         if !filters.iter().any(|f| c.label().starts_with(f)) {
             continue;
         }
-        let m = run_config(&dev, &c, DType::BF16, reps, DEFAULT_SEED)?;
+        let ms = run_config_plans(&dev, &c, DType::BF16, reps, DEFAULT_SEED, &plans)?;
+        let m = &ms[0];
+        let vs = ms.get(1).map(|d| (d.ms, m.ms / d.ms));
+        if let Some((_, r)) = vs {
+            if c.tag == "grid" {
+                vs_grid.push(r);
+            } else {
+                vs_beyond.push(r);
+            }
+        }
         // The floor: bytes at the copy ceiling or FLOPs at the matmul ceiling, the larger.
         let floor_ms = (m.bytes / (ceiling * 1e9)).max(m.flops / (matmul_tflops * 1e12)) * 1e3;
         let anchor = anchor_ms(&anchors, &c);
@@ -66,7 +90,7 @@ fn main() -> mla_core::Result<()> {
             }
         }
         println!(
-            "{:<10} {:>4} {:>3} {:>6} {:>4} {:>3} {:>9.4} {:>7.0} {:>7.1} {:>5.1}% {:>9.4} {:>9} {:>7}",
+            "{:<10} {:>4} {:>3} {:>6} {:>4} {:>3} {:>9.4} {:>7.0} {:>7.1} {:>5.1}% {:>9.4} {:>9} {:>7}{}",
             c.tag,
             m.b,
             c.s_q,
@@ -79,10 +103,11 @@ fn main() -> mla_core::Result<()> {
             100.0 * m.gbps / ceiling,
             floor_ms,
             anchor.map(|a| format!("{a:.4}")).unwrap_or("-".into()),
-            speed.map(|s| format!("{s:.3}x")).unwrap_or("-".into())
+            speed.map(|s| format!("{s:.3}x")).unwrap_or("-".into()),
+            vs.map(|(d, r)| format!(" {d:>10.4} {r:>9.3}x")).unwrap_or_default()
         );
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{:.5},{:.1},{:.2},{:.2},{:.5},{},{}\n",
+            "{},{},{},{},{},{},{:.5},{:.1},{:.2},{:.2},{:.5},{},{}{}\n",
             c.tag,
             m.b,
             c.s_q,
@@ -95,7 +120,8 @@ fn main() -> mla_core::Result<()> {
             100.0 * m.gbps / ceiling,
             floor_ms,
             anchor.map(|a| format!("{a}")).unwrap_or_default(),
-            speed.map(|s| format!("{s:.4}")).unwrap_or_default()
+            speed.map(|s| format!("{s:.4}")).unwrap_or_default(),
+            vs.map(|(d, r)| format!(",{d:.5},{r:.4}")).unwrap_or_default()
         ));
     }
     if let Some(gm) = geomean(&speedups) {
@@ -103,6 +129,13 @@ fn main() -> mla_core::Result<()> {
     }
     if let Some(gm) = geomean(&beyond_speedups) {
         println!("beyond: geometric mean speed-up vs FlashMLA anchors {gm:.3}x over {} configurations", beyond_speedups.len());
+    }
+    if let Some(gm) = geomean(&vs_grid) {
+        let worst = vs_grid.iter().cloned().fold(0.0, f64::max);
+        println!("grid: batch-invariant / default plan time, geometric mean {gm:.3}x over {} configurations (target <= 1.10), worst {worst:.3}x", vs_grid.len());
+    }
+    if let Some(gm) = geomean(&vs_beyond) {
+        println!("beyond: batch-invariant / default plan time, geometric mean {gm:.3}x over {} configurations", vs_beyond.len());
     }
     if let Some(path) = opt("--csv") {
         std::fs::File::create(&path).and_then(|mut f| f.write_all(csv.as_bytes())).expect("writing the CSV");

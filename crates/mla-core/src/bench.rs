@@ -21,7 +21,7 @@ use crate::decode::{decode_into, DecodeOptions};
 use crate::device::Device;
 use crate::dtype::{f32_to_half_bits, DType};
 use crate::error::{ErrorCode, MlaError, Result};
-use crate::plan::{plan, Plan};
+use crate::plan::{plan, plan_with, Plan, PlanOptions};
 use crate::tensor::Tensor;
 use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
@@ -383,6 +383,13 @@ pub fn own_blocks_table(seqlens: &[i32]) -> (Vec<i32>, usize, usize) {
 /// runs of `decode_into` (causal), each timed with CUDA events on CUDA and `Instant` on the
 /// CPU. Returns the median and the contract's rates.
 pub fn run_config(dev: &Device, cfg: &BenchConfig, dtype: DType, reps: usize, seed: u64) -> Result<Measurement> {
+    Ok(run_config_plans(dev, cfg, dtype, reps, seed, &[PlanOptions::default()])?.remove(0))
+}
+
+/// [`run_config`] with one plan per entry of `plans` (e.g. batch-invariant and default) on
+/// the same inputs: every plan is warmed up, then the timed runs alternate between the
+/// plans (so that a drift of the clock falls on all alike). One measurement per plan.
+pub fn run_config_plans(dev: &Device, cfg: &BenchConfig, dtype: DType, reps: usize, seed: u64, plans: &[PlanOptions]) -> Result<Vec<Measurement>> {
     cfg.validate()?;
     if reps == 0 {
         return Err(MlaError::arg(ErrorCode::InvalidArgument, "reps", "at least 1", reps));
@@ -395,35 +402,43 @@ pub fn run_config(dev: &Device, cfg: &BenchConfig, dtype: DType, reps: usize, se
     let q = random_tensor(dev, &[b, cfg.s_q, cfg.h_q, HEAD_DIM], dtype, data_seed ^ 2000, 0.1, 1.0)?;
     let bt = Tensor::from_i32(dev, &table, &[b, max_nb])?;
     let sl = Tensor::from_i32(dev, &lens, &[b])?;
-    let p = plan(&sl, cfg.s_q * cfg.h_q, 1)?;
+    let ps = plans.iter().map(|o| plan_with(&sl, cfg.s_q * cfg.h_q, 1, o)).collect::<Result<Vec<_>>>()?;
     let mut out = Tensor::zeros(dev, &[b, cfg.s_q, cfg.h_q, HEAD_DIM_V], dtype)?;
     let mut lse = Tensor::zeros(dev, &[b, cfg.h_q, cfg.s_q], DType::F32)?;
     let opts = DecodeOptions { causal: true, ..Default::default() };
-    let mut times = Vec::with_capacity(reps);
+    let mut times = vec![Vec::with_capacity(reps); ps.len()];
     match dev {
         Device::Cuda(g) => {
-            for _ in 0..3 {
-                decode_into(&q, &kv, &bt, &sl, &p, &opts, &mut out, &mut lse)?;
+            for p in &ps {
+                for _ in 0..3 {
+                    decode_into(&q, &kv, &bt, &sl, p, &opts, &mut out, &mut lse)?;
+                }
             }
             dev.synchronize()?;
             let timer = crate::gpu::util::Timer::new(g, g.stream())?;
             for _ in 0..reps {
-                timer.start()?;
-                decode_into(&q, &kv, &bt, &sl, &p, &opts, &mut out, &mut lse)?;
-                times.push(timer.stop()? as f64);
+                for (p, t) in ps.iter().zip(times.iter_mut()) {
+                    timer.start()?;
+                    decode_into(&q, &kv, &bt, &sl, p, &opts, &mut out, &mut lse)?;
+                    t.push(timer.stop()? as f64);
+                }
             }
             dev.synchronize()?;
         }
         Device::Cpu => {
-            decode_into(&q, &kv, &bt, &sl, &p, &opts, &mut out, &mut lse)?;
+            for p in &ps {
+                decode_into(&q, &kv, &bt, &sl, p, &opts, &mut out, &mut lse)?;
+            }
             for _ in 0..reps {
-                let t0 = Instant::now();
-                decode_into(&q, &kv, &bt, &sl, &p, &opts, &mut out, &mut lse)?;
-                times.push(t0.elapsed().as_secs_f64() * 1e3);
+                for (p, t) in ps.iter().zip(times.iter_mut()) {
+                    let t0 = Instant::now();
+                    decode_into(&q, &kv, &bt, &sl, p, &opts, &mut out, &mut lse)?;
+                    t.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
             }
         }
     }
-    Ok(Measurement::from_times(&lens, cfg.s_q, cfg.h_q, &times))
+    Ok(times.iter().map(|t| Measurement::from_times(&lens, cfg.s_q, cfg.h_q, t)).collect())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -746,6 +761,17 @@ mod tests {
         }
         assert!(run_config(&Device::Cpu, &tiny_configs()[0], DType::BF16, 0, 1).is_err());
         assert!(run_config(&Device::Cpu, &tiny_configs()[0], DType::F32, 1, 1).is_err());
+    }
+
+    #[test]
+    fn invariant_and_default_plans_on_the_same_inputs() {
+        let c = &tiny_configs()[1];
+        let ms = run_config_plans(&Device::Cpu, c, DType::BF16, 2, DEFAULT_SEED, &[PlanOptions::invariant(), PlanOptions::default()]).unwrap();
+        assert_eq!(ms.len(), 2);
+        for m in &ms {
+            assert_eq!(m.reps, 2);
+            assert!(m.ms > 0.0 && m.bytes == ms[0].bytes, "{m:?}");
+        }
     }
 
     #[test]

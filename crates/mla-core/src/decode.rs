@@ -23,7 +23,7 @@ use cudarc::driver::CudaStream;
 use crate::device::{Device, StepId};
 use crate::dtype::DType;
 use crate::error::{ErrorCode, MlaError, Result};
-use crate::plan::Plan;
+use crate::plan::{Plan, PlanOptions};
 use crate::tensor::Tensor;
 use crate::validate::{check_decode, check_outputs, check_scale, DecodeShape};
 use crate::{HEAD_DIM, HEAD_DIM_V};
@@ -42,6 +42,10 @@ pub struct DecodeOptions {
     pub stream: Option<Arc<CudaStream>>,
     /// The step's label in error messages (default "decode"), e.g. "layer 3".
     pub label: Option<Cow<'static, str>>,
+    /// When no plan is given ([`decode_auto`], [`enqueue`]): make a batch-invariant one
+    /// (see `crate::plan`). With a plan given, true requires a batch-invariant plan
+    /// (`ERR_INVALID_ARGUMENT` otherwise); false accepts either.
+    pub batch_invariant: bool,
 }
 
 impl DecodeOptions {
@@ -81,6 +85,7 @@ pub struct DecodeOutput {
 /// ```
 pub fn decode(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Tensor, plan: &Plan, opts: &DecodeOptions) -> Result<DecodeOutput> {
     let s = check_decode(q, kv, block_table, seqlens, plan)?;
+    check_invariant(plan, opts)?;
     check_scale(opts.scale())?;
     let (mut out, mut lse) = outputs(q.device(), &s)?;
     let step = run(&s, q, kv, block_table, seqlens, plan, opts, &mut out, &mut lse)?;
@@ -106,6 +111,7 @@ pub fn decode_into(
     lse: &mut Tensor,
 ) -> Result<()> {
     let s = check_decode(q, kv, block_table, seqlens, plan)?;
+    check_invariant(plan, opts)?;
     check_scale(opts.scale())?;
     check_outputs(&s, q.device(), out, lse)?;
     run(&s, q, kv, block_table, seqlens, plan, opts, out, lse).map(|_| ())
@@ -167,6 +173,7 @@ pub fn enqueue_into(
     lse: &mut Tensor,
 ) -> Result<StepId> {
     check_scale(opts.scale())?;
+    check_invariant(plan, opts)?;
     let dev = q.device();
     match check_decode(q, kv, block_table, seqlens, plan) {
         Ok(s) => {
@@ -191,10 +198,29 @@ pub fn enqueue_into(
 /// none is given). Tensors of the wrong rank get a placeholder plan for one row, so that
 /// the decode's own checks report them.
 pub fn plan_for(q: &Tensor, kv: &Tensor, seqlens: &Tensor) -> Result<Plan> {
+    plan_for_with(q, kv, seqlens, &PlanOptions::default())
+}
+
+/// [`plan_for`] with plan options (`DecodeOptions::batch_invariant` gives
+/// `PlanOptions::invariant()`).
+pub fn plan_for_with(q: &Tensor, kv: &Tensor, seqlens: &Tensor, popts: &PlanOptions) -> Result<Plan> {
     let (s_q, h_q) = if q.shape().len() == 4 { (q.shape()[1], q.shape()[2]) } else { (1, 1) };
     let h_kv = if kv.shape().len() == 4 && kv.shape()[2] > 0 { kv.shape()[2] } else { 1 };
     let rows = s_q.checked_mul(h_q).map_or(1, |r| (r / h_kv).max(1));
-    crate::plan::plan(seqlens, rows, h_kv)
+    crate::plan::plan_with(seqlens, rows, h_kv, popts)
+}
+
+/// The plan options a decode without a plan uses.
+fn auto_plan_options(opts: &DecodeOptions) -> PlanOptions {
+    PlanOptions { batch_invariant: opts.batch_invariant, chunks: None }
+}
+
+/// `batch_invariant` asked for with a plan that is not.
+fn check_invariant(plan: &Plan, opts: &DecodeOptions) -> Result<()> {
+    if opts.batch_invariant && !plan.batch_invariant() {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, "plan", "a batch-invariant plan (batch_invariant was asked for)", "a default plan"));
+    }
+    Ok(())
 }
 
 /// [`decode`], planning first when `plan` is `None` (plan and decode are one step).
@@ -203,7 +229,7 @@ pub fn decode_auto(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Tens
         Some(p) => decode(q, kv, block_table, seqlens, p, opts),
         None => {
             let (step, out) = q.device().step(opts.label(), || {
-                let p = plan_for(q, kv, seqlens)?;
+                let p = plan_for_with(q, kv, seqlens, &auto_plan_options(opts))?;
                 decode(q, kv, block_table, seqlens, &p, opts)
             })?;
             Ok(DecodeOutput { step, ..out })
@@ -225,7 +251,7 @@ pub fn enqueue(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Tensor, 
         let p = match plan {
             Some(p) => p,
             None => {
-                owned = plan_for(q, kv, seqlens)?;
+                owned = plan_for_with(q, kv, seqlens, &auto_plan_options(opts))?;
                 &owned
             }
         };
@@ -267,6 +293,7 @@ fn run(
                     metadata: plan.metadata.host().unwrap().as_i32(),
                     num_splits: plan.num_splits.host().unwrap().as_i32(),
                     num_parts: plan.num_parts,
+                    chunks: plan.chunks,
                     causal: opts.causal,
                     scale: opts.scale(),
                 };

@@ -209,6 +209,10 @@ impl Device {
     pub fn capture_step(&self, spec: &crate::gpu::graph::StepSpec, kv: &[&crate::Tensor]) -> Result<crate::gpu::graph::CapturedStep> {
         crate::gpu::graph::capture_step(self, spec, kv)
     }
+    /// [`Device::capture_step`] with the step's plan made with `popts` (e.g. batch-invariant).
+    pub fn capture_step_with(&self, spec: &crate::gpu::graph::StepSpec, kv: &[&crate::Tensor], popts: &crate::plan::PlanOptions) -> Result<crate::gpu::graph::CapturedStep> {
+        crate::gpu::graph::capture_step_with(self, spec, kv, popts)
+    }
 
     pub(crate) fn fail_step(&self, id: StepId, label: Cow<'static, str>, e: MlaError) {
         if let Device::Cpu = self {

@@ -36,7 +36,7 @@ pub use decode::{decode, DecodeOptions, DecodeOutput};
 pub use device::{Device, DeviceInfo, DeviceOptions, KernelPath, MemoryStats, StepId};
 pub use dtype::DType;
 pub use error::{ErrorCode, MlaError, Result};
-pub use plan::{plan, Plan, SharedPlan};
+pub use plan::{plan, plan_with, InvariantChunks, Plan, PlanOptions, SharedPlan};
 pub use tensor::Tensor;
 
 /// Latent width of one cached token (512 no-RoPE + 64 RoPE values).

@@ -56,6 +56,7 @@ fn run_with_plan(inp: &Inputs, causal: bool, meta: &[i32], splits: &[i32], parts
         metadata: meta,
         num_splits: splits,
         num_parts: parts,
+        chunks: None,
         causal,
         scale: SCALE,
     };

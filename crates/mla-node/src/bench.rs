@@ -78,6 +78,8 @@ pub struct BenchMeasurement {
     pub flops: f64,
     pub gbps: f64,
     pub tflops: f64,
+    /// With `batch_invariant`: the default plan's median on the same inputs, milliseconds.
+    pub default_ms: Option<f64>,
 }
 
 /// The configurations of a suite: "flashmla" (FlashMLA's grid and beyond shapes; `quick`:
@@ -115,6 +117,8 @@ fn seed_of(seed: Option<f64>) -> Result<u64> {
 
 /// Measures one configuration on the libuv thread pool (`mla_core::bench::run_config`):
 /// `reps` timed runs (default 30 on CUDA, 5 on the CPU) after warm-up, bf16 by default.
+/// `batch_invariant`: a batch-invariant plan, and the default plan on the same inputs
+/// (`run_config_plans`, runs alternating) for `default_ms`.
 #[napi(ts_return_type = "Promise<BenchMeasurement>")]
 pub fn bench_run(
     device: &Device,
@@ -122,6 +126,7 @@ pub fn bench_run(
     reps: Option<u32>,
     dtype: Option<String>,
     seed: Option<f64>,
+    batch_invariant: Option<bool>,
 ) -> Result<AsyncTask<BenchRunTask>> {
     let dev = device.get()?.clone();
     let dtype = parse_dtype(dtype.as_deref().unwrap_or("bf16"))?;
@@ -146,6 +151,7 @@ pub fn bench_run(
         dtype,
         reps,
         seed: seed_of(seed)?,
+        batch_invariant: batch_invariant.unwrap_or(false),
         failure: None,
     }))
 }
@@ -156,17 +162,24 @@ pub struct BenchRunTask {
     dtype: DType,
     reps: usize,
     seed: u64,
+    batch_invariant: bool,
     failure: Option<Failure>,
 }
 
 impl Task for BenchRunTask {
-    type Output = Option<bench::Measurement>;
+    /// The plan measured, then (batch-invariant runs) the default plan.
+    type Output = Option<Vec<bench::Measurement>>;
     type JsValue = BenchMeasurement;
 
     fn compute(&mut self) -> napi::Result<Self::Output> {
         let (dev, cfg, dtype, reps, seed) =
             (&self.dev, &self.cfg, self.dtype, self.reps, self.seed);
-        match core_async(|| core(|| bench::run_config(dev, cfg, dtype, reps, seed))) {
+        let plans = if self.batch_invariant {
+            vec![mla_core::PlanOptions::invariant(), mla_core::PlanOptions::default()]
+        } else {
+            vec![mla_core::PlanOptions::default()]
+        };
+        match core_async(|| core(|| bench::run_config_plans(dev, cfg, dtype, reps, seed, &plans))) {
             Ok(m) => Ok(Some(m)),
             Err(f) => {
                 self.failure = Some(f);
@@ -177,17 +190,18 @@ impl Task for BenchRunTask {
 
     fn resolve(&mut self, env: Env, out: Self::Output) -> napi::Result<BenchMeasurement> {
         match (out, self.failure.take()) {
-            (Some(m), _) => Ok(BenchMeasurement {
-                ms: m.ms,
-                min_ms: m.min_ms,
-                max_ms: m.max_ms,
-                reps: m.reps as u32,
-                b: m.b as u32,
-                total_seqlen: m.total_seqlen as f64,
-                bytes: m.bytes,
-                flops: m.flops,
-                gbps: m.gbps,
-                tflops: m.tflops,
+            (Some(ms), _) => Ok(BenchMeasurement {
+                default_ms: ms.get(1).map(|d| d.ms),
+                ms: ms[0].ms,
+                min_ms: ms[0].min_ms,
+                max_ms: ms[0].max_ms,
+                reps: ms[0].reps as u32,
+                b: ms[0].b as u32,
+                total_seqlen: ms[0].total_seqlen as f64,
+                bytes: ms[0].bytes,
+                flops: ms[0].flops,
+                gbps: ms[0].gbps,
+                tflops: ms[0].tflops,
             }),
             (None, Some(f)) => Err(reject_with_code(&env, f)),
             (None, None) => unreachable!(),

@@ -43,6 +43,7 @@ fn args(
     causal: Option<bool>,
     softmax_scale: Option<f64>,
     label: Option<String>,
+    batch_invariant: Option<bool>,
 ) -> Result<Args> {
     Ok(Args {
         q: q.arg("q")?,
@@ -58,6 +59,7 @@ fn args(
             softmax_scale: softmax_scale.map(|s| s as f32),
             stream: None,
             label: label.map(Cow::Owned),
+            batch_invariant: batch_invariant.unwrap_or(false),
         },
     })
 }
@@ -101,6 +103,7 @@ pub fn decode(
     causal: Option<bool>,
     softmax_scale: Option<f64>,
     label: Option<String>,
+    batch_invariant: Option<bool>,
 ) -> Result<AsyncTask<DecodeTask>> {
     let a = args(
         q,
@@ -111,6 +114,7 @@ pub fn decode(
         causal,
         softmax_scale,
         label,
+        batch_invariant,
     )?;
     let device = device_of(&a);
     let work = if device.is_cuda() {
@@ -141,6 +145,7 @@ pub fn decode_enqueue(
     causal: Option<bool>,
     softmax_scale: Option<f64>,
     label: Option<String>,
+    batch_invariant: Option<bool>,
 ) -> Result<Option<DecodeResult>> {
     mla_core::trace::mark("native:enter");
     let a = args(
@@ -152,6 +157,7 @@ pub fn decode_enqueue(
         causal,
         softmax_scale,
         label,
+        batch_invariant,
     )?;
     if !device_of(&a).is_cuda() {
         return Ok(None);
@@ -188,6 +194,7 @@ pub fn decode_sync(
     causal: Option<bool>,
     softmax_scale: Option<f64>,
     label: Option<String>,
+    batch_invariant: Option<bool>,
 ) -> Result<DecodeResult> {
     let a = args(
         q,
@@ -198,6 +205,7 @@ pub fn decode_sync(
         causal,
         softmax_scale,
         label,
+        batch_invariant,
     )?;
     let r = enqueue(&a)?;
     let d = device_of(&a);
@@ -219,6 +227,7 @@ pub fn decode_into(
     causal: Option<bool>,
     softmax_scale: Option<f64>,
     label: Option<String>,
+    batch_invariant: Option<bool>,
     out: &mut Tensor,
     lse: &mut Tensor,
 ) -> Result<i64> {
@@ -232,6 +241,7 @@ pub fn decode_into(
         causal,
         softmax_scale,
         label,
+        batch_invariant,
     )?;
     let out = out.owned_mut("out")?;
     let lse = lse.owned_mut("lse")?;
@@ -248,7 +258,11 @@ pub fn decode_into(
                     let dev = t[0].device().clone();
                     let label = a.opts.label.clone().unwrap_or(Cow::Borrowed("decode"));
                     dev.step(label, || {
-                        let p = mla_core::decode::plan_for(t[0], t[1], t[3])?;
+                        let popts = mla_core::PlanOptions {
+                            batch_invariant: a.opts.batch_invariant,
+                            chunks: None,
+                        };
+                        let p = mla_core::decode::plan_for_with(t[0], t[1], t[3], &popts)?;
                         mla_core::decode::enqueue_into(
                             t[0], t[1], t[2], t[3], &p, &a.opts, out, lse,
                         )

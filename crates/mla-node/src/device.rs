@@ -315,9 +315,16 @@ impl Device {
     }
 
     /// Scheduling metadata for `cache_seqlens` (a [b] int32 tensor on this device):
-    /// `mla_core::plan(seqlens, s_q * h_q / h_kv, h_kv)`.
+    /// `mla_core::plan_with(seqlens, s_q * h_q / h_kv, h_kv, { batch_invariant })`.
     #[napi]
-    pub fn plan(&self, cache_seqlens: &Tensor, s_q: i64, h_q: i64, h_kv: i64) -> Result<Plan> {
+    pub fn plan(
+        &self,
+        cache_seqlens: &Tensor,
+        s_q: i64,
+        h_q: i64,
+        h_kv: i64,
+        batch_invariant: Option<bool>,
+    ) -> Result<Plan> {
         let d = self.get()?.clone();
         for (name, v) in [("s_q", s_q), ("h_q", h_q), ("h_kv", h_kv)] {
             if v < 1 {
@@ -351,7 +358,11 @@ impl Device {
                     ))
                 }
             };
-            core(|| mla_core::plan(t, rows, h_kv as usize))
+            let popts = mla_core::PlanOptions {
+                batch_invariant: batch_invariant.unwrap_or(false),
+                chunks: None,
+            };
+            core(|| mla_core::plan_with(t, rows, h_kv as usize, &popts))
         })
         .map(Plan::wrap)
     }

@@ -50,6 +50,12 @@ impl Plan {
         Ok(self.get()?.read().rows as u32)
     }
 
+    /// Whether the plan is batch-invariant (`mla_core::Plan::batch_invariant`).
+    #[napi(getter)]
+    pub fn batch_invariant(&self) -> Result<bool> {
+        Ok(self.get()?.read().batch_invariant())
+    }
+
     /// [numParts, 8] int32 (a view of the plan's own tensor).
     #[napi(getter)]
     pub fn tile_scheduler_metadata(&self) -> Result<Tensor> {
@@ -63,7 +69,8 @@ impl Plan {
     }
 
     /// `mla_core::Plan::replan`: re-plans in place for new lengths (a [b] int32 tensor on the
-    /// plan's device); returns the step id (on CUDA the plan kernel is enqueued).
+    /// plan's device), with the plan's options (a batch-invariant plan stays one); returns
+    /// the step id (on CUDA the plan kernel is enqueued).
     #[napi]
     pub fn update(&self, cache_seqlens: &Tensor) -> Result<i64> {
         mla_core::trace::mark("native:enter");

@@ -54,6 +54,7 @@ pub fn capture_step(
     causal: Option<bool>,
     softmax_scale: Option<f64>,
     label: Option<String>,
+    batch_invariant: Option<bool>,
 ) -> Result<CapturedStep> {
     let d = device.get()?.clone();
     let dtype = parse_dtype(&dtype)?;
@@ -81,7 +82,11 @@ pub fn capture_step(
     };
     let refs: Vec<&TensorSrc> = srcs.iter().collect();
     let step = with_locked(&refs, &[], None, |t, _, _| {
-        core(|| d.capture_step(&spec, t))
+        let popts = mla_core::PlanOptions {
+            batch_invariant: batch_invariant.unwrap_or(false),
+            chunks: None,
+        };
+        core(|| d.capture_step_with(&spec, t, &popts))
     })?;
     Ok(CapturedStep {
         inner: Some(Arc::new(Mutex::new(step))),

@@ -4,7 +4,9 @@
 //! 1. The plan's metadata is turned into segments (sequence, block range, split slot), one
 //!    list per part. A sequence with one split gets its output chunk handed to the part
 //!    that computes it (written directly); the segments of a split sequence write a
-//!    normalised partial output and a partial lse into their own workspace slot.
+//!    normalised partial output and a partial lse into their own workspace slot. With a
+//!    batch-invariant plan every chunk of a sequence is its own segment and slot, also
+//!    where one part holds several chunks (as the GPU's `for_each_segment` cuts them).
 //! 2. Parts run in parallel (rayon); each owns disjoint mutable chunks, so no locking.
 //! 3. A combine pass, parallel over sequences, merges the partials of split sequences and
 //!    writes out = 0, lse = +inf for sequences of length 0.
@@ -16,7 +18,7 @@ mod kernel;
 use rayon::prelude::*;
 
 use crate::dtype::{f32_to_half_bits, DType};
-use crate::plan::{host_plan, META_INTS};
+use crate::plan::{host_plan_for, InvariantChunks, META_INTS};
 use crate::validate::DecodeShape;
 use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
@@ -33,6 +35,8 @@ pub struct CpuDecodeArgs<'a> {
     pub metadata: &'a [i32],
     pub num_splits: &'a [i32],
     pub num_parts: usize,
+    /// The chunk rule of a batch-invariant plan (None: the default plan).
+    pub chunks: Option<InvariantChunks>,
     pub causal: bool,
     pub scale: f32,
 }
@@ -101,14 +105,15 @@ pub fn decode_with_isa(args: &CpuDecodeArgs, out: &mut [u16], lse: &mut [f32], i
     // A plan computed from other lengths (not re-planned) would leave blocks out or read
     // past a sequence: use a fresh plan for these lengths instead.
     let fresh;
-    let (metadata, num_splits, num_parts) = if plan_matches(args.seqlens, args.metadata, args.num_splits, args.num_parts) {
+    let chunks = args.chunks;
+    let (metadata, num_splits, num_parts) = if plan_matches(args.seqlens, args.metadata, args.num_splits, args.num_parts, chunks) {
         (args.metadata, args.num_splits, args.num_parts)
     } else {
         let parts = args.num_parts.max(1);
-        fresh = host_plan(args.seqlens, parts);
+        fresh = host_plan_for(args.seqlens, parts, chunks);
         (&fresh.0[..], &fresh.1[..], parts)
     };
-    let segs = segments(args.seqlens, metadata, num_parts);
+    let segs = segments(args.seqlens, metadata, num_parts, chunks);
     let splits = |i: usize| (num_splits[i + 1] - num_splits[i]) as usize;
 
     // Workspace slots (normalised partial output [rows, 512] and lse [rows]) for the
@@ -226,8 +231,10 @@ enum Dest<'a> {
     Partial { o: &'a mut [f32], lse: &'a mut [f32] },
 }
 
-/// The segments of each part, as the plan describes them (the same walk as the GPU's).
-fn segments(seqlens: &[i32], metadata: &[i32], num_parts: usize) -> Vec<Vec<Segment>> {
+/// The segments of each part, as the plan describes them (the same walk as the GPU's):
+/// with a chunk rule, a part's range of a sequence is cut at its chunk boundaries, each
+/// piece with its chunk's split index.
+fn segments(seqlens: &[i32], metadata: &[i32], num_parts: usize, chunks: Option<InvariantChunks>) -> Vec<Vec<Segment>> {
     let b = seqlens.len();
     (0..num_parts)
         .map(|p| {
@@ -240,9 +247,23 @@ fn segments(seqlens: &[i32], metadata: &[i32], num_parts: usize) -> Vec<Vec<Segm
             for (seq, &len) in seqlens.iter().enumerate().take(es.min(b - 1) + 1).skip(bs) {
                 let lo = if seq == bs { bb } else { 0 };
                 let hi = if seq == es { eb } else { nblocks(len) };
-                if hi > lo {
-                    let split = if seq == bs { m[4] as usize } else { 0 };
-                    v.push(Segment { seq, lo, hi, split });
+                match chunks {
+                    None if hi > lo => {
+                        let split = if seq == bs { m[4] as usize } else { 0 };
+                        v.push(Segment { seq, lo, hi, split });
+                    }
+                    None => {}
+                    Some(c) => {
+                        let nb = nblocks(len);
+                        let n = c.chunks(nb);
+                        let (mut a, hi) = (lo, hi.min(nb));
+                        while a < hi {
+                            let k = InvariantChunks::chunk_of_block(a, nb, n);
+                            let e = hi.min(InvariantChunks::chunk_start(k + 1, nb, n));
+                            v.push(Segment { seq, lo: a, hi: e, split: k });
+                            a = e;
+                        }
+                    }
                 }
             }
             v
@@ -251,8 +272,9 @@ fn segments(seqlens: &[i32], metadata: &[i32], num_parts: usize) -> Vec<Vec<Segm
 }
 
 /// Whether the plan covers every block of every sequence exactly once, in the number of
-/// splits it announces, with each split slot used once.
-fn plan_matches(seqlens: &[i32], metadata: &[i32], num_splits: &[i32], num_parts: usize) -> bool {
+/// splits it announces, with each split slot used once (with a chunk rule: each chunk
+/// whole in one part, so one segment per chunk).
+fn plan_matches(seqlens: &[i32], metadata: &[i32], num_splits: &[i32], num_parts: usize, chunks: Option<InvariantChunks>) -> bool {
     let b = seqlens.len();
     if num_parts == 0 || metadata.len() < num_parts * META_INTS || num_splits.len() != b + 1 || num_splits[0] != 0 {
         return false;
@@ -267,7 +289,7 @@ fn plan_matches(seqlens: &[i32], metadata: &[i32], num_splits: &[i32], num_parts
         }
     }
     let mut per_seq: Vec<Vec<Segment>> = vec![Vec::new(); b];
-    for part in segments(seqlens, metadata, num_parts) {
+    for part in segments(seqlens, metadata, num_parts, chunks) {
         for seg in part {
             per_seq[seg.seq].push(seg);
         }

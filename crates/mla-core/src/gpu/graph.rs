@@ -36,7 +36,7 @@ use std::borrow::Cow;
 use crate::decode::{enqueue_into, DecodeOptions};
 use crate::device::{Device, StepId};
 use crate::dtype::DType;
-use crate::plan::{plan, Plan};
+use crate::plan::{plan_with, Plan, PlanOptions};
 use crate::tensor::Tensor;
 use crate::validate::{check_decode, check_outputs, check_scale, DecodeShape};
 use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
@@ -121,6 +121,12 @@ fn address(t: &Tensor) -> usize {
 /// its own into a graph that [`CapturedStep::replay`] launches on the device's stream. On
 /// the CPU backend nothing is captured (replays run the same calls).
 pub fn capture_step(dev: &Device, spec: &StepSpec, kv: &[&Tensor]) -> Result<CapturedStep> {
+    capture_step_with(dev, spec, kv, &PlanOptions::default())
+}
+
+/// [`capture_step`] with the step's plan made with `popts` (e.g. batch-invariant: every
+/// replay re-plans with the same rule, on the device).
+pub fn capture_step_with(dev: &Device, spec: &StepSpec, kv: &[&Tensor], popts: &PlanOptions) -> Result<CapturedStep> {
     let bad = |what: &str, expected: &str, got: String| Err(MlaError::arg(ErrorCode::InvalidArgument, &format!("step spec: {what}"), expected, got));
     if spec.batch == 0 {
         return bad("batch", "at least 1", spec.batch.to_string());
@@ -137,7 +143,7 @@ pub fn capture_step(dev: &Device, spec: &StepSpec, kv: &[&Tensor]) -> Result<Cap
     if kv.len() != spec.layers {
         return Err(MlaError::arg(ErrorCode::InvalidArgument, "kv", format!("{} pools (one per layer)", spec.layers), kv.len()));
     }
-    let opts = DecodeOptions { causal: spec.causal, softmax_scale: spec.softmax_scale, stream: None, label: None };
+    let opts = DecodeOptions { causal: spec.causal, softmax_scale: spec.softmax_scale, ..Default::default() };
     check_scale(opts.scale())?;
     let (b, s_q, h_q) = (spec.batch, spec.s_q, spec.h_q);
     let q = (0..spec.layers).map(|_| Tensor::zeros(dev, &[b, s_q, h_q, HEAD_DIM], spec.dtype)).collect::<Result<Vec<_>>>()?;
@@ -145,7 +151,7 @@ pub fn capture_step(dev: &Device, spec: &StepSpec, kv: &[&Tensor]) -> Result<Cap
     let lse = (0..spec.layers).map(|_| Tensor::zeros(dev, &[b, h_q, s_q], DType::F32)).collect::<Result<Vec<_>>>()?;
     let block_table = Tensor::from_i32(dev, &vec![crate::cache::BLOCK_TABLE_PAD; b * spec.max_blocks_per_seq], &[b, spec.max_blocks_per_seq])?;
     let seqlens = Tensor::zeros(dev, &[b], DType::I32)?;
-    let p = plan(&seqlens, s_q * h_q, 1)?;
+    let p = plan_with(&seqlens, s_q * h_q, 1, popts)?;
     let mut shapes = Vec::with_capacity(spec.layers);
     for (l, k) in kv.iter().enumerate() {
         let s = check_decode(&q[l], k, &block_table, &seqlens, &p).map_err(|e| MlaError::new(e.code, format!("layer {l}: {}", e.message)))?;
@@ -283,7 +289,7 @@ impl CapturedStep {
     fn replay_eager(&mut self, kv: &[&Tensor]) -> Result<StepId> {
         let label = self.label();
         let dev = self.device.clone();
-        let opts = DecodeOptions { causal: self.spec.causal, softmax_scale: self.spec.softmax_scale, stream: None, label: Some(label.clone()) };
+        let opts = DecodeOptions { causal: self.spec.causal, softmax_scale: self.spec.softmax_scale, label: Some(label.clone()), ..Default::default() };
         let (id, ()) = dev.step(label.clone(), || {
             match self.plan.replan(&self.seqlens) {
                 Ok(_) => {}

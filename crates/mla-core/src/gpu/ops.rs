@@ -24,7 +24,12 @@ fn ptr(t: &Tensor) -> u64 {
 
 /// Where a plan's copy of its lengths sits in its workspace.
 fn plan_seqlens_ptr(ws: u64, plan: &Plan) -> u64 {
-    ws + ((plan.batch + plan.num_parts) * plan.rows * (HEAD_DIM_V + 1) * 4) as u64
+    ws + (plan.slots * plan.rows * (HEAD_DIM_V + 1) * 4) as u64
+}
+
+/// The (chunk_blocks, max_chunks) kernel fields of a plan: (0, 0) for the default plan.
+fn chunk_fields(plan: &Plan) -> (i32, i32) {
+    plan.chunks().map_or((0, 0), |c| (c.chunk_blocks as i32, c.max_chunks as i32))
 }
 
 fn pick_stream<'a>(g: &'a GpuDevice, s: &'a Option<Arc<CudaStream>>) -> &'a Arc<CudaStream> {
@@ -46,6 +51,8 @@ pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Optio
         block_size: BLOCK_SIZE as i32,
         fixed_cost: crate::plan::split_fixed_cost() as i32,
         max_seqlen,
+        chunk_blocks: chunk_fields(plan).0,
+        max_chunks: chunk_fields(plan).1,
     };
     let dims = LaunchDims { grid: (1, 1, 1), block: (256, 1, 1), smem: 0 };
     unsafe { launch(&f, pick_stream(g, &stream), &dims, &p) }
@@ -147,7 +154,7 @@ pub fn decode_into(
         return Ok(()); // nothing to compute, and a grid of zero blocks is a launch error
     }
     let ws = plan.workspace.as_ref().expect("a CUDA plan has a workspace");
-    let slots = (plan.batch + plan.num_parts) as u64;
+    let slots = plan.slots as u64;
     let stream = pick_stream(g, &opts.stream);
     let scale = opts.scale();
     let ty = match s.dtype {
@@ -184,6 +191,8 @@ pub fn decode_into(
         causal: opts.causal as i32,
         scale,
         scale_log2: scale * std::f32::consts::LOG2_E,
+        chunk_blocks: chunk_fields(plan).0,
+        max_chunks: chunk_fields(plan).1,
         q_map: Default::default(),
         kv_map: Default::default(),
     };

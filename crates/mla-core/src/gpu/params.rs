@@ -26,6 +26,9 @@ pub struct MlaPlanParams {
     pub block_size: i32,
     pub fixed_cost: i32,
     pub max_seqlen: i32,
+    /// A batch-invariant plan's chunk rule (0, 0: the default plan).
+    pub chunk_blocks: i32,
+    pub max_chunks: i32,
 }
 
 #[repr(C)]
@@ -52,6 +55,9 @@ pub struct MlaDecodeParams {
     pub causal: i32,
     pub scale: f32,
     pub scale_log2: f32,
+    /// A batch-invariant plan's chunk rule (0, 0: the default plan).
+    pub chunk_blocks: i32,
+    pub max_chunks: i32,
     pub q_map: TmaMap,
     pub kv_map: TmaMap,
 }

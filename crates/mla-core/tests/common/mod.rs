@@ -535,6 +535,7 @@ pub fn check(what: &str, inp: &Inputs, out_bits: &[u16], lse: &[f32], r: &Refere
 }
 
 pub mod serve;
+pub mod invariant;
 
 /// CUDA device 0 for a GPU test, or None after printing "SKIPPED <test> (no GPU: ...)";
 /// with MLA_TEST_DEVICE=cuda (the GPU suite sets it) a missing GPU fails the test instead.
