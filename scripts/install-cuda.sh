@@ -128,7 +128,11 @@ CU
 
 installed_ok() {
   [ -x "$DEST/bin/ptxas" ] || return 1
-  "$DEST/bin/ptxas" --version 2>/dev/null | grep -q "release $WANT_RELEASE," || return 1
+  # Captured first: with pipefail, `ptxas | grep -q` fails whenever grep exits before
+  # ptxas has written everything (SIGPIPE).
+  local v
+  v=$("$DEST/bin/ptxas" --version 2>/dev/null) || return 1
+  grep -q "release $WANT_RELEASE," <<<"$v" || return 1
   [ -f "$DEST/mla-cuda-pins.txt" ] && [ "$(cat "$DEST/mla-cuda-pins.txt")" = "$PIN_TEXT" ] || return 1
   [ -f "$DEST/lib/libnvrtc.so.12" ] && [ -f "$DEST/include/cuda_runtime.h" ] \
     && [ -d "$DEST/include/crt" ] && [ -d "$DEST/include/cuda/std" ] || return 1
@@ -189,8 +193,9 @@ chmod -R a+rX "$TREE"
 chmod a+x "$TREE/bin/ptxas"
 printf '%s\n' "$PIN_TEXT" >"$TREE/mla-cuda-pins.txt"
 
-"$TREE/bin/ptxas" --version | grep -q "release $WANT_RELEASE," \
-  || die "the installed ptxas does not report release $WANT_RELEASE: $("$TREE/bin/ptxas" --version 2>&1 | tail -2)"
+ptxas_version=$("$TREE/bin/ptxas" --version 2>&1) || die "the installed ptxas does not run: $ptxas_version"
+grep -q "release $WANT_RELEASE," <<<"$ptxas_version" \
+  || die "the installed ptxas does not report release $WANT_RELEASE: $(tail -2 <<<"$ptxas_version")"
 say "testing: NVRTC + ptxas to an sm_90a cubin (bf16/fp16 headers, mma.sync, wgmma, TMA, mbarrier, griddepcontrol)"
 smoke_test "$TREE" || die "the test kernel did not compile to an sm_90a cubin with the toolkit in $TREE (log above)"
 

@@ -101,7 +101,8 @@ JSON
 echo "typescript consumer: ok"
 
 ./node_modules/.bin/mla-decode info --device cpu | sed 's/^/   bin: /'
-./node_modules/.bin/mla-decode info --device cpu | grep -q '^device (cpu): CPU backend' || { echo "pack-test: the bin did not run" >&2; exit 1; }
+info_out=$(./node_modules/.bin/mla-decode info --device cpu) || { echo "pack-test: the bin failed" >&2; exit 1; }
+grep -q '^device (cpu): CPU backend' <<<"$info_out" || { echo "pack-test: the bin did not run" >&2; exit 1; }
 
 echo "== the main package without its platform package: the error says what is missing"
 cd "$work/main-only"
