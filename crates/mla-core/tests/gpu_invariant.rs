@@ -84,7 +84,10 @@ fn invariant_results_are_accurate() {
     let mut rng = Rng::new("invariant_results_are_accurate");
     for dtype in [DType::BF16, DType::F16] {
         for (h_q, s_q) in [(16, 1), (32, 1), (64, 2), (128, 2), (3, 4)] {
-            let lens = vec![0, 1, 63, 64, 65, 2049, 5000, 20000];
+            // 20000 tokens: 8 chunks of 39 blocks (the cap); fewer rows of reference work for
+            // the wide shapes.
+            let long = if h_q * s_q <= 32 { 20000 } else { 9000 };
+            let lens = vec![0, 1, 63, 64, 65, 2049, 5000, long];
             let inp = Inputs::random(Case::new(dtype, h_q, s_q, lens).shared_blocks(true), rng.below(2) == 1, &mut rng);
             for causal in [true, false] {
                 let run = |d: &Device| {
