@@ -49,9 +49,8 @@ template <int M> struct Smem {
     static_assert(ALLOC <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
 
-// Experiment modes (BENCHMARKS.md): 0 the kernel; 1 consumers only wait and release
-// (the data path alone); 2 the producer releases stages without loading (the math alone).
-template <typename T, int RG, int KS, int QR, int MODE>
+// (The data-path-only and math-only modes BENCHMARKS.md measured are in git history, 9ef1bdd.)
+template <typename T, int RG, int KS, int QR>
 __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
     using Tile = MmaTile<T, RG, KS, QR>;
     constexpr int M = Tile::M;
@@ -95,9 +94,7 @@ __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
                 const uint32_t dst = sbase + L::RING + ring.slot() * STAGE;
                 mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
                 const int idx = p.block_table[(size_t)sg.seq * p.max_blocks_per_seq + n];
-                if (MODE == 2) {
-                    mbar_arrive(full);
-                } else if (idx < 0 || idx >= p.num_blocks) {
+                if (idx < 0 || idx >= p.num_blocks) {
                     atomicOr(p.error_flag, MLA_ERR_BLOCK_INDEX);
                     uint4* z = reinterpret_cast<uint4*>(smem + L::RING + ring.slot() * STAGE);
                     for (int i = 0; i < STAGE / 16; ++i) z[i] = make_uint4(0, 0, 0, 0);
@@ -165,12 +162,8 @@ __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
                     if (lane == 0) mbar_arrive(q_empty);
                 }
             };
-            if (MODE == 1) {
-                release_q();
-            } else {
-                tile.scores(p, tid, n, q_at, k_at, st, sync, release_q);
-                tile.accumulate(k_at, st);
-            }
+            tile.scores(p, tid, n, q_at, k_at, st, sync, release_q);
+            tile.accumulate(k_at, st);
             __syncwarp();
             if (lane == 0) {
                 mbar_arrive(empty0 + 8 * s0);
@@ -186,22 +179,16 @@ __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
 
 }  // namespace
 
-#define MLA_DECODE_TMA_KERNEL(NAME, T, RG, KS, QR, MODE)                                                                \
+#define MLA_DECODE_TMA_KERNEL(NAME, T, RG, KS, QR)                                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ MlaDecodeParams p) { \
         extern __shared__ __align__(1024) char smem[];                                                       \
         mla::pdl_launch_dependents(); /* the combine may launch now */ \
-        decode_tma<T, RG, KS, QR, MODE>(p, smem);                                                                   \
+        decode_tma<T, RG, KS, QR>(p, smem);                                                                         \
     }
 
 // Q k-steps in registers: all 36 at 16 rows; at 32 rows the most that ptxas 12.9 keeps
 // without spilling (12; 18 measured 13% faster with ptxas 13.0, which allocated it).
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma16, __nv_bfloat16, 1, 2, 36, 0)
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32, __nv_bfloat16, 2, 2, 12, 0)
-MLA_DECODE_TMA_KERNEL(mla_decode_fp16_tma16, __half, 1, 2, 36, 0)
-MLA_DECODE_TMA_KERNEL(mla_decode_fp16_tma32, __half, 2, 2, 12, 0)
-// Experiments (MLA_TMA_VARIANT=<suffix>, bf16 only; BENCHMARKS.md).
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32_q0, __nv_bfloat16, 2, 2, 0, 0)
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma16_x1, __nv_bfloat16, 1, 2, 36, 1)
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32_x1, __nv_bfloat16, 2, 2, 12, 1)
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma16_x2, __nv_bfloat16, 1, 2, 36, 2)
-MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32_x2, __nv_bfloat16, 2, 2, 12, 2)
+MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma16, __nv_bfloat16, 1, 2, 36)
+MLA_DECODE_TMA_KERNEL(mla_decode_bf16_tma32, __nv_bfloat16, 2, 2, 12)
+MLA_DECODE_TMA_KERNEL(mla_decode_fp16_tma16, __half, 1, 2, 36)
+MLA_DECODE_TMA_KERNEL(mla_decode_fp16_tma32, __half, 2, 2, 12)

@@ -113,9 +113,7 @@ impl DecodeKernel {
             DecodeKernel::Tma { tile } => {
                 // 5 half-block stages, Q, scratch, 12 mbarriers, 1024 of alignment slack.
                 let bars = (5 * (BLOCK_SIZE / 2) * row + tile * row + mma_scratch(tile)).div_ceil(8) * 8;
-                // MLA_TMA_VARIANT=<suffix>: an experiment entry of the module (bf16).
-                let variant = std::env::var("MLA_TMA_VARIANT").ok().filter(|v| !v.is_empty()).map(|v| format!("_{v}")).unwrap_or_default();
-                ("sm90/mla_decode_tma", format!("mla_decode_{ty}_tma{tile}{variant}"), bars + 12 * 8 + 1024, 384)
+                ("sm90/mla_decode_tma", format!("mla_decode_{ty}_tma{tile}"), bars + 12 * 8 + 1024, 384)
             }
             DecodeKernel::MmaSync { tile } => {
                 // Q, a ring of half-block stages, scratch: per tile (gpu/portable.rs).
