@@ -51,7 +51,7 @@ for s in $stages; do
     # The warp-specialised wgmma kernel (not the default yet) on every row count, with the
     # pipeline tests and compute-sanitizer.
     rust-ws)
-      run_stage rust-ws env MLA_DECODE_KERNEL=ws .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ seqlen_zero --include-ignored
+      run_stage rust-ws env MLA_DECODE_KERNEL=ws .device/bin/gpu_decode --test-threads=1 edge_cases sanitizer_ seqlen_zero adversarial --include-ignored
       run_stage pipeline-ws env MLA_DECODE_KERNEL=ws .device/bin/gpu_pipeline --test-threads=1
       for tool in memcheck racecheck synccheck; do
         run_stage $tool-ws env MLA_DECODE_KERNEL=ws compute-sanitizer --tool $tool --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
@@ -100,11 +100,16 @@ for _ in range(10):
 ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e12))' ;;
     bench)
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" | grep -o '^[0-9]*' || true)
+      # A variant is a kernel name (MLA_DECODE_KERNEL), optionally with -pfN: the
+      # warp-specialised kernel's L2 prefetch distance (MLA_L2_PREFETCH=N), e.g. ws-pf2.
       for v in ${BENCH_VARIANTS:-default}; do
+        knobs=(MLA_DECODE_KERNEL=${v%%-*})
+        [[ $v == *-pf* ]] && knobs+=(MLA_L2_PREFETCH=${v##*-pf})
+        [[ $v == *-x* ]] && knobs+=(MLA_WS_EXPERIMENT=_x${v##*-x})
         # The SM clock while the bench runs (sampled every 100 ms), summarised in the log.
         nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$OUT/clock-$v.txt" 2>/dev/null &
         smi=$!
-        run_stage "bench-$v" env MLA_DECODE_KERNEL=$v .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-$v.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
+        run_stage "bench-$v" env "${knobs[@]}" .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-$v.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
         kill $smi 2>/dev/null
         awk -F', *' '$1 > 1000 {n++; s += $1; if (!lo || $1 < lo) lo = $1; if ($1 > hi) hi = $1} END {if (n) printf "SM clock under load: mean %.0f MHz, min %d, max %d (%d samples)\n", s / n, lo, hi, n}' "$OUT/clock-$v.txt" | tee -a "$OUT/bench-$v.log"
       done ;;

@@ -4,17 +4,20 @@
 //   WG2 (producer): warp 8's lane 0 walks the part's segments (for_each_segment) and
 //       streams each 64-token block into one of 2 full stages by TMA (9 boxes of 64
 //       columns x 64 rows, 128-byte swizzle), completing on the stage's full mbarrier; Q
-//       (64 rows x 576) likewise once per segment. Its other warps exit; setmaxnreg gives
-//       its registers to the consumers.
+//       (64 rows x 576) likewise once per segment. Before it waits for a stage it asks L2
+//       for the block p.l2_prefetch blocks further on (one bulk prefetch of the block's
+//       72 KiB), so HBM latency overlaps the stages' turnaround. Its other warps exit;
+//       setmaxnreg gives its registers to the consumers.
 //   WG0: S = Q K^T of every block (36 x m64n64k16 from shared memory: each warp owns 16
 //       whole rows, so the softmax needs no cross-warp reduction), the online softmax in
 //       registers, P published to shared memory with the per-row rescale factors, and the
-//       left half of O (V columns 0-255, 4 x m64n256k16 with P from registers).
+//       left half of O (V columns 0-255, 4 x m64n256k16 with P from registers). S of
+//       block n + 1 is issued right behind PV-left of block n (no drain between them).
 //   WG1: the right half of O (V columns 256-511, P from shared memory), rescaled by the
 //       factors WG0 published. Its PV of block n runs under WG0's S of block n + 1.
 // Handshakes: full / empty per stage (empty counts WG0 and WG1 once each), Q full / empty,
-// P full (128 WG0 arrivals) / P free (128 WG1 arrivals); named barrier 1 (256 threads)
-// at the end of a segment, where WG0 hands WG1 the row sums.
+// P full (128 WG0 arrivals) / P free (128 WG1 arrivals), used once more at the end of a
+// segment, where WG0 hands WG1 the row sums' inverses through the factors' slot.
 //
 // Untrusted input as in the other kernels: a bad block index never becomes a TMA
 // coordinate (its stage is zero-filled, MLA_ERR_BLOCK_INDEX); rows past the sequence end
@@ -34,7 +37,8 @@ constexpr int THREADS = 384;
 constexpr int REGION = M * 128;           // one 64-column box of a 64-row tile (8 KiB)
 constexpr int TILE = D / 64 * REGION;     // 9 regions: Q, or one cache block (72 KiB)
 constexpr int STAGES = 2;
-constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 2 * 128 * 232 + 128 * 40 = 384 * 168
+constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
+constexpr float LAZY_TAU = 8.f;  // log2 units the reference max may lag a row's true max  // 2 * 128 * 232 + 128 * 40 = 384 * 168
 
 __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
     return (chunk >> 3) * REGION + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
@@ -46,9 +50,8 @@ struct Smem {
     static constexpr int Q = 0;
     static constexpr int KV = Q + TILE;                // STAGES x TILE
     static constexpr int P = KV + STAGES * TILE;       // 64 x 64 T, one swizzled region
-    static constexpr int SCALE = P + REGION;           // [64] f32: this block's rescale factors
-    static constexpr int INV_L = SCALE + M * 4;        // [2][64] f32: 1 / row sum, by segment parity
-    static constexpr int BARS = INV_L + 2 * M * 4;     // full[2], empty[2], q_full, q_empty, p_full, p_free
+    static constexpr int SCALE = P + REGION;           // [64] f32: this block's rescale factors, or 1 / l at a segment's end
+    static constexpr int BARS = SCALE + M * 4;         // full[2], empty[2], q_full, q_empty, p_full, p_free
     static constexpr int TOTAL = BARS + (2 * STAGES + 4) * 8;
     static constexpr int ALLOC = TOTAL + 1024;
     static_assert(ALLOC <= 227 * 1024, "shared memory over the sm_90 per-block limit");
@@ -56,12 +59,12 @@ struct Smem {
 
 template <typename T> struct Mma;
 template <> struct Mma<__nv_bfloat16> {
-    __device__ static void qk(float* d, uint64_t a, uint64_t b) { wgmma_n64_bf16(d, a, b); }
+    template <int ACC> __device__ static void qk(float* d, uint64_t a, uint64_t b) { wgmma_n64_bf16<ACC>(d, a, b); }
     __device__ static void pv_rs(float* d, const uint32_t* a, uint64_t b) { wgmma_n256t_rs_bf16(d, a, b); }
     __device__ static void pv_ss(float* d, uint64_t a, uint64_t b) { wgmma_n256t_bf16(d, a, b); }
 };
 template <> struct Mma<__half> {
-    __device__ static void qk(float* d, uint64_t a, uint64_t b) { wgmma_n64_fp16(d, a, b); }
+    template <int ACC> __device__ static void qk(float* d, uint64_t a, uint64_t b) { wgmma_n64_fp16<ACC>(d, a, b); }
     __device__ static void pv_rs(float* d, const uint32_t* a, uint64_t b) { wgmma_n256t_rs_fp16(d, a, b); }
     __device__ static void pv_ss(float* d, uint64_t a, uint64_t b) { wgmma_n256t_fp16(d, a, b); }
 };
@@ -74,7 +77,9 @@ __device__ __forceinline__ void issue_pv_ss(float* o, uint32_t p_addr, uint32_t 
         Mma<T>::pv_ss(o, sw128_desc(p_addr + ks * 32, 16, 1024), sw128_desc(stage + half * 4 * REGION + ks * 16 * 128, REGION, 1024));
 }
 
-template <typename T>
+// MODE (experiment): 0 the kernel; 1 the data path alone (consumers wait and release);
+// 2 the math alone (the producer releases stages without loading them).
+template <typename T, int MODE>
 __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     using L = Smem;
     const uint32_t raw = smem_u32(smem_raw);
@@ -108,10 +113,20 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
         regs_dec<PRODUCER_REGS>();
         if (warp != 8 || lane != 0) return;
         const uint64_t kv_policy = l2_evict_first(), q_policy = l2_evict_last();
+        const char* kv = static_cast<const char*>(p.kv);
+        constexpr uint32_t BLOCK_BYTES = BS * D * sizeof(T);
         Ring<STAGES> ring;
         uint32_t q_loads = 0;
         for_each_segment(p, [&](const Segment& sg) {
+            // L2 prefetch of block n of this segment, if its index is valid (a bad one is
+            // flagged when its load comes).
+            const auto prefetch = [&](int n) {
+                if (n >= sg.hi) return;
+                const int idx = p.block_table[(size_t)sg.seq * p.max_blocks_per_seq + n];
+                if (idx >= 0 && idx < p.num_blocks) bulk_prefetch_l2(kv + (size_t)idx * BLOCK_BYTES, BLOCK_BYTES);
+            };
             const auto load_block = [&](int n) {
+                if (p.l2_prefetch > 0) prefetch(n + p.l2_prefetch);
                 const uint32_t full = full0 + 8 * ring.slot();
                 mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
                 const int idx = p.block_table[(size_t)sg.seq * p.max_blocks_per_seq + n];
@@ -121,6 +136,8 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                     for (int i = 0; i < TILE / 16; ++i) z[i] = make_uint4(0, 0, 0, 0);
                     fence_async_smem();
                     mbar_arrive(full);
+                } else if (MODE == 2) {
+                    mbar_arrive(full);
                 } else {
                     mbar_arrive_expect_tx(full, TILE);
                     const uint32_t dst = sbase + L::KV + ring.slot() * TILE;
@@ -129,6 +146,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 }
                 ring.step();
             };
+            for (int j = 0; j < p.l2_prefetch; ++j) prefetch(sg.lo + j);
             // The first block needs a stage the previous segment frees before its last S,
             // Q the consumers free after that S.
             load_block(sg.lo);
@@ -147,30 +165,46 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     const int wl = warp & 3, g = lane >> 2, t4 = lane & 3;
     const int row0 = 16 * wl + g, row1 = row0 + 8;  // this thread's accumulator rows
     float* scale_s = reinterpret_cast<float*>(smem + L::SCALE);
-    float* inv_l_s = reinterpret_cast<float*>(smem + L::INV_L);
     Ring<STAGES> ring;
-    uint32_t q_loads = 0, p_uses = 0, segs = 0;
+    uint32_t q_loads = 0, p_uses = 0;
     float o[128];
 
     for_each_segment(p, [&](const Segment& sg) {
+        if (MODE == 1) {
+            if (wg == 0) {
+                mbar_wait(q_full, q_loads & 1);
+                for (int n = sg.lo; n < sg.hi; ++n) {
+                    mbar_wait(full0 + 8 * ring.slot(), ring.phase());
+                    if (wt == 0) {
+                        mbar_arrive(empty0 + 8 * ring.slot());
+                        mbar_arrive(empty0 + 8 * ring.slot());
+                        if (n + 1 == sg.hi) mbar_arrive(q_empty);
+                    }
+                    ring.step();
+                }
+                ++q_loads;
+            }
+            return;
+        }
         const int len = sg.len;
         const int key_end0 = key_end_of_row(p, r0 + row0, len), key_end1 = key_end_of_row(p, r0 + row1, len);
 #pragma unroll
         for (int i = 0; i < 128; ++i) o[i] = 0.f;
-        float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.f, l1 = 0.f;  // WG0: running max (log2) and partial sums
+        float inv0, inv1;  // 1 / row sum, for the epilogue
 
         if (wg == 0) {
-            mbar_wait(q_full, q_loads & 1);
+            float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.f, l1 = 0.f;  // running max (log2), partial sums
             float s[32];
             uint32_t pa[16];  // P as A fragments of the 4 k-steps of PV
-            for (int n = sg.lo; n < sg.hi; ++n) {
-                const uint32_t stage = sbase + L::KV + ring.slot() * TILE;
-                mbar_wait(full0 + 8 * ring.slot(), ring.phase());
+            // Waits for block n's stage (ring position r), zero-fills the V part of the rows
+            // past the sequence end (they may hold NaN) before any product reads the stage,
+            // and issues S = Q K^T as one commit group.
+            const auto issue_s = [&](int n, const Ring<STAGES>& r) {
+                const uint32_t stage = sbase + L::KV + r.slot() * TILE;
+                mbar_wait(full0 + 8 * r.slot(), r.phase());
                 const int valid = len - n * BS;
                 if (valid < BS) {
-                    // The sequence ends in this block: zero the V part of rows valid..63
-                    // (they may hold NaN) before any product reads the stage.
-                    char* st = smem + L::KV + ring.slot() * TILE;
+                    char* st = smem + L::KV + r.slot() * TILE;
                     for (int i = wt; i < (BS - valid) * 64; i += 128) {
                         const int row = valid + (i >> 6);
                         *reinterpret_cast<uint4*>(st + ((i >> 3) & 7) * REGION + row * 128 + (i & 7) * 16) = make_uint4(0, 0, 0, 0);
@@ -178,44 +212,62 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                     fence_async_smem();
                     named_sync<2, 128>();
                 }
-                // S = Q K^T, then (previous PV-left retired: groups retire in order).
-#pragma unroll
-                for (int i = 0; i < 32; ++i) s[i] = 0.f;
+                // The first k-step overwrites S (scale-d 0): no register of S is written
+                // while the PV before it is in flight.
                 wgmma_fence();
+                Mma<T>::template qk<0>(s, sw128_desc(sbase + L::Q, 16, 1024), sw128_desc(stage, 16, 1024));
 #pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {
+                for (int kk = 1; kk < D / 16; ++kk) {
                     const uint32_t off = (kk >> 2) * REGION + (kk & 3) * 32;
-                    Mma<T>::qk(s, sw128_desc(sbase + L::Q + off, 16, 1024), sw128_desc(stage + off, 16, 1024));
+                    Mma<T>::template qk<1>(s, sw128_desc(sbase + L::Q + off, 16, 1024), sw128_desc(stage + off, 16, 1024));
                 }
                 wgmma_commit();
+            };
+            mbar_wait(q_full, q_loads & 1);
+            for (int n = sg.lo; n < sg.hi; ++n) {
+                const uint32_t stage = sbase + L::KV + ring.slot() * TILE;
+                // S(n) goes in right behind PV-left(n - 1), then both retire (in order):
+                // block n - 1's stage is free for this warpgroup, Q too after the last S.
+                issue_s(n, ring);
                 wgmma_wait<0>();
-                if (n + 1 == sg.hi && wt == 0) mbar_arrive(q_empty);  // Q read for the last time
+                if (n > sg.lo && wt == 0) mbar_arrive(empty0 + 8 * Ring<STAGES>{ring.i - 1}.slot());
+                if (n + 1 == sg.hi && wt == 0) mbar_arrive(q_empty);
 
-                // Online softmax of block n (log2 domain), rows row0 / row1.
+                // Online softmax of block n (log2 domain), rows row0 / row1. Only a block
+                // with keys past a row's end needs the mask.
+                const float c = p.scale_log2;  // > 0 (checked on the host)
+                if ((n + 1) * BS > min(key_end0, key_end1)) {
+#pragma unroll
+                    for (int i = 0; i < 32; ++i) {
+                        const int key = n * BS + (i >> 2) * 8 + t4 * 2 + (i & 1);
+                        if (key >= (i & 2 ? key_end1 : key_end0)) s[i] = -CUDART_INF_F;
+                    }
+                }
                 float mx0 = -CUDART_INF_F, mx1 = -CUDART_INF_F;
 #pragma unroll
-                for (int i = 0; i < 32; ++i) {
-                    const int key = n * BS + (i >> 2) * 8 + t4 * 2 + (i & 1);
-                    const bool hi_row = i & 2;
-                    s[i] = key < (hi_row ? key_end1 : key_end0) ? s[i] * p.scale_log2 : -CUDART_INF_F;
-                    if (hi_row) mx1 = fmaxf(mx1, s[i]); else mx0 = fmaxf(mx0, s[i]);
+                for (int i = 0; i < 32; i += 4) {
+                    mx0 = fmaxf(mx0, fmaxf(s[i], s[i + 1]));
+                    mx1 = fmaxf(mx1, fmaxf(s[i + 2], s[i + 3]));
                 }
                 mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
                 mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
                 mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
                 mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-                const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-                const float a0 = mn0 == -CUDART_INF_F ? 1.f : exp2f(m0 - mn0);
-                const float a1 = mn1 == -CUDART_INF_F ? 1.f : exp2f(m1 - mn1);
+                // Lazy rescaling: the reference max moves only when the block's max passes
+                // it by more than LAZY_TAU, so nearly every factor is exactly 1 and O is left
+                // alone; P = 2^(s c - m) then stays below 2^LAZY_TAU.
+                const float b0 = mx0 * c, b1 = mx1 * c;
+                const float mn0 = b0 > m0 + LAZY_TAU ? b0 : m0, mn1 = b1 > m1 + LAZY_TAU ? b1 : m1;
+                const float a0 = mn0 == m0 ? 1.f : ex2_approx(m0 - mn0);
+                const float a1 = mn1 == m1 ? 1.f : ex2_approx(m1 - mn1);
                 m0 = mn0;
                 m1 = mn1;
+                const float u0 = mn0 == -CUDART_INF_F ? 0.f : mn0, u1 = mn1 == -CUDART_INF_F ? 0.f : mn1;
                 float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
                 for (int i = 0; i < 32; i += 4) {
-                    const float p00 = mn0 == -CUDART_INF_F ? 0.f : exp2f(s[i] - mn0);
-                    const float p01 = mn0 == -CUDART_INF_F ? 0.f : exp2f(s[i + 1] - mn0);
-                    const float p10 = mn1 == -CUDART_INF_F ? 0.f : exp2f(s[i + 2] - mn1);
-                    const float p11 = mn1 == -CUDART_INF_F ? 0.f : exp2f(s[i + 3] - mn1);
+                    const float p00 = ex2_approx(fmaf(s[i], c, -u0)), p01 = ex2_approx(fmaf(s[i + 1], c, -u0));
+                    const float p10 = ex2_approx(fmaf(s[i + 2], c, -u1)), p11 = ex2_approx(fmaf(s[i + 3], c, -u1));
                     ps0 += p00 + p01;
                     ps1 += p10 + p11;
                     pa[i >> 1] = Ty<T>::pack(p00, p01);      // row0, keys 8j + 2t
@@ -257,22 +309,28 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                     Mma<T>::pv_rs(o, a, sw128_desc(stage + ks * 16 * 128, REGION, 1024));
                 }
                 wgmma_commit();
-                wgmma_wait<0>();
-                if (wt == 0) mbar_arrive(empty0 + 8 * ring.slot());
                 ring.step();
             }
+            wgmma_wait<0>();
+            if (wt == 0) mbar_arrive(empty0 + 8 * Ring<STAGES>{ring.i - 1}.slot());
             ++q_loads;
             // Row sums: the 4 threads of a row hold partial sums.
             l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
             l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
             l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
             l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+            inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
+            inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+            // Hand WG1 the inverses through the factors' slot, as one more P hand-off.
+            if (p_uses > 0) mbar_wait(p_free, (p_uses - 1) & 1);
             if (t4 == 0) {
-                inv_l_s[(segs & 1) * M + row0] = l0 > 0.f ? 1.f / l0 : 0.f;
-                inv_l_s[(segs & 1) * M + row1] = l1 > 0.f ? 1.f / l1 : 0.f;
+                scale_s[row0] = inv0;
+                scale_s[row1] = inv1;
                 if (r0 + row0 < p.rows) write_lse(p, sg, r0 + row0, m0, l0);
                 if (r0 + row1 < p.rows) write_lse(p, sg, r0 + row1, m1, l1);
             }
+            mbar_arrive(p_full);
+            ++p_uses;
         } else {
             for (int n = sg.lo; n < sg.hi; ++n) {
                 const uint32_t stage = sbase + L::KV + ring.slot() * TILE;
@@ -294,10 +352,12 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 if (wt == 0) mbar_arrive(empty0 + 8 * ring.slot());
                 ring.step();
             }
+            mbar_wait(p_full, p_uses & 1);
+            ++p_uses;
+            inv0 = scale_s[row0];
+            inv1 = scale_s[row1];
+            mbar_arrive(p_free);
         }
-        named_sync<1, 256>();  // WG0's row sums are in shared memory
-        const float inv0 = inv_l_s[(segs & 1) * M + row0], inv1 = inv_l_s[(segs & 1) * M + row1];
-        ++segs;
 #pragma unroll
         for (int i = 0; i < 128; i += 4) {
             const int col = wg * 256 + (i >> 2) * 8 + t4 * 2;
@@ -309,12 +369,14 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
 
 }  // namespace
 
-#define MLA_DECODE_WS_KERNEL(NAME, T)                                                                        \
+#define MLA_DECODE_WS_KERNEL(NAME, T, MODE)                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ MlaDecodeParams p) { \
         extern __shared__ __align__(1024) char smem[];                                                       \
         mla::pdl_launch_dependents(); /* the combine may launch now */ \
-        decode_ws<T>(p, smem);                                                                               \
+        decode_ws<T, MODE>(p, smem);                                                                         \
     }
 
-MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64, __nv_bfloat16)
-MLA_DECODE_WS_KERNEL(mla_decode_fp16_ws64, __half)
+MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64, __nv_bfloat16, 0)
+MLA_DECODE_WS_KERNEL(mla_decode_fp16_ws64, __half, 0)
+MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64_x1, __nv_bfloat16, 1)
+MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64_x2, __nv_bfloat16, 2)
