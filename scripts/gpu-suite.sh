@@ -100,12 +100,11 @@ for _ in range(10):
 ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e12))' ;;
     bench)
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" | grep -o '^[0-9]*' || true)
-      # A variant is a kernel name (MLA_DECODE_KERNEL), optionally with -pfN: the
-      # warp-specialised kernel's L2 prefetch distance (MLA_L2_PREFETCH=N), e.g. ws-pf2.
+      # A variant is a kernel name (MLA_DECODE_KERNEL); ENV_<variant> (dashes as
+      # underscores) may hold more VAR=value settings for it, e.g. ENV_ws_a="MLA_X=1".
       for v in ${BENCH_VARIANTS:-default}; do
-        knobs=(MLA_DECODE_KERNEL=${v%%-*})
-        [[ $v == *-pf* ]] && knobs+=(MLA_L2_PREFETCH=${v##*-pf})
-        [[ $v == *-x* ]] && knobs+=(MLA_WS_EXPERIMENT=_x${v##*-x})
+        extra=ENV_${v//-/_}
+        knobs=(MLA_DECODE_KERNEL=${v%%-*} ${!extra:-})
         # The SM clock while the bench runs (sampled every 100 ms), summarised in the log.
         nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$OUT/clock-$v.txt" 2>/dev/null &
         smi=$!

@@ -67,7 +67,6 @@ struct MlaDecodeParams {
     float scale_log2;        // softmax scale * log2(e)
     int chunk_blocks;        // batch-invariant plan: every chunk its own segment; 0 = default plan
     int max_chunks;          // (then oaccum / lseaccum hold b * max_chunks slots)
-    int l2_prefetch;         // warp-specialised kernel: blocks ahead its producer prefetches into L2 (0: none)
     // Tensor maps of the TMA kernels (the cp.async kernels ignore them), encoded by the
     // host for these q / kv pointers (crates/mla-core/src/gpu/tma.rs):
     mla::TmaMap q_map;       // q as [b][rows][576], box 64 columns x tile rows, 128-byte swizzle

@@ -4,10 +4,8 @@
 //   WG2 (producer): warp 8's lane 0 walks the part's segments (for_each_segment) and
 //       streams each 64-token block into one of 2 full stages by TMA (9 boxes of 64
 //       columns x 64 rows, 128-byte swizzle), completing on the stage's full mbarrier; Q
-//       (64 rows x 576) likewise once per segment. Before it waits for a stage it asks L2
-//       for the block p.l2_prefetch blocks further on (one bulk prefetch of the block's
-//       72 KiB), so HBM latency overlaps the stages' turnaround. Its other warps exit;
-//       setmaxnreg gives its registers to the consumers.
+//       (64 rows x 576) likewise once per segment. Its other warps exit; setmaxnreg gives
+//       its registers to the consumers.
 //   WG0: S = Q K^T of every block (36 x m64n64k16 from shared memory: each warp owns 16
 //       whole rows, so the softmax needs no cross-warp reduction), the online softmax in
 //       registers, P published to shared memory with the per-row rescale factors, and the
@@ -24,7 +22,7 @@
 // are masked in S and zeroed in the stage before any product reads them as V.
 //
 // Launch: grid (num_parts, ceil(rows / 64)), block 384, dynamic smem Smem::ALLOC;
-// params as __grid_constant__. Not the default yet: MLA_DECODE_KERNEL=ws (BENCHMARKS.md).
+// params as __grid_constant__. The default for 32 rows and more (BENCHMARKS.md).
 #include "mla_common.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -77,9 +75,7 @@ __device__ __forceinline__ void issue_pv_ss(float* o, uint32_t p_addr, uint32_t 
         Mma<T>::pv_ss(o, sw128_desc(p_addr + ks * 32, 16, 1024), sw128_desc(stage + half * 4 * REGION + ks * 16 * 128, REGION, 1024));
 }
 
-// MODE (experiment): 0 the kernel; 1 the data path alone (consumers wait and release);
-// 2 the math alone (the producer releases stages without loading them).
-template <typename T, int MODE>
+template <typename T>
 __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     using L = Smem;
     const uint32_t raw = smem_u32(smem_raw);
@@ -113,20 +109,10 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
         regs_dec<PRODUCER_REGS>();
         if (warp != 8 || lane != 0) return;
         const uint64_t kv_policy = l2_evict_first(), q_policy = l2_evict_last();
-        const char* kv = static_cast<const char*>(p.kv);
-        constexpr uint32_t BLOCK_BYTES = BS * D * sizeof(T);
         Ring<STAGES> ring;
         uint32_t q_loads = 0;
         for_each_segment(p, [&](const Segment& sg) {
-            // L2 prefetch of block n of this segment, if its index is valid (a bad one is
-            // flagged when its load comes).
-            const auto prefetch = [&](int n) {
-                if (n >= sg.hi) return;
-                const int idx = p.block_table[(size_t)sg.seq * p.max_blocks_per_seq + n];
-                if (idx >= 0 && idx < p.num_blocks) bulk_prefetch_l2(kv + (size_t)idx * BLOCK_BYTES, BLOCK_BYTES);
-            };
             const auto load_block = [&](int n) {
-                if (p.l2_prefetch > 0) prefetch(n + p.l2_prefetch);
                 const uint32_t full = full0 + 8 * ring.slot();
                 mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
                 const int idx = p.block_table[(size_t)sg.seq * p.max_blocks_per_seq + n];
@@ -136,8 +122,6 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                     for (int i = 0; i < TILE / 16; ++i) z[i] = make_uint4(0, 0, 0, 0);
                     fence_async_smem();
                     mbar_arrive(full);
-                } else if (MODE == 2) {
-                    mbar_arrive(full);
                 } else {
                     mbar_arrive_expect_tx(full, TILE);
                     const uint32_t dst = sbase + L::KV + ring.slot() * TILE;
@@ -146,7 +130,6 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 }
                 ring.step();
             };
-            for (int j = 0; j < p.l2_prefetch; ++j) prefetch(sg.lo + j);
             // The first block needs a stage the previous segment frees before its last S,
             // Q the consumers free after that S.
             load_block(sg.lo);
@@ -170,22 +153,6 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     float o[128];
 
     for_each_segment(p, [&](const Segment& sg) {
-        if (MODE == 1) {
-            if (wg == 0) {
-                mbar_wait(q_full, q_loads & 1);
-                for (int n = sg.lo; n < sg.hi; ++n) {
-                    mbar_wait(full0 + 8 * ring.slot(), ring.phase());
-                    if (wt == 0) {
-                        mbar_arrive(empty0 + 8 * ring.slot());
-                        mbar_arrive(empty0 + 8 * ring.slot());
-                        if (n + 1 == sg.hi) mbar_arrive(q_empty);
-                    }
-                    ring.step();
-                }
-                ++q_loads;
-            }
-            return;
-        }
         const int len = sg.len;
         const int key_end0 = key_end_of_row(p, r0 + row0, len), key_end1 = key_end_of_row(p, r0 + row1, len);
 #pragma unroll
@@ -369,14 +336,12 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
 
 }  // namespace
 
-#define MLA_DECODE_WS_KERNEL(NAME, T, MODE)                                                                  \
+#define MLA_DECODE_WS_KERNEL(NAME, T)                                                                        \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ MlaDecodeParams p) { \
         extern __shared__ __align__(1024) char smem[];                                                       \
         mla::pdl_launch_dependents(); /* the combine may launch now */ \
-        decode_ws<T, MODE>(p, smem);                                                                         \
+        decode_ws<T>(p, smem);                                                                               \
     }
 
-MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64, __nv_bfloat16, 0)
-MLA_DECODE_WS_KERNEL(mla_decode_fp16_ws64, __half, 0)
-MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64_x1, __nv_bfloat16, 1)
-MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64_x2, __nv_bfloat16, 2)
+MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64, __nv_bfloat16)
+MLA_DECODE_WS_KERNEL(mla_decode_fp16_ws64, __half)

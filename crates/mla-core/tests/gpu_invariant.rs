@@ -1,7 +1,7 @@
 //! Batch-invariant decoding on a CUDA device (issue 11): the plan kernel computes exactly
 //! `host_plan_invariant` (also re-planned and inside a captured graph), and a sequence's
 //! out and lse bits do not depend on its batchmates, its position or its blocks' placement,
-//! for whichever decode kernel runs (MLA_DECODE_KERNEL=mma|tma|wgmma in the GPU suite's
+//! for whichever decode kernel runs (MLA_DECODE_KERNEL=mma|tma|ws in the GPU suite's
 //! `invariant` stage). The bodies shared with the CPU backend are in common/invariant.rs.
 //!
 //! Without a usable GPU every test prints "SKIPPED (no GPU: ...)" and returns; with

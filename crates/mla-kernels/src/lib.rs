@@ -154,7 +154,6 @@ mod tests {
         let m16 = &["mla_decode_bf16_m16", "mla_decode_fp16_m16"][..];
         let m16_m32 = &["mla_decode_bf16_m16", "mla_decode_fp16_m16", "mla_decode_bf16_m32", "mla_decode_fp16_m32"][..];
         let mut checks: Vec<(&str, &str, &[&str])> = vec![
-            ("sm90/mla_decode_wgmma", "sm_90a", &["mla_decode_bf16_wg64", "mla_decode_fp16_wg64"]),
             ("sm90/mla_decode_tma", "sm_90a", &["mla_decode_bf16_tma16", "mla_decode_bf16_tma32", "mla_decode_fp16_tma16", "mla_decode_fp16_tma32"]),
             ("sm90/mla_decode_ws", "sm_90a", &["mla_decode_bf16_ws64", "mla_decode_fp16_ws64"]),
             // Shared memory picks the tiles: 32-row tiles (149 KiB) only on sm_80 (163 KiB a

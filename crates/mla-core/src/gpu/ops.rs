@@ -27,15 +27,6 @@ fn plan_seqlens_ptr(ws: u64, plan: &Plan) -> u64 {
     ws + (plan.slots * plan.rows * (HEAD_DIM_V + 1) * 4) as u64
 }
 
-/// Blocks ahead of its TMA loads that the warp-specialised kernel prefetches into L2
-/// (`MLA_L2_PREFETCH` overrides; BENCHMARKS.md has the sweep).
-pub const L2_PREFETCH_BLOCKS: i32 = 0;
-
-fn l2_prefetch_blocks() -> i32 {
-    static BLOCKS: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *BLOCKS.get_or_init(|| std::env::var("MLA_L2_PREFETCH").ok().and_then(|v| v.parse().ok()).unwrap_or(L2_PREFETCH_BLOCKS).clamp(0, 8))
-}
-
 /// The (chunk_blocks, max_chunks) kernel fields of a plan: (0, 0) for the default plan.
 fn chunk_fields(plan: &Plan) -> (i32, i32) {
     plan.chunks().map_or((0, 0), |c| (c.chunk_blocks as i32, c.max_chunks as i32))
@@ -77,16 +68,14 @@ pub enum DecodeKernel {
     Tma { tile: usize },
     /// cp.async + mma.sync, tiles of 16 or 32 rows (`portable/mla_decode.cu`): the portable path.
     MmaSync { tile: usize },
-    /// wgmma, tiles of 64 rows, two warpgroups (`mla_decode_wgmma.cu`).
-    Wgmma,
     /// Warp-specialised wgmma, tiles of 64 rows: a TMA producer warpgroup and two consumer
     /// warpgroups (`mla_decode_ws.cu`): the default for 32 rows and more.
     WarpSpecialized,
 }
 
 impl DecodeKernel {
-    /// The default by shape: up to 32 rows the TMA kernel (memory-bound, no padding),
-    /// above that wgmma (BENCHMARKS.md). MLA_DECODE_KERNEL=tma|mma|wgmma overrides it
+    /// The default by shape: up to 16 rows the TMA kernel (memory-bound, no padding),
+    /// above that the warp-specialised one (BENCHMARKS.md). MLA_DECODE_KERNEL=tma|mma|ws overrides it
     /// (for benchmarking and for testing every kernel on every shape).
     ///
     /// A device on a portable path (not sm_90, or MLA_FORCE_PORTABLE=1) has only the
@@ -100,7 +89,6 @@ impl DecodeKernel {
         match std::env::var("MLA_DECODE_KERNEL").as_deref() {
             Ok("tma") => DecodeKernel::Tma { tile },
             Ok("mma") => DecodeKernel::MmaSync { tile },
-            Ok("wgmma") => DecodeKernel::Wgmma,
             Ok("ws") => DecodeKernel::WarpSpecialized,
             // 32 rows and more: the warp-specialised kernel measured faster on every
             // shape of the H200 grid (BENCHMARKS.md, 2026-12-02).
@@ -111,7 +99,7 @@ impl DecodeKernel {
     pub fn tile(self) -> usize {
         match self {
             DecodeKernel::Tma { tile } | DecodeKernel::MmaSync { tile } => tile,
-            DecodeKernel::Wgmma | DecodeKernel::WarpSpecialized => GPU_ROW_TILE,
+            DecodeKernel::WarpSpecialized => GPU_ROW_TILE,
         }
     }
     /// (module, function, dynamic shared memory bytes, threads per block), kept in step
@@ -130,17 +118,11 @@ impl DecodeKernel {
                 // Q, a ring of half-block stages, scratch: per tile (gpu/portable.rs).
                 ("portable/mla_decode", format!("mla_decode_{ty}_m{tile}"), super::portable::smem_bytes(tile), 256)
             }
-            DecodeKernel::Wgmma => {
-                let t = GPU_ROW_TILE;
-                let bytes = t * row + 2 * BLOCK_SIZE * row + t * BLOCK_SIZE * 2 + 4 * t * 4 + 3 * t * 4 + 1024;
-                ("sm90/mla_decode_wgmma", format!("mla_decode_{ty}_wg64"), bytes, 256)
-            }
             DecodeKernel::WarpSpecialized => {
                 // Q, 2 block stages, P, the factors (or 1 / l), 8 mbarriers, alignment slack.
                 let t = GPU_ROW_TILE;
                 let bytes = t * row + 2 * BLOCK_SIZE * row + t * BLOCK_SIZE * 2 + t * 4 + 8 * 8 + 1024;
-                let x = std::env::var("MLA_WS_EXPERIMENT").unwrap_or_default(); // TEMPORARY experiment
-                ("sm90/mla_decode_ws", format!("mla_decode_{ty}_ws64{x}"), bytes, 384)
+                ("sm90/mla_decode_ws", format!("mla_decode_{ty}_ws64"), bytes, 384)
             }
         }
     }
@@ -203,7 +185,6 @@ pub fn decode_into(
         scale_log2: scale * std::f32::consts::LOG2_E,
         chunk_blocks: chunk_fields(plan).0,
         max_chunks: chunk_fields(plan).1,
-        l2_prefetch: l2_prefetch_blocks(),
         q_map: Default::default(),
         kv_map: Default::default(),
     };

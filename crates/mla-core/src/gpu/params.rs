@@ -58,8 +58,6 @@ pub struct MlaDecodeParams {
     /// A batch-invariant plan's chunk rule (0, 0: the default plan).
     pub chunk_blocks: i32,
     pub max_chunks: i32,
-    /// Blocks ahead of its loads the warp-specialised kernel's producer prefetches into L2.
-    pub l2_prefetch: i32,
     pub q_map: TmaMap,
     pub kv_map: TmaMap,
 }
