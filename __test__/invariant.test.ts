@@ -126,8 +126,8 @@ for (const [hQ, sQ] of [
     const rng = new Rng(seed)
     const dtype: HalfDType = 'bf16'
     const table = toBits(Float32Array.from({ length: 4096 }, () => rng.next() - 0.5), dtype)
-    // 2 to 3 chunks of the standard rule (32 blocks = 2048 tokens each at most).
-    const len = 2100 + rng.int(2400)
+    // 2 chunks of the standard rule (64 blocks = 4096 tokens each at most).
+    const len = 4200 + rng.int(3000)
     const target = targetSeq(rng, len, sQ, hQ, dtype)
     const aloneCase = batchOf(rng, [target], sQ, hQ, dtype)
     const alone = await seqBits(dev, aloneCase, 0, true)

@@ -51,9 +51,10 @@ pub fn split_fixed_cost() -> usize {
 
 pub const META_INTS: usize = 8;
 
-/// Blocks per chunk of a batch-invariant plan (2048 tokens), before [`INVARIANT_MAX_CHUNKS`]
+/// Blocks per chunk of a batch-invariant plan (4096 tokens: 64 measured 1.09x the default
+/// plan's time on the H200 grid, 32 1.13x, 128 1.10x; BENCHMARKS.md), before [`INVARIANT_MAX_CHUNKS`]
 /// makes chunks longer.
-pub const INVARIANT_CHUNK_BLOCKS: usize = 32;
+pub const INVARIANT_CHUNK_BLOCKS: usize = 64;
 /// Chunks per sequence of a batch-invariant plan at most: bounds the plan's partial slots
 /// (b * 8) whatever the lengths, so a CUDA plan can be re-planned on the device for any
 /// lengths without growing its workspace.

@@ -65,7 +65,7 @@ fn plan_kernel_equals_host_plan_invariant() {
 #[test]
 fn standard_chunks_are_batch_invariant() {
     let Some(dev) = gpu("standard_chunks_are_batch_invariant") else { return };
-    // Targets of 2 to 8 chunks (the longest ones past the 8-chunk cap), mates up to 24000.
+    // Targets of 1 to 8 chunks (64 blocks each up to 32768 tokens), mates up to 24000.
     sequence_is_batch_invariant(&dev, "cuda standard chunks", None, (2100, 30000), 24000);
 }
 
