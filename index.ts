@@ -884,7 +884,7 @@ export class Plan {
   /**
    * Whether the plan is batch-invariant (`device.plan(..., { batchInvariant: true })`):
    * each sequence is cut into chunks that depend on its own length only (at most 8 chunks
-   * of about 32 blocks = 2048 tokens; longer sequences get 8 longer chunks), each chunk
+   * of up to 64 blocks = 4096 tokens; longer sequences get 8 longer chunks), each chunk
    * its own split, merged in chunk order. Then a sequence's `out` and `lse` bits are a
    * function of its own queries, cache rows and length: the same beside any batchmates,
    * at any position in the batch, wherever its blocks sit in the pool.

@@ -154,7 +154,7 @@ for (const [hQ, sQ] of [
 both('batchInvariant: decode without a plan, Plan.update keeps it, numSplits from the own length, refused with a default plan', async (t, dev) => {
   const rng = new Rng(BASE_SEED ^ 0x1a7)
   const dtype: HalfDType = 'bf16'
-  const lens = [5000, 0, 64, 2049, 20000]
+  const lens = [10000, 0, 64, 4097, 40000]
   const c = batchOf(rng, lens.map((l) => targetSeq(rng, l, 1, 16, dtype)), 1, 16, dtype)
   const q = dev.tensor(c.qBits, [c.b, 1, 16, D], dtype)
   const kvCache = dev.tensor(c.kvBits, [c.numBlocks, BS, 1, D], dtype)
@@ -164,15 +164,15 @@ both('batchInvariant: decode without a plan, Plan.update keeps it, numSplits fro
   const explicit = await seqBits(dev, c, 4, true)
   const auto = decodeSync({ q, kvCache, blockTable, cacheSeqlens, batchInvariant: true })
   t.is(differing((await auto.out.toUint16Array()).slice(4 * 16 * DV), explicit.out), 0)
-  // Chunks per sequence: min(8, ceil(blocks / 32)), whatever the batch.
+  // Chunks per sequence: min(8, ceil(blocks / 64)), whatever the batch.
   const plan = dev.plan(cacheSeqlens, { hQ: 16, batchInvariant: true })
   t.true(plan.batchInvariant)
-  // blocks 79, 0, 1, 33, 313 -> chunks 3, 0, 1, 2, 8
+  // blocks 157, 0, 1, 65, 625 -> chunks 3, 0, 1, 2, 8
   t.deepEqual([...(await plan.numSplits.toInt32Array())], [0, 3, 3, 4, 6, 14])
-  const grown = dev.tensor(Int32Array.from([64, 0, 1, 6145, 1]), [5])
+  const grown = dev.tensor(Int32Array.from([64, 0, 1, 12289, 1]), [5])
   plan.update(grown)
   t.true(plan.batchInvariant)
-  // blocks 1, 0, 1, 97, 1 -> chunks 1, 0, 1, 4, 1
+  // blocks 1, 0, 1, 193, 1 -> chunks 1, 0, 1, 4, 1
   t.deepEqual([...(await plan.numSplits.toInt32Array())], [0, 1, 1, 2, 6, 7])
   t.regex(inspect(plan), /batchInvariant: true/)
   // A default plan where invariance is asked for; a non-boolean option.

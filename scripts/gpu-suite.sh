@@ -58,7 +58,8 @@ for s in $stages; do
       done ;;
     # Every other variant on the edge cases (pass the names in VARIANTS).
     rust-variants) for v in ${VARIANTS:-}; do
-        run_stage "rust-$v" env MLA_DECODE_KERNEL=$v .device/bin/gpu_decode --test-threads=1 edge_cases graph sanitizer_ --include-ignored
+        run_stage "rust-$v" env MLA_DECODE_KERNEL=$v .device/bin/gpu_decode --test-threads=1 edge_cases graph sanitizer_ seqlen_zero adversarial --include-ignored
+        run_stage "pipeline-$v" env MLA_DECODE_KERNEL=$v .device/bin/gpu_pipeline --test-threads=1
         run_stage "memcheck-$v" env MLA_DECODE_KERNEL=$v compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
         run_stage "racecheck-$v" env MLA_DECODE_KERNEL=$v compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
       done ;;

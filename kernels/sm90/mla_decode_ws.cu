@@ -35,8 +35,8 @@ constexpr int THREADS = 384;
 constexpr int REGION = M * 128;           // one 64-column box of a 64-row tile (8 KiB)
 constexpr int TILE = D / 64 * REGION;     // 9 regions: Q, or one cache block (72 KiB)
 constexpr int STAGES = 2;
-constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
-constexpr float LAZY_TAU = 8.f;  // log2 units the reference max may lag a row's true max  // 2 * 128 * 232 + 128 * 40 = 384 * 168
+constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 2 * 128 * 232 + 128 * 40 = 384 * 168
+constexpr float LAZY_TAU = 8.f;  // log2 units the reference max may lag a row's true max
 
 __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
     return (chunk >> 3) * REGION + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);

@@ -63,7 +63,7 @@ pub const INVARIANT_MAX_CHUNKS: usize = 8;
 /// How a batch-invariant plan cuts a sequence of `nb` blocks: into
 /// `n = min(max_chunks, ceil(nb / chunk_blocks))` chunks of nearly equal size, chunk `k`
 /// being blocks `[k * nb / n, (k + 1) * nb / n)` (rounded down): a function of `nb` alone.
-/// With the standard rule (32, 8) a sequence of up to 16384 tokens gets chunks of 17 to 32
+/// With the standard rule (64, 8) a sequence of up to 32768 tokens gets chunks of 33 to 64
 /// blocks, a longer one 8 chunks of nb / 8 blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InvariantChunks {
@@ -716,7 +716,7 @@ mod tests {
     fn invariant_splits_depend_on_the_own_length_only() {
         // The chunks (split points) a sequence gets are the same alone and in any batch.
         let c = InvariantChunks::standard();
-        for len in [1, 64, 2048, 2049, 7000, 16384, 16385, 100_000] {
+        for len in [1, 64, 4096, 4097, 7000, 32768, 32769, 100_000] {
             let alone = host_plan_invariant(&[len], 132, c).1;
             for batch in [vec![len, 5, 90000], vec![0, 3000, len], vec![len; 40]] {
                 let pos = batch.iter().position(|&l| l == len).unwrap();
@@ -725,10 +725,10 @@ mod tests {
             }
         }
         assert_eq!(c.chunks(1), 1);
-        assert_eq!(c.chunks(32), 1);
-        assert_eq!(c.chunks(33), 2);
-        assert_eq!(c.chunks(256), 8);
-        assert_eq!(c.chunks(100_000), 8);
+        assert_eq!(c.chunks(INVARIANT_CHUNK_BLOCKS), 1);
+        assert_eq!(c.chunks(INVARIANT_CHUNK_BLOCKS + 1), 2);
+        assert_eq!(c.chunks(INVARIANT_CHUNK_BLOCKS * INVARIANT_MAX_CHUNKS), INVARIANT_MAX_CHUNKS);
+        assert_eq!(c.chunks(100_000), INVARIANT_MAX_CHUNKS);
         assert_eq!((0..=4).map(|k| InvariantChunks::chunk_start(k, 110, 4)).collect::<Vec<_>>(), [0, 27, 55, 82, 110]);
     }
 

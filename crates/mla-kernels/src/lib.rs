@@ -156,6 +156,7 @@ mod tests {
         let mut checks: Vec<(&str, &str, &[&str])> = vec![
             ("sm90/mla_decode_tma", "sm_90a", &["mla_decode_bf16_tma16", "mla_decode_bf16_tma32", "mla_decode_fp16_tma16", "mla_decode_fp16_tma32"]),
             ("sm90/mla_decode_ws", "sm_90a", &["mla_decode_bf16_ws64", "mla_decode_fp16_ws64"]),
+            ("sm90/mla_decode_ws2", "sm_90a", &["mla_decode_bf16_ws64s", "mla_decode_fp16_ws64s"]),
             // Shared memory picks the tiles: 32-row tiles (149 KiB) only on sm_80 (163 KiB a
             // block); the 99 KiB parts get 16-row tiles only.
             ("portable/mla_decode", "sm_80", m16_m32),

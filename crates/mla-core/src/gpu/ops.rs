@@ -71,6 +71,10 @@ pub enum DecodeKernel {
     /// Warp-specialised wgmma, tiles of 64 rows: a TMA producer warpgroup and two consumer
     /// warpgroups (`mla_decode_ws.cu`): the default for 32 rows and more.
     WarpSpecialized,
+    /// The same with the seesaw schedule (`mla_decode_ws2.cu`, issue 8 C2): each consumer
+    /// warpgroup computes S and the softmax of alternate blocks. MLA_DECODE_KERNEL=ws2
+    /// only, until measured.
+    Seesaw,
 }
 
 impl DecodeKernel {
@@ -90,6 +94,7 @@ impl DecodeKernel {
             Ok("tma") => DecodeKernel::Tma { tile },
             Ok("mma") => DecodeKernel::MmaSync { tile },
             Ok("ws") => DecodeKernel::WarpSpecialized,
+            Ok("ws2") => DecodeKernel::Seesaw,
             // 32 rows and more: the warp-specialised kernel measured faster on every
             // shape of the H200 grid (BENCHMARKS.md, 2026-12-02).
             _ if rows <= 16 => DecodeKernel::Tma { tile },
@@ -99,7 +104,7 @@ impl DecodeKernel {
     pub fn tile(self) -> usize {
         match self {
             DecodeKernel::Tma { tile } | DecodeKernel::MmaSync { tile } => tile,
-            DecodeKernel::WarpSpecialized => GPU_ROW_TILE,
+            DecodeKernel::WarpSpecialized | DecodeKernel::Seesaw => GPU_ROW_TILE,
         }
     }
     /// (module, function, dynamic shared memory bytes, threads per block), kept in step
@@ -123,6 +128,13 @@ impl DecodeKernel {
                 let t = GPU_ROW_TILE;
                 let bytes = t * row + 2 * BLOCK_SIZE * row + t * BLOCK_SIZE * 2 + t * 4 + 8 * 8 + 1024;
                 ("sm90/mla_decode_ws", format!("mla_decode_{ty}_ws64"), bytes, 384)
+            }
+            DecodeKernel::Seesaw => {
+                // Q, 2 block stages, reference maxima and factors by block parity, row sums
+                // by segment parity and warpgroup, 9 mbarriers, alignment slack.
+                let t = GPU_ROW_TILE;
+                let bytes = t * row + 2 * BLOCK_SIZE * row + 2 * t * 4 + 2 * t * 4 + 4 * t * 4 + 9 * 8 + 1024;
+                ("sm90/mla_decode_ws2", format!("mla_decode_{ty}_ws64s"), bytes, 384)
             }
         }
     }
@@ -194,7 +206,7 @@ pub fn decode_into(
             kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE / 2)?,
             ..p
         },
-        DecodeKernel::WarpSpecialized => MlaDecodeParams {
+        DecodeKernel::WarpSpecialized | DecodeKernel::Seesaw => MlaDecodeParams {
             q_map: tma::q_map(p.q, s.dtype, s.b, rows, GPU_ROW_TILE)?,
             kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE)?,
             ..p

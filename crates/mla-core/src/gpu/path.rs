@@ -217,6 +217,7 @@ mod tests {
         v.extend(portable.iter().map(|t| ("portable/mla_decode", *t)));
         v.push(("sm90/mla_decode_tma", "sm_90a"));
         v.push(("sm90/mla_decode_ws", "sm_90a"));
+        v.push(("sm90/mla_decode_ws2", "sm_90a"));
         v
     }
 
