@@ -4,7 +4,7 @@
 cubin, with its resource report). For the install smoke test and for checking a kernel by
 hand:
 
-  python3 scripts/nvrtc-compile.py kernels/sm90/mla_decode_tma.cu -o /tmp/d.cubin \\
+  python3 scripts/nvrtc-compile.py kernels/sm90/decode/mla_decode_tma.cu -o /tmp/d.cubin \\
       -I kernels/sm90 -I kernels/common -I kernels -I crates/mla-kernels/nvrtc \\
       --pre-include crates/mla-kernels/nvrtc/mla_nvrtc_prelude.h
 

@@ -28,7 +28,7 @@ grep -q '^module ' "$manifest" || die "this build has no GPU kernels (see gpuSta
 dest=crates/mla-kernels/prebuilt
 rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
 cp "$manifest" "$out_dir/ptxas.log" "$dest.tmp/"
-# One line per (module, target): "module common/mla_plan sm_86" -> common/mla_plan.sm_86.cubin
+# One line per (module, target): "module common/plan/mla_plan sm_86" -> common/plan/mla_plan.sm_86.cubin
 # (compute_80: .ptx) and its report.
 while read -r _ name arch; do
   ext=cubin; [[ $arch == compute_* ]] && ext=ptx

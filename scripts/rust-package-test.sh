@@ -32,8 +32,8 @@ for c in mla-kernels mla-core; do
   tar -xzf "$f" -C "$work/crates"
 done
 tar -tzf "target/package/mla-kernels-$version.crate" > "$work/kernels-files.txt"
-for f in portable/mla_decode.sm_80.cubin portable/mla_decode.sm_86.cubin portable/mla_decode.sm_89.cubin \
-  portable/mla_decode.sm_120.cubin portable/mla_decode.compute_80.ptx common/mla_plan.sm_90a.cubin sm90/mla_decode_tma.sm_90a.cubin; do
+for f in portable/decode/mla_decode.sm_80.cubin portable/decode/mla_decode.sm_86.cubin portable/decode/mla_decode.sm_89.cubin \
+  portable/decode/mla_decode.sm_120.cubin portable/decode/mla_decode.compute_80.ptx common/plan/mla_plan.sm_90a.cubin sm90/decode/mla_decode_tma.sm_90a.cubin; do
   grep -q "prebuilt/$f" "$work/kernels-files.txt" || die "the mla-kernels crate carries no prebuilt $f"
 done
 [[ ! -e $work/crates/mla-kernels-$version/../../kernels ]] || die "a kernels/ folder sits above the unpacked crate"

@@ -1,4 +1,4 @@
-//! Compiles `<repo root>/kernels/<folder>/*.cu` for the targets of [`FOLDERS`] (cubins for
+//! Compiles `<repo root>/kernels/<folder>/<stage>/*.cu` for the targets of [`FOLDERS`] (cubins for
 //! real architectures, PTX for a virtual one) and generates `OUT_DIR/registry.rs` (the
 //! `MODULES` table, `UNAVAILABLE_REASON`, `NVCC_VERSION`, `COMPILER`).
 //!
@@ -43,6 +43,31 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
+
+#[path = "build/entries.rs"]
+mod entries;
+
+/// The entry points read from the sources (set once in main), for the check of what was built.
+static ENTRY_TABLE: std::sync::OnceLock<entries::Entries> = std::sync::OnceLock::new();
+
+/// Fails the build when the compiled modules' entry points and the sources' disagree.
+fn check_entries(built: &[Built]) {
+    let Some(table) = ENTRY_TABLE.get() else { return };
+    let have: Vec<(String, String, Vec<String>)> = built
+        .iter()
+        .map(|b| {
+            let ptx = b.arch.starts_with("compute_").then(|| fs::read_to_string(&b.image).unwrap_or_default());
+            (b.name.clone(), b.arch.to_string(), entries::compiled(&b.report, ptx.as_deref()))
+        })
+        .collect();
+    let errors = entries::check(table, &have);
+    if !errors.is_empty() {
+        for e in &errors {
+            eprintln!("error: {e}");
+        }
+        std::process::exit(1);
+    }
+}
 
 /// One thing a source is built into.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -161,7 +186,7 @@ const NO_SPILL_MARKERS: &[&str] = &["_ws", "_tma", "_m16", "_m32"];
 
 /// One source for one virtual architecture, and the targets made from that PTX.
 struct Job {
-    name: String, // "portable/mla_decode"
+    name: String, // "portable/decode/mla_decode"
     src: PathBuf,
     /// NVRTC's PTX (NVRTC route): `<stem>.<virtual arch>.ptx`, which is also the image of
     /// a PTX target.
@@ -220,6 +245,20 @@ fn main() {
             println!("cargo:rerun-if-changed={}", f.display());
         }
     }
+
+    // The entry points, from the sources: the typed constants are generated whether or not
+    // a compiler is found (a CPU-only build compiles the same launcher code).
+    let cu: Vec<PathBuf> = FOLDERS.iter().flat_map(|f| list_cu(&kernels_dir.join(f.dir))).collect();
+    if cu.is_empty() {
+        eprintln!("error: no kernel sources under {} (the repository's kernels/, or a packaged crate's prebuilt/kernels)", kernels_dir.display());
+        std::process::exit(1);
+    }
+    let entry_table = entries::scan_dir(&kernels_dir, &cu).unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    });
+    entries::write(&out_dir, &entry_table);
+    ENTRY_TABLE.set(entry_table).ok();
 
     let sources = sources_hash(&kernels_dir);
     let rebuild_why = REBUILD_ENV.iter().find(|v| env::var_os(v).is_some_and(|x| !x.is_empty() && x != "0"));
@@ -340,10 +379,7 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
     let mut sizes = Vec::new();
     for folder in FOLDERS {
         let dir = kernels_dir.join(folder.dir);
-        let mut srcs: Vec<PathBuf> = list_cu(&dir);
-        srcs.sort();
-        let out = out_dir.join(folder.dir);
-        fs::create_dir_all(&out).unwrap();
+        let srcs: Vec<PathBuf> = list_cu(&dir);
         // The virtual architectures of this folder, in table order.
         let mut virtuals: Vec<&'static str> = Vec::new();
         for t in folder.targets {
@@ -353,7 +389,9 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
         }
         for src in srcs {
             let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-            let name = format!("{}/{stem}", folder.dir);
+            let name = entries::module_name(&kernels_dir, &src);
+            let out = out_dir.join(&name).parent().unwrap().to_path_buf();
+            fs::create_dir_all(&out).unwrap();
             for &va in &virtuals {
                 let mut args: Vec<String> = Vec::new();
                 if nvrtc.is_some() {
@@ -364,8 +402,10 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
                 } else {
                     args.extend(COMMON_FLAGS.iter().map(|s| s.to_string()));
                 }
-                // The folder's own headers first, then the shared ones (a kernel of sm90/
-                // includes "mla_common.cuh" and "tma.cuh" by bare name).
+                // The source's own folder, its architecture folder's headers, then the
+                // shared ones (sm90/decode/*.cu include "mla_common.cuh" and "tma.cuh" by
+                // bare name).
+                args.push(format!("-I{}", src.parent().unwrap().display()));
                 args.push(format!("-I{}", dir.display()));
                 args.push(format!("-I{}", kernels_dir.join("common").display()));
                 args.push(format!("-I{}", kernels_dir.display()));
@@ -488,6 +528,7 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
     }
 
     report(&out_dir, &built, &compiler, true);
+    check_entries(&built);
     println!("cargo:available={}", if built.is_empty() { 0 } else { 1 });
     let reason = if built.is_empty() {
         format!(
@@ -721,6 +762,22 @@ fn compile(nvcc: &Path, job: &Job) -> Result<Vec<Built>, String> {
         return Ok(b);
     }
     let _ = fs::remove_file(&job.stamp);
+    // The PTX of the job's virtual architecture first: the entries' MLA_ENTRY_SMEM constants
+    // are read from it (finish_output), as on the NVRTC route.
+    let va = job.outputs[0].target.virtual_arch;
+    let mut args: Vec<String> = vec!["-ptx".into(), format!("-arch={va}")];
+    args.extend(job.args.iter().cloned());
+    let out = Command::new(nvcc)
+        .args(&args)
+        .arg(&job.src)
+        .arg("-o")
+        .arg(&job.ptx)
+        .output()
+        .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        return Err(format!("$ {} {} {} -o {}\n{}", nvcc.display(), args.join(" "), job.src.display(), job.ptx.display(), text));
+    }
     let mut built = Vec::new();
     for o in &job.outputs {
         let t = o.target;
@@ -801,7 +858,10 @@ fn compile_nvrtc(nvrtc: &Nvrtc, ptxas: &Path, job: &Job) -> Result<Vec<Built>, S
 }
 
 /// Writes an output's report and diagnostics next to it.
-fn finish_output(job: &Job, o: &Output, report: String, diagnostics: Vec<String>) -> Built {
+fn finish_output(job: &Job, o: &Output, mut report: String, diagnostics: Vec<String>) -> Built {
+    // The entries' dynamic shared memory (MLA_ENTRY_SMEM constants), read from the PTX of
+    // the job's virtual architecture, travel with the report.
+    report.push_str(&entries::smem_report(&fs::read_to_string(&job.ptx).unwrap_or_default()));
     fs::write(&o.report, &report).unwrap();
     fs::write(o.report.with_extension("diag"), diagnostics.join("\n")).unwrap();
     Built { name: job.name.clone(), arch: o.target.arch, image: o.image.clone(), report, diagnostics }
@@ -1160,6 +1220,7 @@ fn use_prebuilt(out_dir: &Path, p: &Prebuilt, sources: &str) {
     println!("cargo:available=1");
     println!("cargo:nvcc_version={}", p.version);
     report(out_dir, &built, &format!("{} [prebuilt in {}]", p.compiler, p.dir.display()), false);
+    check_entries(&built);
     write_registry(out_dir, &built, "", &p.version, &p.compiler);
     write_manifest(out_dir, &built, sources, &p.version, &p.compiler);
 }
@@ -1187,15 +1248,9 @@ fn env_flag(name: &str) -> bool {
     )
 }
 
-/// `*.cu` files directly in `dir`.
+/// `*.cu` files under `dir` (its stage folders: `sm90/decode/*.cu`), sorted.
 fn list_cu(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = fs::read_dir(dir) else {
-        return vec![];
-    };
-    rd.flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "cu"))
-        .collect()
+    walk(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "cu")).collect()
 }
 
 /// Every file under `dir`, sorted (hidden entries skipped).

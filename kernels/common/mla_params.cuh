@@ -88,3 +88,8 @@ struct MlaCombineParams {
     int rows;
     int slots;               // b + num_parts: partial slots in oaccum / lseaccum
 };
+
+// The dynamic shared memory an entry is launched with, as a constant of the module: the
+// build reads it from the PTX into the module's report (crates/mla-kernels/build/entries.rs)
+// and the launcher takes it from there, so the host never restates a kernel's layout.
+#define MLA_ENTRY_SMEM(NAME, BYTES) extern "C" __device__ const unsigned int NAME##_smem_bytes = (BYTES);

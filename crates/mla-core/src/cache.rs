@@ -492,7 +492,7 @@ impl KvCache {
     /// error) no sequence changed. Returns the step that writes the rows.
     ///
     /// On CUDA this is one host-to-device copy (the rows and their destinations, staged in
-    /// pinned memory) and one scatter kernel (`kernels/common/mla_cache_append.cu`), queued
+    /// pinned memory) and one scatter kernel (`kernels/common/cache/mla_cache_append.cu`), queued
     /// without waiting; work queued before it still sees the old lengths' rows (new rows
     /// land past them, or in copy-on-write blocks). On the CPU backend the rows are written
     /// now. Equals one [`KvCache::append`] per sequence.

@@ -1,6 +1,6 @@
 //! The registry of CUDA modules compiled by build.rs from the repository's `kernels/` folder.
 //!
-//! Each `kernels/<folder>/<name>.cu` is built for every target of its folder (build.rs's
+//! Each `kernels/<folder>/<stage>/<name>.cu` is built for every target of its folder (build.rs's
 //! `FOLDERS`): cubins for real architectures (`sm_80`, `sm_86`, `sm_89`, `sm_90a`, `sm_120`)
 //! and PTX for a virtual one (`compute_80`, JIT-compiled by the driver on GPUs without a
 //! cubin of their own), all embedded here. When no CUDA compiler was found at build time
@@ -12,14 +12,40 @@
 //!   found, or a kernel failed with `MLA_ALLOW_KERNEL_FAILURE=1`);
 //! - `NVCC_VERSION: &str`: the version of the CUDA compiler that built them (nvcc's, or
 //!   ptxas's on the NVRTC route, e.g. `12.9.86`), empty when none was found;
-//! - `COMPILER: &str`: which compiler that was, e.g. `NVRTC 12.9 + ptxas 12.9.86 (repo .cuda)`.
+//! - `COMPILER: &str`: which compiler that was, e.g. `NVRTC 12.9 + ptxas 12.9.86 (repo .cuda)`;
+//! - [`entries`]: one typed [`Entry`] per entry point of every module, read from the
+//!   sources (so they exist in a build without kernels too), checked by the build against
+//!   what the compiler built.
 
 include!(concat!(env!("OUT_DIR"), "/registry.rs"));
+
+/// The entry points of the kernel modules, generated from the sources: `MLA_DECODE_BF16_WS64`
+/// is [`Entry`] `{ module: "sm90/decode/mla_decode_ws", name: "mla_decode_bf16_ws64" }`;
+/// `ENTRIES` lists them all, `MODULE_NAMES` every module.
+pub mod entries {
+    use super::Entry;
+    include!(concat!(env!("OUT_DIR"), "/entries.rs"));
+}
+
+/// One entry point (`extern "C" __global__` function) of a kernel module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Entry {
+    /// The module, `<folder>/<stage>/<stem>` (as [`Module::name`]).
+    pub module: &'static str,
+    /// The function's name in the module.
+    pub name: &'static str,
+}
+
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.module, self.name)
+    }
+}
 
 /// One compiled module for one target.
 #[derive(Debug)]
 pub struct Module {
-    /// `<folder>/<name>`, e.g. `portable/mla_decode`: the same for every target.
+    /// `<folder>/<stage>/<stem>`, e.g. `portable/decode/mla_decode`: the same for every target.
     pub name: &'static str,
     /// The target: a real architecture (`sm_86`, `sm_90a`) for a cubin, a virtual one
     /// (`compute_80`) for PTX.
@@ -35,13 +61,22 @@ impl Module {
     pub fn is_ptx(&self) -> bool {
         self.arch.starts_with("compute_")
     }
+    /// The dynamic shared memory entry `entry` of this module is launched with: the kernel's
+    /// own `MLA_ENTRY_SMEM` constant (its layout's size), which the build read from the PTX
+    /// into the report. None for an entry without one (launched with no dynamic shared
+    /// memory) or not in this module.
+    pub fn dynamic_smem(&self, entry: &str) -> Option<u32> {
+        let needle = format!("mla-kernels: entry '{entry}' dynamic smem ");
+        let line = self.resource_report.lines().find_map(|l| l.strip_prefix(needle.as_str()))?;
+        line.strip_suffix(" bytes")?.parse().ok()
+    }
     /// The folder under `kernels/` (`common`, `portable`, `sm90`).
     pub fn folder(&self) -> &'static str {
         self.name.split('/').next().unwrap_or("")
     }
 }
 
-/// The module called `name` (`<folder>/<file stem>`) built for `arch`, if it was.
+/// The module called `name` (`<folder>/<stage>/<stem>`) built for `arch`, if it was.
 pub fn module(name: &str, arch: &str) -> Option<&'static Module> {
     MODULES.iter().find(|m| m.name == name && m.arch == arch)
 }
@@ -67,11 +102,65 @@ pub fn available() -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::entries::*;
     use super::*;
 
     /// What every build with kernels must carry (build.rs's FOLDERS).
     const COMMON: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90a", "sm_120", "compute_80"];
     const PORTABLE: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_120", "compute_80"];
+
+    #[test]
+    fn entries_are_generated_from_the_sources() {
+        // Whether or not kernels were compiled: one constant per entry, names unique, each
+        // in a module of MODULE_NAMES; the layout is <folder>/<stage>/<stem>.
+        assert!(ENTRIES.len() >= 17, "{ENTRIES:?}");
+        for e in ENTRIES {
+            assert!(MODULE_NAMES.contains(&e.module), "{e}");
+            assert_eq!(e.module.split('/').count(), 3, "{e}: not <folder>/<stage>/<stem>");
+            assert_eq!(ENTRIES.iter().filter(|x| x.name == e.name).count(), 1, "{e}: duplicate name");
+        }
+        assert_eq!(MLA_DECODE_BF16_WS64, Entry { module: "sm90/decode/mla_decode_ws", name: "mla_decode_bf16_ws64" });
+        assert_eq!(MLA_PLAN_KERNEL.module, "common/plan/mla_plan");
+        // Every compiled module is a module of the sources, and the reverse.
+        if available() {
+            for m in MODULES {
+                assert!(MODULE_NAMES.contains(&m.name), "{}: not in MODULE_NAMES", m.name);
+            }
+            for n in MODULE_NAMES {
+                assert!(MODULES.iter().any(|m| m.name == *n), "{n}: not compiled");
+            }
+        }
+    }
+
+    #[test]
+    fn decode_entries_carry_their_shared_memory() {
+        if !available() {
+            return;
+        }
+        // The sizes of the kernels' layouts (what the host computed before it read them; the
+        // kernels static_assert their own budgets).
+        let want = [
+            (MLA_DECODE_BF16_TMA16, "sm_90a", 207_136),
+            (MLA_DECODE_FP16_TMA32, "sm_90a", 227_808),
+            (MLA_DECODE_BF16_WS64, "sm_90a", 230_720),
+            (MLA_DECODE_FP16_WS64S, "sm_90a", 224_328),
+            (MLA_DECODE_BF16_M16, "sm_86", 95_424),
+            (MLA_DECODE_FP16_M16, "compute_80", 95_424),
+            (MLA_DECODE_BF16_M32, "sm_80", 152_960),
+            (MLA_DECODE_FP16_M32, "compute_80", 152_960),
+        ];
+        for (e, arch, bytes) in want {
+            assert_eq!(module(e.module, arch).unwrap().dynamic_smem(e.name), Some(bytes), "{e} ({arch})");
+        }
+        // Every decode entry of every target has one; the others none.
+        for m in MODULES {
+            for e in ENTRIES.iter().filter(|e| e.module == m.name) {
+                let built = m.resource_report.contains(&format!("entry function '{}'", e.name)) || (m.is_ptx() && std::str::from_utf8(m.image).unwrap().contains(&format!(".entry {}(", e.name)));
+                let decode = e.name.starts_with("mla_decode_");
+                assert_eq!(m.dynamic_smem(e.name).is_some(), decode && built, "{e} ({})", m.arch);
+            }
+        }
+    }
 
     #[test]
     fn registry_is_consistent() {
@@ -127,7 +216,7 @@ mod tests {
         if !available() {
             return;
         }
-        for name in ["common/mla_plan", "common/mla_combine", "common/mla_cache_append", "common/mla_util", "portable/mla_decode"] {
+        for name in [MLA_PLAN_KERNEL.module, MLA_COMBINE_BF16.module, MLA_CACHE_APPEND.module, MLA_FILL_RANDOM_BF16.module, MLA_DECODE_BF16_M16.module] {
             let m = module(name, "compute_80").unwrap_or_else(|| panic!("{name}: no compute_80 PTX"));
             assert!(m.is_ptx());
             let text = std::str::from_utf8(m.image).unwrap_or_else(|e| panic!("{name}: PTX is not UTF-8 text: {e}"));
@@ -138,9 +227,9 @@ mod tests {
             assert!(text.contains(".address_size 64"), "{name}: not 64-bit PTX");
         }
         // The decode PTX carries both tiles (the host picks m32 only where it fits).
-        let d = std::str::from_utf8(module("portable/mla_decode", "compute_80").unwrap().image).unwrap();
-        for e in ["mla_decode_bf16_m16", "mla_decode_fp16_m16", "mla_decode_bf16_m32", "mla_decode_fp16_m32"] {
-            assert!(d.contains(&format!(".entry {e}(")), "compute_80 PTX: no .entry {e}");
+        let d = std::str::from_utf8(module(MLA_DECODE_BF16_M16.module, "compute_80").unwrap().image).unwrap();
+        for e in [MLA_DECODE_BF16_M16, MLA_DECODE_FP16_M16, MLA_DECODE_BF16_M32, MLA_DECODE_FP16_M32] {
+            assert!(d.contains(&format!(".entry {}(", e.name)), "compute_80 PTX: no .entry {e}");
         }
         assert!(!d.contains("wgmma") && !d.contains("cp.async.bulk"), "the portable PTX uses Hopper instructions");
     }
@@ -150,36 +239,36 @@ mod tests {
         if !available() {
             return;
         }
-        // The launcher (crates/mla-core/src/gpu/ops.rs) looks these up by name.
-        let m16 = &["mla_decode_bf16_m16", "mla_decode_fp16_m16"][..];
-        let m16_m32 = &["mla_decode_bf16_m16", "mla_decode_fp16_m16", "mla_decode_bf16_m32", "mla_decode_fp16_m32"][..];
-        let mut checks: Vec<(&str, &str, &[&str])> = vec![
-            ("sm90/mla_decode_tma", "sm_90a", &["mla_decode_bf16_tma16", "mla_decode_bf16_tma32", "mla_decode_fp16_tma16", "mla_decode_fp16_tma32"]),
-            ("sm90/mla_decode_ws", "sm_90a", &["mla_decode_bf16_ws64", "mla_decode_fp16_ws64"]),
-            ("sm90/mla_decode_ws2", "sm_90a", &["mla_decode_bf16_ws64s", "mla_decode_fp16_ws64s"]),
+        // The launcher (crates/mla-core/src/gpu/ops.rs) looks these up.
+        let m16 = &[MLA_DECODE_BF16_M16, MLA_DECODE_FP16_M16][..];
+        let m16_m32 = &[MLA_DECODE_BF16_M16, MLA_DECODE_FP16_M16, MLA_DECODE_BF16_M32, MLA_DECODE_FP16_M32][..];
+        let mut checks: Vec<(&str, &[Entry])> = vec![
+            ("sm_90a", &[MLA_DECODE_BF16_TMA16, MLA_DECODE_BF16_TMA32, MLA_DECODE_FP16_TMA16, MLA_DECODE_FP16_TMA32]),
+            ("sm_90a", &[MLA_DECODE_BF16_WS64, MLA_DECODE_FP16_WS64]),
+            ("sm_90a", &[MLA_DECODE_BF16_WS64S, MLA_DECODE_FP16_WS64S]),
             // Shared memory picks the tiles: 32-row tiles (149 KiB) only on sm_80 (163 KiB a
             // block); the 99 KiB parts get 16-row tiles only.
-            ("portable/mla_decode", "sm_80", m16_m32),
-            ("portable/mla_decode", "sm_86", m16),
-            ("portable/mla_decode", "sm_89", m16),
-            ("portable/mla_decode", "sm_120", m16),
+            ("sm_80", m16_m32),
+            ("sm_86", m16),
+            ("sm_89", m16),
+            ("sm_120", m16),
         ];
         for arch in ["sm_80", "sm_86", "sm_89", "sm_90a", "sm_120"] {
-            checks.push(("common/mla_plan", arch, &["mla_plan_kernel"]));
-            checks.push(("common/mla_combine", arch, &["mla_combine_bf16", "mla_combine_fp16"]));
-            checks.push(("common/mla_cache_append", arch, &["mla_cache_append"]));
-            checks.push(("common/mla_util", arch, &["mla_fill_random_bf16", "mla_fill_random_fp16"]));
+            checks.push((arch, &[MLA_PLAN_KERNEL]));
+            checks.push((arch, &[MLA_COMBINE_BF16, MLA_COMBINE_FP16]));
+            checks.push((arch, &[MLA_CACHE_APPEND]));
+            checks.push((arch, &[MLA_FILL_RANDOM_BF16, MLA_FILL_RANDOM_FP16]));
         }
-        for (name, arch, entries) in checks {
-            let Some(m) = module(name, arch) else { panic!("{name} was not built for {arch}") };
+        for (arch, entries) in checks {
             for e in entries {
-                let needle = format!("Compiling entry function '{e}' for '{arch}'");
-                assert!(m.resource_report.contains(&needle), "{name} ({arch}): no entry {e}");
+                let Some(m) = module(e.module, arch) else { panic!("{} was not built for {arch}", e.module) };
+                let needle = format!("Compiling entry function '{}' for '{arch}'", e.name);
+                assert!(m.resource_report.contains(&needle), "{} ({arch}): no entry {e}", e.module);
             }
         }
         for arch in ["sm_86", "sm_89", "sm_120"] {
-            let r = module("portable/mla_decode", arch).unwrap().resource_report;
-            assert!(!r.contains("_m32'"), "portable/mla_decode ({arch}): a 32-row entry over the 99 KiB budget");
+            let r = module(MLA_DECODE_BF16_M16.module, arch).unwrap().resource_report;
+            assert!(!r.contains("_m32'"), "{} ({arch}): a 32-row entry over the 99 KiB budget", MLA_DECODE_BF16_M16.module);
         }
     }
 }

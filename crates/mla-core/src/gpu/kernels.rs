@@ -1,19 +1,21 @@
 //! Loads the embedded modules of one target (a cubin per module, or the compute_80 PTX,
-//! which the driver JIT-compiles) into a context and looks functions up by name.
+//! which the driver JIT-compiles) into a context and looks entry points up by their typed
+//! [`Entry`] (`mla_kernels::entries`), with the dynamic shared memory the kernel declares.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::Ptx;
+use mla_kernels::{Entry, Module};
 
 use crate::error::{ErrorCode, MlaError, Result};
 
 pub struct Kernels {
     /// The target loaded (`sm_90a`, `sm_86`, `compute_80`).
     target: &'static str,
-    modules: Vec<(&'static str, Arc<CudaModule>)>,
-    functions: std::sync::Mutex<HashMap<String, CudaFunction>>,
+    modules: Vec<(&'static Module, Arc<CudaModule>)>,
+    functions: std::sync::Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
 }
 
 impl Kernels {
@@ -31,7 +33,7 @@ impl Kernels {
                 let what = if m.is_ptx() { "JIT-compiling the PTX of kernel module" } else { "loading kernel module" };
                 MlaError::new(ErrorCode::Cuda, format!("{what} {} ({}): {e:?}", m.name, m.arch))
             })?;
-            modules.push((m.name, module));
+            modules.push((m, module));
         }
         Ok(Kernels { target, modules, functions: Default::default() })
     }
@@ -41,19 +43,28 @@ impl Kernels {
         self.target
     }
 
-    /// Whether module `module` has a function `name` (e.g. a tile that only some targets have).
-    pub fn has_function(&self, module: &str, name: &str) -> bool {
-        self.modules.iter().any(|(n, m)| *n == module && m.load_function(name).is_ok())
+    /// Whether the loaded modules have entry `e` (e.g. a tile that only some targets have).
+    pub fn has(&self, e: Entry) -> bool {
+        self.modules.iter().any(|(n, m)| n.name == e.module && m.load_function(e.name).is_ok())
     }
 
-    /// The function `name` of module `module` (`<folder>/<file stem>`), with its dynamic
-    /// shared memory limit raised to `smem_bytes` when that is above the 48 KiB default.
-    pub fn function(&self, module: &str, name: &str, smem_bytes: u32) -> Result<CudaFunction> {
+    /// The dynamic shared memory entry `e` is launched with, as the kernel declares it
+    /// (`MLA_ENTRY_SMEM`, read by the build); 0 for an entry without any, None when its
+    /// module is not loaded.
+    pub fn smem(&self, e: Entry) -> Option<u32> {
+        let (m, _) = self.modules.iter().find(|(n, _)| n.name == e.module)?;
+        Some(m.dynamic_smem(e.name).unwrap_or(0))
+    }
+
+    /// Entry `e` and the dynamic shared memory it is launched with (its function's limit
+    /// raised to that when above the 48 KiB default).
+    pub fn function(&self, e: Entry) -> Result<(CudaFunction, u32)> {
+        let (module, name) = (e.module, e.name);
         let mut cache = self.functions.lock().unwrap();
         if let Some(f) = cache.get(name) {
             return Ok(f.clone());
         }
-        let Some(m) = self.modules.iter().find(|(n, _)| *n == module) else {
+        let Some(m) = self.modules.iter().find(|(n, _)| n.name == module) else {
             return Err(MlaError::new(
                 ErrorCode::KernelsUnavailable,
                 format!(
@@ -63,6 +74,7 @@ impl Kernels {
                 ),
             ));
         };
+        let smem_bytes = m.0.dynamic_smem(name).unwrap_or(0);
         let f = m.1.load_function(name).map_err(|_| {
             MlaError::new(ErrorCode::KernelsUnavailable, format!("kernel {module}:{name} is not in the {} build of {module}", self.target))
         })?;
@@ -72,7 +84,7 @@ impl Kernels {
                 smem_bytes as i32,
             )?;
         }
-        cache.insert(name.to_string(), f.clone());
-        Ok(f)
+        cache.insert(name, (f.clone(), smem_bytes));
+        Ok((f, smem_bytes))
     }
 }

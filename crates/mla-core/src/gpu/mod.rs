@@ -13,7 +13,6 @@ pub mod util;
 pub mod launch;
 pub mod params;
 pub mod path;
-pub mod portable;
 pub mod tma;
 pub mod tma_cache;
 
@@ -620,7 +619,9 @@ impl GpuDevice {
 /// sm_80 on; a device where even they do not is refused, typed, at open.
 fn portable_tile(ctx: &Arc<CudaContext>, kernels: &kernels::Kernels) -> Result<usize> {
     let optin = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
-    let need16 = portable::smem_bytes(16);
+    use mla_kernels::entries::{MLA_DECODE_BF16_M16, MLA_DECODE_BF16_M32};
+    // The tiles' shared memory as the kernels declare it (the same for both dtypes).
+    let need16 = kernels.smem(MLA_DECODE_BF16_M16).unwrap_or(0) as usize;
     if optin < need16 {
         return Err(MlaError::arg(
             ErrorCode::GpuUnavailable,
@@ -629,7 +630,7 @@ fn portable_tile(ctx: &Arc<CudaContext>, kernels: &kernels::Kernels) -> Result<u
             format!("{optin} bytes"),
         ));
     }
-    let m32 = kernels.has_function("portable/mla_decode", "mla_decode_bf16_m32") && optin >= portable::smem_bytes(32);
+    let m32 = kernels.has(MLA_DECODE_BF16_M32) && kernels.smem(MLA_DECODE_BF16_M32).is_some_and(|b| optin >= b as usize);
     Ok(if m32 { 32 } else { 16 })
 }
 

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
+use mla_kernels::entries as k;
+use mla_kernels::Entry;
 
 use super::launch::{launch, LaunchDims};
 use super::params::{MlaCombineParams, MlaDecodeParams, MlaPlanParams};
@@ -16,7 +18,7 @@ use crate::error::Result;
 use crate::plan::{Plan, GPU_ROW_TILE};
 use crate::tensor::Tensor;
 use crate::validate::DecodeShape;
-use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
+use crate::{BLOCK_SIZE, HEAD_DIM_V};
 
 fn ptr(t: &Tensor) -> u64 {
     t.device_ptr().expect("a CUDA tensor")
@@ -38,7 +40,7 @@ fn pick_stream<'a>(g: &'a GpuDevice, s: &'a Option<Arc<CudaStream>>) -> &'a Arc<
 
 /// Enqueues the plan kernel: metadata and num_splits from device-resident lengths.
 pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Option<Arc<CudaStream>>, max_seqlen: i32) -> Result<()> {
-    let f = g.kernels().function("common/mla_plan", "mla_plan_kernel", 0)?;
+    let (f, _) = g.kernels().function(k::MLA_PLAN_KERNEL)?;
     let ws = plan.workspace.as_ref().expect("a CUDA plan has a workspace");
     let p = MlaPlanParams {
         seqlens: ptr(seqlens),
@@ -66,7 +68,7 @@ pub enum DecodeKernel {
     /// A TMA producer warp feeding mma.sync consumers, tiles of 16 or 32 rows
     /// (`mla_decode_tma.cu`): the memory-bound shapes.
     Tma { tile: usize },
-    /// cp.async + mma.sync, tiles of 16 or 32 rows (`portable/mla_decode.cu`): the portable path.
+    /// cp.async + mma.sync, tiles of 16 or 32 rows (`kernels/portable/decode/mla_decode.cu`): the portable path.
     MmaSync { tile: usize },
     /// Warp-specialised wgmma, tiles of 64 rows: a TMA producer warpgroup and two consumer
     /// warpgroups (`mla_decode_ws.cu`): the default for 32 rows and more.
@@ -107,35 +109,18 @@ impl DecodeKernel {
             DecodeKernel::WarpSpecialized | DecodeKernel::Seesaw => GPU_ROW_TILE,
         }
     }
-    /// (module, function, dynamic shared memory bytes, threads per block), kept in step
-    /// with the kernels' `Smem` layouts and launch comments.
-    fn function(self, ty: &str) -> (&'static str, String, usize, u32) {
-        let row = HEAD_DIM * 2; // bytes of one latent row
-        // MmaScratch<M> (mma_tile.cuh): P, two reduction arrays, three row statistics.
-        let mma_scratch = |t: usize| t * BLOCK_SIZE * 2 + 1024 + 3 * t * 4;
+    /// The entry point for `dtype` and its threads per block (the kernels' launch
+    /// comments); its dynamic shared memory is the kernel's own (`Kernels::function`).
+    fn entry(self, dtype: DType) -> (Entry, u32) {
+        let bf16 = dtype == DType::BF16;
+        let pick = |b: Entry, f: Entry| if bf16 { b } else { f };
         match self {
-            DecodeKernel::Tma { tile } => {
-                // 5 half-block stages, Q, scratch, 12 mbarriers, 1024 of alignment slack.
-                let bars = (5 * (BLOCK_SIZE / 2) * row + tile * row + mma_scratch(tile)).div_ceil(8) * 8;
-                ("sm90/mla_decode_tma", format!("mla_decode_{ty}_tma{tile}"), bars + 12 * 8 + 1024, 384)
-            }
-            DecodeKernel::MmaSync { tile } => {
-                // Q, a ring of half-block stages, scratch: per tile (gpu/portable.rs).
-                ("portable/mla_decode", format!("mla_decode_{ty}_m{tile}"), super::portable::smem_bytes(tile), 256)
-            }
-            DecodeKernel::WarpSpecialized => {
-                // Q, 2 block stages, P, the factors (or 1 / l), 8 mbarriers, alignment slack.
-                let t = GPU_ROW_TILE;
-                let bytes = t * row + 2 * BLOCK_SIZE * row + t * BLOCK_SIZE * 2 + t * 4 + 8 * 8 + 1024;
-                ("sm90/mla_decode_ws", format!("mla_decode_{ty}_ws64"), bytes, 384)
-            }
-            DecodeKernel::Seesaw => {
-                // Q, 2 block stages, reference maxima and factors by block parity, row sums
-                // by segment parity and warpgroup, 9 mbarriers, alignment slack.
-                let t = GPU_ROW_TILE;
-                let bytes = t * row + 2 * BLOCK_SIZE * row + 2 * t * 4 + 2 * t * 4 + 4 * t * 4 + 9 * 8 + 1024;
-                ("sm90/mla_decode_ws2", format!("mla_decode_{ty}_ws64s"), bytes, 384)
-            }
+            DecodeKernel::Tma { tile: 16 } => (pick(k::MLA_DECODE_BF16_TMA16, k::MLA_DECODE_FP16_TMA16), 384),
+            DecodeKernel::Tma { .. } => (pick(k::MLA_DECODE_BF16_TMA32, k::MLA_DECODE_FP16_TMA32), 384),
+            DecodeKernel::MmaSync { tile: 16 } => (pick(k::MLA_DECODE_BF16_M16, k::MLA_DECODE_FP16_M16), 256),
+            DecodeKernel::MmaSync { .. } => (pick(k::MLA_DECODE_BF16_M32, k::MLA_DECODE_FP16_M32), 256),
+            DecodeKernel::WarpSpecialized => (pick(k::MLA_DECODE_BF16_WS64, k::MLA_DECODE_FP16_WS64), 384),
+            DecodeKernel::Seesaw => (pick(k::MLA_DECODE_BF16_WS64S, k::MLA_DECODE_FP16_WS64S), 384),
         }
     }
 }
@@ -161,16 +146,11 @@ pub fn decode_into(
     let slots = plan.slots as u64;
     let stream = pick_stream(g, &opts.stream);
     let scale = opts.scale();
-    let ty = match s.dtype {
-        DType::BF16 => "bf16",
-        _ => "fp16",
-    };
     let kernel = DecodeKernel::for_rows(rows, g.kernel_path(), g.portable_max_tile());
     let tile = kernel.tile();
-    let (module, name, smem, threads) = kernel.function(ty);
-    let smem = smem as u32;
-    let f = g.kernels().function(module, &name, smem)?;
-    let fc = g.kernels().function("common/mla_combine", &format!("mla_combine_{ty}"), 0)?;
+    let (entry, threads) = kernel.entry(s.dtype);
+    let (f, smem) = g.kernels().function(entry)?;
+    let (fc, _) = g.kernels().function(if s.dtype == DType::BF16 { k::MLA_COMBINE_BF16 } else { k::MLA_COMBINE_FP16 })?;
     let oaccum = ws.ptr();
     let lseaccum = oaccum + slots * rows as u64 * HEAD_DIM_V as u64 * 4;
     let p = MlaDecodeParams {

@@ -211,13 +211,13 @@ mod tests {
         let common = ["sm_80", "sm_86", "sm_89", "sm_90a", "sm_120", "compute_80"];
         let portable = ["sm_80", "sm_86", "sm_89", "sm_120", "compute_80"];
         let mut v = Vec::new();
-        for n in ["common/mla_plan", "common/mla_combine", "common/mla_cache_append", "common/mla_util"] {
-            v.extend(common.iter().map(|t| (n, *t)));
+        for n in mla_kernels::entries::MODULE_NAMES {
+            match n.split('/').next().unwrap() {
+                "common" => v.extend(common.iter().map(|t| (*n, *t))),
+                "portable" => v.extend(portable.iter().map(|t| (*n, *t))),
+                _ => v.push((*n, "sm_90a")),
+            }
         }
-        v.extend(portable.iter().map(|t| ("portable/mla_decode", *t)));
-        v.push(("sm90/mla_decode_tma", "sm_90a"));
-        v.push(("sm90/mla_decode_ws", "sm_90a"));
-        v.push(("sm90/mla_decode_ws2", "sm_90a"));
         v
     }
 
@@ -284,7 +284,7 @@ mod tests {
     fn a_partial_build_is_a_typed_error() {
         assert_eq!(select((8, 6), &[], Request::Auto, NEW_DRIVER, MADE_BY).unwrap_err().code, ErrorCode::KernelsUnavailable);
         // A build without the sm_86 decode cubin takes the PTX, never half a path.
-        let partial: Vec<_> = full_build().into_iter().filter(|b| *b != ("portable/mla_decode", "sm_86")).collect();
+        let partial: Vec<_> = full_build().into_iter().filter(|b| *b != (mla_kernels::entries::MLA_DECODE_BF16_M16.module, "sm_86")).collect();
         assert_eq!(select((8, 6), &partial, Request::Auto, NEW_DRIVER, MADE_BY).unwrap().path, PortablePtx);
         let hopper_only: Vec<_> = full_build().into_iter().filter(|b| b.1 == "sm_90a").collect();
         let e = select((8, 9), &hopper_only, Request::Auto, NEW_DRIVER, MADE_BY).unwrap_err();

@@ -19,12 +19,12 @@ pub fn fill_random(t: &mut Tensor, seed: u64, std: f32, clamp: f32) -> Result<()
         Device::Cuda(g) => g.clone(),
         Device::Cpu => return Err(MlaError::new(ErrorCode::DeviceMismatch, "fill_random: a CUDA tensor is needed")),
     };
-    let name = match t.dtype() {
-        DType::BF16 => "mla_fill_random_bf16",
-        DType::F16 => "mla_fill_random_fp16",
+    let entry = match t.dtype() {
+        DType::BF16 => mla_kernels::entries::MLA_FILL_RANDOM_BF16,
+        DType::F16 => mla_kernels::entries::MLA_FILL_RANDOM_FP16,
         d => return Err(MlaError::arg(ErrorCode::DtypeMismatch, "tensor", "bf16 or fp16", d)),
     };
-    let f = g.kernels().function("common/mla_util", name, 0)?;
+    let (f, _) = g.kernels().function(entry)?;
     let (mut ptr, mut n, mut seed, mut std, mut clamp) = (t.device_ptr().unwrap(), t.numel() as u64, seed, std, clamp);
     let mut args = [
         &mut ptr as *mut u64 as *mut c_void,
@@ -38,7 +38,7 @@ pub fn fill_random(t: &mut Tensor, seed: u64, std: f32, clamp: f32) -> Result<()
 }
 
 /// Scatters `n` latent rows into a paged cache pool, on the device's stream (the kernel of
-/// `kernels/common/mla_cache_append.cu`): row `i` (`row_bytes` bytes at `src + i * src_stride`)
+/// `kernels/common/cache/mla_cache_append.cu`): row `i` (`row_bytes` bytes at `src + i * src_stride`)
 /// goes to token slot `slots[i]` (int64, block * 64 + row) of `pool`. A slot outside
 /// `[0, num_slots)` is skipped and flagged (`MLA_ERR_BLOCK_INDEX`) in the current step's
 /// flag. Pointers and strides must be 16-byte aligned.
@@ -48,7 +48,7 @@ pub(crate) fn cache_scatter(g: &GpuDevice, pool: u64, num_slots: i64, src: u64, 
         return Ok(());
     }
     debug_assert!(row_bytes % 16 == 0 && src_stride % 16 == 0 && pool % 16 == 0 && src % 16 == 0);
-    let f = g.kernels().function("common/mla_cache_append", "mla_cache_append", 0)?;
+    let (f, _) = g.kernels().function(mla_kernels::entries::MLA_CACHE_APPEND)?;
     let (mut pool, mut num_slots, mut src, mut stride_vec, mut slots, mut n, mut row_vecs, mut flag) =
         (pool, num_slots, src, src_stride / 16, slots, n, row_bytes / 16, g.error_flag_ptr());
     let mut args = [

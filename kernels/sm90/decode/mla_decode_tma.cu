@@ -36,8 +36,8 @@ constexpr int HALF = BS / 2;              // keys per stage
 constexpr int HALF_BYTES = HALF * D * 2;  // 36 KiB
 constexpr int HALF_REGION = HALF * 128;   // one 64-column box of a stage
 
-// Shared memory plan (bytes from a 1024-aligned base), kept in step with
-// DecodeKernel::function() in gpu/ops.rs.
+// Shared memory plan (bytes from a 1024-aligned base); ALLOC is the entry's MLA_ENTRY_SMEM,
+// which the launcher reads (no host copy of this layout).
 template <int M> struct Smem {
     static constexpr int STAGE = HALF_BYTES;
     static constexpr int RING = 0;
@@ -184,7 +184,8 @@ __device__ void decode_tma(const MlaDecodeParams& p, char* smem_raw) {
         extern __shared__ __align__(1024) char smem[];                                                       \
         mla::pdl_launch_dependents(); /* the combine may launch now */ \
         decode_tma<T, RG, KS, QR>(p, smem);                                                                         \
-    }
+    }                                                                                                               \
+    MLA_ENTRY_SMEM(NAME, (Smem<MmaTile<T, RG, KS, QR>::M>::ALLOC))
 
 // Q k-steps in registers: all 36 at 16 rows; at 32 rows the most that ptxas 12.9 keeps
 // without spilling (12; 18 measured 13% faster with ptxas 13.0, which allocated it).

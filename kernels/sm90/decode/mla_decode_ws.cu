@@ -42,8 +42,8 @@ __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
     return (chunk >> 3) * REGION + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
 }
 
-// Shared memory plan (bytes from a 1024-aligned base), kept in step with
-// DecodeKernel::function() in gpu/ops.rs.
+// Shared memory plan (bytes from a 1024-aligned base); ALLOC is the entry's MLA_ENTRY_SMEM,
+// which the launcher reads (no host copy of this layout).
 struct Smem {
     static constexpr int Q = 0;
     static constexpr int KV = Q + TILE;                // STAGES x TILE
@@ -341,7 +341,8 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
         extern __shared__ __align__(1024) char smem[];                                                       \
         mla::pdl_launch_dependents(); /* the combine may launch now */ \
         decode_ws<T>(p, smem);                                                                               \
-    }
+    }                                                                                                        \
+    MLA_ENTRY_SMEM(NAME, Smem::ALLOC)
 
 MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64, __nv_bfloat16)
 MLA_DECODE_WS_KERNEL(mla_decode_fp16_ws64, __half)

@@ -23,7 +23,7 @@
 // hold the block until PV is done); m32's third stage keeps half a block in flight.
 //
 // Launch: grid (num_parts, ceil(rows / M)), block 256, dynamic smem MLA_PORTABLE_BYTES(M, ...);
-// crates/mla-core/src/gpu/ops.rs mirrors the sizes (DecodeKernel::function).
+// The launcher reads each entry's size from its MLA_ENTRY_SMEM constant (no host copy).
 #include "mma_tile.cuh"
 
 // Shared memory a block may opt into, per architecture (cudaDevAttrMaxSharedMemoryPerBlockOptin).
@@ -61,7 +61,7 @@ template <> struct Cfg<1> { static constexpr int KEYS = MLA_M16_KEYS, NS = MLA_M
 template <> struct Cfg<2> { static constexpr int KEYS = MLA_M32_KEYS, NS = MLA_M32_STAGES; };
 #endif
 
-// Shared memory plan (bytes), kept in step with DecodeKernel::function() in gpu/ops.rs.
+// Shared memory plan (bytes); TOTAL is the entry's MLA_ENTRY_SMEM.
 template <int M, int KEYS, int NS> struct Smem {
     static constexpr int STAGE = KEYS * D * 2;
     static constexpr int Q = 0;
@@ -157,7 +157,8 @@ __device__ void decode_tile(const MlaDecodeParams& p, char* smem) {
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const MlaDecodeParams p) { \
         extern __shared__ __align__(128) char smem[];                                    \
         decode_tile<T, RG>(p, smem);                                                     \
-    }
+    }                                                                                    \
+    MLA_ENTRY_SMEM(NAME, (Smem<MmaTile<T, RG>::M, Cfg<RG>::KEYS, Cfg<RG>::NS>::TOTAL))
 
 MLA_DECODE_KERNEL(mla_decode_bf16_m16, __nv_bfloat16, 1)
 MLA_DECODE_KERNEL(mla_decode_fp16_m16, __half, 1)
