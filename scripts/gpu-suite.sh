@@ -10,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-stages=${*:-"info sass rust pipeline invariant rust-portable rust-tma sanitizer ts matmul bench-cli bench-host bench-host-breakdown bench-portable"}
+stages=${*:-"info sass rust pipeline multi invariant rust-portable rust-tma sanitizer ts matmul bench-cli bench-host bench-host-breakdown bench-portable"}
 declare -A result
 export MLA_TEST_DEVICE=cuda
 ANCHORS=${ANCHORS:-.device/anchors/flashmla-h200.csv}
@@ -29,6 +29,9 @@ for s in $stages; do
     sass) run_stage sass bash -c 'for c in .device/cubins/*.cubin; do printf "%-28s HGMMA %4d  HMMA %4d  LDL/STL %d\n" "$(basename $c)" "$(cuobjdump --dump-sass $c | grep -c HGMMA)" "$(cuobjdump --dump-sass $c | grep -c "HMMA")" "$(cuobjdump --dump-sass $c | grep -cE "LDL|STL")"; done' ;;
     rust) run_stage rust .device/bin/gpu_decode --test-threads=1 ;;
     pipeline) run_stage pipeline .device/bin/gpu_pipeline --test-threads=1 ;;
+    # Several GPUs (issue 12): every GPU present; with one it prints SKIPPED (MLA_TEST_GPUS=2
+    # on a machine of two or more makes that a failure).
+    multi) run_stage multi .device/bin/gpu_multi --test-threads=1 --nocapture ;;
     # The portable path (cp.async + mma.sync, the kernels of sm_80/86/89/120 and of newer
     # GPUs) forced on Hopper: every module from the compute_80 PTX, JIT-compiled at open;
     # rows <= 16 take the 16-row tile of the 99 KiB parts, more rows the 32-row one of sm_80.
@@ -168,7 +171,7 @@ done
 
 echo
 echo "=== summary"
-for s in info sass rust pipeline invariant-default invariant-tma invariant-ws invariant-portable memcheck-invariant racecheck-invariant synccheck-invariant bench-invariant rust-portable pipeline-portable memcheck-portable racecheck-portable synccheck-portable memcheck-pipeline-portable rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device bench-portable ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
+for s in info sass rust pipeline multi invariant-default invariant-tma invariant-ws invariant-portable memcheck-invariant racecheck-invariant synccheck-invariant bench-invariant rust-portable pipeline-portable memcheck-portable racecheck-portable synccheck-portable memcheck-pipeline-portable rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device bench-portable ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
   [[ -n "${result[$s]:-}" ]] && printf '%-26s %s\n' "$s" "${result[$s]}"
 done
 grep -H "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/pipeline*.log "$OUT"/ts.log 2>/dev/null | tail -12

@@ -11,7 +11,7 @@ mkdir -p "$out/bin" "$out/anchors"
 
 # Rust: the GPU tests and the benchmark, release builds with the embedded cubins.
 cargo build --release -p mla-core --example gpu_bench
-for t in gpu_decode gpu_pipeline gpu_invariant; do
+for t in gpu_decode gpu_pipeline gpu_invariant gpu_multi; do
   cargo test --release -p mla-core --test $t --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import sys,json
 for l in sys.stdin:
