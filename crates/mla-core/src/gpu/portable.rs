@@ -1,7 +1,7 @@
 //! Host mirror of the portable decode kernel's configurations (`kernels/portable/mla_decode.cu`):
 //! which row tiles exist and the dynamic shared memory each needs.
 
-use crate::{BLOCK_SIZE, HEAD_DIM};
+use crate::consts::{BLOCK_SIZE, HEAD_DIM};
 
 /// (tile rows, keys per cp.async stage, stages): `MLA_M16_*` / `MLA_M32_*` in the kernel.
 const CONFIGS: [(usize, usize, usize); 2] = [(16, 32, 2), (32, 32, 3)];
