@@ -10,9 +10,8 @@
 //! combine pass. The result depends only on `cache_seqlens` and the part count, and the
 //! GPU kernel (`kernels/common/mla_plan.cu`) computes exactly [`host_plan`] on the device.
 //!
-//! Layout (int32): `metadata[num_parts][8]` = begin_seq, begin_block, end_seq, end_block
-//! (exclusive, within end_seq), the split index within begin_seq of the part's first
-//! segment, then zeros; `num_splits[b + 1]` = exclusive prefix sum of splits per sequence.
+//! Layout (int32): `metadata[num_parts][8]`, one [`SchedMeta`] row per part;
+//! `num_splits[b + 1]` = exclusive prefix sum of splits per sequence.
 //!
 //! # Batch-invariant plans
 //!
@@ -124,9 +123,9 @@ pub fn plan(seqlens: &Tensor, rows: usize, h_kv: usize) -> Result<Plan> {
 /// use mla_core::plan::{plan_with, PlanOptions};
 /// use mla_core::{Device, Tensor};
 /// let dev = Device::cpu();
-/// let p = plan_with(&Tensor::from_i32(&dev, &[100, 7000], &[2])?, 16, 1, &PlanOptions::invariant())?;
+/// let p = plan_with(&Tensor::from_i32(&dev, &[100, 14000], &[2])?, 16, 1, &PlanOptions::invariant())?;
 /// assert!(p.batch_invariant());
-/// // 7000 tokens = 110 blocks: 4 chunks of 27 or 28 blocks, whatever the batch holds.
+/// // 14000 tokens = 219 blocks: 4 chunks of 54 or 55 blocks, whatever the batch holds.
 /// assert_eq!(p.num_splits().to_i32()?, [0, 1, 5]);
 /// # Ok::<(), mla_core::MlaError>(())
 /// ```
