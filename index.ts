@@ -45,7 +45,6 @@ export { KvCache, type KvCacheOptions } from './src/cache'
 export { decode, decodeInto, decodeSync, flashMlaWithKvcache, type DecodeArgs, type DecodeOutputs, type DecodeResult } from './src/decode'
 export { CapturedStep, captureStep, type CaptureOptions } from './src/step'
 export { bench, decodeBytes, decodeFlops } from './src/bench'
-import './src/inspect'
 
 /** @internal The bench's breakdown and the tests: the completion poller of awaited decodes. */
 export { _setAwaitSpinUs, _whenDone } from './src/decode'

@@ -3,7 +3,8 @@
 import type * as Native from '../binding'
 import { describe, int, MAX_BLOCKS_PER_SEQ, MAX_CACHE_BLOCKS, seqId, seqList, want } from './check'
 import { call, fail } from './errors'
-import { Device, type HalfDType } from './device'
+import { Device, deviceName, type HalfDType } from './device'
+import { Handle } from './handle'
 import { native } from './native'
 import { Tensor } from './tensor'
 
@@ -32,9 +33,9 @@ export interface KvCacheOptions {
  * const { blockTable, cacheSeqlens } = cache.batch([s])
  * ```
  */
-export class KvCache {
+export class KvCache extends Handle {
   /** @internal */
-  readonly _n: Native.KvCache
+  declare readonly _n: Native.KvCache
   /** The pool view that decode calls pass (made once, disposed with the cache). */
   private _pool: Native.Tensor | undefined
 
@@ -42,7 +43,7 @@ export class KvCache {
     const d = want(device, Device, 'device')
     const { numBlocks, dtype = 'bf16' } = opts ?? ({} as KvCacheOptions)
     int('numBlocks', numBlocks, 1, MAX_CACHE_BLOCKS)
-    this._n = call(() => new native.KvCache(d._n, numBlocks, dtype))
+    super(call(() => new native.KvCache(d._n, numBlocks, dtype)))
   }
 
   /** A new, empty sequence; returns its id. */
@@ -168,11 +169,6 @@ export class KvCache {
     return Tensor._wrap(call(() => this._n.tensor))
   }
 
-  /** Whether {@link dispose} was called. */
-  get disposed(): boolean {
-    return this._n.disposed
-  }
-
   /**
    * @internal The pool as a native view for decode arguments: one per cache, not one per
    * call (making a view object costs about a microsecond). Throws `ERR_DISPOSED` once the
@@ -185,7 +181,7 @@ export class KvCache {
   }
 
   /** Releases this handle (views of the pool and pending decodes keep the pool alive). */
-  dispose(): void {
+  override dispose(): void {
     try {
       this._pool?.dispose()
     } catch {
@@ -193,11 +189,11 @@ export class KvCache {
       // per-call views of earlier versions did.
     }
     this._pool = undefined
-    this._n.dispose()
+    super.dispose()
   }
 
-  /** Same as {@link dispose} (for `using`). */
-  [Symbol.dispose](): void {
-    this.dispose()
+  /** @internal */
+  _inspect(): Record<string, unknown> {
+    return { numBlocks: this.numBlocks, freeBlocks: this.freeBlocks, dtype: this.dtype, sequences: this.sequences().length, device: deviceName(this.device) }
   }
 }

@@ -3,6 +3,7 @@
 import type * as Native from '../binding'
 import { checkShape, describe, int, MAX_I32, show, want } from './check'
 import { call, callAsync, fail } from './errors'
+import { Handle } from './handle'
 import { native } from './native'
 import { Plan } from './plan'
 import { captureStep, type CaptureOptions, type CapturedStep } from './step'
@@ -158,17 +159,12 @@ const KERNEL_PATHS: readonly KernelPath[] = ['hopper', 'portable', 'portable-ptx
  * console.log(dev.kind, dev.info.name)
  * ```
  */
-export class Device {
+export class Device extends Handle {
   /** @internal */
-  readonly _n: Native.Device
+  declare readonly _n: Native.Device
 
   private constructor(n: Native.Device) {
-    this._n = n
-  }
-
-  /** @internal */
-  static _wrap(n: Native.Device): Device {
-    return new Device(n)
+    super(n)
   }
 
   /**
@@ -213,11 +209,6 @@ export class Device {
       multiprocessors: i.multiprocessors,
       totalMemory: i.totalMemory,
     }
-  }
-
-  /** Whether {@link dispose} was called. */
-  get disposed(): boolean {
-    return this._n.disposed
   }
 
   /** Whether `other` is the same device (same backend and ordinal). */
@@ -361,13 +352,20 @@ export class Device {
   }
 
   /** Releases this handle. Objects created from the device keep it alive. */
-  dispose(): void {
-    this._n.dispose()
+  override dispose(): void {
+    super.dispose()
   }
 
-  /** Same as {@link dispose} (for `using`). */
-  [Symbol.dispose](): void {
-    this.dispose()
+  /** @internal */
+  _inspect(): Record<string, unknown> {
+    const i = this.info
+    return this.kind === 'cuda'
+      ? { kind: this.kind, ordinal: i.ordinal, name: i.name, computeCapability: i.computeCapability.join('.'), kernelPath: i.kernelPath, multiprocessors: i.multiprocessors }
+      : { kind: this.kind, name: i.name }
   }
 }
 
+/** How inspect names a device: `'cpu'` or `'cuda:<n>'`. */
+export function deviceName(d: Device): string {
+  return d.kind === 'cuda' ? `cuda:${d.info.ordinal}` : 'cpu'
+}

@@ -6,9 +6,6 @@
 import * as path from 'node:path'
 import type * as Native from '../binding'
 
-// Node >= 20.4 defines Symbol.dispose; older runtimes get the conventional polyfill.
-;(Symbol as { dispose?: symbol }).dispose ??= Symbol.for('Symbol.dispose')
-
 // The generated loader sits at the package root, next to dist/ (this file compiles to
 // dist/src/native.js). When the .node cannot be found it throws napi-rs's generic text (an
 // npm bug, wasm32-wasi...): say instead which package and file are missing and how to get

@@ -3,6 +3,7 @@
 import type * as Native from '../binding'
 import { int, MAX_I32, want } from './check'
 import { call, fail } from './errors'
+import { Handle } from './handle'
 import { Tensor } from './tensor'
 
 /**
@@ -15,17 +16,12 @@ import { Tensor } from './tensor'
  * lifetimes of their own: each keeps the plan's memory alive (natively) until it is
  * disposed or garbage collected, and disposing the plan does not dispose them.
  */
-export class Plan {
+export class Plan extends Handle {
   /** @internal */
-  readonly _n: Native.Plan
+  declare readonly _n: Native.Plan
 
   private constructor(n: Native.Plan) {
-    this._n = n
-  }
-
-  /** @internal */
-  static _wrap(n: Native.Plan): Plan {
-    return new Plan(n)
+    super(n)
   }
 
   /** Number of parts the work is divided into (SM groups on CUDA, threads on the CPU). */
@@ -93,22 +89,19 @@ export class Plan {
   update(cacheSeqlens: Tensor): number {
     return call(() => this._n.update(want(cacheSeqlens, Tensor, 'cacheSeqlens')._n))
   }
-  /** Whether {@link dispose} was called. */
-  get disposed(): boolean {
-    return this._n.disposed
-  }
   /**
    * Releases this handle. It does not dispose the {@link tileSchedulerMetadata} /
    * {@link numSplits} tensors handed out earlier (those of {@link getMlaMetadata}
    * included): they keep the plan's memory (and on CUDA its workspace) alive until they are
    * disposed as well, and a decode given them keeps working.
    */
-  dispose(): void {
-    this._n.dispose()
+  override dispose(): void {
+    super.dispose()
   }
-  /** Same as {@link dispose} (for `using`). */
-  [Symbol.dispose](): void {
-    this.dispose()
+
+  /** @internal */
+  _inspect(): Record<string, unknown> {
+    return { batch: this.batch, rows: this.rows, numParts: this.numParts, batchInvariant: this.batchInvariant }
   }
 }
 

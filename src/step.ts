@@ -5,6 +5,7 @@ import { describe, int, MAX_BLOCKS_PER_SEQ, MAX_EXTENT, MAX_I32, seqList, show, 
 import { call, fail } from './errors'
 import { KvCache } from './cache'
 import { Device, type HalfDType } from './device'
+import { Handle } from './handle'
 import { native } from './native'
 import { Tensor } from './tensor'
 
@@ -56,17 +57,12 @@ export interface CaptureOptions {
  * }
  * ```
  */
-export class CapturedStep {
+export class CapturedStep extends Handle {
   /** @internal */
-  readonly _n: Native.CapturedStep
+  declare readonly _n: Native.CapturedStep
 
   private constructor(n: Native.CapturedStep) {
-    this._n = n
-  }
-
-  /** @internal */
-  static _wrap(n: Native.CapturedStep): CapturedStep {
-    return new CapturedStep(n)
+    super(n)
   }
 
   /** Layers (decodes) per replay. */
@@ -110,17 +106,14 @@ export class CapturedStep {
   replay(): number {
     return call(() => this._n.replay())
   }
-  /** Whether {@link dispose} was called. */
-  get disposed(): boolean {
-    return this._n.disposed
-  }
   /** Releases this handle (views of the step's tensors keep it alive until they go). */
-  dispose(): void {
-    this._n.dispose()
+  override dispose(): void {
+    super.dispose()
   }
-  /** Same as {@link dispose} (for `using`). */
-  [Symbol.dispose](): void {
-    this.dispose()
+
+  /** @internal */
+  _inspect(): Record<string, unknown> {
+    return { layers: this.layers, isGraph: this.isGraph }
   }
 }
 

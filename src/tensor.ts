@@ -3,7 +3,8 @@
 import type * as Native from '../binding'
 import { describe, want } from './check'
 import { call, callAsync, fail } from './errors'
-import { Device, type DType } from './device'
+import { Device, deviceName, type DType } from './device'
+import { Handle } from './handle'
 import { Plan } from './plan'
 
 /**
@@ -13,17 +14,12 @@ import { Plan } from './plan'
  * collected) and no pending operation uses it. Any use after {@link dispose} throws
  * `ERR_DISPOSED`.
  */
-export class Tensor {
+export class Tensor extends Handle {
   /** @internal */
-  readonly _n: Native.Tensor
+  declare readonly _n: Native.Tensor
 
   private constructor(n: Native.Tensor) {
-    this._n = n
-  }
-
-  /** @internal */
-  static _wrap(n: Native.Tensor): Tensor {
-    return new Tensor(n)
+    super(n)
   }
 
   /** Extents, outermost first. */
@@ -54,11 +50,6 @@ export class Tensor {
   /** `'owned'`, `'cache'` (a view of a {@link KvCache} pool), `'plan'` (a {@link Plan}'s metadata) or `'step'` (a {@link CapturedStep}'s tensor). */
   get storage(): 'owned' | 'cache' | 'plan' | 'step' {
     return call(() => this._n.storage) as 'owned' | 'cache' | 'plan' | 'step'
-  }
-
-  /** Whether {@link dispose} was called. */
-  get disposed(): boolean {
-    return this._n.disposed
   }
 
   /** Values as f32 (bf16 / fp16 widened exactly), copied to the host off the JS thread. */
@@ -127,13 +118,13 @@ export class Tensor {
   }
 
   /** Releases this handle's reference to the memory. */
-  dispose(): void {
-    this._n.dispose()
+  override dispose(): void {
+    super.dispose()
   }
 
-  /** Same as {@link dispose} (for `using`). */
-  [Symbol.dispose](): void {
-    this.dispose()
+  /** @internal */
+  _inspect(): Record<string, unknown> {
+    return { shape: this.shape, dtype: this.dtype, device: deviceName(this.device), storage: this.storage, nbytes: this.nbytes }
   }
 
   /** @internal */
