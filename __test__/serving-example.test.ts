@@ -7,6 +7,8 @@ import * as path from 'node:path'
 import test from 'ava'
 import { Device, KvCache, captureStep, decodeInto, MlaError } from '../index'
 
+// Kept as the README has it (its aligned comments): not reformatted by prettier.
+// prettier-ignore
 async function example(log: (...xs: unknown[]) => void): Promise<void> {
   const console = { log }
   void Device, KvCache, captureStep, decodeInto, MlaError

@@ -20,7 +20,7 @@ if [[ ${MLA_PACKAGE_NO_BUILD:-0} != 1 ]]; then
   echo "== npm run build (release)"
   npm run build
 fi
-for f in "$node_file" binding.js binding.d.ts dist/index.js dist/index.d.ts dist/cli.js; do
+for f in "$node_file" binding.js binding.d.ts dist/index.js dist/index.d.ts dist/cli.js dist/src/native.js dist/src/device.d.ts dist/src/cli/main.js; do
   [[ -f $f ]] || die "$f is missing: run 'npm run build' first"
 done
 version=$(node -p "require('./package.json').version")
@@ -55,7 +55,7 @@ tar -tzf "$main_tgz" > packages/.main-files
 grep -qx "package/$node_file" packages/.platform-files || die "$plat_tgz has no $node_file"
 cmp -s <(tar -xzOf "$plat_tgz" "package/$node_file") "$node_file" || die "$plat_tgz holds another $node_file than the build's"
 ! grep -q '\.node$' packages/.main-files || die "$main_tgz must not carry a .node (it belongs to the platform package)"
-for f in package/dist/index.js package/dist/index.d.ts package/dist/cli.js package/binding.js package/binding.d.ts package/package.json; do
+for f in package/dist/index.js package/dist/index.d.ts package/dist/cli.js package/dist/src/native.js package/dist/src/device.js package/dist/src/device.d.ts package/dist/src/cli/main.js package/binding.js package/binding.d.ts package/package.json; do
   grep -qx "$f" packages/.main-files || die "$main_tgz lacks $f"
 done
 rm -f packages/.platform-files packages/.main-files
