@@ -42,9 +42,9 @@ if [[ ${MLA_SKIP_CARGO_TEST:-0} != 1 ]]; then
   cargo test --release --target "$triple" -p mla-core -p mla-kernels --no-fail-fast 2>&1 | tee "$logs/cargo.log"
   rc=${PIPESTATUS[0]}
   # The GPU tests pass vacuously without a GPU: list their SKIPPED lines (a rerun of the
-  # built gpu_decode and gpu_invariant binaries with their output shown) and count them as
+  # built gpu_decode, gpu_invariant and gpu_multi binaries with their output shown) and count them as
   # skipped, not passed.
-  cargo test -q --release --target "$triple" -p mla-core --test gpu_decode --test gpu_invariant -- --nocapture 2>/dev/null \
+  cargo test -q --release --target "$triple" -p mla-core --test gpu_decode --test gpu_invariant --test gpu_multi -- --nocapture 2>/dev/null \
     | grep -oE 'SKIPPED [A-Za-z0-9_:]+ \(.*\)' | tee "$logs/skipped.txt"
   read -r p f i < <(awk '/^test result:/ {p += $4; f += $6; i += $8} END {print p + 0, f + 0, i + 0}' "$logs/cargo.log")
   s=$(grep -c . "$logs/skipped.txt")
