@@ -23,7 +23,7 @@ use crate::dtype::{f32_to_half_bits, DType};
 use crate::error::{ErrorCode, MlaError, Result};
 use crate::plan::{plan, plan_with, Plan, PlanOptions};
 use crate::tensor::Tensor;
-use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
+use crate::consts::{BLOCK_SIZE, BLOCK_TABLE_PAD, HEAD_DIM, HEAD_DIM_V};
 
 /// Seed of the benchmark's random lengths and inputs: with it, the varlen lengths of
 /// FlashMLA's grid are the ones the `gpu_bench` example always drew.
@@ -38,8 +38,6 @@ pub const IMBALANCED_LENS: [i32; 4] = [4641, 45118, 1730, 1696];
 pub const CPU_COPY_BYTES: usize = 256 << 20;
 /// Bytes the CUDA copy ceiling copies (the contract's 1 GiB).
 pub const CUDA_COPY_BYTES: usize = 1 << 30;
-/// Element in a block table past a sequence's blocks (never read).
-const TABLE_PAD: i32 = i32::MAX - 7;
 
 /// One benchmark shape: `b` sequences (of mean length `mean`, fixed or Normal(mean,
 /// mean/2) when `varlen`; or exactly `lens`), `s_q` query tokens, `h_q` heads; bf16 or
@@ -367,7 +365,7 @@ pub fn own_blocks_table(seqlens: &[i32]) -> (Vec<i32>, usize, usize) {
     let nb: Vec<usize> = seqlens.iter().map(|&l| (l.max(0) as usize).div_ceil(BLOCK_SIZE)).collect();
     let max_nb = nb.iter().copied().max().unwrap_or(0).max(1);
     let total: usize = nb.iter().sum();
-    let mut table = vec![TABLE_PAD; seqlens.len() * max_nb];
+    let mut table = vec![BLOCK_TABLE_PAD; seqlens.len() * max_nb];
     let mut next = 0i32;
     for (i, &n) in nb.iter().enumerate() {
         for j in 0..n {
@@ -731,10 +729,10 @@ mod tests {
     fn table_maps_each_sequence_to_its_own_blocks() {
         let (t, max_nb, total) = own_blocks_table(&[64, 65, 0, 1]);
         assert_eq!((max_nb, total), (2, 4));
-        assert_eq!(&t[..2], &[0, TABLE_PAD]);
+        assert_eq!(&t[..2], &[0, BLOCK_TABLE_PAD]);
         assert_eq!(&t[2..4], &[1, 2]);
-        assert_eq!(&t[4..6], &[TABLE_PAD, TABLE_PAD]);
-        assert_eq!(&t[6..8], &[3, TABLE_PAD]);
+        assert_eq!(&t[4..6], &[BLOCK_TABLE_PAD, BLOCK_TABLE_PAD]);
+        assert_eq!(&t[6..8], &[3, BLOCK_TABLE_PAD]);
     }
 
     #[test]

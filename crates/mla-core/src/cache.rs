@@ -25,13 +25,9 @@ use crate::dtype::{f32_slice_to_half, DType};
 use crate::error::{ErrorCode, MlaError, Result};
 use crate::gpu::{DeviceBuffer, GpuDevice, StagePart};
 use crate::tensor::{as_bytes, Tensor};
-use crate::{BLOCK_SIZE, HEAD_DIM};
+use crate::consts::{BLOCK_SIZE, HEAD_DIM};
 
-/// What [`KvCache::batch`] writes into `block_table` entries past a sequence's blocks.
-/// `decode` never reads those entries; the value is clearly invalid because a cache never
-/// has more than this many blocks (checked in [`KvCache::new`]), so it is always
-/// `>= num_blocks` and a stray read is caught by the block-index checks.
-pub const BLOCK_TABLE_PAD: i32 = i32::MAX - 4095;
+pub use crate::consts::BLOCK_TABLE_PAD;
 
 #[derive(Debug, Clone, Copy)]
 pub struct KvCacheConfig {

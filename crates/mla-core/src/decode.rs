@@ -26,7 +26,7 @@ use crate::error::{ErrorCode, MlaError, Result};
 use crate::plan::{Plan, PlanOptions};
 use crate::tensor::Tensor;
 use crate::validate::{check_decode, check_outputs, check_scale, DecodeShape};
-use crate::{HEAD_DIM, HEAD_DIM_V};
+use crate::consts::{HEAD_DIM, HEAD_DIM_V};
 
 #[derive(Clone, Default)]
 pub struct DecodeOptions {

@@ -20,12 +20,14 @@
 
 pub mod bench;
 pub mod cache;
+pub mod consts;
 pub mod cpu;
 pub mod decode;
 pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod gpu;
+pub mod host;
 pub mod plan;
 pub mod tensor;
 pub mod trace;
@@ -39,11 +41,4 @@ pub use error::{ErrorCode, MlaError, Result};
 pub use plan::{plan, plan_with, InvariantChunks, Plan, PlanOptions, SharedPlan};
 pub use tensor::Tensor;
 
-/// Latent width of one cached token (512 no-RoPE + 64 RoPE values).
-pub const HEAD_DIM: usize = 576;
-/// Width of V (the first 512 columns of the latent row).
-pub const HEAD_DIM_V: usize = 512;
-/// Tokens per cache block (FlashMLA's page size).
-pub const BLOCK_SIZE: usize = 64;
-/// Work-unit cost of one split, in blocks, used by the scheduler (`plan`).
-pub const SPLIT_FIXED_COST: usize = 5;
+pub use consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V, SPLIT_FIXED_COST};

@@ -40,7 +40,7 @@ use crate::dtype::DType;
 use crate::error::{ErrorCode, MlaError, Result};
 use crate::gpu::{DeviceBuffer, GpuDevice};
 use crate::tensor::Tensor;
-use crate::{BLOCK_SIZE, HEAD_DIM_V, SPLIT_FIXED_COST};
+use crate::consts::{BLOCK_SIZE, HEAD_DIM_V, SPLIT_FIXED_COST};
 
 /// The split cost the scheduler uses: SPLIT_FIXED_COST, or MLA_SPLIT_FIXED_COST when set
 /// (read once; for tuning experiments).

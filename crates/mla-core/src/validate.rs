@@ -5,7 +5,7 @@ use crate::dtype::DType;
 use crate::error::{ErrorCode, MlaError, Result};
 use crate::plan::Plan;
 use crate::tensor::Tensor;
-use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
+use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
 /// The sizes of one decode call, once checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

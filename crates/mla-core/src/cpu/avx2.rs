@@ -5,8 +5,8 @@
 
 use std::arch::x86_64::*;
 
-use super::kernel::Arith;
-use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
+use super::kernel::{run_segment, Arith, Scratch, SegmentInput};
+use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
 const D: usize = HEAD_DIM;
 const DV: usize = HEAD_DIM_V;
@@ -157,4 +157,15 @@ unsafe fn pv(p: *const f32, v: *const f32, acc: *mut f32, corr: &[f32], rows: us
         }
         c0 += 16;
     }
+}
+
+/// The AVX2 + FMA build: the whole segment compiled with those features, the products
+/// written with intrinsics.
+pub(crate) fn run_segment_avx2(token: Avx2, inp: &SegmentInput, sc: &mut Scratch) {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn inner(token: Avx2, inp: &SegmentInput, sc: &mut Scratch) {
+        run_segment(&token, inp, sc)
+    }
+    // SAFETY: an `Avx2` token exists only when the CPU reports AVX2 and FMA.
+    unsafe { inner(token, inp, sc) }
 }

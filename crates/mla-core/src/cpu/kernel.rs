@@ -4,10 +4,11 @@
 //! The segment loop is written once, generic over [`Arith`] (the two matrix products of a
 //! block), and instantiated twice: a portable build (plain loops that LLVM vectorises with
 //! the baseline ISA) and, on x86-64, an AVX2 + FMA build (register-tiled intrinsics in
-//! `avx2.rs`), chosen at run time.
+//! `avx2.rs`, which instantiates it: this module does not know that build), chosen at
+//! run time.
 
 use crate::dtype::DType;
-use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
+use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
 const D: usize = HEAD_DIM;
 const DV: usize = HEAD_DIM_V;
@@ -216,16 +217,4 @@ pub(crate) fn run_segment<A: Arith>(ar: &A, inp: &SegmentInput, sc: &mut Scratch
 /// The portable build.
 pub(crate) fn run_segment_portable(inp: &SegmentInput, sc: &mut Scratch) {
     run_segment(&Plain, inp, sc)
-}
-
-/// The AVX2 + FMA build: the whole segment compiled with those features, the products
-/// written with intrinsics.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn run_segment_avx2(token: super::avx2::Avx2, inp: &SegmentInput, sc: &mut Scratch) {
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn inner(token: super::avx2::Avx2, inp: &SegmentInput, sc: &mut Scratch) {
-        run_segment(&token, inp, sc)
-    }
-    // SAFETY: an `Avx2` token exists only when the CPU reports AVX2 and FMA.
-    unsafe { inner(token, inp, sc) }
 }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use crate::dtype::{f32_to_half_bits, DType};
 use crate::plan::{host_plan_for, InvariantChunks, META_INTS};
 use crate::validate::DecodeShape;
-use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
+use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
 use kernel::{Scratch, SegmentInput};
 
@@ -335,7 +335,7 @@ fn run_one(args: &CpuDecodeArgs, seg: &Segment, sc: &mut Scratch, isa: Isa) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => match avx2::Avx2::new() {
-            Some(token) => kernel::run_segment_avx2(token, &inp, sc),
+            Some(token) => avx2::run_segment_avx2(token, &inp, sc),
             None => kernel::run_segment_portable(&inp, sc),
         },
         _ => kernel::run_segment_portable(&inp, sc),

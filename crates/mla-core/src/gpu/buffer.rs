@@ -339,7 +339,7 @@ impl MemCtx {
                         owned.clear();
                         owned.resize(v.len(), 0);
                         crate::dtype::f32_slice_to_half_into(v, &mut owned, *dtype);
-                        crate::tensor::as_bytes(&owned[..])
+                        crate::host::as_bytes(&owned[..])
                     }
                 };
                 if !bytes.is_empty() {

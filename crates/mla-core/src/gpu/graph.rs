@@ -39,7 +39,7 @@ use crate::dtype::DType;
 use crate::plan::{plan_with, Plan, PlanOptions};
 use crate::tensor::Tensor;
 use crate::validate::{check_decode, check_outputs, check_scale, DecodeShape};
-use crate::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
+use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
 /// What [`capture_step`] captures: one decode step of `layers` layers over `batch`
 /// sequences (block tables of `max_blocks_per_seq` entries), `s_q` query tokens and `h_q`
@@ -116,6 +116,21 @@ fn address(t: &Tensor) -> usize {
     }
 }
 
+// Defined here, not in `device`: the device module sits below the step's modules (a
+// captured step plans and decodes), so the methods that capture live with the capture.
+impl Device {
+    /// Captures one decode step of `spec.layers` layers over the pools `kv` (one per layer)
+    /// for replays with new contents (see [`CapturedStep`]): a CUDA graph on CUDA, eager
+    /// replays on the CPU backend.
+    pub fn capture_step(&self, spec: &StepSpec, kv: &[&Tensor]) -> Result<CapturedStep> {
+        capture_step(self, spec, kv)
+    }
+    /// [`Device::capture_step`] with the step's plan made with `popts` (e.g. batch-invariant).
+    pub fn capture_step_with(&self, spec: &StepSpec, kv: &[&Tensor], popts: &PlanOptions) -> Result<CapturedStep> {
+        capture_step_with(self, spec, kv, popts)
+    }
+}
+
 /// Captures one decode step of `spec` over the pools `kv` (one per layer). On CUDA: runs
 /// the step once (kernels loaded), then captures plan + L × (decode, combine) on a stream of
 /// its own into a graph that [`CapturedStep::replay`] launches on the device's stream. On
@@ -149,7 +164,7 @@ pub fn capture_step_with(dev: &Device, spec: &StepSpec, kv: &[&Tensor], popts: &
     let q = (0..spec.layers).map(|_| Tensor::zeros(dev, &[b, s_q, h_q, HEAD_DIM], spec.dtype)).collect::<Result<Vec<_>>>()?;
     let out = (0..spec.layers).map(|_| Tensor::zeros(dev, &[b, s_q, h_q, HEAD_DIM_V], spec.dtype)).collect::<Result<Vec<_>>>()?;
     let lse = (0..spec.layers).map(|_| Tensor::zeros(dev, &[b, h_q, s_q], DType::F32)).collect::<Result<Vec<_>>>()?;
-    let block_table = Tensor::from_i32(dev, &vec![crate::cache::BLOCK_TABLE_PAD; b * spec.max_blocks_per_seq], &[b, spec.max_blocks_per_seq])?;
+    let block_table = Tensor::from_i32(dev, &vec![crate::consts::BLOCK_TABLE_PAD; b * spec.max_blocks_per_seq], &[b, spec.max_blocks_per_seq])?;
     let seqlens = Tensor::zeros(dev, &[b], DType::I32)?;
     let p = plan_with(&seqlens, s_q * h_q, 1, popts)?;
     let mut shapes = Vec::with_capacity(spec.layers);

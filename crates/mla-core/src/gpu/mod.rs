@@ -28,7 +28,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream};
 pub(crate) use buffer::{MemCtx, PinnedBuf};
 pub use buffer::{DeviceBuffer, PoolStats, StagePart};
 
-use crate::device::{DeviceInfo, DeviceOptions, GpuDeviceStatus, GpuStatus, MIN_DRIVER_CUDA_VERSION};
+use crate::device::info::{DeviceInfo, DeviceOptions, GpuDeviceStatus, GpuStatus, MIN_DRIVER_CUDA_VERSION};
 use path::{KernelPath, PathChoice, Request};
 use crate::error::{ErrorCode, MlaError, Result};
 
@@ -997,7 +997,7 @@ mod tests {
         let e = super::driver_too_old((11, 8));
         assert_eq!(e.code.as_str(), "ERR_DRIVER_TOO_OLD");
         assert!(e.message.contains("CUDA 12.0 or newer") && e.message.contains("CUDA 11.8"), "{}", e.message);
-        assert!((11, 8) < crate::device::MIN_DRIVER_CUDA_VERSION && (12, 0) >= crate::device::MIN_DRIVER_CUDA_VERSION);
+        assert!((11, 8) < crate::device::info::MIN_DRIVER_CUDA_VERSION && (12, 0) >= crate::device::info::MIN_DRIVER_CUDA_VERSION);
     }
 
     #[test]

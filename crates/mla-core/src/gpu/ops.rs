@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::plan::{Plan, GPU_ROW_TILE};
 use crate::tensor::Tensor;
 use crate::validate::DecodeShape;
-use crate::{BLOCK_SIZE, HEAD_DIM_V};
+use crate::consts::{BLOCK_SIZE, HEAD_DIM_V};
 
 fn ptr(t: &Tensor) -> u64 {
     t.device_ptr().expect("a CUDA tensor")

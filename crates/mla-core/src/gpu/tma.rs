@@ -9,7 +9,7 @@ use cudarc::driver::sys;
 use super::params::TmaMap;
 use crate::dtype::DType;
 use crate::error::{ErrorCode, MlaError, Result};
-use crate::{BLOCK_SIZE, HEAD_DIM};
+use crate::consts::{BLOCK_SIZE, HEAD_DIM};
 
 /// Columns of one TMA box: 64 two-byte values = the 128 bytes the 128-byte swizzle spans,
 /// so each box lands as one swizzled column region of the kernels' shared-memory layout.

@@ -3,11 +3,14 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+pub(crate) mod info;
+
 use crate::error::{MlaError, Result};
 use crate::gpu::{self, GpuDevice, PoolStats};
 
 pub use crate::gpu::path::KernelPath;
 pub use crate::gpu::StepId;
+pub use info::{DeviceInfo, DeviceOptions, GpuDeviceStatus, GpuStatus, MIN_DRIVER_CUDA_VERSION};
 
 /// See [`Device::memory_stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,21 +29,6 @@ pub enum Device {
     Cpu,
     /// One CUDA device (compute capability 8.0 or newer; see [`KernelPath`]).
     Cuda(Arc<GpuDevice>),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeviceInfo {
-    /// "cpu" or "cuda".
-    pub kind: &'static str,
-    pub name: String,
-    pub ordinal: usize,
-    /// (major, minor); (0, 0) on the CPU backend.
-    pub compute_capability: (i32, i32),
-    /// The kernels a CUDA device runs; `None` on the CPU backend.
-    pub kernel_path: Option<KernelPath>,
-    /// Multiprocessors on CUDA; worker threads on the CPU backend.
-    pub multiprocessors: usize,
-    pub total_memory: u64,
 }
 
 impl Device {
@@ -203,17 +191,6 @@ impl Device {
 
     /// CPU backend: records `e` as the failure of step `id` (reported like a device-side
     /// error). No effect on CUDA, where the kernels flag their own errors.
-    /// Captures one decode step of `spec.layers` layers over the pools `kv` (one per layer)
-    /// for replays with new contents (see [`crate::gpu::graph::CapturedStep`]): a CUDA graph
-    /// on CUDA, eager replays on the CPU backend.
-    pub fn capture_step(&self, spec: &crate::gpu::graph::StepSpec, kv: &[&crate::Tensor]) -> Result<crate::gpu::graph::CapturedStep> {
-        crate::gpu::graph::capture_step(self, spec, kv)
-    }
-    /// [`Device::capture_step`] with the step's plan made with `popts` (e.g. batch-invariant).
-    pub fn capture_step_with(&self, spec: &crate::gpu::graph::StepSpec, kv: &[&crate::Tensor], popts: &crate::plan::PlanOptions) -> Result<crate::gpu::graph::CapturedStep> {
-        crate::gpu::graph::capture_step_with(self, spec, kv, popts)
-    }
-
     pub(crate) fn fail_step(&self, id: StepId, label: Cow<'static, str>, e: MlaError) {
         if let Device::Cpu = self {
             cpu_steps::fail(id, label, e)
@@ -224,9 +201,9 @@ impl Device {
     /// the device's pool, steps not yet looked at.
     pub fn memory_stats(&self) -> MemoryStats {
         match self {
-            Device::Cpu => MemoryStats { host_tensor_bytes: crate::tensor::live_host_bytes() as u64, pending_steps: 0, gpu: None },
+            Device::Cpu => MemoryStats { host_tensor_bytes: crate::host::live_host_bytes() as u64, pending_steps: 0, gpu: None },
             Device::Cuda(g) => MemoryStats {
-                host_tensor_bytes: crate::tensor::live_host_bytes() as u64,
+                host_tensor_bytes: crate::host::live_host_bytes() as u64,
                 pending_steps: g.pending_steps() as u64,
                 gpu: Some(g.memory_stats()),
             },
@@ -250,60 +227,6 @@ impl std::fmt::Debug for Device {
             Device::Cuda(g) => write!(f, "Device::Cuda({})", g.ordinal()),
         }
     }
-}
-
-/// The oldest CUDA version a driver must support: the kernels are cubins from a CUDA 12
-/// compiler, which a driver loads within CUDA 12 minor-version compatibility (R525.60.13
-/// and later on Linux), and the driver API calls are bound at the CUDA 12.0 level.
-pub const MIN_DRIVER_CUDA_VERSION: (i32, i32) = (12, 0);
-
-/// How [`Device::cuda_with`] opens a device.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DeviceOptions {
-    /// The portable kernels even where the Hopper ones would run (what `MLA_FORCE_PORTABLE=1`
-    /// does): a cubin of the device's architecture when the build has one, else the
-    /// compute_80 PTX (on Hopper: the PTX, JIT-compiled at open).
-    pub force_portable: bool,
-    /// Exactly this path, or a typed error when the device or the build cannot run it;
-    /// takes precedence over `force_portable` and `MLA_FORCE_PORTABLE`.
-    pub kernel_path: Option<KernelPath>,
-}
-
-/// One visible CUDA device in [`GpuStatus`].
-#[derive(Debug, Clone)]
-pub struct GpuDeviceStatus {
-    pub ordinal: usize,
-    pub name: String,
-    pub compute_capability: (i32, i32),
-    /// The path [`Device::cuda`] would open it on (`MLA_FORCE_PORTABLE` included); `None`
-    /// when it cannot be opened, with `reason` saying why.
-    pub kernel_path: Option<KernelPath>,
-    /// The target of the modules it would load (`sm_90a`, `sm_86`, `compute_80`).
-    pub kernel_target: Option<&'static str>,
-    pub reason: Option<String>,
-}
-
-/// Whether a CUDA GPU can be used, and why not.
-#[derive(Debug, Clone)]
-pub struct GpuStatus {
-    /// A visible device can be opened (it has a kernel path) and this build has kernels.
-    pub available: bool,
-    pub device_count: usize,
-    pub kernels_built: bool,
-    /// The compiler that built the kernels (e.g. `NVRTC 12.9 + ptxas 12.9.86 (repo .cuda)`);
-    /// empty when none were built.
-    pub kernels_compiler: &'static str,
-    /// The embedded targets: cubins (`sm_80`, `sm_86`, `sm_89`, `sm_90a`, `sm_120`) and PTX
-    /// (`compute_80`); empty without kernels.
-    pub kernel_targets: Vec<&'static str>,
-    /// Every visible device and the path it would use.
-    pub devices: Vec<GpuDeviceStatus>,
-    /// The CUDA version the installed driver supports (cuDriverGetVersion), as (major,
-    /// minor); `None` without a driver. Below [`MIN_DRIVER_CUDA_VERSION`] the GPU path
-    /// reports `ERR_DRIVER_TOO_OLD`.
-    pub driver_version: Option<(i32, i32)>,
-    /// Why the GPU path is unusable, when it is.
-    pub reason: Option<String>,
 }
 
 pub fn gpu_status() -> GpuStatus {
