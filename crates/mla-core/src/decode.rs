@@ -15,47 +15,16 @@
 //! are ordered by the stream; when a plan moves to another stream, that stream first waits
 //! for the plan's earlier work (see `Plan`), so sharing a plan is always safe.
 
-use std::borrow::Cow;
-use std::sync::Arc;
-
-use cudarc::driver::CudaStream;
-
 use crate::device::{Device, StepId};
 use crate::dtype::DType;
 use crate::error::{ErrorCode, MlaError, Result};
+use crate::consts::HEAD_DIM_V;
 use crate::plan::{Plan, PlanOptions};
+use crate::step::shape::DecodeInputs;
 use crate::tensor::Tensor;
 use crate::validate::{check_decode, check_outputs, check_scale, DecodeShape};
-use crate::consts::{HEAD_DIM, HEAD_DIM_V};
 
-#[derive(Clone, Default)]
-pub struct DecodeOptions {
-    /// Causal masking for s_q > 1: query token j of a length-L sequence sees keys
-    /// 0 ..= L - s_q + j. With s_q = 1 it changes nothing. Default false (as FlashMLA).
-    pub causal: bool,
-    /// Defaults to 1 / sqrt(576).
-    pub softmax_scale: Option<f32>,
-    /// CUDA only: the stream to enqueue on (default: the device's own stream). Work on
-    /// another stream is ordered after everything queued on the device's stream before it
-    /// (allocations, uploads); while it may be pending, dropping a tensor waits for the
-    /// device (see `gpu::buffer`).
-    pub stream: Option<Arc<CudaStream>>,
-    /// The step's label in error messages (default "decode"), e.g. "layer 3".
-    pub label: Option<Cow<'static, str>>,
-    /// When no plan is given ([`decode_auto`], [`enqueue`]): make a batch-invariant one
-    /// (see `crate::plan`). With a plan given, true requires a batch-invariant plan
-    /// (`ERR_INVALID_ARGUMENT` otherwise); false accepts either.
-    pub batch_invariant: bool,
-}
-
-impl DecodeOptions {
-    pub fn scale(&self) -> f32 {
-        self.softmax_scale.unwrap_or(1.0 / (HEAD_DIM as f32).sqrt())
-    }
-    fn label(&self) -> Cow<'static, str> {
-        self.label.clone().unwrap_or(Cow::Borrowed("decode"))
-    }
-}
+pub use crate::step::options::DecodeOptions;
 
 #[derive(Debug)]
 pub struct DecodeOutput {
@@ -268,7 +237,8 @@ pub fn enqueue(q: &Tensor, kv: &Tensor, block_table: &Tensor, seqlens: &Tensor, 
     Ok(DecodeOutput { out, lse, step })
 }
 
-/// Enqueues the decode as a step of its device and returns the step's id.
+/// Enqueues the decode as a step of its device and returns the step's id: one call into
+/// either backend, with the same arguments.
 #[allow(clippy::too_many_arguments)]
 fn run(
     s: &DecodeShape,
@@ -281,25 +251,10 @@ fn run(
     out: &mut Tensor,
     lse: &mut Tensor,
 ) -> Result<StepId> {
+    let inputs = DecodeInputs { q, kv, block_table, seqlens, plan };
     match q.device() {
         Device::Cpu => {
-            let (id, ()) = Device::Cpu.step(opts.label(), || {
-                let args = crate::cpu::CpuDecodeArgs {
-                    shape: *s,
-                    q: q.host().unwrap().as_u16(),
-                    kv: kv.host().unwrap().as_u16(),
-                    block_table: block_table.host().unwrap().as_i32(),
-                    seqlens: seqlens.host().unwrap().as_i32(),
-                    metadata: plan.metadata.host().unwrap().as_i32(),
-                    num_splits: plan.num_splits.host().unwrap().as_i32(),
-                    num_parts: plan.num_parts,
-                    chunks: plan.chunks,
-                    causal: opts.causal,
-                    scale: opts.scale(),
-                };
-                crate::cpu::decode(&args, out.host_mut().unwrap().as_u16_mut(), lse.host_mut().unwrap().as_f32_mut());
-                Ok(())
-            })?;
+            let (id, ()) = Device::Cpu.step(opts.label(), || crate::cpu::decode_into(s, &inputs, opts, out, lse))?;
             Ok(id)
         }
         Device::Cuda(g) => {
@@ -310,12 +265,12 @@ fn run(
                 // Inside a stream capture (`gpu::graph::capture`): no step bookkeeping can be
                 // queued; the kernels flag the current step of this thread, if any, else the
                 // device's flag for work outside steps (reported by `synchronize`).
-                crate::gpu::ops::decode_into(g, s, q, kv, block_table, seqlens, plan, opts, out, lse)?;
+                crate::gpu::ops::decode_into(g, s, &inputs, opts, out, lse)?;
                 return Ok(g.current_step().unwrap_or(0));
             }
             let (id, ()) = g.step(opts.label(), &stream, || {
                 crate::trace::mark("decode:launch");
-                let r = crate::gpu::ops::decode_into(g, s, q, kv, block_table, seqlens, plan, opts, out, lse);
+                let r = crate::gpu::ops::decode_into(g, s, &inputs, opts, out, lse);
                 crate::trace::mark("decode:launched");
                 r
             })?;

@@ -29,6 +29,7 @@ pub mod error;
 pub mod gpu;
 pub mod host;
 pub mod plan;
+pub mod step;
 pub mod tensor;
 pub mod trace;
 pub mod validate;

@@ -3,28 +3,11 @@
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{ErrorCode, MlaError, Result};
-use crate::plan::Plan;
+use crate::step::plan::Plan;
 use crate::tensor::Tensor;
 use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
-/// The sizes of one decode call, once checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DecodeShape {
-    pub b: usize,
-    pub s_q: usize,
-    pub h_q: usize,
-    pub h_kv: usize,
-    pub num_blocks: usize,
-    pub max_blocks_per_seq: usize,
-    pub dtype: DType,
-}
-
-impl DecodeShape {
-    /// Query rows per sequence and KV head.
-    pub fn rows(&self) -> usize {
-        self.s_q * self.h_q / self.h_kv
-    }
-}
+pub use crate::step::shape::DecodeShape;
 
 fn shape_err(arg: &str, expected: impl std::fmt::Display, t: &Tensor) -> MlaError {
     MlaError::arg(ErrorCode::ShapeMismatch, arg, expected, format!("{:?}", t.shape()))

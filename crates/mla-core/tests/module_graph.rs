@@ -481,6 +481,24 @@ fn no_import_cycle_among_modules() {
     assert!(found.is_empty(), "{} import cycle(s) among mla-core's modules:\n{text}", found.len());
 }
 
+/// The step's vocabulary (`crate::step::*`) sits below both backends and the front
+/// modules that dispatch to them: it imports none of them.
+#[test]
+fn the_step_vocabulary_imports_no_backend() {
+    let graph = module_graph(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
+    let above = ["crate::cpu", "crate::gpu::ops", "crate::gpu::graph", "crate::decode", "crate::plan", "crate::validate", "crate::bench", "crate::cache"];
+    let mut bad = String::new();
+    for (m, edges) in graph.iter().filter(|(m, _)| m.as_str() == "crate::step" || m.starts_with("crate::step::")) {
+        for (t, why) in edges {
+            if above.iter().any(|a| t == a || t.starts_with(&format!("{a}::"))) {
+                bad += &format!("{m} -> {t}: {}:{}: {}\n", why[0].0, why[0].1, why[0].2);
+            }
+        }
+    }
+    assert!(graph.contains_key("crate::step::sched"), "no step modules found");
+    assert!(bad.is_empty(), "the step's vocabulary imports a backend or a front module:\n{bad}");
+}
+
 /// The checker itself: it finds a planted cycle, through `super`, a child module name, a use
 /// group and the root's re-exports, and nothing in comments or strings.
 #[test]

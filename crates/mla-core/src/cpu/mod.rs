@@ -17,10 +17,13 @@ mod kernel;
 
 use rayon::prelude::*;
 
-use crate::dtype::{f32_to_half_bits, DType};
-use crate::plan::{host_plan_for, InvariantChunks, META_INTS};
-use crate::validate::DecodeShape;
 use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
+use crate::dtype::{f32_to_half_bits, DType};
+use crate::error::Result;
+use crate::step::options::{DecodeOptions, InvariantChunks};
+use crate::step::sched::{host_plan_for, SchedMeta, META_INTS};
+use crate::step::shape::{DecodeInputs, DecodeShape};
+use crate::tensor::Tensor;
 
 use kernel::{Scratch, SegmentInput};
 
@@ -69,6 +72,27 @@ impl Isa {
             Isa::Avx2Fma => Isa::detect() == Isa::Avx2Fma,
         }
     }
+}
+
+/// The CPU backend's decode step over checked host tensors (what `decode` calls; the CUDA
+/// backend's counterpart is `gpu::ops::decode_into`).
+pub fn decode_into(s: &DecodeShape, inp: &DecodeInputs, opts: &DecodeOptions, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
+    let DecodeInputs { q, kv, block_table, seqlens, plan } = *inp;
+    let args = CpuDecodeArgs {
+        shape: *s,
+        q: q.host().unwrap().as_u16(),
+        kv: kv.host().unwrap().as_u16(),
+        block_table: block_table.host().unwrap().as_i32(),
+        seqlens: seqlens.host().unwrap().as_i32(),
+        metadata: plan.metadata.host().unwrap().as_i32(),
+        num_splits: plan.num_splits.host().unwrap().as_i32(),
+        num_parts: plan.num_parts,
+        chunks: plan.chunks,
+        causal: opts.causal,
+        scale: opts.scale(),
+    };
+    decode(&args, out.host_mut().unwrap().as_u16_mut(), lse.host_mut().unwrap().as_f32_mut());
+    Ok(())
 }
 
 /// Writes out [b, s_q, h_q, 512] (q's dtype, as bits) and lse [b, h_q, s_q].
@@ -238,8 +262,8 @@ fn segments(seqlens: &[i32], metadata: &[i32], num_parts: usize, chunks: Option<
     let b = seqlens.len();
     (0..num_parts)
         .map(|p| {
-            let m = &metadata[p * META_INTS..(p + 1) * META_INTS];
-            let (bs, bb, es, eb) = (m[0] as usize, m[1] as usize, m[2] as usize, m[3] as usize);
+            let m = SchedMeta::read(metadata, p);
+            let (bs, bb, es, eb) = (m.begin_seq as usize, m.begin_block as usize, m.end_seq as usize, m.end_block as usize);
             let mut v = Vec::new();
             if bs >= b {
                 return v;
@@ -249,7 +273,7 @@ fn segments(seqlens: &[i32], metadata: &[i32], num_parts: usize, chunks: Option<
                 let hi = if seq == es { eb } else { nblocks(len) };
                 match chunks {
                     None if hi > lo => {
-                        let split = if seq == bs { m[4] as usize } else { 0 };
+                        let split = if seq == bs { m.begin_split as usize } else { 0 };
                         v.push(Segment { seq, lo, hi, split });
                     }
                     None => {}
@@ -283,8 +307,8 @@ fn plan_matches(seqlens: &[i32], metadata: &[i32], num_splits: &[i32], num_parts
         return false;
     }
     for p in 0..num_parts {
-        let m = &metadata[p * META_INTS..(p + 1) * META_INTS];
-        if m[..5].iter().any(|&x| x < 0) || m[0] > m[2] || (m[0] as usize) > b || (m[2] as usize) > b {
+        let m = SchedMeta::read(metadata, p);
+        if m.named().iter().any(|&x| x < 0) || m.begin_seq > m.end_seq || (m.begin_seq as usize) > b || (m.end_seq as usize) > b {
             return false;
         }
     }

@@ -37,6 +37,7 @@ use crate::decode::{enqueue_into, DecodeOptions};
 use crate::device::{Device, StepId};
 use crate::dtype::DType;
 use crate::plan::{plan_with, Plan, PlanOptions};
+use crate::step::shape::DecodeInputs;
 use crate::tensor::Tensor;
 use crate::validate::{check_decode, check_outputs, check_scale, DecodeShape};
 use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
@@ -204,7 +205,8 @@ pub fn capture_step_with(dev: &Device, spec: &StepSpec, kv: &[&Tensor], popts: &
                 capture(&stream, || {
                     crate::gpu::ops::plan_into(g, seqlens, p, Some(stream.clone()), max_seqlen)?;
                     for l in 0..kv.len() {
-                        crate::gpu::ops::decode_into(g, &shapes[l], &q[l], kv[l], block_table, seqlens, p, &sopts, &mut out[l], &mut lse[l])?;
+                        let inp = DecodeInputs { q: &q[l], kv: kv[l], block_table, seqlens, plan: p };
+                        crate::gpu::ops::decode_into(g, &shapes[l], &inp, &sopts, &mut out[l], &mut lse[l])?;
                     }
                     Ok(())
                 })

@@ -12,13 +12,14 @@ use super::path::KernelPath;
 // Tensor maps through the per-thread cache (gpu/tma_cache.rs: same functions as tma.rs).
 use super::tma_cache as tma;
 use super::GpuDevice;
-use crate::decode::DecodeOptions;
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::plan::{Plan, GPU_ROW_TILE};
+use crate::step::options::DecodeOptions;
+use crate::step::plan::Plan;
+use crate::step::sched::{split_fixed_cost, GPU_ROW_TILE};
+use crate::step::shape::{DecodeInputs, DecodeShape};
 use crate::tensor::Tensor;
-use crate::validate::DecodeShape;
-use crate::consts::{BLOCK_SIZE, HEAD_DIM_V};
+use crate::consts::BLOCK_SIZE;
 
 fn ptr(t: &Tensor) -> u64 {
     t.device_ptr().expect("a CUDA tensor")
@@ -26,7 +27,7 @@ fn ptr(t: &Tensor) -> u64 {
 
 /// Where a plan's copy of its lengths sits in its workspace.
 fn plan_seqlens_ptr(ws: u64, plan: &Plan) -> u64 {
-    ws + (plan.slots * plan.rows * (HEAD_DIM_V + 1) * 4) as u64
+    ws + plan.workspace_layout().plan_seqlens as u64
 }
 
 /// The (chunk_blocks, max_chunks) kernel fields of a plan: (0, 0) for the default plan.
@@ -51,7 +52,7 @@ pub fn plan_into(g: &GpuDevice, seqlens: &Tensor, plan: &mut Plan, stream: Optio
         b: plan.batch as i32,
         num_parts: plan.num_parts as i32,
         block_size: BLOCK_SIZE as i32,
-        fixed_cost: crate::plan::split_fixed_cost() as i32,
+        fixed_cost: split_fixed_cost() as i32,
         max_seqlen,
         chunk_blocks: chunk_fields(plan).0,
         max_chunks: chunk_fields(plan).1,
@@ -129,15 +130,12 @@ impl DecodeKernel {
 pub fn decode_into(
     g: &GpuDevice,
     s: &DecodeShape,
-    q: &Tensor,
-    kv: &Tensor,
-    block_table: &Tensor,
-    seqlens: &Tensor,
-    plan: &Plan,
+    inp: &DecodeInputs,
     opts: &DecodeOptions,
     out: &mut Tensor,
     lse: &mut Tensor,
 ) -> Result<()> {
+    let DecodeInputs { q, kv, block_table, seqlens, plan } = *inp;
     let rows = s.rows();
     if s.b == 0 {
         return Ok(()); // nothing to compute, and a grid of zero blocks is a launch error
@@ -151,8 +149,9 @@ pub fn decode_into(
     let (entry, threads) = kernel.entry(s.dtype);
     let (f, smem) = g.kernels().function(entry)?;
     let (fc, _) = g.kernels().function(if s.dtype == DType::BF16 { k::MLA_COMBINE_BF16 } else { k::MLA_COMBINE_FP16 })?;
-    let oaccum = ws.ptr();
-    let lseaccum = oaccum + slots * rows as u64 * HEAD_DIM_V as u64 * 4;
+    let layout = plan.workspace_layout();
+    let oaccum = ws.ptr() + layout.oaccum as u64;
+    let lseaccum = ws.ptr() + layout.lseaccum as u64;
     let p = MlaDecodeParams {
         q: ptr(q),
         kv: ptr(kv),
