@@ -64,12 +64,12 @@ struct Segment {
 // sequence is one chunk, so what a chunk computes never depends on the part holding it.
 template <typename F>
 __device__ __forceinline__ void for_each_segment(const MlaDecodeParams& p, F&& f) {
-    const int* meta = p.metadata + blockIdx.x * MLA_META_INTS;
+    const MlaSchedMeta* meta = reinterpret_cast<const MlaSchedMeta*>(p.metadata + blockIdx.x * MLA_META_INTS);
     // One call site of f, and only (seq, next block) live across it: the rest is re-read
     // per segment (the decode kernels have no register to spare).
-    int seq = max(meta[0], 0), at = 0;
-    while (seq <= min(meta[2], p.b - 1)) {
-        const int begin_seq = meta[0], begin_blk = meta[1], end_seq = meta[2], end_blk = meta[3];
+    int seq = max(meta->begin_seq, 0), at = 0;
+    while (seq <= min(meta->end_seq, p.b - 1)) {
+        const int begin_seq = meta->begin_seq, begin_blk = meta->begin_block, end_seq = meta->end_seq, end_blk = meta->end_block;
         int len = p.seqlens[seq];
         if (len < 0 || len > p.max_blocks_per_seq * BS) {
             if (threadIdx.x == 0) atomicOr(p.error_flag, MLA_ERR_SEQLEN);
@@ -96,7 +96,7 @@ __device__ __forceinline__ void for_each_segment(const MlaDecodeParams& p, F&& f
             fits = first >= 0 && next <= slots && next - first == n;
         } else {
             n = next - first;
-            slot = first + (seq == begin_seq ? meta[4] : 0);
+            slot = first + (seq == begin_seq ? meta->begin_split : 0);
             fits = first >= 0 && next <= slots && n >= 1 && slot >= first && slot < next;
         }
         if (!fits) {

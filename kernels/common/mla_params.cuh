@@ -10,11 +10,28 @@
 #define MLA_ERR_SEQLEN      2   // a cache_seqlens value is outside [0, max_blocks_per_seq * 64]
 #define MLA_ERR_PLAN        4   // the plan does not fit the lengths (made for other cache_seqlens)
 
-// Scheduling metadata, one row of MLA_META_INTS ints per SM part:
-//   [0] begin_seq  [1] begin_block  [2] end_seq  [3] end_block (exclusive, in end_seq)
-//   [4] split index (within begin_seq) of the part's first segment   [5..7] zero
+// Scheduling metadata, one MlaSchedMeta row (MLA_META_INTS ints) per SM part; mirrored by
+// `SchedMeta` in crates/mla-core/src/step/sched.rs (#[repr(C)], const asserts there).
 // num_splits has b + 1 ints: the exclusive prefix sum of splits per sequence.
 #define MLA_META_INTS 8
+struct MlaSchedMeta {
+    int begin_seq;     // the part's first sequence
+    int begin_block;   // its first block within begin_seq
+    int end_seq;       // the sequence it ends in (b when it ends after the last one)
+    int end_block;     // its end within end_seq, exclusive
+    int begin_split;   // split index (within begin_seq) of the part's first segment
+    int reserved[3];   // zero
+};
+static_assert(sizeof(MlaSchedMeta) == MLA_META_INTS * sizeof(int), "MlaSchedMeta is one metadata row");
+// NVRTC has no offsetof: there, all-int members and the size of 8 ints (no padding) fix
+// the offsets to the declaration order; nvcc and the host build of mla_plan.cu
+// (tests/plan_kernel_host.rs) check them.
+#if !defined(__CUDACC_RTC__)
+static_assert(__builtin_offsetof(MlaSchedMeta, begin_seq) == 0 && __builtin_offsetof(MlaSchedMeta, begin_block) == 4 &&
+                  __builtin_offsetof(MlaSchedMeta, end_seq) == 8 && __builtin_offsetof(MlaSchedMeta, end_block) == 12 &&
+                  __builtin_offsetof(MlaSchedMeta, begin_split) == 16 && __builtin_offsetof(MlaSchedMeta, reserved) == 20,
+              "MlaSchedMeta's offsets are SchedMeta's (step/sched.rs)");
+#endif
 
 // Batch-invariant plans (plan.rs, InvariantChunks): a sequence of nb blocks is cut into
 // n = min(max_chunks, ceil(nb / chunk_blocks)) chunks, chunk k being blocks
@@ -30,7 +47,7 @@ __host__ __device__ __forceinline__ int mla_chunk_of_block(int x, int nb, int n)
 
 struct MlaPlanParams {
     const int* seqlens;      // [b]
-    int* metadata;           // [num_parts, MLA_META_INTS]
+    int* metadata;           // [num_parts] MlaSchedMeta rows ([num_parts, MLA_META_INTS] ints)
     int* num_splits;         // [b + 1]
     int* plan_seqlens;       // [b]: the lengths the plan was made for (checked by combine)
     int* error_flag;         // 1 int
@@ -52,7 +69,7 @@ struct MlaDecodeParams {
     float* lse;              // [b, h_q, s_q]
     float* oaccum;           // [slots, rows, 512] partial outputs of split sequences
     float* lseaccum;         // [slots, rows]   (slots: b + num_parts, or b * max_chunks)
-    const int* metadata;     // [num_parts, MLA_META_INTS]
+    const int* metadata;     // [num_parts] MlaSchedMeta rows ([num_parts, MLA_META_INTS] ints)
     const int* num_splits;   // [b + 1]
     int* error_flag;
     int b;

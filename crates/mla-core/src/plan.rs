@@ -10,9 +10,8 @@
 //! combine pass. The result depends only on `cache_seqlens` and the part count, and the
 //! GPU kernel (`kernels/common/plan/mla_plan.cu`) computes exactly [`host_plan`] on the device.
 //!
-//! Layout (int32): `metadata[num_parts][8]` = begin_seq, begin_block, end_seq, end_block
-//! (exclusive, within end_seq), the split index within begin_seq of the part's first
-//! segment, then zeros; `num_splits[b + 1]` = exclusive prefix sum of splits per sequence.
+//! Layout (int32): `metadata[num_parts][8]`, one [`SchedMeta`] row per part;
+//! `num_splits[b + 1]` = exclusive prefix sum of splits per sequence.
 //!
 //! # Batch-invariant plans
 //!

@@ -100,3 +100,42 @@ impl Plan {
         self.inner = None;
     }
 }
+
+/// One named field of a scheduling-metadata row (`mla_core::plan::SchedMeta`).
+#[napi(object)]
+pub struct SchedMetaField {
+    /// The field's name in Rust and CUDA (`begin_seq`, `begin_block`, `end_seq`,
+    /// `end_block`, `begin_split`).
+    pub name: String,
+    /// Its index in a row of int32 (byte offset / 4).
+    pub index: u32,
+    /// Its byte offset in a row.
+    pub offset: u32,
+}
+
+/// The layout of one row of `Plan.tileSchedulerMetadata` ([numParts, ints] int32): ints per
+/// row and the named fields (the rest of a row is zero). One source with the core's
+/// `SchedMeta` and the kernels' `MlaSchedMeta`, for code that reads the metadata (the TS
+/// tests' host plan).
+#[napi(object)]
+pub struct SchedMetaLayout {
+    /// Int32 values per row (8).
+    pub ints: u32,
+    pub fields: Vec<SchedMetaField>,
+}
+
+/// See [`SchedMetaLayout`].
+#[napi]
+pub fn sched_meta_layout() -> SchedMetaLayout {
+    SchedMetaLayout {
+        ints: mla_core::plan::META_INTS as u32,
+        fields: mla_core::plan::SchedMeta::FIELDS
+            .iter()
+            .map(|&(name, offset)| SchedMetaField {
+                name: name.to_string(),
+                index: (offset / 4) as u32,
+                offset: offset as u32,
+            })
+            .collect(),
+    }
+}

@@ -55,7 +55,7 @@ __host__ __device__ inline int mla_plan_walk(const NbAt& nb_at, int b, int num_p
     int prefix = 0;  // num_splits[seq]
     long long nb_cur = seq < b ? nb_at(seq) : 0;  // blocks of the current sequence
     for (int part = 0; part < num_parts; ++part) {
-        int* m = metadata + (size_t)part * MLA_META_INTS;
+        MlaSchedMeta* m = reinterpret_cast<MlaSchedMeta*>(metadata + (size_t)part * MLA_META_INTS);
         const int begin_seq = seq, begin_blk = (int)blk, begin_split = splits_in_seq;
         long long remain = payload;
         while (seq < b) {
@@ -75,14 +75,14 @@ __host__ __device__ inline int mla_plan_walk(const NbAt& nb_at, int b, int num_p
             splits_in_seq = 0;
             nb_cur = seq < b ? nb_at(seq) : 0;
         }
-        m[0] = begin_seq;
-        m[1] = begin_blk;
-        m[2] = seq;
-        m[3] = (int)blk;
-        m[4] = begin_split;
-        m[5] = 0;
-        m[6] = 0;
-        m[7] = 0;
+        m->begin_seq = begin_seq;
+        m->begin_block = begin_blk;
+        m->end_seq = seq;
+        m->end_block = (int)blk;
+        m->begin_split = begin_split;
+        m->reserved[0] = 0;
+        m->reserved[1] = 0;
+        m->reserved[2] = 0;
     }
     return seq;
 }
@@ -124,15 +124,15 @@ __host__ __device__ inline bool mla_invariant_walk(const NbAt& nb_at, int b, int
             }
         }
         if (metadata != nullptr) {
-            int* m = metadata + (size_t)part * MLA_META_INTS;
-            m[0] = bs;
-            m[1] = bs < b ? (int)(bk * b_nb / (b_n > 0 ? b_n : 1)) : 0;
-            m[2] = s;
-            m[3] = s < b ? (int)(k * nb_s / (n_s > 0 ? n_s : 1)) : 0;
-            m[4] = (int)bk;
-            m[5] = 0;
-            m[6] = 0;
-            m[7] = 0;
+            MlaSchedMeta* m = reinterpret_cast<MlaSchedMeta*>(metadata + (size_t)part * MLA_META_INTS);
+            m->begin_seq = bs;
+            m->begin_block = bs < b ? (int)(bk * b_nb / (b_n > 0 ? b_n : 1)) : 0;
+            m->end_seq = s;
+            m->end_block = s < b ? (int)(k * nb_s / (n_s > 0 ? n_s : 1)) : 0;
+            m->begin_split = (int)bk;
+            m->reserved[0] = 0;
+            m->reserved[1] = 0;
+            m->reserved[2] = 0;
         }
     }
     return s == b;

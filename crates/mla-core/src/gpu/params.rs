@@ -5,7 +5,6 @@ use cudarc::driver::DeviceRepr;
 pub const MLA_ERR_BLOCK_INDEX: i32 = 1;
 pub const MLA_ERR_SEQLEN: i32 = 2;
 pub const MLA_ERR_PLAN: i32 = 4;
-pub const MLA_META_INTS: usize = 8;
 
 /// A `CUtensorMap` (`mla::TmaMap` in `kernels/common/mla_tma_map.cuh`): 128 opaque bytes, 64-byte
 /// aligned, encoded by [`super::tma`]. All zero for kernels that do not use it.

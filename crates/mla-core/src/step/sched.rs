@@ -32,7 +32,7 @@ pub const META_INTS: usize = 8;
 /// One part's row of the scheduling metadata (`[num_parts, 8]` int32, FlashMLA's
 /// `DecodingSchedMeta`): the part covers sequences `begin_seq ..= end_seq`, from block
 /// `begin_block` of the first to block `end_block` (exclusive) of the last. Mirrored field
-/// for field by `mla::SchedMeta` in `kernels/common/mla_params.cuh` (static_asserts there,
+/// for field by `MlaSchedMeta` in `kernels/common/mla_params.cuh` (static_asserts there,
 /// const asserts here), read by the CPU backend, the decode kernels (`for_each_segment`) and
 /// the plan kernel; the Node binding exports the layout ([`SchedMeta::FIELDS`]).
 #[repr(C)]
