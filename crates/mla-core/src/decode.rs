@@ -163,6 +163,33 @@ pub fn enqueue_into(
     }
 }
 
+/// [`enqueue_into`], planning first when `plan` is `None` (a plan made for the call, with
+/// the options' `batch_invariant`, in the same step): what the Node binding's `decodeInto`
+/// runs.
+#[allow(clippy::too_many_arguments)]
+pub fn enqueue_into_auto(
+    q: &Tensor,
+    kv: &Tensor,
+    block_table: &Tensor,
+    seqlens: &Tensor,
+    plan: Option<&Plan>,
+    opts: &DecodeOptions,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+) -> Result<StepId> {
+    match plan {
+        Some(p) => enqueue_into(q, kv, block_table, seqlens, p, opts, out, lse),
+        None => q
+            .device()
+            .clone()
+            .step(opts.label(), || {
+                let p = plan_for_with(q, kv, seqlens, &auto_plan_options(opts))?;
+                enqueue_into(q, kv, block_table, seqlens, &p, opts, out, lse)
+            })
+            .map(|(id, _)| id),
+    }
+}
+
 /// The plan a decode of `q` over `kv` needs for `seqlens` (what [`decode_auto`] makes when
 /// none is given). Tensors of the wrong rank get a placeholder plan for one row, so that
 /// the decode's own checks report them.

@@ -163,3 +163,71 @@ pub fn check_scale(scale: f32) -> Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// Integer arguments of callers that hold 64-bit numbers (the Node binding passes JS
+// numbers as i64): the core's range checks, named as the caller names the argument, with
+// the messages the API documents (`name: expected ..., got v`). The binding maps its
+// arguments to these and checks nothing of its own.
+
+/// `v` within `[lo, hi]` ("an integer within [lo, hi]"), as usize. `ERR_INVALID_ARGUMENT`.
+pub fn int_within(name: &str, v: i64, lo: i64, hi: i64) -> Result<usize> {
+    if !(lo..=hi).contains(&v) || v < 0 {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, name, format!("an integer within [{lo}, {hi}]"), v));
+    }
+    Ok(v as usize)
+}
+
+/// `v >= lo` ("at least lo"), as usize (`lo >= 0`). `ERR_INVALID_ARGUMENT`.
+pub fn int_at_least(name: &str, v: i64, lo: i64) -> Result<usize> {
+    if v < lo || v < 0 {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, name, format!("at least {lo}"), v));
+    }
+    Ok(v as usize)
+}
+
+/// A step id (>= 1). `ERR_INVALID_ARGUMENT`.
+pub fn step_id(v: i64) -> Result<u64> {
+    if v < 1 {
+        return Err(MlaError::arg(ErrorCode::InvalidArgument, "step", "a step id (>= 1)", v));
+    }
+    Ok(v as u64)
+}
+
+/// Tensor extents, each within [0, 2^32 - 1]. `ERR_SHAPE`.
+pub fn extents(shape: &[i64]) -> Result<Vec<usize>> {
+    if shape.iter().any(|&d| d < 0 || d > u32::MAX as i64) {
+        return Err(MlaError::arg(ErrorCode::ShapeMismatch, "shape", format!("extents within [0, {}]", u32::MAX), format!("{shape:?}")));
+    }
+    Ok(shape.iter().map(|&d| d as usize).collect())
+}
+
+/// The query rows per KV head of a plan, `s_q * h_q / h_kv`, from the three head counts
+/// (each at least 1, `s_q * h_q` at most 2^32 - 1). `ERR_INVALID_ARGUMENT`.
+pub fn plan_rows(s_q: i64, h_q: i64, h_kv: i64) -> Result<usize> {
+    for (name, v) in [("s_q", s_q), ("h_q", h_q), ("h_kv", h_kv)] {
+        int_at_least(name, v, 1)?;
+    }
+    match s_q.checked_mul(h_q) {
+        Some(r) if r <= u32::MAX as i64 => Ok((r / h_kv) as usize),
+        _ => Err(MlaError::arg(ErrorCode::InvalidArgument, "s_q * h_q", format!("at most {}", u32::MAX), format!("{s_q} * {h_q}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integer_arguments_keep_their_messages() {
+        assert_eq!(int_within("numBlocks", 0, 1, 9).unwrap_err().message, "numBlocks: expected an integer within [1, 9], got 0");
+        assert_eq!(int_within("numBlocks", 9, 1, 9).unwrap(), 9);
+        assert_eq!(int_at_least("h_q", 0, 1).unwrap_err().message, "h_q: expected at least 1, got 0");
+        assert_eq!(step_id(0).unwrap_err().message, "step: expected a step id (>= 1), got 0");
+        assert_eq!(extents(&[2, -1]).unwrap_err().message, "shape: expected extents within [0, 4294967295], got [2, -1]");
+        assert_eq!(extents(&[2, 3]).unwrap(), vec![2, 3]);
+        assert_eq!(plan_rows(2, 16, 1).unwrap(), 32);
+        assert_eq!(plan_rows(1 << 20, 1 << 20, 1).unwrap_err().message, format!("s_q * h_q: expected at most 4294967295, got {} * {}", 1 << 20, 1 << 20));
+        assert_eq!(plan_rows(1, 1, 0).unwrap_err().code, ErrorCode::InvalidArgument);
+    }
+}

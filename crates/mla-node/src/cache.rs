@@ -75,17 +75,12 @@ impl KvCache {
         let dtype = parse_dtype(&dtype)?;
         // The same name and range as index.ts and the core (which says num_blocks).
         let max = mla_core::cache::BLOCK_TABLE_PAD as i64;
-        if !(1..=max).contains(&num_blocks) {
-            return Err(err(
-                ErrorCode::InvalidArgument,
-                format!("numBlocks: expected an integer within [1, {max}], got {num_blocks}"),
-            ));
-        }
+        let num_blocks = core(|| mla_core::validate::int_within("numBlocks", num_blocks, 1, max))?;
         let c = core(|| {
             mla_core::KvCache::new(
                 d,
                 KvCacheConfig {
-                    num_blocks: num_blocks as usize,
+                    num_blocks,
                     dtype,
                 },
             )

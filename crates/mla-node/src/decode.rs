@@ -1,5 +1,5 @@
 //! `decode` (a promise), `decodeSync` and `decodeInto` (enqueue only): translations of
-//! `mla_core::decode::{enqueue, enqueue_into}` and `Device::wait_step`. The core owns
+//! `mla_core::decode::{enqueue, enqueue_into_auto}` and `Device::wait_step`. The core owns
 //! every rule (plan when omitted, plan sharing, step errors).
 
 use std::borrow::Cow;
@@ -172,14 +172,9 @@ pub fn decode_enqueue(
 /// has, if it failed.
 #[napi]
 pub fn poll_step(out: &Tensor, step: i64) -> Result<bool> {
-    if step < 1 {
-        return Err(crate::error::err(
-            mla_core::ErrorCode::InvalidArgument,
-            format!("step: expected a step id (>= 1), got {step}"),
-        ));
-    }
+    let step = core(|| mla_core::validate::step_id(step))?;
     let d = out.src()?.with(|t| t.device().clone());
-    core(|| d.poll_step(step as u64))
+    core(|| d.poll_step(step))
 }
 
 /// One decode step on the calling (JS) thread: enqueue, then wait for the step.
@@ -250,25 +245,17 @@ pub fn decode_into(
         &[&a.q, &a.kv, &a.block_table, &a.seqlens],
         &plans,
         |t, p| {
-            core(|| match p.first() {
-                Some(p) => {
-                    mla_core::decode::enqueue_into(t[0], t[1], t[2], t[3], p, &a.opts, out, lse)
-                }
-                None => {
-                    let dev = t[0].device().clone();
-                    let label = a.opts.label.clone().unwrap_or(Cow::Borrowed("decode"));
-                    dev.step(label, || {
-                        let popts = mla_core::PlanOptions {
-                            batch_invariant: a.opts.batch_invariant,
-                            chunks: None,
-                        };
-                        let p = mla_core::decode::plan_for_with(t[0], t[1], t[3], &popts)?;
-                        mla_core::decode::enqueue_into(
-                            t[0], t[1], t[2], t[3], &p, &a.opts, out, lse,
-                        )
-                    })
-                    .map(|(id, _)| id)
-                }
+            core(|| {
+                mla_core::decode::enqueue_into_auto(
+                    t[0],
+                    t[1],
+                    t[2],
+                    t[3],
+                    p.first().copied(),
+                    &a.opts,
+                    out,
+                    lse,
+                )
             })
         },
     )

@@ -114,22 +114,7 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
 }
 
 fn dims(shape: &[i64]) -> Result<Vec<usize>> {
-    shape
-        .iter()
-        .map(|&d| {
-            if d < 0 || d > u32::MAX as i64 {
-                Err(err(
-                    ErrorCode::ShapeMismatch,
-                    format!(
-                        "shape: expected extents within [0, {}], got {shape:?}",
-                        u32::MAX
-                    ),
-                ))
-            } else {
-                Ok(d as usize)
-            }
-        })
-        .collect()
+    core(|| mla_core::validate::extents(shape))
 }
 
 #[napi]
@@ -327,12 +312,7 @@ impl Device {
     ) -> Result<Plan> {
         let d = self.get()?.clone();
         for (name, v) in [("s_q", s_q), ("h_q", h_q), ("h_kv", h_kv)] {
-            if v < 1 {
-                return Err(err(
-                    ErrorCode::InvalidArgument,
-                    format!("{name}: expected at least 1, got {v}"),
-                ));
-            }
+            core(|| mla_core::validate::int_at_least(name, v, 1))?;
         }
         let src = cache_seqlens.src()?;
         src.with(|t| {
@@ -345,19 +325,8 @@ impl Device {
                     ),
                 ));
             }
-            // s_q * h_q must fit a u32 (the plan's `rows` getter); TS checks it too.
-            let rows = match s_q.checked_mul(h_q) {
-                Some(r) if r <= u32::MAX as i64 => (r / h_kv) as usize,
-                _ => {
-                    return Err(err(
-                        ErrorCode::InvalidArgument,
-                        format!(
-                            "s_q * h_q: expected at most {}, got {s_q} * {h_q}",
-                            u32::MAX
-                        ),
-                    ))
-                }
-            };
+            // s_q * h_q must fit a u32 (the plan's `rows` getter).
+            let rows = core(|| mla_core::validate::plan_rows(s_q, h_q, h_kv))?;
             let popts = mla_core::PlanOptions {
                 batch_invariant: batch_invariant.unwrap_or(false),
                 chunks: None,
@@ -388,13 +357,7 @@ pub struct MemoryStats {
 }
 
 fn step_id(step: i64) -> Result<u64> {
-    if step < 1 {
-        return Err(err(
-            ErrorCode::InvalidArgument,
-            format!("step: expected a step id (>= 1), got {step}"),
-        ));
-    }
-    Ok(step as u64)
+    core(|| mla_core::validate::step_id(step))
 }
 
 /// `Device.synchronize()` / `waitStep()` on the libuv thread pool.

@@ -114,3 +114,15 @@ impl WorkspaceLayout {
         WorkspaceLayout { oaccum: 0, lseaccum, plan_seqlens, bytes: plan_seqlens + b * 4 }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_layout_is_partials_then_lse_then_lengths() {
+        let l = WorkspaceLayout::new(3, 7, 16);
+        assert_eq!((l.oaccum, l.lseaccum, l.plan_seqlens), (0, 7 * 16 * 512 * 4, 7 * 16 * 513 * 4));
+        assert_eq!(l.bytes, 7 * 16 * 513 * 4 + 3 * 4);
+    }
+}
