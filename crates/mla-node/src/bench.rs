@@ -405,3 +405,44 @@ pub fn bench_completion_stub(spin_us: f64) -> AsyncTask<CompletionStub> {
 pub fn bench_now_ns() -> f64 {
     mla_core::trace::now_ns() as f64
 }
+
+// The contract's formulas (`mla_core::bench::metrics`): one home, for the CLI and the TS
+// benchmark too. Lengths come as a plain array of numbers (each a length in tokens).
+
+fn lens_i32(seqlens: &[f64]) -> Vec<i32> {
+    seqlens.iter().map(|&l| l as i32).collect()
+}
+
+/// Bytes one decode step moves, the contract's GB/s numerator:
+/// (sum(seqlens) * 576 + b*s_q*h_q*576 + b*s_q*h_q*512) * 2 (`bench::decode_bytes`).
+#[napi]
+pub fn bench_decode_bytes(seqlens: Vec<f64>, s_q: u32, h_q: u32) -> f64 {
+    bench::decode_bytes(&lens_i32(&seqlens), s_q as usize, h_q as usize)
+}
+
+/// Floating-point operations of one decode step, the contract's TFLOPS numerator:
+/// 2 * s_q * sum(seqlens) * h_q * (576 + 512) (`bench::decode_flops`).
+#[napi]
+pub fn bench_decode_flops(seqlens: Vec<f64>, s_q: u32, h_q: u32) -> f64 {
+    bench::decode_flops(&lens_i32(&seqlens), s_q as usize, h_q as usize)
+}
+
+/// `bytes` moved in `ms` milliseconds, in GB/s (1e9 bytes per second; `bench::gbps`).
+#[napi]
+pub fn bench_gbps(bytes: f64, ms: f64) -> f64 {
+    bench::gbps(bytes, ms)
+}
+
+/// `flops` done in `ms` milliseconds, in TFLOPS (1e12 per second; `bench::tflops`).
+#[napi]
+pub fn bench_tflops(flops: f64, ms: f64) -> f64 {
+    bench::tflops(flops, ms)
+}
+
+/// The floor of a step in milliseconds (the CLI's `floor_ms` column): its bytes at the copy
+/// ceiling `copyGbps`, or its FLOPs at the matmul ceiling `matmulTflops` when given and
+/// finite, the larger (`bench::floor_ms`).
+#[napi]
+pub fn bench_floor_ms(bytes: f64, flops: f64, copy_gbps: f64, matmul_tflops: Option<f64>) -> f64 {
+    bench::floor_ms(bytes, flops, copy_gbps, matmul_tflops)
+}
