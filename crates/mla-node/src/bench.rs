@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 
 use mla_core::bench;
-use mla_core::{DType, ErrorCode};
+use mla_core::ErrorCode;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use crate::device::{parse_dtype, Device};
-use crate::error::{core, core_async, err, reject_with_code, Failure, Result};
+use crate::error::{core, err, Result};
+use crate::task::CoreTask;
 
 /// One benchmark shape (`mla_core::bench::BenchConfig`).
 #[napi(object)]
@@ -145,107 +146,47 @@ pub fn bench_run(
             "reps: expected at least 1, got 0",
         ));
     }
-    Ok(AsyncTask::new(BenchRunTask {
-        dev,
-        cfg,
-        dtype,
-        reps,
-        seed: seed_of(seed)?,
-        batch_invariant: batch_invariant.unwrap_or(false),
-        failure: None,
-    }))
+    let seed = seed_of(seed)?;
+    let batch_invariant = batch_invariant.unwrap_or(false);
+    Ok(CoreTask::new(
+        move || {
+            // The plan measured, then (batch-invariant runs) the default plan.
+            let plans = if batch_invariant {
+                vec![mla_core::PlanOptions::invariant(), mla_core::PlanOptions::default()]
+            } else {
+                vec![mla_core::PlanOptions::default()]
+            };
+            core(|| bench::run_config_plans(&dev, &cfg, dtype, reps, seed, &plans))
+        },
+        |ms: Vec<bench::Measurement>| BenchMeasurement {
+            default_ms: ms.get(1).map(|d| d.ms),
+            ms: ms[0].ms,
+            min_ms: ms[0].min_ms,
+            max_ms: ms[0].max_ms,
+            reps: ms[0].reps as u32,
+            b: ms[0].b as u32,
+            total_seqlen: ms[0].total_seqlen as f64,
+            bytes: ms[0].bytes,
+            flops: ms[0].flops,
+            gbps: ms[0].gbps,
+            tflops: ms[0].tflops,
+        },
+    ))
 }
 
-pub struct BenchRunTask {
-    dev: mla_core::Device,
-    cfg: bench::BenchConfig,
-    dtype: DType,
-    reps: usize,
-    seed: u64,
-    batch_invariant: bool,
-    failure: Option<Failure>,
-}
-
-impl Task for BenchRunTask {
-    /// The plan measured, then (batch-invariant runs) the default plan.
-    type Output = Option<Vec<bench::Measurement>>;
-    type JsValue = BenchMeasurement;
-
-    fn compute(&mut self) -> napi::Result<Self::Output> {
-        let (dev, cfg, dtype, reps, seed) =
-            (&self.dev, &self.cfg, self.dtype, self.reps, self.seed);
-        let plans = if self.batch_invariant {
-            vec![mla_core::PlanOptions::invariant(), mla_core::PlanOptions::default()]
-        } else {
-            vec![mla_core::PlanOptions::default()]
-        };
-        match core_async(|| core(|| bench::run_config_plans(dev, cfg, dtype, reps, seed, &plans))) {
-            Ok(m) => Ok(Some(m)),
-            Err(f) => {
-                self.failure = Some(f);
-                Ok(None)
-            }
-        }
-    }
-
-    fn resolve(&mut self, env: Env, out: Self::Output) -> napi::Result<BenchMeasurement> {
-        match (out, self.failure.take()) {
-            (Some(ms), _) => Ok(BenchMeasurement {
-                default_ms: ms.get(1).map(|d| d.ms),
-                ms: ms[0].ms,
-                min_ms: ms[0].min_ms,
-                max_ms: ms[0].max_ms,
-                reps: ms[0].reps as u32,
-                b: ms[0].b as u32,
-                total_seqlen: ms[0].total_seqlen as f64,
-                bytes: ms[0].bytes,
-                flops: ms[0].flops,
-                gbps: ms[0].gbps,
-                tflops: ms[0].tflops,
-            }),
-            (None, Some(f)) => Err(reject_with_code(&env, f)),
-            (None, None) => unreachable!(),
-        }
-    }
-}
+/// `benchRun`'s work: the measurements of the plan measured, then (batch-invariant runs)
+/// the default plan.
+pub type BenchRunTask = CoreTask<Vec<bench::Measurement>, BenchMeasurement>;
 
 /// The copy ceiling of a device in GB/s (bytes read + written) on the libuv thread pool:
 /// 1 GiB device-to-device on CUDA, a 256 MiB host copy on the CPU backend.
 #[napi(ts_return_type = "Promise<number>")]
 pub fn bench_copy_ceiling(device: &Device) -> Result<AsyncTask<CopyCeilingTask>> {
-    Ok(AsyncTask::new(CopyCeilingTask {
-        dev: device.get()?.clone(),
-        failure: None,
-    }))
+    let dev = device.get()?.clone();
+    Ok(CoreTask::new(move || core(|| bench::copy_ceiling_gbps(&dev)), |g| g))
 }
 
-pub struct CopyCeilingTask {
-    dev: mla_core::Device,
-    failure: Option<Failure>,
-}
-
-impl Task for CopyCeilingTask {
-    type Output = f64;
-    type JsValue = f64;
-
-    fn compute(&mut self) -> napi::Result<f64> {
-        let dev = &self.dev;
-        match core_async(|| core(|| bench::copy_ceiling_gbps(dev))) {
-            Ok(g) => Ok(g),
-            Err(f) => {
-                self.failure = Some(f);
-                Ok(f64::NAN)
-            }
-        }
-    }
-
-    fn resolve(&mut self, env: Env, g: f64) -> napi::Result<f64> {
-        match self.failure.take() {
-            None => Ok(g),
-            Some(f) => Err(reject_with_code(&env, f)),
-        }
-    }
-}
+pub type CopyCeilingTask = CoreTask<f64, f64>;
 
 /// One shape of the host benchmark (`mla_core::bench::HostConfig`).
 #[napi(object)]
@@ -295,43 +236,11 @@ pub fn bench_host_kernel_us(
     config: HostConfig,
     reps: Option<u32>,
 ) -> Result<AsyncTask<HostKernelTask>> {
-    Ok(AsyncTask::new(HostKernelTask {
-        dev: device.get()?.clone(),
-        cfg: config.to_core(),
-        reps: reps.unwrap_or(20) as usize,
-        failure: None,
-    }))
+    let (dev, cfg, reps) = (device.get()?.clone(), config.to_core(), reps.unwrap_or(20) as usize);
+    Ok(CoreTask::new(move || core(|| bench::host_kernel_us(&dev, &cfg, reps)), |us| us))
 }
 
-pub struct HostKernelTask {
-    dev: mla_core::Device,
-    cfg: bench::HostConfig,
-    reps: usize,
-    failure: Option<Failure>,
-}
-
-impl Task for HostKernelTask {
-    type Output = f64;
-    type JsValue = f64;
-
-    fn compute(&mut self) -> napi::Result<f64> {
-        let (dev, cfg, reps) = (&self.dev, &self.cfg, self.reps);
-        match core_async(|| core(|| bench::host_kernel_us(dev, cfg, reps))) {
-            Ok(us) => Ok(us),
-            Err(f) => {
-                self.failure = Some(f);
-                Ok(f64::NAN)
-            }
-        }
-    }
-
-    fn resolve(&mut self, env: Env, us: f64) -> napi::Result<f64> {
-        match self.failure.take() {
-            None => Ok(us),
-            Some(f) => Err(reject_with_code(&env, f)),
-        }
-    }
-}
+pub type HostKernelTask = CoreTask<f64, f64>;
 
 /// The host breakdown's phase log (`mla_core::trace`): `on` starts recording (clearing the
 /// log), `false` stops it.
@@ -404,4 +313,45 @@ pub fn bench_completion_stub(spin_us: f64) -> AsyncTask<CompletionStub> {
 #[napi]
 pub fn bench_now_ns() -> f64 {
     mla_core::trace::now_ns() as f64
+}
+
+// The contract's formulas (`mla_core::bench::metrics`): one home, for the CLI and the TS
+// benchmark too. Lengths come as a plain array of numbers (each a length in tokens).
+
+fn lens_i32(seqlens: &[f64]) -> Vec<i32> {
+    seqlens.iter().map(|&l| l as i32).collect()
+}
+
+/// Bytes one decode step moves, the contract's GB/s numerator:
+/// (sum(seqlens) * 576 + b*s_q*h_q*576 + b*s_q*h_q*512) * 2 (`bench::decode_bytes`).
+#[napi]
+pub fn bench_decode_bytes(seqlens: Vec<f64>, s_q: u32, h_q: u32) -> f64 {
+    bench::decode_bytes(&lens_i32(&seqlens), s_q as usize, h_q as usize)
+}
+
+/// Floating-point operations of one decode step, the contract's TFLOPS numerator:
+/// 2 * s_q * sum(seqlens) * h_q * (576 + 512) (`bench::decode_flops`).
+#[napi]
+pub fn bench_decode_flops(seqlens: Vec<f64>, s_q: u32, h_q: u32) -> f64 {
+    bench::decode_flops(&lens_i32(&seqlens), s_q as usize, h_q as usize)
+}
+
+/// `bytes` moved in `ms` milliseconds, in GB/s (1e9 bytes per second; `bench::gbps`).
+#[napi]
+pub fn bench_gbps(bytes: f64, ms: f64) -> f64 {
+    bench::gbps(bytes, ms)
+}
+
+/// `flops` done in `ms` milliseconds, in TFLOPS (1e12 per second; `bench::tflops`).
+#[napi]
+pub fn bench_tflops(flops: f64, ms: f64) -> f64 {
+    bench::tflops(flops, ms)
+}
+
+/// The floor of a step in milliseconds (the CLI's `floor_ms` column): its bytes at the copy
+/// ceiling `copyGbps`, or its FLOPs at the matmul ceiling `matmulTflops` when given and
+/// finite, the larger (`bench::floor_ms`).
+#[napi]
+pub fn bench_floor_ms(bytes: f64, flops: f64, copy_gbps: f64, matmul_tflops: Option<f64>) -> f64 {
+    bench::floor_ms(bytes, flops, copy_gbps, matmul_tflops)
 }

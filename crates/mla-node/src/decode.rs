@@ -9,8 +9,9 @@ use mla_core::{DecodeOptions, SharedPlan};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::error::{core, core_async, reject_with_code, Failure, Result};
+use crate::error::{core, Result};
 use crate::plan::Plan;
+use crate::task::CoreTask;
 use crate::tensor::{with_all, Tensor, TensorSrc};
 
 /// The outputs of one decode step.
@@ -118,15 +119,21 @@ pub fn decode(
     )?;
     let device = device_of(&a);
     let work = if device.is_cuda() {
-        Work::Wait(Some(enqueue(&a)?))
+        Work::Wait(enqueue(&a)?)
     } else {
         Work::Compute(a)
     };
-    Ok(AsyncTask::new(DecodeTask {
-        device,
-        work,
-        failure: None,
-    }))
+    Ok(CoreTask::new(
+        move || {
+            let out = match work {
+                Work::Wait(r) => r,
+                Work::Compute(a) => enqueue(&a)?,
+            };
+            core(|| device.wait_step(out.step))?;
+            Ok(out)
+        },
+        to_js,
+    ))
 }
 
 /// CUDA: `mla_core::decode::enqueue` on the calling thread, returning the outputs and the
@@ -267,48 +274,11 @@ pub fn decode_into(
 
 enum Work {
     /// CUDA: the enqueued step, to wait for.
-    Wait(Option<mla_core::DecodeOutput>),
+    Wait(mla_core::DecodeOutput),
     /// The CPU backend: compute on the thread pool.
     Compute(Args),
 }
 
-pub struct DecodeTask {
-    device: mla_core::Device,
-    work: Work,
-    failure: Option<Failure>,
-}
-
-// Every field is Send (Arc'd core objects; DecodeOptions holds an Option<Arc<CudaStream>>,
-// which cudarc marks Send + Sync).
-impl Task for DecodeTask {
-    type Output = Option<mla_core::DecodeOutput>;
-    type JsValue = DecodeResult;
-
-    fn compute(&mut self) -> napi::Result<Self::Output> {
-        let device = self.device.clone();
-        let work = &mut self.work;
-        let r = core_async(|| {
-            let out = match work {
-                Work::Wait(r) => r.take().expect("computed once"),
-                Work::Compute(a) => enqueue(a)?,
-            };
-            core(|| device.wait_step(out.step))?;
-            Ok(out)
-        });
-        match r {
-            Ok(r) => Ok(Some(r)),
-            Err(f) => {
-                self.failure = Some(f);
-                Ok(None)
-            }
-        }
-    }
-
-    fn resolve(&mut self, env: Env, out: Self::Output) -> napi::Result<DecodeResult> {
-        match (out, self.failure.take()) {
-            (Some(r), _) => Ok(to_js(r)),
-            (None, Some(f)) => Err(reject_with_code(&env, f)),
-            (None, None) => unreachable!(),
-        }
-    }
-}
+// Every part of the work is Send (Arc'd core objects; DecodeOptions holds an
+// Option<Arc<CudaStream>>, which cudarc marks Send + Sync).
+pub type DecodeTask = CoreTask<mla_core::DecodeOutput, DecodeResult>;

@@ -4,7 +4,8 @@ use mla_core::{DType, ErrorCode};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::error::{core, core_async, disposed, err, reject_with_code, Failure, Result};
+use crate::error::{core, disposed, err, Result};
+use crate::task::CoreTask;
 use crate::plan::Plan;
 use crate::tensor::Tensor;
 
@@ -202,11 +203,7 @@ impl Device {
     /// Waits for queued work on the libuv thread pool; reports device-side errors.
     #[napi]
     pub fn synchronize(&self) -> Result<AsyncTask<SyncTask>> {
-        Ok(AsyncTask::new(SyncTask {
-            device: self.get()?.clone(),
-            step: None,
-            result: None,
-        }))
+        Ok(sync_task(self.get()?.clone(), None))
     }
 
     #[napi]
@@ -222,11 +219,7 @@ impl Device {
     /// error when it failed.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn wait_step(&self, step: i64) -> Result<AsyncTask<SyncTask>> {
-        Ok(AsyncTask::new(SyncTask {
-            device: self.get()?.clone(),
-            step: Some(step_id(step)?),
-            result: None,
-        }))
+        Ok(sync_task(self.get()?.clone(), Some(step_id(step)?)))
     }
 
     /// `waitStep` on the calling thread.
@@ -361,35 +354,17 @@ fn step_id(step: i64) -> Result<u64> {
 }
 
 /// `Device.synchronize()` / `waitStep()` on the libuv thread pool.
-pub struct SyncTask {
-    device: mla_core::Device,
-    step: Option<u64>,
-    result: Option<Failure>,
-}
+pub type SyncTask = CoreTask<(), ()>;
 
-impl Task for SyncTask {
-    type Output = ();
-    type JsValue = ();
-
-    fn compute(&mut self) -> napi::Result<()> {
-        mla_core::trace::mark("pool:start");
-        let d = self.device.clone();
-        let step = self.step;
-        if let Err(f) = core_async(|| {
+fn sync_task(device: mla_core::Device, step: Option<u64>) -> AsyncTask<SyncTask> {
+    CoreTask::new(
+        move || {
+            mla_core::trace::mark("pool:start");
             core(|| match step {
-                Some(id) => d.wait_step(id),
-                None => d.synchronize(),
+                Some(id) => device.wait_step(id),
+                None => device.synchronize(),
             })
-        }) {
-            self.result = Some(f);
-        }
-        Ok(())
-    }
-
-    fn resolve(&mut self, env: Env, _: ()) -> napi::Result<()> {
-        match self.result.take() {
-            None => Ok(()),
-            Some(f) => Err(reject_with_code(&env, f)),
-        }
-    }
+        },
+        |()| (),
+    )
 }

@@ -19,6 +19,7 @@ mod device;
 mod error;
 mod plan;
 mod step;
+mod task;
 mod tensor;
 
 pub use cache::KvCache;

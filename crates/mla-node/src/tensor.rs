@@ -10,7 +10,8 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use crate::device::Device;
-use crate::error::{core, core_async, disposed, err, reject_with_code, Failure, Result};
+use crate::error::{core, disposed, err, Result};
+use crate::task::CoreTask;
 use crate::plan::Plan;
 
 /// Locks a cache or a captured step, ignoring poisoning (a panic is reported where it
@@ -379,25 +380,25 @@ impl Tensor {
     /// Values as f32 (bf16 / fp16 widened exactly), copied to the host off the JS thread.
     #[napi]
     pub fn to_float32_array(&self) -> Result<AsyncTask<ReadTask>> {
-        Ok(AsyncTask::new(ReadTask::new(
+        Ok(read_task(
             self.src()?.clone(),
             ReadAs::F32,
-        )))
+        ))
     }
     #[napi]
     pub fn to_int32_array(&self) -> Result<AsyncTask<ReadTask>> {
-        Ok(AsyncTask::new(ReadTask::new(
+        Ok(read_task(
             self.src()?.clone(),
             ReadAs::I32,
-        )))
+        ))
     }
     /// Raw bf16 / fp16 bits.
     #[napi]
     pub fn to_uint16_array(&self) -> Result<AsyncTask<ReadTask>> {
-        Ok(AsyncTask::new(ReadTask::new(
+        Ok(read_task(
             self.src()?.clone(),
             ReadAs::Bits,
-        )))
+        ))
     }
 
     #[napi]
@@ -552,42 +553,8 @@ fn write_all(t: &mut mla_core::Tensor, bytes: &[u8], n: usize) -> Result<()> {
 }
 
 /// Copies a tensor to the host on the libuv thread pool.
-pub struct ReadTask {
-    src: TensorSrc,
-    how: ReadAs,
-    failure: Option<Failure>,
-}
+pub type ReadTask = CoreTask<Either3<Float32Array, Int32Array, Uint16Array>, Either3<Float32Array, Int32Array, Uint16Array>>;
 
-impl ReadTask {
-    fn new(src: TensorSrc, how: ReadAs) -> Self {
-        ReadTask {
-            src,
-            how,
-            failure: None,
-        }
-    }
-}
-
-impl Task for ReadTask {
-    type Output = Option<Either3<Float32Array, Int32Array, Uint16Array>>;
-    type JsValue = Either3<Float32Array, Int32Array, Uint16Array>;
-
-    fn compute(&mut self) -> napi::Result<Self::Output> {
-        let (src, how) = (&self.src, self.how);
-        match core_async(|| src.with(|t| read(t, how))) {
-            Ok(v) => Ok(Some(v)),
-            Err(f) => {
-                self.failure = Some(f);
-                Ok(None)
-            }
-        }
-    }
-
-    fn resolve(&mut self, env: Env, out: Self::Output) -> napi::Result<Self::JsValue> {
-        match (out, self.failure.take()) {
-            (Some(v), _) => Ok(v),
-            (None, Some(f)) => Err(reject_with_code(&env, f)),
-            (None, None) => unreachable!(),
-        }
-    }
+fn read_task(src: TensorSrc, how: ReadAs) -> AsyncTask<ReadTask> {
+    CoreTask::new(move || src.with(|t| read(t, how)), |v| v)
 }
