@@ -62,7 +62,10 @@ rc=${PIPESTATUS[0]}
 count() { # the number before "<word>" in ava's summary ("116 tests passed", "1 test failed")
   grep -E "^\s+[0-9]+ $1" "$logs/ava.log" | awk '{s += $1} END {print s + 0}'
 }
-p=$(count 'tests? passed'); s=$(count 'tests? skipped'); todo=$(count 'tests? todo')
+# Passed: the tests' own ✔ lines (ava prints no "N tests passed" line when a test failed);
+# "✔ [expected fail]" is a known failure, counted below.
+p=$(grep -E '^\s+✔ ' "$logs/ava.log" | grep -vc '✔ \[expected fail\]')
+s=$(count 'tests? skipped'); todo=$(count 'tests? todo')
 f=$(( $(count 'tests? failed') + $(count 'known failures?') + $(count 'uncaught exceptions?') + $(count 'unhandled rejections?') ))
 [[ $rc == 0 ]] || { failed=1; [[ $f -gt 0 ]] || f="$f+exit $rc"; }
 row "ava" "$p" "$f" "$((s + todo))" "($((SECONDS - t0)) s)"
