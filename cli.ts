@@ -23,6 +23,14 @@
 import { run } from './src/cli/main'
 
 export { svgChart } from './src/cli/chart'
-export { HOST_BREAKDOWN_CSV_HEADER, HOST_CSV_HEADER, HOST_OPS_CSV_HEADER, hostBreakdownCsv, hostCsv, hostOpsCsv, type Row } from './src/cli/report'
+export {
+  HOST_BREAKDOWN_CSV_HEADER,
+  HOST_CSV_HEADER,
+  HOST_OPS_CSV_HEADER,
+  hostBreakdownCsv,
+  hostCsv,
+  hostOpsCsv,
+  type Row,
+} from './src/cli/report'
 
 if (require.main === module) run(process.argv.slice(2))

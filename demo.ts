@@ -55,7 +55,8 @@ function parseOptions(argv: string[]): Options | 'help' {
     },
   })
   if (values.help) return 'help'
-  if (!/^(auto|cpu|cuda(:\d+)?)$/.test(values.device)) throw new UsageError(`--device: expected auto, cpu, cuda or cuda:<n>, got '${values.device}'`)
+  if (!/^(auto|cpu|cuda(:\d+)?)$/.test(values.device))
+    throw new UsageError(`--device: expected auto, cpu, cuda or cuda:<n>, got '${values.device}'`)
   const int = (name: string, s: string | undefined, min: number): number | undefined => {
     if (s === undefined) return undefined
     const n = Number(s)
@@ -124,7 +125,7 @@ function main(argv: string[]): number {
   using cache = new KvCache(dev, { numBlocks, dtype: 'bf16' })
   const seqs = lens.map((len) => {
     const s = cache.createSequence()
-    for (let done = 0; done < len; ) {
+    for (let done = 0; done < len;) {
       const n = Math.min(chunkRows, len - done)
       cache.append(s, chunk.subarray(0, n * 576))
       done += n
@@ -133,7 +134,9 @@ function main(argv: string[]): number {
   })
   const { blockTable, cacheSeqlens } = cache.batch(seqs)
   const fillMs = Number(process.hrtime.bigint() - t0) / 1e6
-  console.log(`  cache: ${batch} sequences, ${total} tokens (mean ${Math.round(total / batch)}), ${numBlocks} blocks, filled in ${fillMs.toFixed(0)} ms\n`)
+  console.log(
+    `  cache: ${batch} sequences, ${total} tokens (mean ${Math.round(total / batch)}), ${numBlocks} blocks, filled in ${fillMs.toFixed(0)} ms\n`,
+  )
 
   const rows: string[][] = [['backend', 'device', 'config', 'ms', 'GB/s', 'TFLOPS']]
   for (const hQ of [16, 128]) {

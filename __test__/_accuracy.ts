@@ -3,7 +3,18 @@
 
 import type { ExecutionContext } from 'ava'
 import { decode, decodeSync, flashMlaWithKvcache, getMlaMetadata, type Device, type Tensor } from '../index'
-import { BASE_SEED, CASES, DISTS, caseSeed, caseTensors, checkAccuracy, makeCase, referenceDecode, type CaseData, type Reference } from './_helpers'
+import {
+  BASE_SEED,
+  CASES,
+  DISTS,
+  caseSeed,
+  caseTensors,
+  checkAccuracy,
+  makeCase,
+  referenceDecode,
+  type CaseData,
+  type Reference,
+} from './_helpers'
 
 /** How a case is run: the four public ways to decode. */
 export type Mode = 'decode' | 'decode+plan' | 'decodeSync' | 'flashMlaWithKvcache'
@@ -38,7 +49,17 @@ export async function runCase(dev: Device, c: CaseData, mode: Mode): Promise<Run
     }
     case 'flashMlaWithKvcache': {
       const md = getMlaMetadata(cacheSeqlens, sQ * hQ, 1)
-      ;[out, lse] = await flashMlaWithKvcache(q, kvCache, blockTable, cacheSeqlens, 512, md.tileSchedulerMetadata, md.numSplits, softmaxScale, causal)
+      ;[out, lse] = await flashMlaWithKvcache(
+        q,
+        kvCache,
+        blockTable,
+        cacheSeqlens,
+        512,
+        md.tileSchedulerMetadata,
+        md.numSplits,
+        softmaxScale,
+        causal,
+      )
       break
     }
   }

@@ -44,9 +44,7 @@ export const DV = HEAD_DIM_V
 /** An unspecified block-table entry past a sequence's blocks (the contract's example). */
 export const GARBAGE = 2147480000
 
-export const BASE_SEED: number = process.env.MLA_TEST_SEED
-  ? Number(process.env.MLA_TEST_SEED)
-  : (Date.now() ^ (process.pid << 10)) >>> 0
+export const BASE_SEED: number = process.env.MLA_TEST_SEED ? Number(process.env.MLA_TEST_SEED) : (Date.now() ^ (process.pid << 10)) >>> 0
 
 /** mulberry32: a small, fast, seedable PRNG. */
 export class Rng {

@@ -55,7 +55,8 @@ test('cpu: decode reading a KvCache pool (appended in pieces, forked, permuted b
     // The pool really holds what was appended.
     const bt = c.blockTable
     const w = c.maxBlocksPerSeq
-    const rowOf = (s: number, tok: number) => pool.subarray((bt[s * w + (tok >> 6)]! * 64 + (tok & 63)) * D, (bt[s * w + (tok >> 6)]! * 64 + (tok & 63) + 1) * D)
+    const rowOf = (s: number, tok: number) =>
+      pool.subarray((bt[s * w + (tok >> 6)]! * 64 + (tok & 63)) * D, (bt[s * w + (tok >> 6)]! * 64 + (tok & 63) + 1) * D)
     t.deepEqual(rowOf(0, 0), rowsA.subarray(0, D))
     t.deepEqual(rowOf(0, 139), rowsA.subarray(139 * D, 140 * D))
     t.deepEqual(rowOf(1, 139), rowsA.subarray(139 * D, 140 * D))

@@ -112,7 +112,10 @@ test('gpuStatus().kernelTargets: every cubin and the compute_80 PTX this build e
   t.deepEqual(s.kernelTargets, ['sm_80', 'sm_86', 'sm_89', 'sm_90a', 'sm_120', 'compute_80'])
   t.is(s.devices.length, s.deviceCount)
   for (const d of s.devices) {
-    t.true(d.kernelPath === undefined ? typeof d.reason === 'string' : ['hopper', 'portable', 'portable-ptx'].includes(d.kernelPath), JSON.stringify(d))
+    t.true(
+      d.kernelPath === undefined ? typeof d.reason === 'string' : ['hopper', 'portable', 'portable-ptx'].includes(d.kernelPath),
+      JSON.stringify(d),
+    )
     if (d.kernelTarget !== undefined) t.true(s.kernelTargets.includes(d.kernelTarget))
   }
 })
@@ -123,7 +126,10 @@ test('Device.open options are checked before anything opens', (t) => {
     t.is(e?.code, 'ERR_INVALID_ARGUMENT')
     t.regex(e?.message ?? '', re)
   }
-  bad(() => Device.open('cuda', { kernelPath: 'sm80' as never }), /options\.kernelPath: expected one of 'hopper', 'portable', 'portable-ptx', got "sm80"/)
+  bad(
+    () => Device.open('cuda', { kernelPath: 'sm80' as never }),
+    /options\.kernelPath: expected one of 'hopper', 'portable', 'portable-ptx', got "sm80"/,
+  )
   bad(() => Device.open('cuda', { portable: 1 as never }), /options\.portable: expected a boolean, got 1/)
   bad(() => Device.open('cuda', null as never), /options: expected an object/)
   // The CPU backend has no kernel path to choose.
@@ -196,7 +202,10 @@ test('tensors: fill', (t) => {
 test('plan: metadata layout and coverage (CPU), equal to the port of the scheduler', (t) => {
   for (const lens of [[1, 63, 64, 65, 140, 0], [0, 0, 0], [4096, 0, 8192, 64, 65, 1], [140]]) {
     const sl = cpu.tensor(Int32Array.from(lens), [lens.length])
-    for (const [sQ, hQ] of [[1, 16], [2, 128]] as const) {
+    for (const [sQ, hQ] of [
+      [1, 16],
+      [2, 128],
+    ] as const) {
       const plan = cpu.plan(sl, { sQ, hQ })
       t.true(plan instanceof Plan)
       t.is(plan.batch, lens.length)
@@ -318,7 +327,14 @@ test('numBlocks: one name and one range in every message', (t) => {
 
 test('dtype aliases name the same types, and properties report the short names', (t) => {
   const cpu = Device.open('cpu')
-  for (const [alias, name] of [['bfloat16', 'bf16'], ['float16', 'fp16'], ['f16', 'fp16'], ['float32', 'fp32'], ['f32', 'fp32'], ['i32', 'int32']] as const) {
+  for (const [alias, name] of [
+    ['bfloat16', 'bf16'],
+    ['float16', 'fp16'],
+    ['f16', 'fp16'],
+    ['float32', 'fp32'],
+    ['f32', 'fp32'],
+    ['i32', 'int32'],
+  ] as const) {
     t.is(cpu.zeros([2], alias as DType).dtype, name)
   }
   t.is(new KvCache(cpu, { numBlocks: 1, dtype: 'bfloat16' as HalfDType }).dtype, 'bf16')

@@ -30,7 +30,16 @@ test('suites: FlashMLA grid and beyond shapes, labels, CPU and tiny suites', (t)
   t.true(full.every((c) => c.flashmlaShape))
   t.deepEqual(
     full.filter((c) => c.tag !== 'grid').map((c) => c.label),
-    ['short/1/1024/16/0', 'short/1/1024/128/0', 'imbalanced/4/0/16/0', 'imbalanced/1/0/16/0', 'mtp/4/4096/16/0', 'mtp/8/4096/16/0', 'mtp/4/4096/128/0', 'mtp/8/4096/128/0'],
+    [
+      'short/1/1024/16/0',
+      'short/1/1024/128/0',
+      'imbalanced/4/0/16/0',
+      'imbalanced/1/0/16/0',
+      'mtp/4/4096/16/0',
+      'mtp/8/4096/16/0',
+      'mtp/4/4096/128/0',
+      'mtp/8/4096/128/0',
+    ],
   )
   t.deepEqual(full.find((c) => c.tag === 'imbalanced')!.lens, [4641, 45118, 1730, 1696])
   t.is(bench.configs('flashmla', { quick: true }).length, 16 + 8)
@@ -42,7 +51,9 @@ test('suites: FlashMLA grid and beyond shapes, labels, CPU and tiny suites', (t)
 })
 
 test('anchors: both CSV formats, FlashMLA shapes only', (t) => {
-  const grid = bench.loadAnchors('# c\npeer,b,s_q,mean_sk,h_q,varlen,ms,tflops,gbps\nflashmla,128,1,4096,16,0,0.2532,72,2403\ntriton,128,1,4096,16,0,0.5,1,1\n')
+  const grid = bench.loadAnchors(
+    '# c\npeer,b,s_q,mean_sk,h_q,varlen,ms,tflops,gbps\nflashmla,128,1,4096,16,0,0.2532,72,2403\ntriton,128,1,4096,16,0,0.5,1,1\n',
+  )
   t.deepEqual([...grid], [['grid/1/4096/16/0', 0.2532]])
   const beyond = bench.loadAnchors('tag,peer,b,s_q,mean_sk,h_q,ms,tflops,gbps\nimbalanced,flashmla,4,4,0,16,0.1003,74,617\n')
   t.deepEqual([...beyond], [['imbalanced/4/0/16/0', 0.1003]])
@@ -125,7 +136,10 @@ test('bench.run and mla-decode bench with --batch-invariant: the invariant plan 
   const m = await bench.run(dev, c, { reps: 2, batchInvariant: true })
   t.true(m.ms > 0 && m.defaultMs !== undefined && m.defaultMs > 0, JSON.stringify(m))
   t.is((await bench.run(dev, c, { reps: 1 })).defaultMs ?? undefined, undefined)
-  await t.throwsAsync(bench.run(dev, c, { batchInvariant: 'no' as unknown as boolean }), { instanceOf: MlaError, message: /batchInvariant/ })
+  await t.throwsAsync(bench.run(dev, c, { batchInvariant: 'no' as unknown as boolean }), {
+    instanceOf: MlaError,
+    message: /batchInvariant/,
+  })
 
   const out = tmpdir()
   const r = cli(['bench', '--device', 'cpu', '--tiny', '--reps', '1', '--batch-invariant', '--out', out])
@@ -194,7 +208,18 @@ test('the SVG chart marks anchors and the ceiling, and escapes text', (t) => {
     return {
       config,
       anchorMs: i === 0 ? undefined : 0.3,
-      m: { ms, minMs: ms, maxMs: ms, reps: 30, b: config.b, totalSeqlen: config.b * config.mean, bytes, flops, gbps: bytes / ms / 1e6, tflops: flops / ms / 1e9 },
+      m: {
+        ms,
+        minMs: ms,
+        maxMs: ms,
+        reps: 30,
+        b: config.b,
+        totalSeqlen: config.b * config.mean,
+        bytes,
+        flops,
+        gbps: bytes / ms / 1e6,
+        tflops: flops / ms / 1e9,
+      },
     }
   })
   const svg = svgChart(rows, 3000, { device: 'GPU <A&B>', date: '2026-01-01 00:00 UTC', suite: 'flashmla', dtype: 'bf16', reps: 30 })
@@ -218,7 +243,10 @@ if (!gpuEnabled) {
     const anchors = path.join(out, 'a.csv')
     fs.writeFileSync(anchors, 'peer,b,s_q,mean_sk,h_q,varlen,ms\nflashmla,128,1,4096,16,0,0.2532\n')
     const spec = process.env.MLA_TEST_CUDA_DEVICE ?? 'cuda'
-    const r = cli(['bench', '--device', spec, '--quick', '--filter', 'grid/1/4096/16/0', '--reps', '5', '--anchors', anchors, '--out', out], 300_000)
+    const r = cli(
+      ['bench', '--device', spec, '--quick', '--filter', 'grid/1/4096/16/0', '--reps', '5', '--anchors', anchors, '--out', out],
+      300_000,
+    )
     t.log(r.stdout)
     t.is(r.code, 0, r.stderr + r.stdout)
     t.regex(r.stdout, /copy ceiling \d+ GB\/s \(1 GiB device-to-device/)
@@ -250,7 +278,10 @@ test('mla-decode bench --host on the CPU writes host.csv and host-ops.csv', (t) 
   t.deepEqual([...new Set(body.map((c) => c[4]))], ['1', '2'], 'layers 1 and 2')
   const ops = fs.readFileSync(path.join(out, 'host-ops.csv'), 'utf8').trim().split('\n')
   t.is(ops[0], 'b,h_q,s_q,length,op,us')
-  t.deepEqual(ops.slice(1).map((l) => l.split(',')[4]), ['append-loop', 'appendBatch', 'appendBatch-device', 'appendBatch-f32', 'batch', 'batchInto', 'plan', 'plan.update'])
+  t.deepEqual(
+    ops.slice(1).map((l) => l.split(',')[4]),
+    ['append-loop', 'appendBatch', 'appendBatch-device', 'appendBatch-f32', 'batch', 'batchInto', 'plan', 'plan.update'],
+  )
   const bad = cli(['bench', '--host', '--device', 'cpu', '--modes', 'fast'])
   t.is(bad.code, 2)
   t.regex(bad.stderr, /--modes/)
@@ -266,12 +297,16 @@ test('mla-decode bench --host-breakdown on the CPU writes host-breakdown.csv', (
   t.is(rows[0], 'b,h_q,s_q,length,mode,phase,us,n')
   const body = rows.slice(1).map((l) => l.split(','))
   const modes = new Set(body.map((c) => c[4]))
-  for (const m of ['await', 'await-pool', 'enqueue', 'appendBatch', 'appendBatch-device', 'appendBatch-f32', 'stub-pool', 'stub-poll']) t.true(modes.has(m), `mode ${m}`)
+  for (const m of ['await', 'await-pool', 'enqueue', 'appendBatch', 'appendBatch-device', 'appendBatch-f32', 'stub-pool', 'stub-poll'])
+    t.true(modes.has(m), `mode ${m}`)
   for (const c of body) {
     t.is(c.length, 8, c.join(','))
     t.true(Number(c[6]) >= 0 && Number.isInteger(Number(c[7])) && Number(c[7]) >= 1, c.join(','))
   }
-  t.true(body.some((c) => c[4] === 'enqueue' && c[5] === '"js:call -> native:enter"'), 'enqueue phases start at the JS call')
+  t.true(
+    body.some((c) => c[4] === 'enqueue' && c[5] === '"js:call -> native:enter"'),
+    'enqueue phases start at the JS call',
+  )
   t.is(cli(['bench', '--host-breakdown', '--host', '--device', 'cpu']).code, 2, '--host-breakdown with --host')
   fs.rmSync(out, { recursive: true, force: true })
 })
@@ -283,7 +318,10 @@ test('bench.runHost and hostKernelUs on the CPU', async (t) => {
   const k = await bench.hostKernelUs(dev, c!, 2)
   t.true(k > 0)
   const r = await bench.runHost(dev, { ...c!, layers: 1 }, { steps: 2, warmup: 1, modes: ['enqueue', 'sync'], ops: false })
-  t.deepEqual(r.rows.map((x) => x.mode), ['enqueue', 'sync'])
+  t.deepEqual(
+    r.rows.map((x) => x.mode),
+    ['enqueue', 'sync'],
+  )
   t.deepEqual(r.ops, [])
   t.true(r.rows.every((x) => x.stepUs > 0 && x.kernelUs > 0 && x.b === c!.b))
   await t.throwsAsync(bench.runHost(dev, { ...c!, b: 0 }), { instanceOf: MlaError, message: /config.b/ })

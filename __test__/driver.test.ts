@@ -97,12 +97,19 @@ function fakeDevice(version: number, cap: [number, number]): string {
 }
 
 type Probe = {
-  status: { available: boolean; kernelsBuilt: boolean; devices: { computeCapability: number[]; kernelPath?: string; kernelTarget?: string; reason?: string }[] }
+  status: {
+    available: boolean
+    kernelsBuilt: boolean
+    devices: { computeCapability: number[]; kernelPath?: string; kernelTarget?: string; reason?: string }[]
+  }
   open: { code?: string; message: string }
 }
 const probeDevice = (version: number, ccv: [number, number], env: Record<string, string> = {}): Probe => {
   const dir = fakeDevice(version, ccv)
-  const r = spawnSync(process.execPath, ['-e', PROBE], { encoding: 'utf8', env: { ...process.env, LD_LIBRARY_PATH: dir, MLA_INDEX: INDEX, ...env } })
+  const r = spawnSync(process.execPath, ['-e', PROBE], {
+    encoding: 'utf8',
+    env: { ...process.env, LD_LIBRARY_PATH: dir, MLA_INDEX: INDEX, ...env },
+  })
   if (r.status !== 0) throw new Error(r.stderr)
   return JSON.parse(r.stdout) as Probe
 }

@@ -44,9 +44,19 @@ const bad: [string, () => DecodeArgs, ErrorCode, string][] = [
   ['q int32', () => valid({ q: cpu.tensor(new Int32Array(2 * 16 * D), [2, 1, 16, D]) }), 'ERR_DTYPE', 'q'],
   ['q with d = 512', () => valid({ q: cpu.tensor(new Float32Array(2 * 16 * 512), [2, 1, 16, 512], 'bf16') }), 'ERR_INVALID_ARGUMENT', 'd'],
   ['q with s_q = 0', () => valid({ q: cpu.tensor(new Float32Array(0), [2, 0, 16, D], 'bf16') }), 'ERR_SHAPE', 'q'],
-  ['cache in fp16 with a bf16 q', () => valid({ kv: cpu.tensor(new Float32Array(4 * 64 * D), [4, 64, 1, D], 'fp16') }), 'ERR_DTYPE', 'kv_cache'],
+  [
+    'cache in fp16 with a bf16 q',
+    () => valid({ kv: cpu.tensor(new Float32Array(4 * 64 * D), [4, 64, 1, D], 'fp16') }),
+    'ERR_DTYPE',
+    'kv_cache',
+  ],
   ['cache of rank 3', () => valid({ kv: cpu.tensor(new Float32Array(4 * 64 * D), [4, 64, D], 'bf16') }), 'ERR_SHAPE', 'kv_cache'],
-  ['block size 32', () => valid({ kv: cpu.tensor(new Float32Array(8 * 32 * D), [8, 32, 1, D], 'bf16') }), 'ERR_INVALID_ARGUMENT', 'block_size'],
+  [
+    'block size 32',
+    () => valid({ kv: cpu.tensor(new Float32Array(8 * 32 * D), [8, 32, 1, D], 'bf16') }),
+    'ERR_INVALID_ARGUMENT',
+    'block_size',
+  ],
   ['cache d = 512', () => valid({ kv: cpu.tensor(new Float32Array(4 * 64 * 512), [4, 64, 1, 512], 'bf16') }), 'ERR_INVALID_ARGUMENT', 'd'],
   ['h_kv = 2', () => valid({ kv: cpu.tensor(new Float32Array(4 * 64 * 2 * D), [4, 64, 2, D], 'bf16') }), 'ERR_INVALID_ARGUMENT', 'h_kv'],
   ['block table in fp32', () => valid({ bt: cpu.tensor(new Float32Array(4), [2, 2], 'fp32') }), 'ERR_DTYPE', 'block_table'],
@@ -54,11 +64,26 @@ const bad: [string, () => DecodeArgs, ErrorCode, string][] = [
   ['block table of rank 1', () => valid({ bt: cpu.tensor(new Int32Array(4), [4]) }), 'ERR_SHAPE', 'block_table'],
   ['seqlens of shape [3]', () => valid({ sl: cpu.tensor(new Int32Array([1, 2, 3]), [3]) }), 'ERR_SHAPE', 'cache_seqlens'],
   ['seqlens in fp32', () => valid({ sl: cpu.tensor(new Float32Array([1, 2]), [2], 'fp32') }), 'ERR_DTYPE', 'cache_seqlens'],
-  ['seqlen past max_blocks_per_seq * 64', () => valid({ sl: cpu.tensor(new Int32Array([129, 70]), [2]) }), 'ERR_SEQLEN_RANGE', 'cache_seqlens[0]'],
+  [
+    'seqlen past max_blocks_per_seq * 64',
+    () => valid({ sl: cpu.tensor(new Int32Array([129, 70]), [2]) }),
+    'ERR_SEQLEN_RANGE',
+    'cache_seqlens[0]',
+  ],
   ['negative seqlen', () => valid({ sl: cpu.tensor(new Int32Array([100, -1]), [2]) }), 'ERR_SEQLEN_RANGE', 'cache_seqlens[1]'],
-  ['block index = num_blocks', () => valid({ bt: cpu.tensor(new Int32Array([0, 4, 2, 3]), [2, 2]) }), 'ERR_BLOCK_INDEX', 'block_table[0][1]'],
+  [
+    'block index = num_blocks',
+    () => valid({ bt: cpu.tensor(new Int32Array([0, 4, 2, 3]), [2, 2]) }),
+    'ERR_BLOCK_INDEX',
+    'block_table[0][1]',
+  ],
   ['negative block index', () => valid({ bt: cpu.tensor(new Int32Array([0, 1, -1, 3]), [2, 2]) }), 'ERR_BLOCK_INDEX', 'block_table[1][0]'],
-  ['garbage block index that would be read', () => valid({ bt: cpu.tensor(new Int32Array([0, 1, 2, GARBAGE]), [2, 2]) }), 'ERR_BLOCK_INDEX', 'block_table[1][1]'],
+  [
+    'garbage block index that would be read',
+    () => valid({ bt: cpu.tensor(new Int32Array([0, 1, 2, GARBAGE]), [2, 2]) }),
+    'ERR_BLOCK_INDEX',
+    'block_table[1][1]',
+  ],
 ]
 
 for (const [name, args, code, mention] of bad) {
@@ -70,7 +95,7 @@ for (const [name, args, code, mention] of bad) {
   })
 }
 
-test('entries past a sequence\'s blocks are never read (garbage and negative tails are fine)', async (t) => {
+test("entries past a sequence's blocks are never read (garbage and negative tails are fine)", async (t) => {
   const bt = cpu.tensor(new Int32Array([0, 1, GARBAGE, 2, -5, GARBAGE]), [2, 3])
   const sl = cpu.tensor(new Int32Array([100, 64]), [2])
   await t.notThrowsAsync(decode(valid({ bt, sl })))
@@ -109,12 +134,32 @@ test('flashMlaWithKvcache: head_dim_v must be 512, metadata must come from getMl
   const a = valid()
   const md = getMlaMetadata(a.cacheSeqlens, 16, 1)
   const kv = a.kvCache as Tensor
-  await expectCode(t, () => flashMlaWithKvcache(a.q, kv, a.blockTable, a.cacheSeqlens, 576, md.tileSchedulerMetadata, md.numSplits), 'ERR_INVALID_ARGUMENT', 'head_dim_v')
+  await expectCode(
+    t,
+    () => flashMlaWithKvcache(a.q, kv, a.blockTable, a.cacheSeqlens, 576, md.tileSchedulerMetadata, md.numSplits),
+    'ERR_INVALID_ARGUMENT',
+    'head_dim_v',
+  )
   const fake = cpu.tensor(new Int32Array(16), [2, 8])
-  await expectCode(t, () => flashMlaWithKvcache(a.q, kv, a.blockTable, a.cacheSeqlens, 512, fake, md.numSplits), 'ERR_INVALID_ARGUMENT', 'tile_scheduler_metadata')
+  await expectCode(
+    t,
+    () => flashMlaWithKvcache(a.q, kv, a.blockTable, a.cacheSeqlens, 512, fake, md.numSplits),
+    'ERR_INVALID_ARGUMENT',
+    'tile_scheduler_metadata',
+  )
   const md2 = getMlaMetadata(a.cacheSeqlens, 16, 1)
-  await expectCode(t, () => flashMlaWithKvcache(a.q, kv, a.blockTable, a.cacheSeqlens, 512, md.tileSchedulerMetadata, md2.numSplits), 'ERR_INVALID_ARGUMENT', 'num_splits')
-  await expectCode(t, () => flashMlaWithKvcache(a.q, kv, a.blockTable, a.cacheSeqlens, 512, null, md.numSplits), 'ERR_INVALID_ARGUMENT', 'tile_scheduler_metadata')
+  await expectCode(
+    t,
+    () => flashMlaWithKvcache(a.q, kv, a.blockTable, a.cacheSeqlens, 512, md.tileSchedulerMetadata, md2.numSplits),
+    'ERR_INVALID_ARGUMENT',
+    'num_splits',
+  )
+  await expectCode(
+    t,
+    () => flashMlaWithKvcache(a.q, kv, a.blockTable, a.cacheSeqlens, 512, null, md.numSplits),
+    'ERR_INVALID_ARGUMENT',
+    'tile_scheduler_metadata',
+  )
   // The right pairs work, as does the Plan itself, or no metadata at all.
   await t.notThrowsAsync(flashMlaWithKvcache(a.q, kv, a.blockTable, a.cacheSeqlens, 512, md.tileSchedulerMetadata, md.numSplits))
   await t.notThrowsAsync(flashMlaWithKvcache(a.q, kv, a.blockTable, a.cacheSeqlens, 512, md.plan, null))
@@ -234,7 +279,12 @@ test('integer arguments: fractional, NaN, negative, huge -> an error naming the 
     await expectCode(t, () => cpu.zeros([2, n], 'int32'), 'ERR_SHAPE', 'shape[1]')
     await expectCode(t, () => cpu.tensor(new Int32Array(2), [n]), 'ERR_SHAPE', 'shape[0]')
     const a = valid()
-    await expectCode(t, () => flashMlaWithKvcache(a.q, a.kvCache as Tensor, a.blockTable, a.cacheSeqlens, n, null, null), 'ERR_INVALID_ARGUMENT', 'head_dim_v')
+    await expectCode(
+      t,
+      () => flashMlaWithKvcache(a.q, a.kvCache as Tensor, a.blockTable, a.cacheSeqlens, n, null, null),
+      'ERR_INVALID_ARGUMENT',
+      'head_dim_v',
+    )
   }
   // The message shows the expected range and the value that came.
   const e = t.throws(() => cache.batch([s], 1.5), { instanceOf: MlaError })

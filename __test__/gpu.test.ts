@@ -127,7 +127,10 @@ gpuTest('a device-resident bad block index -> ERR_BLOCK_INDEX, and the device st
 })
 
 gpuTest('a device-resident length out of range -> ERR_SEQLEN_RANGE', async (t, dev) => {
-  for (const lens of [[129, 70], [100, -1]]) {
+  for (const lens of [
+    [129, 70],
+    [100, -1],
+  ]) {
     const a = validOn(dev, new Int32Array([0, 1, 2, 3]), Int32Array.from(lens))
     await expectCode(t, () => decode(a), 'ERR_SEQLEN_RANGE', 'cache_seqlens')
   }
@@ -139,7 +142,12 @@ gpuTest('tensors on different devices -> ERR_DEVICE_MISMATCH', async (t, dev) =>
   const h = validOn(cpu, new Int32Array([0, 1, 2, 3]), new Int32Array([100, 70]))
   await expectCode(t, () => decode({ ...g, kvCache: h.kvCache }), 'ERR_DEVICE_MISMATCH', 'kv_cache')
   await expectCode(t, () => decode({ ...g, blockTable: h.blockTable }), 'ERR_DEVICE_MISMATCH', 'block_table')
-  await expectCode(t, () => decode({ ...g, cacheSeqlens: h.cacheSeqlens, plan: dev.plan(g.cacheSeqlens, { hQ: 16 }) }), 'ERR_DEVICE_MISMATCH', 'cache_seqlens')
+  await expectCode(
+    t,
+    () => decode({ ...g, cacheSeqlens: h.cacheSeqlens, plan: dev.plan(g.cacheSeqlens, { hQ: 16 }) }),
+    'ERR_DEVICE_MISMATCH',
+    'cache_seqlens',
+  )
   await expectCode(t, () => decode({ ...g, plan: cpu.plan(h.cacheSeqlens, { hQ: 16 }) }), 'ERR_DEVICE_MISMATCH', 'plan')
   await expectCode(t, () => dev.plan(h.cacheSeqlens, { hQ: 16 }), 'ERR_DEVICE_MISMATCH', 'cache_seqlens')
 })
@@ -149,7 +157,11 @@ gpuTest('plan: GPU metadata covers every block and equals the scheduler for its 
   const sets = [[1, 63, 64, 65, 140, 0], [0, 0, 0], [4096, 0, 8192, 64, 65, 1, 16384, 5000], Array.from({ length: 128 }, () => 4096)]
   for (let k = 0; k < 4; k++) sets.push(Array.from({ length: 1 + rng.int(128) }, () => (rng.next() < 0.1 ? 0 : 1 + rng.int(20000))))
   for (const lens of sets) {
-    for (const [sQ, hQ] of [[1, 16], [1, 128], [2, 64]] as const) {
+    for (const [sQ, hQ] of [
+      [1, 16],
+      [1, 128],
+      [2, 64],
+    ] as const) {
       const gp = dev.plan(dev.tensor(Int32Array.from(lens), [lens.length]), { sQ, hQ })
       const cp = cpu.plan(cpu.tensor(Int32Array.from(lens), [lens.length]), { sQ, hQ })
       const gm = gp.tileSchedulerMetadata.toInt32ArraySync()

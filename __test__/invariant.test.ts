@@ -88,7 +88,12 @@ function batchOf(rng: Rng, seqs: Seq[], sQ: number, hQ: number, dtype: HalfDType
 }
 
 /** Decodes `c` on `dev` into outputs poisoned first (0xFF bytes: NaN): sequence `pos`'s out bits and lse bits. */
-async function seqBits(dev: Device, c: CaseData, pos: number, batchInvariant: boolean): Promise<{ out: Uint16Array; lse: Uint32Array; plan: Plan }> {
+async function seqBits(
+  dev: Device,
+  c: CaseData,
+  pos: number,
+  batchInvariant: boolean,
+): Promise<{ out: Uint16Array; lse: Uint32Array; plan: Plan }> {
   const { sQ, hQ, dtype, causal } = c.cfg
   const q = dev.tensor(c.qBits, [c.b, sQ, hQ, D], dtype)
   const kvCache = dev.tensor(c.kvBits, [c.numBlocks, BS, 1, D], dtype)
@@ -120,67 +125,94 @@ for (const [hQ, sQ] of [
   [128, 1],
   [128, 2],
 ] as const) {
-  both(`batch-invariant plan: a sequence alone and beside 1, 4, 16, 40 mates (random lengths, positions, block placement), hQ ${hQ} sQ ${sQ}: 0 differing bits`, async (t, dev) => {
-    const seed = (BASE_SEED ^ (hQ * 31 + sQ)) >>> 0
-    t.log(`seed ${seed} (MLA_TEST_SEED replays the base seed ${BASE_SEED})`)
-    const rng = new Rng(seed)
-    const dtype: HalfDType = 'bf16'
-    const table = toBits(Float32Array.from({ length: 4096 }, () => rng.next() - 0.5), dtype)
-    // 2 chunks of the standard rule (64 blocks = 4096 tokens each at most).
-    const len = 4200 + rng.int(3000)
-    const target = targetSeq(rng, len, sQ, hQ, dtype)
-    const aloneCase = batchOf(rng, [target], sQ, hQ, dtype)
-    const alone = await seqBits(dev, aloneCase, 0, true)
-    t.true(alone.plan.batchInvariant)
-    // The alone result is right (so that equal garbage cannot pass).
-    const ref = referenceDecode(aloneCase)
-    const outF32 = new Float32Array(new Uint32Array(Array.from(alone.out, (x) => x << 16)).buffer)
-    checkAccuracy(t, `alone, len ${len}`, dtype, outF32, new Float32Array(alone.lse.buffer), ref)
-    for (const mates of [1, 4, 16, 40]) {
-      const others = Array.from({ length: mates }, () => mateSeq(rng, table, rng.int(8) === 0 ? 0 : rng.int(3000), sQ, hQ))
-      const pos = rng.int(mates + 1)
-      const seqs = [...others.slice(0, pos), target, ...others.slice(pos)]
-      const c = batchOf(rng, seqs, sQ, hQ, dtype)
-      const got = await seqBits(dev, c, pos, true)
-      const what = `len ${len} at ${pos} of [${seqs.map((s) => s.len).join(', ')}]`
-      t.is(differing(got.out, alone.out), 0, `${what}: out elements differ from the sequence alone`)
-      t.is(differing(got.lse, alone.lse), 0, `${what}: lse elements differ from the sequence alone`)
-      got.plan.dispose()
-    }
-    alone.plan.dispose()
-  })
+  both(
+    `batch-invariant plan: a sequence alone and beside 1, 4, 16, 40 mates (random lengths, positions, block placement), hQ ${hQ} sQ ${sQ}: 0 differing bits`,
+    async (t, dev) => {
+      const seed = (BASE_SEED ^ (hQ * 31 + sQ)) >>> 0
+      t.log(`seed ${seed} (MLA_TEST_SEED replays the base seed ${BASE_SEED})`)
+      const rng = new Rng(seed)
+      const dtype: HalfDType = 'bf16'
+      const table = toBits(
+        Float32Array.from({ length: 4096 }, () => rng.next() - 0.5),
+        dtype,
+      )
+      // 2 chunks of the standard rule (64 blocks = 4096 tokens each at most).
+      const len = 4200 + rng.int(3000)
+      const target = targetSeq(rng, len, sQ, hQ, dtype)
+      const aloneCase = batchOf(rng, [target], sQ, hQ, dtype)
+      const alone = await seqBits(dev, aloneCase, 0, true)
+      t.true(alone.plan.batchInvariant)
+      // The alone result is right (so that equal garbage cannot pass).
+      const ref = referenceDecode(aloneCase)
+      const outF32 = new Float32Array(new Uint32Array(Array.from(alone.out, (x) => x << 16)).buffer)
+      checkAccuracy(t, `alone, len ${len}`, dtype, outF32, new Float32Array(alone.lse.buffer), ref)
+      for (const mates of [1, 4, 16, 40]) {
+        const others = Array.from({ length: mates }, () => mateSeq(rng, table, rng.int(8) === 0 ? 0 : rng.int(3000), sQ, hQ))
+        const pos = rng.int(mates + 1)
+        const seqs = [...others.slice(0, pos), target, ...others.slice(pos)]
+        const c = batchOf(rng, seqs, sQ, hQ, dtype)
+        const got = await seqBits(dev, c, pos, true)
+        const what = `len ${len} at ${pos} of [${seqs.map((s) => s.len).join(', ')}]`
+        t.is(differing(got.out, alone.out), 0, `${what}: out elements differ from the sequence alone`)
+        t.is(differing(got.lse, alone.lse), 0, `${what}: lse elements differ from the sequence alone`)
+        got.plan.dispose()
+      }
+      alone.plan.dispose()
+    },
+  )
 }
 
-both('batchInvariant: decode without a plan, Plan.update keeps it, numSplits from the own length, refused with a default plan', async (t, dev) => {
-  const rng = new Rng(BASE_SEED ^ 0x1a7)
-  const dtype: HalfDType = 'bf16'
-  const lens = [10000, 0, 64, 4097, 40000]
-  const c = batchOf(rng, lens.map((l) => targetSeq(rng, l, 1, 16, dtype)), 1, 16, dtype)
-  const q = dev.tensor(c.qBits, [c.b, 1, 16, D], dtype)
-  const kvCache = dev.tensor(c.kvBits, [c.numBlocks, BS, 1, D], dtype)
-  const blockTable = dev.tensor(c.blockTable, [c.b, c.maxBlocksPerSeq])
-  const cacheSeqlens = dev.tensor(c.seqlens, [c.b])
-  // Without a plan: the same bits as with an explicit invariant plan.
-  const explicit = await seqBits(dev, c, 4, true)
-  const auto = decodeSync({ q, kvCache, blockTable, cacheSeqlens, batchInvariant: true })
-  t.is(differing((await auto.out.toUint16Array()).slice(4 * 16 * DV), explicit.out), 0)
-  // Chunks per sequence: min(8, ceil(blocks / 64)), whatever the batch.
-  const plan = dev.plan(cacheSeqlens, { hQ: 16, batchInvariant: true })
-  t.true(plan.batchInvariant)
-  // blocks 157, 0, 1, 65, 625 -> chunks 3, 0, 1, 2, 8
-  t.deepEqual([...(await plan.numSplits.toInt32Array())], [0, 3, 3, 4, 6, 14])
-  const grown = dev.tensor(Int32Array.from([64, 0, 1, 12289, 1]), [5])
-  plan.update(grown)
-  t.true(plan.batchInvariant)
-  // blocks 1, 0, 1, 193, 1 -> chunks 1, 0, 1, 4, 1
-  t.deepEqual([...(await plan.numSplits.toInt32Array())], [0, 1, 1, 2, 6, 7])
-  t.regex(inspect(plan), /batchInvariant: true/)
-  // A default plan where invariance is asked for; a non-boolean option.
-  const dflt = dev.plan(cacheSeqlens, { hQ: 16 })
-  t.false(dflt.batchInvariant)
-  await expectCode(t, () => decode({ q, kvCache, blockTable, cacheSeqlens, plan: dflt, batchInvariant: true }), 'ERR_INVALID_ARGUMENT', 'batch-invariant')
-  t.throws(() => dev.plan(cacheSeqlens, { hQ: 16, batchInvariant: 'yes' as unknown as boolean }), { message: /batchInvariant: expected a boolean/ })
-  await expectCode(t, () => decode({ q, kvCache, blockTable, cacheSeqlens, batchInvariant: 1 as unknown as boolean }), 'ERR_INVALID_ARGUMENT', 'batchInvariant')
-  for (const x of [q, kvCache, blockTable, cacheSeqlens, grown, auto.out, auto.lse]) x.dispose()
-  for (const p of [plan, dflt, explicit.plan]) p.dispose()
-})
+both(
+  'batchInvariant: decode without a plan, Plan.update keeps it, numSplits from the own length, refused with a default plan',
+  async (t, dev) => {
+    const rng = new Rng(BASE_SEED ^ 0x1a7)
+    const dtype: HalfDType = 'bf16'
+    const lens = [10000, 0, 64, 4097, 40000]
+    const c = batchOf(
+      rng,
+      lens.map((l) => targetSeq(rng, l, 1, 16, dtype)),
+      1,
+      16,
+      dtype,
+    )
+    const q = dev.tensor(c.qBits, [c.b, 1, 16, D], dtype)
+    const kvCache = dev.tensor(c.kvBits, [c.numBlocks, BS, 1, D], dtype)
+    const blockTable = dev.tensor(c.blockTable, [c.b, c.maxBlocksPerSeq])
+    const cacheSeqlens = dev.tensor(c.seqlens, [c.b])
+    // Without a plan: the same bits as with an explicit invariant plan.
+    const explicit = await seqBits(dev, c, 4, true)
+    const auto = decodeSync({ q, kvCache, blockTable, cacheSeqlens, batchInvariant: true })
+    t.is(differing((await auto.out.toUint16Array()).slice(4 * 16 * DV), explicit.out), 0)
+    // Chunks per sequence: min(8, ceil(blocks / 64)), whatever the batch.
+    const plan = dev.plan(cacheSeqlens, { hQ: 16, batchInvariant: true })
+    t.true(plan.batchInvariant)
+    // blocks 157, 0, 1, 65, 625 -> chunks 3, 0, 1, 2, 8
+    t.deepEqual([...(await plan.numSplits.toInt32Array())], [0, 3, 3, 4, 6, 14])
+    const grown = dev.tensor(Int32Array.from([64, 0, 1, 12289, 1]), [5])
+    plan.update(grown)
+    t.true(plan.batchInvariant)
+    // blocks 1, 0, 1, 193, 1 -> chunks 1, 0, 1, 4, 1
+    t.deepEqual([...(await plan.numSplits.toInt32Array())], [0, 1, 1, 2, 6, 7])
+    t.regex(inspect(plan), /batchInvariant: true/)
+    // A default plan where invariance is asked for; a non-boolean option.
+    const dflt = dev.plan(cacheSeqlens, { hQ: 16 })
+    t.false(dflt.batchInvariant)
+    await expectCode(
+      t,
+      () => decode({ q, kvCache, blockTable, cacheSeqlens, plan: dflt, batchInvariant: true }),
+      'ERR_INVALID_ARGUMENT',
+      'batch-invariant',
+    )
+    t.throws(() => dev.plan(cacheSeqlens, { hQ: 16, batchInvariant: 'yes' as unknown as boolean }), {
+      message: /batchInvariant: expected a boolean/,
+    })
+    await expectCode(
+      t,
+      () => decode({ q, kvCache, blockTable, cacheSeqlens, batchInvariant: 1 as unknown as boolean }),
+      'ERR_INVALID_ARGUMENT',
+      'batchInvariant',
+    )
+    for (const x of [q, kvCache, blockTable, cacheSeqlens, grown, auto.out, auto.lse]) x.dispose()
+    for (const p of [plan, dflt, explicit.plan]) p.dispose()
+  },
+)

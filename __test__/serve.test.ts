@@ -7,7 +7,20 @@
 // makes them run (and fail) anyway. Serial: the CPU backend's step log is one per process.
 
 import test, { type ExecutionContext } from 'ava'
-import { Device, KvCache, MlaError, Tensor, _setAwaitSpinUs, _whenDone, captureStep, decode, decodeInto, decodeSync, gpuStatus, type ErrorCode } from '../index'
+import {
+  Device,
+  KvCache,
+  MlaError,
+  Tensor,
+  _setAwaitSpinUs,
+  _whenDone,
+  captureStep,
+  decode,
+  decodeInto,
+  decodeSync,
+  gpuStatus,
+  type ErrorCode,
+} from '../index'
 import { BASE_SEED, D, Rng, caseTensors, checkAccuracy, makeCase, randomF32, referenceDecode, toBits, type CaseData } from './_helpers'
 
 const status = gpuStatus()
@@ -63,7 +76,11 @@ function badTable(dev: Device, c: CaseData, bad: number): Tensor {
 
 let seedStep = 0
 function servingCase(seqlens: number[], hQ = 16, sQ = 2): CaseData {
-  return makeCase({ name: 'serve', dtype: 'bf16', sQ, hQ, seqlens, causal: true }, seedStep % 2 ? 'plain' : 'scaled', (BASE_SEED + 7717 * ++seedStep) >>> 0)
+  return makeCase(
+    { name: 'serve', dtype: 'bf16', sQ, hQ, seqlens, causal: true },
+    seedStep % 2 ? 'plain' : 'scaled',
+    (BASE_SEED + 7717 * ++seedStep) >>> 0,
+  )
 }
 
 async function expectExact(t: ExecutionContext, label: string, c: CaseData, o: { out: Tensor; lse: Tensor }): Promise<void> {
@@ -93,7 +110,7 @@ both('a bad block index in an enqueued step is reported by the next sync, naming
   }
 })
 
-both('waitStep reports its own step\'s error; synchronizeSync the others', async (t, dev) => {
+both("waitStep reports its own step's error; synchronizeSync the others", async (t, dev) => {
   const c = servingCase([70, 300, 5])
   const args = caseTensors(dev, c)
   const plan = dev.plan(args.cacheSeqlens, { sQ: 2, hQ: 16 })
@@ -143,7 +160,7 @@ both('decode and decodeSync report their own step; results carry the step id', a
   await t.notThrowsAsync(dev.synchronize(), 'the promise reported it')
 })
 
-both('decodeInto writes into the caller\'s tensors, allocating nothing', async (t, dev) => {
+both("decodeInto writes into the caller's tensors, allocating nothing", async (t, dev) => {
   const c = servingCase([33, 140, 0, 64], 64, 1)
   const args = caseTensors(dev, c)
   const plan = dev.plan(args.cacheSeqlens, { sQ: 1, hQ: 64 })
@@ -202,7 +219,11 @@ both('tensor.write and copyFrom overwrite in place', async (t, dev) => {
 
 both('plan.update re-plans in place: equals a fresh plan, decodes exactly, allocates nothing', async (t, dev) => {
   const maxLen = 2000
-  const base = servingCase(Array.from({ length: 5 }, (_, i) => maxLen - 300 * i), 16, 1)
+  const base = servingCase(
+    Array.from({ length: 5 }, (_, i) => maxLen - 300 * i),
+    16,
+    1,
+  )
   const args = caseTensors(dev, base)
   const plan = dev.plan(args.cacheSeqlens, { hQ: 16 })
   const meta = plan.tileSchedulerMetadata
@@ -229,7 +250,11 @@ both('plan.update re-plans in place: equals a fresh plan, decodes exactly, alloc
     const fresh = dev.plan(args.cacheSeqlens, { hQ: 16 })
     t.deepEqual([...(await plan.tileSchedulerMetadata.toInt32Array())], [...(await fresh.tileSchedulerMetadata.toInt32Array())])
     t.deepEqual([...(await plan.numSplits.toInt32Array())], [...(await fresh.numSplits.toInt32Array())])
-    t.deepEqual([...(await meta.toInt32Array())], [...(await fresh.tileSchedulerMetadata.toInt32Array())], 'an earlier view sees the update')
+    t.deepEqual(
+      [...(await meta.toInt32Array())],
+      [...(await fresh.tileSchedulerMetadata.toInt32Array())],
+      'an earlier view sees the update',
+    )
     t.is(meta.devicePtr, ptr)
     fresh.dispose()
     const c = { ...base, seqlens: Int32Array.from(lensNow), cfg: { ...base.cfg, seqlens: lensNow } }
@@ -363,7 +388,7 @@ both('captureStep: replays with new lengths equal eager decodes bit for bit (3 l
   caches.forEach((c) => c.dispose())
 })
 
-both('a captured step\'s bad replay is reported by the next sync, naming it; the next replay is exact', async (t, dev) => {
+both("a captured step's bad replay is reported by the next sync, naming it; the next replay is exact", async (t, dev) => {
   const rng = new Rng(BASE_SEED ^ 0xbad)
   using cache = new KvCache(dev, { numBlocks: 8, dtype: 'bf16' })
   const seqs = [cache.createSequence(), cache.createSequence()]
@@ -439,7 +464,8 @@ both('soak: 10k serving steps with forks and frees stay flat in memory and exact
     if (i % 2 === 0) {
       cache.batchInto(slots, bt, sl)
       plan.update(sl)
-      for (let l = 0; l < layers; l++) decodeInto({ q: qs[l]!, kvCache: cache, blockTable: bt, cacheSeqlens: sl, plan, causal: true }, outs[l]!)
+      for (let l = 0; l < layers; l++)
+        decodeInto({ q: qs[l]!, kvCache: cache, blockTable: bt, cacheSeqlens: sl, plan, causal: true }, outs[l]!)
     } else {
       step.setBatch(cache, slots)
       step.replay()
@@ -450,7 +476,8 @@ both('soak: 10k serving steps with forks and frees stay flat in memory and exact
       for (let l = 0; l < layers; l++) {
         const r = decodeSync({ q: qs[l]!, kvCache: cache, blockTable: e.blockTable, cacheSeqlens: e.cacheSeqlens, causal: true })
         const got = i % 2 === 0 ? outs[l]!.out.toUint16ArraySync() : step.out(l).toUint16ArraySync()
-        if (!Buffer.from(got.buffer).equals(Buffer.from(r.out.toUint16ArraySync().buffer))) t.fail(`step ${i} layer ${l}: differs from an eager decode`)
+        if (!Buffer.from(got.buffer).equals(Buffer.from(r.out.toUint16ArraySync().buffer)))
+          t.fail(`step ${i} layer ${l}: differs from an eager decode`)
         r.out.dispose()
         r.lse.dispose()
       }
@@ -477,48 +504,74 @@ both('soak: 10k serving steps with forks and frees stay flat in memory and exact
 
 // The completion poller of awaited CUDA decodes (index.ts whenDone), with stand-in polls:
 // on the CPU backend decode computes on the pool and never polls.
-test.serial('the await poller: resolves when the poll does, rejects with the step error, falls back after the budget, keeps the loop free', async (t) => {
-  const polls = [0, 0, 0]
-  const doneAfter = [3, 1, 6]
-  let fallbacks = 0
-  let otherWork = 0
-  const timer = setInterval(() => otherWork++, 0)
-  const waits = doneAfter.map((n, i) =>
-    _whenDone(
-      () => ++polls[i]! >= n,
+test.serial(
+  'the await poller: resolves when the poll does, rejects with the step error, falls back after the budget, keeps the loop free',
+  async (t) => {
+    const polls = [0, 0, 0]
+    const doneAfter = [3, 1, 6]
+    let fallbacks = 0
+    let otherWork = 0
+    const timer = setInterval(() => otherWork++, 0)
+    const waits = doneAfter.map((n, i) =>
+      _whenDone(
+        () => ++polls[i]! >= n,
+        () => {
+          fallbacks++
+          return Promise.resolve()
+        },
+        1e6,
+      ),
+    )
+    await Promise.all(waits)
+    t.deepEqual(polls, doneAfter, 'each step polled until done, and no more')
+    t.is(fallbacks, 0)
+    // A failed step: the poll throws the binding's error (a string code); the promise rejects
+    // with it as an MlaError.
+    const failing = _whenDone(
       () => {
-        fallbacks++
-        return Promise.resolve()
+        throw Object.assign(new Error('step 7 (layer 1): block_table: ...'), { code: 'ERR_BLOCK_INDEX' })
       },
+      () => Promise.resolve(),
       1e6,
-    ),
-  )
-  await Promise.all(waits)
-  t.deepEqual(polls, doneAfter, 'each step polled until done, and no more')
-  t.is(fallbacks, 0)
-  // A failed step: the poll throws the binding's error (a string code); the promise rejects
-  // with it as an MlaError.
-  const failing = _whenDone(() => {
-    throw Object.assign(new Error('step 7 (layer 1): block_table: ...'), { code: 'ERR_BLOCK_INDEX' })
-  }, () => Promise.resolve(), 1e6)
-  const e = await t.throwsAsync(failing)
-  t.true(e instanceof MlaError && e.code === 'ERR_BLOCK_INDEX', String(e))
-  // Past the budget the wait goes to the fallback, whose outcome is the promise's.
-  let fellBack = 0
-  await _whenDone(() => false, () => (fellBack++, new Promise<void>((r) => setTimeout(r, 5))), 1000)
-  t.is(fellBack, 1)
-  await t.throwsAsync(_whenDone(() => false, () => Promise.reject(new MlaError('ERR_CUDA', 'x')), 1), { message: 'x' })
-  // A zero budget waits on the fallback at once, without polling.
-  let polled = false
-  await _whenDone(() => (polled = true), () => Promise.resolve(), 0)
-  t.false(polled)
-  // Other callbacks ran while polling (the loop was never blocked).
-  const before = otherWork
-  const t0 = performance.now()
-  await _whenDone(() => performance.now() > t0 + 20, () => Promise.resolve(), 1e6)
-  clearInterval(timer)
-  t.true(otherWork > before, `timers ran during polling (${before} -> ${otherWork})`)
-})
+    )
+    const e = await t.throwsAsync(failing)
+    t.true(e instanceof MlaError && e.code === 'ERR_BLOCK_INDEX', String(e))
+    // Past the budget the wait goes to the fallback, whose outcome is the promise's.
+    let fellBack = 0
+    await _whenDone(
+      () => false,
+      () => (fellBack++, new Promise<void>((r) => setTimeout(r, 5))),
+      1000,
+    )
+    t.is(fellBack, 1)
+    await t.throwsAsync(
+      _whenDone(
+        () => false,
+        () => Promise.reject(new MlaError('ERR_CUDA', 'x')),
+        1,
+      ),
+      { message: 'x' },
+    )
+    // A zero budget waits on the fallback at once, without polling.
+    let polled = false
+    await _whenDone(
+      () => (polled = true),
+      () => Promise.resolve(),
+      0,
+    )
+    t.false(polled)
+    // Other callbacks ran while polling (the loop was never blocked).
+    const before = otherWork
+    const t0 = performance.now()
+    await _whenDone(
+      () => performance.now() > t0 + 20,
+      () => Promise.resolve(),
+      1e6,
+    )
+    clearInterval(timer)
+    t.true(otherWork > before, `timers ran during polling (${before} -> ${otherWork})`)
+  },
+)
 
 both('awaited decodes: polled and pool completions agree; concurrent awaits; a bad step rejects alone, with its id', async (t, dev) => {
   const c = servingCase([90, 300, 1, 64])

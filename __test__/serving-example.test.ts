@@ -73,15 +73,23 @@ const README = path.join(__dirname, '..', '..', 'README.md')
 const SOURCE = path.join(__dirname, '..', '..', '__test__', 'serving-example.test.ts')
 // The packaged test run on the GPU machine carries neither the README nor the sources.
 const sources = fs.existsSync(README) && fs.existsSync(SOURCE)
-;(sources ? test : test.skip)(`${sources ? '' : 'README.md or the test sources are not here (packaged run) | '}the README serving example is this file's code`, (t) => {
-  const src = fs.readFileSync(SOURCE, 'utf8')
-  const mine = src.slice(src.indexOf('// README:begin\n') + 16, src.indexOf('  // README:end')).split('\n').map((l) => l.replace(/^  /, ''))
-  t.deepEqual(mine, readmeBlock())
-})
+;(sources ? test : test.skip)(
+  `${sources ? '' : 'README.md or the test sources are not here (packaged run) | '}the README serving example is this file's code`,
+  (t) => {
+    const src = fs.readFileSync(SOURCE, 'utf8')
+    const mine = src
+      .slice(src.indexOf('// README:begin\n') + 16, src.indexOf('  // README:end'))
+      .split('\n')
+      .map((l) => l.replace(/^  /, ''))
+    t.deepEqual(mine, readmeBlock())
+  },
+)
 
 test.serial('the README serving example runs and prints what the README says', async (t) => {
   const out: string[] = []
-  await example((...xs) => out.push(xs.map((x) => (ArrayBuffer.isView(x) ? `[${Array.from(x as Int32Array).join(',')}]` : String(x))).join(' ')))
+  await example((...xs) =>
+    out.push(xs.map((x) => (ArrayBuffer.isView(x) ? `[${Array.from(x as Int32Array).join(',')}]` : String(x))).join(' ')),
+  )
   t.log(out.join('\n'))
   t.is(out.length, 3)
   t.true(out[0]!.startsWith('[103,103,103,103]'), out[0])
@@ -89,6 +97,9 @@ test.serial('the README serving example runs and prints what the README says', a
   t.true(out[2]!.startsWith('[106,106,106,106]'), out[2])
   for (const line of [out[0]!, out[2]!]) {
     const vals = line.split(' ')[1]!.slice(1, -1).split(',').map(Number)
-    t.true(vals.every((v) => Number.isFinite(v) && v > 0.01 && v < 0.03), line)
+    t.true(
+      vals.every((v) => Number.isFinite(v) && v > 0.01 && v < 0.03),
+      line,
+    )
   }
 })

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# `npm test`: the Rust tests of the core crates, the TypeScript suite (ava) on the built
-# native module, the npm pack test and the Rust package test; then a summary of passed /
-# failed / skipped per stage. Every stage runs even when an earlier one failed; the exit
-# status is non-zero when any failed.
+# `npm test`: the format check of the TypeScript (prettier), the Rust tests of the core
+# crates, the TypeScript suite (ava) on the built native module, the npm pack test and the
+# Rust package test; then a summary of passed / failed / skipped per stage. Every stage
+# runs even when an earlier one failed; the exit status is non-zero when any failed.
 #
 # It reuses the build of bootstrap.sh / `npm run build`: that build is brought up to date
 # first (a no-op when nothing changed), and cargo test runs in the same profile and target
@@ -12,6 +12,9 @@
 # Skips are counted as skips: the cargo GPU tests, which print `SKIPPED <test> (no GPU: ...)`
 # and return without a usable GPU, the ava GPU tests (registered as skipped), and ignored
 # tests.
+#
+# The format check (prettier) is a stage like the others: a file that `npm run format`
+# would change fails it.
 #
 # Environment: MLA_TEST_DEVICE=cuda makes the GPU tests fail instead of skipping when no
 # GPU is usable; MLA_TEST_SEED=<n> replays the random inputs of an earlier run;
@@ -35,6 +38,19 @@ if ! npm run --silent build >"$logs/build.log" 2>&1; then
 fi
 tail -3 "$logs/build.log"
 triple=$(rustc -vV | sed -n 's/^host: //p')
+
+stage "format check (npm run format:check: prettier --check of the TypeScript files)"
+t0=$SECONDS
+# --log-level debug names every file checked ("resolve config from <file>"), so that the
+# files that pass are counted too; those that fail are the [warn] (not formatted) and
+# [error] (not parsed) lines naming a file.
+npm run --silent format:check -- --log-level debug >"$logs/format.log" 2>&1
+rc=$?
+grep -v '^\[debug\]' "$logs/format.log"
+n=$(grep -c '^\[debug\] resolve config from ' "$logs/format.log")
+f=$(grep -oE '^\[(warn|error)\] [^ :]+\.ts' "$logs/format.log" | sort -u | grep -c .)
+[[ $rc == 0 && $n -gt 0 ]] || { failed=1; [[ $f -gt 0 ]] || f="$f+exit $rc"; }
+row "format check" "$((n > ${f%%+*} ? n - ${f%%+*} : 0))" "$f" 0 "(npm run format fixes it; $((SECONDS - t0)) s)"
 
 if [[ ${MLA_SKIP_CARGO_TEST:-0} != 1 ]]; then
   stage "cargo test --release --target $triple -p mla-core -p mla-kernels"
@@ -62,7 +78,10 @@ rc=${PIPESTATUS[0]}
 count() { # the number before "<word>" in ava's summary ("116 tests passed", "1 test failed")
   grep -E "^\s+[0-9]+ $1" "$logs/ava.log" | awk '{s += $1} END {print s + 0}'
 }
-p=$(count 'tests? passed'); s=$(count 'tests? skipped'); todo=$(count 'tests? todo')
+# Passed: the tests' own ✔ lines (ava prints no "N tests passed" line when a test failed);
+# "✔ [expected fail]" is a known failure, counted below.
+p=$(grep -E '^\s+✔ ' "$logs/ava.log" | grep -vc '✔ \[expected fail\]')
+s=$(count 'tests? skipped'); todo=$(count 'tests? todo')
 f=$(( $(count 'tests? failed') + $(count 'known failures?') + $(count 'uncaught exceptions?') + $(count 'unhandled rejections?') ))
 [[ $rc == 0 ]] || { failed=1; [[ $f -gt 0 ]] || f="$f+exit $rc"; }
 row "ava" "$p" "$f" "$((s + todo))" "($((SECONDS - t0)) s)"

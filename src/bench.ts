@@ -158,7 +158,8 @@ export namespace bench {
       }
       if (opts.reps !== undefined) int('reps', opts.reps, 1, MAX_I32)
       if (opts.seed !== undefined) int('seed', opts.seed, 0, Number.MAX_SAFE_INTEGER)
-      if (opts.batchInvariant != null && typeof opts.batchInvariant !== 'boolean') fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(opts.batchInvariant)}`)
+      if (opts.batchInvariant != null && typeof opts.batchInvariant !== 'boolean')
+        fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(opts.batchInvariant)}`)
       const c: Native.BenchConfig = {
         tag: config.tag,
         b: config.b,
@@ -199,7 +200,16 @@ export namespace bench {
   }
 
   function fromNative(c: Native.BenchConfig): Config {
-    const r: Config = { tag: c.tag, b: c.b, sQ: c.sQ, mean: c.mean, hQ: c.hQ, varlen: c.varlen, label: c.label, flashmlaShape: c.flashmlaShape }
+    const r: Config = {
+      tag: c.tag,
+      b: c.b,
+      sQ: c.sQ,
+      mean: c.mean,
+      hQ: c.hQ,
+      varlen: c.varlen,
+      label: c.label,
+      flashmlaShape: c.flashmlaShape,
+    }
     if (c.lens != null) r.lens = c.lens
     return r
   }
@@ -274,7 +284,9 @@ export namespace bench {
     return callAsync(async () => {
       for (const k of ['b', 'hQ', 'sQ', 'length', 'layers'] as const) int(`config.${k}`, config?.[k], 1, MAX_I32)
       if (reps !== undefined) int('reps', reps, 1, MAX_I32)
-      return call(() => native.benchHostKernelUs(d, { b: config.b, hQ: config.hQ, sQ: config.sQ, length: config.length, layers: config.layers }, reps))
+      return call(() =>
+        native.benchHostKernelUs(d, { b: config.b, hQ: config.hQ, sQ: config.sQ, length: config.length, layers: config.layers }, reps),
+      )
     })
   }
 
@@ -424,12 +436,20 @@ export namespace bench {
       op('appendBatch', () => cache.appendBatch(seqs, rowsB))
       op('appendBatch-device', () => cache.appendBatch(seqs, rowsT))
       op('appendBatch-f32', () => cache.appendBatch(seqs, rowsF))
-      op('batch', () => (made = cache.batch(seqs, width)), () => {
-        made?.blockTable.dispose()
-        made?.cacheSeqlens.dispose()
-      })
+      op(
+        'batch',
+        () => (made = cache.batch(seqs, width)),
+        () => {
+          made?.blockTable.dispose()
+          made?.cacheSeqlens.dispose()
+        },
+      )
       op('batchInto', () => cache.batchInto(seqs, blockTable, cacheSeqlens))
-      op('plan', () => (madePlan = dev.plan(cacheSeqlens, { sQ, hQ })), () => madePlan?.dispose())
+      op(
+        'plan',
+        () => (madePlan = dev.plan(cacheSeqlens, { sQ, hQ })),
+        () => madePlan?.dispose(),
+      )
       op('plan.update', () => plan.update(cacheSeqlens))
       rowsT.dispose()
     }
@@ -490,7 +510,11 @@ export namespace bench {
    * the median gap between consecutive marks. Also the two completion paths of an awaited
    * decode around a stand-in wait (`stub-*`), which need no GPU.
    */
-  export async function runHostBreakdown(device: Device, config: HostConfig, opts: { calls?: number; warmup?: number } = {}): Promise<{ phases: HostPhase[]; info: string }> {
+  export async function runHostBreakdown(
+    device: Device,
+    config: HostConfig,
+    opts: { calls?: number; warmup?: number } = {},
+  ): Promise<{ phases: HostPhase[]; info: string }> {
     const dev = want(device, Device, 'device')
     for (const k of ['b', 'hQ', 'sQ', 'length'] as const) int(`config.${k}`, config?.[k], 1, MAX_I32)
     const cudaDev = dev.kind === 'cuda'
@@ -556,7 +580,11 @@ export namespace bench {
       dev.synchronizeSync()
       mark('js:done')
     })
-    for (const [mode, rows] of [['appendBatch', rowsB], ['appendBatch-device', rowsT], ['appendBatch-f32', rowsF]] as const) {
+    for (const [mode, rows] of [
+      ['appendBatch', rowsB],
+      ['appendBatch-device', rowsT],
+      ['appendBatch-f32', rowsF],
+    ] as const) {
       await run(mode, () => {
         mark('js:call')
         cache.appendBatch(seqs, rows)
@@ -572,7 +600,11 @@ export namespace bench {
         const deadline = await native.benchCompletionStub(us)
         const t1 = native.benchNowNs()
         const d2 = native.benchNowNs() + us * 1e3
-        await whenDone(() => native.benchNowNs() >= d2, () => Promise.resolve(), 1e6)
+        await whenDone(
+          () => native.benchNowNs() >= d2,
+          () => Promise.resolve(),
+          1e6,
+        )
         const t2 = native.benchNowNs()
         if (i >= warmup) {
           pool.push((t1 - deadline) / 1e3)

@@ -194,6 +194,12 @@ export class KvCache extends Handle {
 
   /** @internal */
   _inspect(): Record<string, unknown> {
-    return { numBlocks: this.numBlocks, freeBlocks: this.freeBlocks, dtype: this.dtype, sequences: this.sequences().length, device: deviceName(this.device) }
+    return {
+      numBlocks: this.numBlocks,
+      freeBlocks: this.freeBlocks,
+      dtype: this.dtype,
+      sequences: this.sequences().length,
+      device: deviceName(this.device),
+    }
   }
 }

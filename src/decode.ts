@@ -54,11 +54,24 @@ function nativeArgs(a: DecodeArgs) {
   const bt = want(a.blockTable, Tensor, 'blockTable')
   const sl = want(a.cacheSeqlens, Tensor, 'cacheSeqlens')
   const plan = a.plan == null ? undefined : want(a.plan, Plan, 'plan')
-  if (a.causal != null && typeof a.causal !== 'boolean') fail('ERR_INVALID_ARGUMENT', `causal: expected a boolean, got ${describe(a.causal)}`)
-  if (a.softmaxScale != null && typeof a.softmaxScale !== 'number') fail('ERR_INVALID_ARGUMENT', `softmaxScale: expected a number, got ${describe(a.softmaxScale)}`)
+  if (a.causal != null && typeof a.causal !== 'boolean')
+    fail('ERR_INVALID_ARGUMENT', `causal: expected a boolean, got ${describe(a.causal)}`)
+  if (a.softmaxScale != null && typeof a.softmaxScale !== 'number')
+    fail('ERR_INVALID_ARGUMENT', `softmaxScale: expected a number, got ${describe(a.softmaxScale)}`)
   if (a.label != null && typeof a.label !== 'string') fail('ERR_INVALID_ARGUMENT', `label: expected a string, got ${describe(a.label)}`)
-  if (a.batchInvariant != null && typeof a.batchInvariant !== 'boolean') fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(a.batchInvariant)}`)
-  return [q._n, kv, bt._n, sl._n, plan?._n, a.causal ?? undefined, a.softmaxScale ?? undefined, a.label ?? undefined, a.batchInvariant ?? undefined] as const
+  if (a.batchInvariant != null && typeof a.batchInvariant !== 'boolean')
+    fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(a.batchInvariant)}`)
+  return [
+    q._n,
+    kv,
+    bt._n,
+    sl._n,
+    plan?._n,
+    a.causal ?? undefined,
+    a.softmaxScale ?? undefined,
+    a.label ?? undefined,
+    a.batchInvariant ?? undefined,
+  ] as const
 }
 
 // ---------------------------------------------------------------------------------------
@@ -251,13 +264,17 @@ export interface DecodeOutputs {
  */
 export function decodeInto(args: DecodeArgs, outputs: DecodeOutputs): number {
   const a = nativeArgs(args)
-  if (outputs == null || typeof outputs !== 'object') fail('ERR_INVALID_ARGUMENT', `outputs: expected { out, lse }, got ${describe(outputs)}`)
+  if (outputs == null || typeof outputs !== 'object')
+    fail('ERR_INVALID_ARGUMENT', `outputs: expected { out, lse }, got ${describe(outputs)}`)
   const out = want(outputs.out, Tensor, 'out')
   const lse = want(outputs.lse, Tensor, 'lse')
   // Natively the outputs are written through exclusive references: no aliasing allowed.
   const inputs = [a[0], a[1], a[2], a[3]] as const
   if (out._n === lse._n) fail('ERR_INVALID_ARGUMENT', 'out, lse: expected two distinct tensors, got the same one twice')
-  for (const [name, t] of [['out', out], ['lse', lse]] as const) {
+  for (const [name, t] of [
+    ['out', out],
+    ['lse', lse],
+  ] as const) {
     if (inputs.some((x) => x === t._n)) fail('ERR_INVALID_ARGUMENT', `${name}: expected a tensor distinct from the inputs, got one of them`)
   }
   return call(() => native.decodeInto(...a, out._n, lse._n))
@@ -305,7 +322,8 @@ export async function flashMlaWithKvcache(
 
 function planOf(meta: Tensor | Plan | null | undefined, numSplits: Tensor | null | undefined): Plan | undefined {
   if (meta == null) {
-    if (numSplits != null) fail('ERR_INVALID_ARGUMENT', 'tile_scheduler_metadata: expected the tensor from getMlaMetadata along with num_splits, got none')
+    if (numSplits != null)
+      fail('ERR_INVALID_ARGUMENT', 'tile_scheduler_metadata: expected the tensor from getMlaMetadata along with num_splits, got none')
     return undefined
   }
   if (meta instanceof Plan) return meta
@@ -314,7 +332,11 @@ function planOf(meta: Tensor | Plan | null | undefined, numSplits: Tensor | null
   if (!p) fail('ERR_INVALID_ARGUMENT', 'tile_scheduler_metadata: expected the tensor returned by getMlaMetadata, got another tensor')
   if (numSplits != null) {
     const s = want(numSplits, Tensor, 'num_splits')
-    if (!s.sameStorage(p.numSplits)) fail('ERR_INVALID_ARGUMENT', 'num_splits: expected the tensor returned by getMlaMetadata with tile_scheduler_metadata, got another tensor')
+    if (!s.sameStorage(p.numSplits))
+      fail(
+        'ERR_INVALID_ARGUMENT',
+        'num_splits: expected the tensor returned by getMlaMetadata with tile_scheduler_metadata, got another tensor',
+      )
   }
   return p
 }

@@ -70,13 +70,23 @@ export interface GpuStatus {
 export function gpuStatus(): GpuStatus {
   const s = call(() => native.gpuStatus())
   const devices = s.devices.map((d) => {
-    const r: GpuDeviceStatus = { ordinal: d.ordinal, name: d.name, computeCapability: [d.computeCapability[0] ?? 0, d.computeCapability[1] ?? 0] }
+    const r: GpuDeviceStatus = {
+      ordinal: d.ordinal,
+      name: d.name,
+      computeCapability: [d.computeCapability[0] ?? 0, d.computeCapability[1] ?? 0],
+    }
     if (d.kernelPath != null) r.kernelPath = d.kernelPath as KernelPath
     if (d.kernelTarget != null) r.kernelTarget = d.kernelTarget
     if (d.reason != null) r.reason = d.reason
     return r
   })
-  const r: GpuStatus = { available: s.available, deviceCount: s.deviceCount, kernelsBuilt: s.kernelsBuilt, kernelTargets: [...s.kernelTargets], devices }
+  const r: GpuStatus = {
+    available: s.available,
+    deviceCount: s.deviceCount,
+    kernelsBuilt: s.kernelsBuilt,
+    kernelTargets: [...s.kernelTargets],
+    devices,
+  }
   if (s.kernelsCompiler != null) r.kernelsCompiler = s.kernelsCompiler
   if (s.driverVersion != null) r.driverVersion = [s.driverVersion[0]!, s.driverVersion[1]!]
   if (s.reason != null) r.reason = s.reason
@@ -180,11 +190,16 @@ export class Device extends Handle {
   static open(spec: DeviceSpec = 'auto', options?: DeviceOpenOptions): Device {
     if (typeof spec !== 'string') fail('ERR_INVALID_ARGUMENT', `device: expected a string, got ${describe(spec)}`)
     if (options === undefined) return new Device(call(() => native.Device.open(spec)))
-    if (options === null || typeof options !== 'object') fail('ERR_INVALID_ARGUMENT', `options: expected an object, got ${describe(options)}`)
+    if (options === null || typeof options !== 'object')
+      fail('ERR_INVALID_ARGUMENT', `options: expected an object, got ${describe(options)}`)
     const { portable, kernelPath } = options
-    if (portable !== undefined && typeof portable !== 'boolean') fail('ERR_INVALID_ARGUMENT', `options.portable: expected a boolean, got ${show(portable)}`)
+    if (portable !== undefined && typeof portable !== 'boolean')
+      fail('ERR_INVALID_ARGUMENT', `options.portable: expected a boolean, got ${show(portable)}`)
     if (kernelPath !== undefined && !KERNEL_PATHS.includes(kernelPath)) {
-      fail('ERR_INVALID_ARGUMENT', `options.kernelPath: expected one of ${KERNEL_PATHS.map((p) => `'${p}'`).join(', ')}, got ${show(kernelPath)}`)
+      fail(
+        'ERR_INVALID_ARGUMENT',
+        `options.kernelPath: expected one of ${KERNEL_PATHS.map((p) => `'${p}'`).join(', ')}, got ${show(kernelPath)}`,
+      )
     }
     const o: { portable?: boolean; kernelPath?: string } = {}
     if (portable !== undefined) o.portable = portable
@@ -345,9 +360,15 @@ export class Device extends Handle {
   plan(cacheSeqlens: Tensor, opts: { sQ?: number; hQ: number; hKv?: number; batchInvariant?: boolean }): Plan {
     const t = want(cacheSeqlens, Tensor, 'cacheSeqlens')
     const { sQ = 1, hQ, hKv = 1, batchInvariant } = opts ?? ({} as { hQ: number; batchInvariant?: boolean })
-    for (const [k, v] of [['sQ', sQ], ['hQ', hQ], ['hKv', hKv]] as const) int(k, v, 1, MAX_I32)
+    for (const [k, v] of [
+      ['sQ', sQ],
+      ['hQ', hQ],
+      ['hKv', hKv],
+    ] as const)
+      int(k, v, 1, MAX_I32)
     if (sQ * hQ > MAX_I32) fail('ERR_INVALID_ARGUMENT', `sQ * hQ: expected at most ${MAX_I32}, got ${sQ} * ${hQ} = ${sQ * hQ}`)
-    if (batchInvariant != null && typeof batchInvariant !== 'boolean') fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(batchInvariant)}`)
+    if (batchInvariant != null && typeof batchInvariant !== 'boolean')
+      fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(batchInvariant)}`)
     return Plan._wrap(call(() => this._n.plan(t._n, sQ, hQ, hKv, batchInvariant ?? undefined)))
   }
 
@@ -360,7 +381,14 @@ export class Device extends Handle {
   _inspect(): Record<string, unknown> {
     const i = this.info
     return this.kind === 'cuda'
-      ? { kind: this.kind, ordinal: i.ordinal, name: i.name, computeCapability: i.computeCapability.join('.'), kernelPath: i.kernelPath, multiprocessors: i.multiprocessors }
+      ? {
+          kind: this.kind,
+          ordinal: i.ordinal,
+          name: i.name,
+          computeCapability: i.computeCapability.join('.'),
+          kernelPath: i.kernelPath,
+          multiprocessors: i.multiprocessors,
+        }
       : { kind: this.kind, name: i.name }
   }
 }

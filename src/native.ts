@@ -33,7 +33,12 @@ function nativeLoadError(root: string, e: unknown): Error {
   const glibc = report?.header?.glibcVersionRuntime !== undefined
   const here = `${process.platform}-${process.arch}${process.platform === 'linux' ? (glibc ? '-gnu' : '-musl') : ''}`
   if (here !== 'linux-x64-gnu') {
-    return Object.assign(new Error(`mla-decode: no native module is built for ${here}: only linux-x64-gnu (x86-64 Linux with glibc) is supported`, { cause: e }), { code: 'ERR_UNSUPPORTED_PLATFORM' })
+    return Object.assign(
+      new Error(`mla-decode: no native module is built for ${here}: only linux-x64-gnu (x86-64 Linux with glibc) is supported`, {
+        cause: e,
+      }),
+      { code: 'ERR_UNSUPPORTED_PLATFORM' },
+    )
   }
   const local = path.join(root, NATIVE_FILE)
   let pkgFile: string | undefined
@@ -49,7 +54,9 @@ function nativeLoadError(root: string, e: unknown): Error {
     const causes: string[] = []
     for (let c: unknown = e; c instanceof Error && causes.length < 8; c = (c as { cause?: unknown }).cause) causes.push(c.message)
     const why = causes.find((m) => !m.includes('Cannot find module') && !m.startsWith('Cannot find native binding')) ?? causes[0]
-    return Object.assign(new Error(`mla-decode: the native module ${found} could not be loaded: ${why}`, { cause: e }), { code: 'ERR_DLOPEN_FAILED' })
+    return Object.assign(new Error(`mla-decode: the native module ${found} could not be loaded: ${why}`, { cause: e }), {
+      code: 'ERR_DLOPEN_FAILED',
+    })
   }
   const where = pkgFile === undefined ? `the package ${NATIVE_PACKAGE} is not installed` : `${pkgFile} is missing`
   return Object.assign(

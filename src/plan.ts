@@ -125,9 +125,16 @@ export function getMlaMetadata(
   numHeadsK: number,
 ): { tileSchedulerMetadata: Tensor; numSplits: Tensor; plan: Plan } {
   const t = want(cacheSeqlens, Tensor, 'cacheSeqlens')
-  for (const [k, v] of [['numHeadsPerHeadK', numHeadsPerHeadK], ['numHeadsK', numHeadsK]] as const) int(k, v, 1, MAX_I32)
+  for (const [k, v] of [
+    ['numHeadsPerHeadK', numHeadsPerHeadK],
+    ['numHeadsK', numHeadsK],
+  ] as const)
+    int(k, v, 1, MAX_I32)
   if (numHeadsPerHeadK * numHeadsK > MAX_I32) {
-    fail('ERR_INVALID_ARGUMENT', `numHeadsPerHeadK * numHeadsK: expected at most ${MAX_I32}, got ${numHeadsPerHeadK} * ${numHeadsK} = ${numHeadsPerHeadK * numHeadsK}`)
+    fail(
+      'ERR_INVALID_ARGUMENT',
+      `numHeadsPerHeadK * numHeadsK: expected at most ${MAX_I32}, got ${numHeadsPerHeadK} * ${numHeadsK} = ${numHeadsPerHeadK * numHeadsK}`,
+    )
   }
   // rows = sQ * hQ / hKv = numHeadsPerHeadK: pass sQ = 1, hQ = numHeadsPerHeadK * numHeadsK.
   const plan = t.device.plan(t, { sQ: 1, hQ: numHeadsPerHeadK * numHeadsK, hKv: numHeadsK })

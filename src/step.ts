@@ -125,19 +125,38 @@ export class CapturedStep extends Handle {
 export function captureStep(device: Device, opts: CaptureOptions): CapturedStep {
   const d = want(device, Device, 'device')
   if (opts == null || typeof opts !== 'object') fail('ERR_INVALID_ARGUMENT', `opts: expected capture options, got ${describe(opts)}`)
-  if (!Array.isArray(opts.kvCaches) || opts.kvCaches.length === 0) fail('ERR_INVALID_ARGUMENT', `kvCaches: expected one pool per layer (at least one), got ${show(opts.kvCaches)}`)
+  if (!Array.isArray(opts.kvCaches) || opts.kvCaches.length === 0)
+    fail('ERR_INVALID_ARGUMENT', `kvCaches: expected one pool per layer (at least one), got ${show(opts.kvCaches)}`)
   const kv = opts.kvCaches.map((k, i) => (k instanceof KvCache ? k.tensor : want(k, Tensor, `kvCaches[${i}]`)))
   const { batch, maxBlocksPerSeq, sQ = 1, hQ } = opts
   int('batch', batch, 1, MAX_EXTENT)
   int('maxBlocksPerSeq', maxBlocksPerSeq, 1, MAX_BLOCKS_PER_SEQ)
   int('sQ', sQ, 1, MAX_I32)
   int('hQ', hQ, 1, MAX_I32)
-  if (opts.causal != null && typeof opts.causal !== 'boolean') fail('ERR_INVALID_ARGUMENT', `causal: expected a boolean, got ${describe(opts.causal)}`)
-  if (opts.softmaxScale != null && typeof opts.softmaxScale !== 'number') fail('ERR_INVALID_ARGUMENT', `softmaxScale: expected a number, got ${describe(opts.softmaxScale)}`)
-  if (opts.label != null && typeof opts.label !== 'string') fail('ERR_INVALID_ARGUMENT', `label: expected a string, got ${describe(opts.label)}`)
-  if (opts.batchInvariant != null && typeof opts.batchInvariant !== 'boolean') fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(opts.batchInvariant)}`)
+  if (opts.causal != null && typeof opts.causal !== 'boolean')
+    fail('ERR_INVALID_ARGUMENT', `causal: expected a boolean, got ${describe(opts.causal)}`)
+  if (opts.softmaxScale != null && typeof opts.softmaxScale !== 'number')
+    fail('ERR_INVALID_ARGUMENT', `softmaxScale: expected a number, got ${describe(opts.softmaxScale)}`)
+  if (opts.label != null && typeof opts.label !== 'string')
+    fail('ERR_INVALID_ARGUMENT', `label: expected a string, got ${describe(opts.label)}`)
+  if (opts.batchInvariant != null && typeof opts.batchInvariant !== 'boolean')
+    fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(opts.batchInvariant)}`)
   const dtype = opts.dtype ?? kv[0]!.dtype
   return CapturedStep._wrap(
-    call(() => native.captureStep(d._n, kv.map((t) => t._n), batch, maxBlocksPerSeq, sQ, hQ, dtype, opts.causal ?? undefined, opts.softmaxScale ?? undefined, opts.label ?? undefined, opts.batchInvariant ?? undefined)),
+    call(() =>
+      native.captureStep(
+        d._n,
+        kv.map((t) => t._n),
+        batch,
+        maxBlocksPerSeq,
+        sQ,
+        hQ,
+        dtype,
+        opts.causal ?? undefined,
+        opts.softmaxScale ?? undefined,
+        opts.label ?? undefined,
+        opts.batchInvariant ?? undefined,
+      ),
+    ),
   )
 }

@@ -82,7 +82,8 @@ export class Tensor extends Handle {
    * own (`storage === 'owned'`) that no pending operation is reading.
    */
   fill(byte: number): void {
-    if (!Number.isInteger(byte) || byte < 0 || byte > 255) fail('ERR_INVALID_ARGUMENT', `byte: expected an integer in 0..255, got ${String(byte)}`)
+    if (!Number.isInteger(byte) || byte < 0 || byte > 255)
+      fail('ERR_INVALID_ARGUMENT', `byte: expected an integer in 0..255, got ${String(byte)}`)
     call(() => this._n.fill(byte))
   }
 

@@ -33,7 +33,11 @@ function tagColor(c: bench.Config): string {
   }
 }
 
-export function svgChart(rows: Row[], ceiling: number, title: { device: string; date: string; suite: string; dtype: string; reps: number }): string {
+export function svgChart(
+  rows: Row[],
+  ceiling: number,
+  title: { device: string; date: string; suite: string; dtype: string; reps: number },
+): string {
   const n = rows.length
   const rowH = 18
   const barH = 12
@@ -50,8 +54,10 @@ export function svgChart(rows: Row[], ceiling: number, title: { device: string; 
   const height = top + plotH + 74
   const withAnchors = rows.some((r) => r.anchorMs !== undefined)
 
-  const maxG = Math.max(ceiling, ...rows.map((r) => r.m.gbps), ...rows.map((r) => (r.anchorMs ? r.m.bytes / (r.anchorMs * 1e-3) / 1e9 : 0))) * 1.08
-  const maxT = Math.max(1e-9, ...rows.map((r) => r.m.tflops), ...rows.map((r) => (r.anchorMs ? r.m.flops / (r.anchorMs * 1e-3) / 1e12 : 0))) * 1.12
+  const maxG =
+    Math.max(ceiling, ...rows.map((r) => r.m.gbps), ...rows.map((r) => (r.anchorMs ? r.m.bytes / (r.anchorMs * 1e-3) / 1e9 : 0))) * 1.08
+  const maxT =
+    Math.max(1e-9, ...rows.map((r) => r.m.tflops), ...rows.map((r) => (r.anchorMs ? r.m.flops / (r.anchorMs * 1e-3) / 1e12 : 0))) * 1.12
   const stepG = niceStep(maxG)
   const stepT = niceStep(maxT)
   const domG = Math.ceil(maxG / stepG) * stepG
@@ -61,7 +67,9 @@ export function svgChart(rows: Row[], ceiling: number, title: { device: string; 
   const tickLabel = (v: number, step: number) => (step >= 1 ? v.toFixed(0) : v.toFixed(Math.min(4, Math.ceil(-Math.log10(step)))))
 
   const o: string[] = []
-  o.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="Helvetica, Arial, sans-serif" font-size="12">`)
+  o.push(
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="Helvetica, Arial, sans-serif" font-size="12">`,
+  )
   o.push(`<rect class="background" x="0" y="0" width="${width}" height="${height}" fill="#ffffff"/>`)
   o.push(`<text x="${left}" y="26" font-size="17" font-weight="bold">mla-decode bench: ${esc(title.device)}</text>`)
   o.push(
@@ -75,14 +83,20 @@ export function svgChart(rows: Row[], ceiling: number, title: { device: string; 
     ['imbalanced', '#c94c4c'],
     ['mtp', '#4f9a55'],
   ]
-  const present = new Set(rows.map((r) => (r.config.tag === 'grid' ? (r.config.varlen ? 'grid, variable lengths' : 'grid, fixed lengths') : r.config.tag)))
+  const present = new Set(
+    rows.map((r) => (r.config.tag === 'grid' ? (r.config.varlen ? 'grid, variable lengths' : 'grid, fixed lengths') : r.config.tag)),
+  )
   let lx = left
   for (const [name, color] of legend.filter(([nm]) => present.has(nm))) {
-    o.push(`<rect class="legend" x="${lx}" y="57" width="10" height="10" fill="${color}"/><text x="${lx + 14}" y="66" font-size="11">${esc(name)}</text>`)
+    o.push(
+      `<rect class="legend" x="${lx}" y="57" width="10" height="10" fill="${color}"/><text x="${lx + 14}" y="66" font-size="11">${esc(name)}</text>`,
+    )
     lx += 24 + name.length * 6.2
   }
   if (withAnchors) {
-    o.push(`<line x1="${lx}" y1="56" x2="${lx}" y2="68" stroke="#111" stroke-width="2"/><text x="${lx + 6}" y="66" font-size="11">FlashMLA (anchor)</text>`)
+    o.push(
+      `<line x1="${lx}" y1="56" x2="${lx}" y2="68" stroke="#111" stroke-width="2"/><text x="${lx + 6}" y="66" font-size="11">FlashMLA (anchor)</text>`,
+    )
   }
   // What a row label means, and what the ms column holds.
   const mono = (x: string) => `<tspan font-family="Menlo, Consolas, monospace">${x}</tspan>`
@@ -112,7 +126,9 @@ export function svgChart(rows: Row[], ceiling: number, title: { device: string; 
     const y = top + i * rowH
     const yb = y + (rowH - barH) / 2
     if (i % 2 === 1) o.push(`<rect class="zebra" x="${left}" y="${y}" width="${width - left - 20}" height="${rowH}" fill="#f6f7f9"/>`)
-    o.push(`<text x="${x0a - msW - 8}" y="${y + rowH / 2 + 4}" text-anchor="end" font-family="Menlo, Consolas, monospace" font-size="11">${esc(r.config.label)}</text>`)
+    o.push(
+      `<text x="${x0a - msW - 8}" y="${y + rowH / 2 + 4}" text-anchor="end" font-family="Menlo, Consolas, monospace" font-size="11">${esc(r.config.label)}</text>`,
+    )
     const msText = fmt.ms(r.m.ms) + (r.anchorMs !== undefined ? ` (${fmt.ms(r.anchorMs)})` : '')
     o.push(`<text class="ms" x="${x0a - 8}" y="${y + rowH / 2 + 4}" text-anchor="end" font-size="11">${esc(msText)}</text>`)
     const color = tagColor(r.config)
@@ -124,22 +140,32 @@ export function svgChart(rows: Row[], ceiling: number, title: { device: string; 
     ] as const) {
       const w = Math.max(0.5, sx(v, dom))
       const tip = `${r.config.label} (b=${r.m.b}): ${v.toFixed(digits)} ${unit}, ${fmt.ms(r.m.ms)} ms`
-      o.push(`<rect class="bar ${cls}" x="${x0}" y="${num(yb)}" width="${num(w)}" height="${barH}" fill="${color}"><title>${esc(tip)}</title></rect>`)
+      o.push(
+        `<rect class="bar ${cls}" x="${x0}" y="${num(yb)}" width="${num(w)}" height="${barH}" fill="${color}"><title>${esc(tip)}</title></rect>`,
+      )
       const ax = av !== undefined ? sx(av, dom) : 0
       const inside = Math.max(w, ax) > panelW - 44
       const tx = inside ? x0 + Math.min(w, ax > w ? ax - 4 : w) - 4 : x0 + Math.max(w, ax + 1) + 4
-      o.push(`<text x="${num(tx)}" y="${num(yb + barH - 2)}" font-size="10" ${inside ? 'text-anchor="end" fill="#fff"' : 'fill="#222"'}>${v.toFixed(digits)}</text>`)
+      o.push(
+        `<text x="${num(tx)}" y="${num(yb + barH - 2)}" font-size="10" ${inside ? 'text-anchor="end" fill="#fff"' : 'fill="#222"'}>${v.toFixed(digits)}</text>`,
+      )
       if (av !== undefined) {
         const x = num(x0 + ax)
-        o.push(`<line class="anchor" x1="${x}" y1="${y + 1}" x2="${x}" y2="${y + rowH - 1}" stroke="#111" stroke-width="2"><title>FlashMLA: ${fmt.ms(r.anchorMs!)} ms, ${av.toFixed(digits)} ${unit}</title></line>`)
+        o.push(
+          `<line class="anchor" x1="${x}" y1="${y + 1}" x2="${x}" y2="${y + rowH - 1}" stroke="#111" stroke-width="2"><title>FlashMLA: ${fmt.ms(r.anchorMs!)} ms, ${av.toFixed(digits)} ${unit}</title></line>`,
+        )
       }
     }
   })
 
   // The copy ceiling: a vertical line across the GB/s panel.
   const cx = num(x0a + sx(ceiling, domG))
-  o.push(`<line class="ceiling" x1="${cx}" y1="${top - 4}" x2="${cx}" y2="${top + plotH}" stroke="#d62728" stroke-width="1.5" stroke-dasharray="5,3"/>`)
-  o.push(`<text x="${cx}" y="${top + plotH + 50}" text-anchor="middle" fill="#d62728" font-size="11">copy ceiling ${ceiling.toFixed(0)} GB/s</text>`)
+  o.push(
+    `<line class="ceiling" x1="${cx}" y1="${top - 4}" x2="${cx}" y2="${top + plotH}" stroke="#d62728" stroke-width="1.5" stroke-dasharray="5,3"/>`,
+  )
+  o.push(
+    `<text x="${cx}" y="${top + plotH + 50}" text-anchor="middle" fill="#d62728" font-size="11">copy ceiling ${ceiling.toFixed(0)} GB/s</text>`,
+  )
   o.push('</svg>')
   return o.join('\n') + '\n'
 }

@@ -26,7 +26,16 @@ export function geomean(xs: number[]): number | undefined {
 
 export function table(rows: Row[], ceiling: number, withAnchors: boolean): string {
   const withDefault = rows.some((r) => r.m.defaultMs != null)
-  const head = ['label', 'b', 'ms', 'GB/s', 'TFLOPS', '%copy', ...(withAnchors ? ['anchor ms', 'speedup'] : []), ...(withDefault ? ['default ms', 'vs default'] : [])]
+  const head = [
+    'label',
+    'b',
+    'ms',
+    'GB/s',
+    'TFLOPS',
+    '%copy',
+    ...(withAnchors ? ['anchor ms', 'speedup'] : []),
+    ...(withDefault ? ['default ms', 'vs default'] : []),
+  ]
   const body = rows.map((r) => [
     r.config.label,
     String(r.m.b),
@@ -34,7 +43,9 @@ export function table(rows: Row[], ceiling: number, withAnchors: boolean): strin
     fmt.gbps(r.m.gbps),
     fmt.tflops(r.m.tflops),
     `${((100 * r.m.gbps) / ceiling).toFixed(1)}%`,
-    ...(withAnchors ? [r.anchorMs !== undefined ? fmt.ms(r.anchorMs) : '-', r.anchorMs !== undefined ? `${(r.anchorMs / r.m.ms).toFixed(3)}x` : '-'] : []),
+    ...(withAnchors
+      ? [r.anchorMs !== undefined ? fmt.ms(r.anchorMs) : '-', r.anchorMs !== undefined ? `${(r.anchorMs / r.m.ms).toFixed(3)}x` : '-']
+      : []),
     ...(withDefault ? (r.m.defaultMs != null ? [fmt.ms(r.m.defaultMs), `${(r.m.ms / r.m.defaultMs).toFixed(3)}x`] : ['-', '-']) : []),
   ])
   const widths = head.map((h, i) => Math.max(h.length, ...body.map((row) => row[i]!.length)))
@@ -77,7 +88,12 @@ export const HOST_CSV_HEADER = 'b,h_q,s_q,length,layers,mode,kernel_us,step_us'
 export const HOST_OPS_CSV_HEADER = 'b,h_q,s_q,length,op,us'
 
 export function hostCsv(rows: bench.HostRow[]): string {
-  return [HOST_CSV_HEADER, ...rows.map((r) => [r.b, r.hQ, r.sQ, r.length, r.layers, r.mode, r.kernelUs.toFixed(2), r.stepUs.toFixed(2)].join(','))].join('\n') + '\n'
+  return (
+    [
+      HOST_CSV_HEADER,
+      ...rows.map((r) => [r.b, r.hQ, r.sQ, r.length, r.layers, r.mode, r.kernelUs.toFixed(2), r.stepUs.toFixed(2)].join(',')),
+    ].join('\n') + '\n'
+  )
 }
 
 export function hostOpsCsv(ops: bench.HostOp[]): string {
@@ -87,5 +103,10 @@ export function hostOpsCsv(ops: bench.HostOp[]): string {
 export const HOST_BREAKDOWN_CSV_HEADER = 'b,h_q,s_q,length,mode,phase,us,n'
 
 export function hostBreakdownCsv(phases: bench.HostPhase[]): string {
-  return [HOST_BREAKDOWN_CSV_HEADER, ...phases.map((p) => [p.b, p.hQ, p.sQ, p.length, p.mode, `"${p.phase}"`, p.us.toFixed(2), p.n].join(','))].join('\n') + '\n'
+  return (
+    [
+      HOST_BREAKDOWN_CSV_HEADER,
+      ...phases.map((p) => [p.b, p.hQ, p.sQ, p.length, p.mode, `"${p.phase}"`, p.us.toFixed(2), p.n].join(',')),
+    ].join('\n') + '\n'
+  )
 }

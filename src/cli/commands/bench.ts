@@ -52,10 +52,12 @@ export async function cmdBench(argv: string[]): Promise<number> {
   const dtype = values.dtype
   if (dtype !== 'bf16' && dtype !== 'fp16') throw new UsageError(`--dtype: expected bf16 or fp16, got '${dtype}'`)
   const matmul = values['matmul-tflops'] === undefined ? NaN : Number(values['matmul-tflops'])
-  if (values['matmul-tflops'] !== undefined && !(matmul > 0)) throw new UsageError(`--matmul-tflops: expected a positive number, got '${values['matmul-tflops']}'`)
+  if (values['matmul-tflops'] !== undefined && !(matmul > 0))
+    throw new UsageError(`--matmul-tflops: expected a positive number, got '${values['matmul-tflops']}'`)
   let suiteOpt = values.suite
   if (values.tiny) suiteOpt = 'tiny'
-  if (suiteOpt !== undefined && !['flashmla', 'cpu', 'tiny'].includes(suiteOpt)) throw new UsageError(`--suite: expected flashmla or cpu, got '${suiteOpt}'`)
+  if (suiteOpt !== undefined && !['flashmla', 'cpu', 'tiny'].includes(suiteOpt))
+    throw new UsageError(`--suite: expected flashmla or cpu, got '${suiteOpt}'`)
 
   // Anchors first: a missing file is a usage error before anything runs.
   const anchors = new Map<string, number>()
@@ -77,16 +79,24 @@ export async function cmdBench(argv: string[]): Promise<number> {
   const configs = bench.configs(suite, { quick: values.quick }).filter((c) => c.label.startsWith(values.filter))
   if (configs.length === 0) {
     const all = bench.configs(suite, { quick: values.quick }).map((c) => c.label)
-    throw new UsageError(`--filter: no configuration of the ${suite} suite starts with '${values.filter}'; labels: ${all.slice(0, 6).join(', ')}, ...`)
+    throw new UsageError(
+      `--filter: no configuration of the ${suite} suite starts with '${values.filter}'; labels: ${all.slice(0, 6).join(', ')}, ...`,
+    )
   }
   const effReps = reps ?? (dev.kind === 'cuda' ? 30 : 5)
   const outDir = path.resolve(values.out)
   fs.mkdirSync(outDir, { recursive: true })
 
-  console.log(`mla-decode ${version()} bench: ${info.name} (${dev.kind}${dev.kind === 'cuda' ? `:${info.ordinal}, ${info.multiprocessors} SMs` : ''})`)
-  console.log(`suite ${suite}${values.quick ? ' (quick)' : ''}: ${configs.length} configurations, ${dtype}, causal, median of ${effReps} runs${anchors.size ? `, ${anchors.size} anchors` : ''}`)
-  if (invariant) console.log('batch-invariant plans: ms is the invariant plan, default_ms the default plan on the same inputs (timed runs alternating)')
-  if (suite === 'cpu') console.log('(CPU backend: a reduced grid at b=8; --suite flashmla runs FlashMLA\'s b=128 grid, far too slow on a few cores)')
+  console.log(
+    `mla-decode ${version()} bench: ${info.name} (${dev.kind}${dev.kind === 'cuda' ? `:${info.ordinal}, ${info.multiprocessors} SMs` : ''})`,
+  )
+  console.log(
+    `suite ${suite}${values.quick ? ' (quick)' : ''}: ${configs.length} configurations, ${dtype}, causal, median of ${effReps} runs${anchors.size ? `, ${anchors.size} anchors` : ''}`,
+  )
+  if (invariant)
+    console.log('batch-invariant plans: ms is the invariant plan, default_ms the default plan on the same inputs (timed runs alternating)')
+  if (suite === 'cpu')
+    console.log("(CPU backend: a reduced grid at b=8; --suite flashmla runs FlashMLA's b=128 grid, far too slow on a few cores)")
 
   const live = process.stderr.isTTY === true && !values['no-progress'] && !process.env.CI
   const progress = new Progress(configs.length, live)
@@ -98,14 +108,19 @@ export async function cmdBench(argv: string[]): Promise<number> {
     const csvPath = path.join(outDir, 'bench.csv')
     const svgPath = path.join(outDir, 'bench.svg')
     fs.writeFileSync(csvPath, csv(rows, ceiling, matmul))
-    fs.writeFileSync(svgPath, svgChart(rows, ceiling, { device: info.name, date, suite: suite + (values.quick ? ' (quick)' : ''), dtype, reps: effReps }))
+    fs.writeFileSync(
+      svgPath,
+      svgChart(rows, ceiling, { device: info.name, date, suite: suite + (values.quick ? ' (quick)' : ''), dtype, reps: effReps }),
+    )
     return [csvPath, svgPath]
   }
   // Ctrl-C: keep what was measured.
   const onSigint = () => {
     progress.end()
     const files = writeOutputs()
-    process.stderr.write(`\ninterrupted after ${rows.length}/${configs.length} configurations${files.length ? `; wrote ${files.join(', ')}` : ''}\n`)
+    process.stderr.write(
+      `\ninterrupted after ${rows.length}/${configs.length} configurations${files.length ? `; wrote ${files.join(', ')}` : ''}\n`,
+    )
     process.exit(130)
   }
   process.once('SIGINT', onSigint)
@@ -113,7 +128,9 @@ export async function cmdBench(argv: string[]): Promise<number> {
   try {
     progress.begin('copy ceiling', 0)
     ceiling = await bench.copyCeiling(dev)
-    progress.log(`copy ceiling ${ceiling.toFixed(0)} GB/s (${dev.kind === 'cuda' ? '1 GiB device-to-device' : '256 MiB host copy'}, read + write)`)
+    progress.log(
+      `copy ceiling ${ceiling.toFixed(0)} GB/s (${dev.kind === 'cuda' ? '1 GiB device-to-device' : '256 MiB host copy'}, read + write)`,
+    )
     const w = String(configs.length).length
     for (const [i, c] of configs.entries()) {
       progress.begin(c.label, i)
@@ -122,7 +139,9 @@ export async function cmdBench(argv: string[]): Promise<number> {
       rows.push({ config: c, m, anchorMs })
       const vs = anchorMs !== undefined ? `  ${(anchorMs / m.ms).toFixed(3)}x vs FlashMLA` : ''
       const vd = m.defaultMs != null ? `  ${(m.ms / m.defaultMs).toFixed(3)}x the default plan's time` : ''
-      progress.log(`[${String(i + 1).padStart(w)}/${configs.length}] ${c.label}  ${fmt.ms(m.ms)} ms  ${fmt.gbps(m.gbps)} GB/s  ${fmt.tflops(m.tflops)} TFLOPS${vs}${vd}`)
+      progress.log(
+        `[${String(i + 1).padStart(w)}/${configs.length}] ${c.label}  ${fmt.ms(m.ms)} ms  ${fmt.gbps(m.gbps)} GB/s  ${fmt.tflops(m.tflops)} TFLOPS${vs}${vd}`,
+      )
     }
   } finally {
     progress.end()
@@ -132,7 +151,9 @@ export async function cmdBench(argv: string[]): Promise<number> {
   console.log('')
   console.log(table(rows, ceiling, anchors.size > 0))
   console.log('')
-  console.log(`copy ceiling ${ceiling.toFixed(0)} GB/s; best ${fmt.gbps(Math.max(...rows.map((r) => r.m.gbps)))} GB/s (${((100 * Math.max(...rows.map((r) => r.m.gbps))) / ceiling).toFixed(1)}% of the ceiling), best ${fmt.tflops(Math.max(...rows.map((r) => r.m.tflops)))} TFLOPS`)
+  console.log(
+    `copy ceiling ${ceiling.toFixed(0)} GB/s; best ${fmt.gbps(Math.max(...rows.map((r) => r.m.gbps)))} GB/s (${((100 * Math.max(...rows.map((r) => r.m.gbps))) / ceiling).toFixed(1)}% of the ceiling), best ${fmt.tflops(Math.max(...rows.map((r) => r.m.tflops)))} TFLOPS`,
+  )
   if (anchors.size > 0) {
     const sp = (pred: (r: Row) => boolean) => rows.filter((r) => r.anchorMs !== undefined && pred(r)).map((r) => r.anchorMs! / r.m.ms)
     const groups: [string, number[]][] = [
@@ -146,15 +167,24 @@ export async function cmdBench(argv: string[]): Promise<number> {
       if (g === undefined) continue
       any = true
       const slower = xs.filter((x) => x < 1).length
-      console.log(`${name}: geometric mean speed-up vs FlashMLA anchors ${g.toFixed(3)}x over ${xs.length} configurations (${slower} slower)`)
+      console.log(
+        `${name}: geometric mean speed-up vs FlashMLA anchors ${g.toFixed(3)}x over ${xs.length} configurations (${slower} slower)`,
+      )
     }
     if (!any) console.log('no configuration of this run has an anchor (anchors apply to FlashMLA shapes only: the flashmla suite)')
   }
   if (invariant) {
-    for (const [name, pred] of [['grid', (r: Row) => r.config.tag === 'grid'], ['beyond', (r: Row) => r.config.tag !== 'grid'], ['all', () => true]] as const) {
+    for (const [name, pred] of [
+      ['grid', (r: Row) => r.config.tag === 'grid'],
+      ['beyond', (r: Row) => r.config.tag !== 'grid'],
+      ['all', () => true],
+    ] as const) {
       const xs = rows.filter((r) => r.m.defaultMs != null && pred(r)).map((r) => r.m.ms / r.m.defaultMs!)
       const g = geomean(xs)
-      if (g !== undefined) console.log(`${name}: batch-invariant / default plan time, geometric mean ${g.toFixed(3)}x over ${xs.length} configurations (worst ${Math.max(...xs).toFixed(3)}x)`)
+      if (g !== undefined)
+        console.log(
+          `${name}: batch-invariant / default plan time, geometric mean ${g.toFixed(3)}x over ${xs.length} configurations (worst ${Math.max(...xs).toFixed(3)}x)`,
+        )
     }
   }
   const files = writeOutputs()

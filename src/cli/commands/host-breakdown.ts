@@ -16,7 +16,9 @@ export async function cmdBenchHostBreakdown(values: { device: string; quick: boo
   })
   const outDir = path.resolve(values.out)
   fs.mkdirSync(outDir, { recursive: true })
-  console.log(`mla-decode ${version()} bench --host-breakdown: ${dev.info.name} (${dev.kind}); ${configs.length} shapes, median of ${calls ?? (dev.kind === 'cuda' ? 200 : 20)} calls per mode`)
+  console.log(
+    `mla-decode ${version()} bench --host-breakdown: ${dev.info.name} (${dev.kind}); ${configs.length} shapes, median of ${calls ?? (dev.kind === 'cuda' ? 200 : 20)} calls per mode`,
+  )
   const all: bench.HostPhase[] = []
   for (const c of configs) {
     const { phases, info } = await bench.runHostBreakdown(dev, { ...c, layers: 1 }, calls ? { calls } : {})

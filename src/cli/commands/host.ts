@@ -7,13 +7,21 @@ import { UsageError, openDevice, positiveInt, version } from '../args'
 import { Progress } from '../progress'
 import { hostCsv, hostOpsCsv } from '../report'
 
-export async function cmdBenchHost(values: { device: string; quick: boolean; out: string; steps?: string; modes?: string; 'no-progress': boolean }): Promise<number> {
+export async function cmdBenchHost(values: {
+  device: string
+  quick: boolean
+  out: string
+  steps?: string
+  modes?: string
+  'no-progress': boolean
+}): Promise<number> {
   const steps = positiveInt('steps', values.steps)
   let modes: bench.HostMode[] | undefined
   if (values.modes !== undefined) {
     modes = values.modes.split(',').filter((m) => m.length > 0) as bench.HostMode[]
     const bad = modes.find((m) => !bench.HOST_MODES.includes(m))
-    if (bad !== undefined || modes.length === 0) throw new UsageError(`--modes: expected a comma-separated subset of ${bench.HOST_MODES.join(',')}, got '${values.modes}'`)
+    if (bad !== undefined || modes.length === 0)
+      throw new UsageError(`--modes: expected a comma-separated subset of ${bench.HOST_MODES.join(',')}, got '${values.modes}'`)
   }
   using dev = openDevice(values.device)
   const info = dev.info
@@ -21,7 +29,9 @@ export async function cmdBenchHost(values: { device: string; quick: boolean; out
   const outDir = path.resolve(values.out)
   fs.mkdirSync(outDir, { recursive: true })
   console.log(`mla-decode ${version()} bench --host: ${info.name} (${dev.kind})`)
-  console.log(`${configs.length} shapes, modes ${(modes ?? bench.HOST_MODES).join(',')}, median of ${steps ?? (dev.kind === 'cuda' ? 200 : 10)} steps; step_us = step wall time / layers`)
+  console.log(
+    `${configs.length} shapes, modes ${(modes ?? bench.HOST_MODES).join(',')}, median of ${steps ?? (dev.kind === 'cuda' ? 200 : 10)} steps; step_us = step wall time / layers`,
+  )
   const live = process.stderr.isTTY === true && !values['no-progress'] && !process.env.CI
   const progress = new Progress(configs.length, live)
   const rows: bench.HostRow[] = []
@@ -36,7 +46,9 @@ export async function cmdBenchHost(values: { device: string; quick: boolean; out
       rows.push(...r.rows)
       ops.push(...r.ops)
       const cells = r.rows.map((x) => `${x.mode} ${x.stepUs.toFixed(1)}`).join('  ')
-      progress.log(`[${i + 1}/${configs.length}] ${shape} layers=${c.layers}  kernel ${r.rows[0]?.kernelUs.toFixed(1) ?? '-'} us  ${cells}  (us per layer)`)
+      progress.log(
+        `[${i + 1}/${configs.length}] ${shape} layers=${c.layers}  kernel ${r.rows[0]?.kernelUs.toFixed(1) ?? '-'} us  ${cells}  (us per layer)`,
+      )
       for (const o of r.ops) progress.log(`    ${o.op.padEnd(20)} ${o.us.toFixed(1)} us`)
     }
   } finally {

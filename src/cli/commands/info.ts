@@ -17,7 +17,9 @@ export function cmdInfo(argv: string[]): number {
   }
   const s = gpuStatus()
   console.log(`mla-decode ${version()} (node ${process.version}, ${process.platform}-${process.arch})`)
-  console.log(`gpu: ${s.available ? 'available' : 'unavailable'}; ${s.deviceCount} CUDA device(s); kernels ${s.kernelsBuilt ? 'built' : 'not built'}${s.reason ? `; ${s.reason}` : ''}`)
+  console.log(
+    `gpu: ${s.available ? 'available' : 'unavailable'}; ${s.deviceCount} CUDA device(s); kernels ${s.kernelsBuilt ? 'built' : 'not built'}${s.reason ? `; ${s.reason}` : ''}`,
+  )
   console.log(`driver: ${s.driverVersion ? `CUDA ${s.driverVersion.join('.')}` : 'none'}; kernels: ${s.kernelsCompiler ?? 'none'}`)
   console.log(`kernel targets: ${s.kernelTargets.length ? s.kernelTargets.join(', ') : 'none'}`)
   for (const d of s.devices) {
@@ -27,7 +29,9 @@ export function cmdInfo(argv: string[]): number {
   using dev = openDevice(values.device)
   const i = dev.info
   console.log(`device (${values.device}): ${i.name}`)
-  console.log(`  kind ${i.kind}, ordinal ${i.ordinal}${i.kind === 'cuda' ? `, compute capability ${i.computeCapability.join('.')}, kernel path ${i.kernelPath}, ${i.multiprocessors} SMs, ${(i.totalMemory / 2 ** 30).toFixed(1)} GiB` : `, ${i.multiprocessors} threads`}`)
+  console.log(
+    `  kind ${i.kind}, ordinal ${i.ordinal}${i.kind === 'cuda' ? `, compute capability ${i.computeCapability.join('.')}, kernel path ${i.kernelPath}, ${i.multiprocessors} SMs, ${(i.totalMemory / 2 ** 30).toFixed(1)} GiB` : `, ${i.multiprocessors} threads`}`,
+  )
   console.log(`  bench suite: ${bench.defaultSuite(dev)} (${bench.configs(bench.defaultSuite(dev)).length} configurations)`)
   return 0
 }
