@@ -43,9 +43,11 @@ stage "format check (npm run format:check: prettier --check of the TypeScript fi
 t0=$SECONDS
 # --log-level debug names every file checked ("resolve config from <file>"), so that the
 # files that pass are counted too; those that fail are the [warn] (not formatted) and
-# [error] (not parsed) lines naming a file.
-npm run --silent format:check -- --log-level debug >"$logs/format.log" 2>&1
-rc=$?
+# [error] (not parsed) lines naming a file. --no-color, and the escapes stripped all the
+# same: with FORCE_COLOR set (CI runners set it) prettier colours its level tags, and
+# '^\[debug\]' then matched nothing (CI counted 0 files and failed the stage).
+npm run --silent format:check -- --log-level debug --no-color 2>&1 | sed 's/\x1b\[[0-9;]*m//g' >"$logs/format.log"
+rc=${PIPESTATUS[0]}
 grep -v '^\[debug\]' "$logs/format.log"
 n=$(grep -c '^\[debug\] resolve config from ' "$logs/format.log")
 f=$(grep -oE '^\[(warn|error)\] [^ :]+\.ts' "$logs/format.log" | sort -u | grep -c .)
