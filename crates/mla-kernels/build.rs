@@ -218,17 +218,13 @@ struct Built {
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
-    let root = manifest
-        .join("../..")
-        .canonicalize()
-        .unwrap_or_else(|_| manifest.join("../.."));
+    let root = manifest.join("../..").canonicalize().unwrap_or_else(|_| manifest.join("../.."));
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     let prebuilt_dir = manifest.join(PREBUILT_DIR);
     // Inside the repository the sources are <root>/kernels; a packaged crate (crates.io,
     // `cargo package`) has no repository around it and carries a snapshot of them in
     // prebuilt/kernels, next to the cubins built from them.
-    let in_repo = root.join("kernels").is_dir()
-        && root.join("crates/mla-kernels").canonicalize().ok() == manifest.canonicalize().ok();
+    let in_repo = root.join("kernels").is_dir() && root.join("crates/mla-kernels").canonicalize().ok() == manifest.canonicalize().ok();
     let kernels_dir = if in_repo { root.join("kernels") } else { prebuilt_dir.join("kernels") };
 
     println!("cargo:rerun-if-changed=build.rs");
@@ -324,12 +320,7 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
     let (version, mut version_text) = match nvcc_version(&nvcc.path) {
         Ok(v) => v,
         Err(e) => {
-            let reason = format!(
-                "{} at {} ({}) does not run: {e}",
-                if nvrtc.is_some() { "ptxas" } else { "nvcc" },
-                nvcc.path.display(),
-                nvcc.how
-            );
+            let reason = format!("{} at {} ({}) does not run: {e}", if nvrtc.is_some() { "ptxas" } else { "nvcc" }, nvcc.path.display(), nvcc.how);
             fail_or_degrade(allow_failure, &out_dir, &reason, "", &[]);
             return;
         }
@@ -350,31 +341,20 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
         }
         h.finish()
     };
-    let ptxas_extra: Vec<String> = env::var("MLA_PTXAS_FLAGS")
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(String::from)
-        .collect();
+    let ptxas_extra: Vec<String> = env::var("MLA_PTXAS_FLAGS").unwrap_or_default().split_whitespace().map(String::from).collect();
 
     // Collect the sources, one job per .cu file.
     let headers_hash = {
         let mut h = Fnv::new();
         for f in walk(&kernels_dir) {
-            if f.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| HEADER_EXTS.contains(&e))
-            {
+            if f.extension().and_then(|e| e.to_str()).is_some_and(|e| HEADER_EXTS.contains(&e)) {
                 h.str(&f.to_string_lossy());
                 h.bytes(&fs::read(&f).unwrap_or_default());
             }
         }
         h.finish()
     };
-    let extra_flags: Vec<String> = env::var("MLA_NVCC_FLAGS")
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(String::from)
-        .collect();
+    let extra_flags: Vec<String> = env::var("MLA_NVCC_FLAGS").unwrap_or_default().split_whitespace().map(String::from).collect();
     let mut jobs = Vec::new();
     let mut sizes = Vec::new();
     for folder in FOLDERS {
@@ -425,12 +405,7 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
                             ptxas_args.extend(PTXAS_FLAGS.iter().map(|s| s.to_string()));
                             ptxas_args.extend(ptxas_extra.iter().cloned());
                         }
-                        Output {
-                            target: t,
-                            image: out_dir.join(image_rel(&name, t.arch)),
-                            report: out_dir.join(report_rel(&name, t.arch)),
-                            ptxas_args,
-                        }
+                        Output { target: t, image: out_dir.join(image_rel(&name, t.arch)), report: out_dir.join(report_rel(&name, t.arch)), ptxas_args }
                     })
                     .collect();
                 let mut h = Fnv::new();
@@ -469,10 +444,7 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
     if let Ok(rd) = fs::read_dir(&kernels_dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if e.path().is_dir()
-                && !FOLDERS.iter().any(|f| f.dir == name)
-                && !list_cu(&e.path()).is_empty()
-            {
+            if e.path().is_dir() && !FOLDERS.iter().any(|f| f.dir == name) && !list_cu(&e.path()).is_empty() {
                 println!("cargo:warning=kernels/{name}/ has .cu files but no row in crates/mla-kernels/build.rs FOLDERS: not built");
             }
         }
@@ -484,15 +456,10 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
     let workers = env::var("NUM_JOBS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-        })
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
         .clamp(1, jobs.len().max(1));
     let queue = Mutex::new(order.into_iter());
-    let results: Vec<Mutex<Option<Result<Vec<Built>, String>>>> =
-        jobs.iter().map(|_| Mutex::new(None)).collect();
+    let results: Vec<Mutex<Option<Result<Vec<Built>, String>>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
@@ -518,11 +485,7 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
 
     if !failures.is_empty() {
         let names: Vec<&str> = failures.iter().map(|(n, _)| n.as_str()).collect();
-        let reason = format!(
-            "kernel(s) {} failed to compile with {compiler} ({})",
-            names.join(", "),
-            nvcc.path.display()
-        );
+        let reason = format!("kernel(s) {} failed to compile with {compiler} ({})", names.join(", "), nvcc.path.display());
         fail_or_degrade(allow_failure, &out_dir, &reason, &version, &failures);
         return;
     }
@@ -530,27 +493,14 @@ fn compile_kernels(repo: Option<&Path>, manifest: &Path, kernels_dir: &Path, out
     report(&out_dir, &built, &compiler, true);
     check_entries(&built);
     println!("cargo:available={}", if built.is_empty() { 0 } else { 1 });
-    let reason = if built.is_empty() {
-        format!(
-            "no kernel sources (*.cu) found under {}",
-            kernels_dir.display()
-        )
-    } else {
-        String::new()
-    };
+    let reason = if built.is_empty() { format!("no kernel sources (*.cu) found under {}", kernels_dir.display()) } else { String::new() };
     write_registry(&out_dir, &built, &reason, &version, &compiler);
     write_manifest(&out_dir, &built, sources, &version, &compiler);
 }
 
 /// A kernel failed (or nvcc does not run): fail the build with nvcc's output, or, with
 /// MLA_ALLOW_KERNEL_FAILURE=1, build without GPU kernels.
-fn fail_or_degrade(
-    allow: bool,
-    out_dir: &Path,
-    reason: &str,
-    version: &str,
-    failures: &[(String, String)],
-) {
+fn fail_or_degrade(allow: bool, out_dir: &Path, reason: &str, version: &str, failures: &[(String, String)]) {
     if allow {
         let reason = format!("{reason}; building without GPU kernels (MLA_ALLOW_KERNEL_FAILURE=1)");
         println!("cargo:warning={reason}");
@@ -593,11 +543,7 @@ impl Nvcc {
 fn find_compiler(repo: Option<&Path>) -> Result<Nvcc, String> {
     if let Some(p) = env::var_os("MLA_NVCC").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
-        return if is_executable(&p) {
-            Ok(Nvcc::nvcc(p, "MLA_NVCC"))
-        } else {
-            Err(format!("MLA_NVCC={} (no such executable)", p.display()))
-        };
+        return if is_executable(&p) { Ok(Nvcc::nvcc(p, "MLA_NVCC")) } else { Err(format!("MLA_NVCC={} (no such executable)", p.display())) };
     }
     let mut looked = vec!["MLA_NVCC (unset)".to_string()];
     let explicit = env::var_os("MLA_CUDA_DIR").filter(|p| !p.is_empty());
@@ -686,8 +632,8 @@ impl Nvrtc {
 
     /// CUDA C++ -> PTX text, and NVRTC's log (warnings).
     fn to_ptx(&self, src: &Path, opts: &[String]) -> Result<(Vec<u8>, String), String> {
-        let code = CString::new(fs::read(src).map_err(|e| format!("{}: {e}", src.display()))?)
-            .map_err(|_| format!("{}: NUL byte in the source", src.display()))?;
+        let code =
+            CString::new(fs::read(src).map_err(|e| format!("{}: {e}", src.display()))?).map_err(|_| format!("{}: NUL byte in the source", src.display()))?;
         let name = CString::new(src.to_string_lossy().into_owned()).unwrap();
         let copts: Vec<CString> = opts.iter().map(|o| CString::new(o.as_str()).unwrap()).collect();
         let ptrs: Vec<*const c_char> = copts.iter().map(|o| o.as_ptr()).collect();
@@ -735,18 +681,10 @@ fn is_executable(p: &Path) -> bool {
 
 /// ("12.9.86", whole `nvcc --version` or `ptxas --version` text).
 fn nvcc_version(nvcc: &Path) -> Result<(String, String), String> {
-    let out = Command::new(nvcc)
-        .arg("--version")
-        .output()
-        .map_err(|e| e.to_string())?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(nvcc).arg("--version").output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        return Err(format!(
-            "`nvcc --version` exited with {}: {}",
-            out.status,
-            text.trim()
-        ));
+        return Err(format!("`nvcc --version` exited with {}: {}", out.status, text.trim()));
     }
     let v = text
         .lines()
@@ -767,13 +705,7 @@ fn compile(nvcc: &Path, job: &Job) -> Result<Vec<Built>, String> {
     let va = job.outputs[0].target.virtual_arch;
     let mut args: Vec<String> = vec!["-ptx".into(), format!("-arch={va}")];
     args.extend(job.args.iter().cloned());
-    let out = Command::new(nvcc)
-        .args(&args)
-        .arg(&job.src)
-        .arg("-o")
-        .arg(&job.ptx)
-        .output()
-        .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
+    let out = Command::new(nvcc).args(&args).arg(&job.src).arg("-o").arg(&job.ptx).output().map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
     if !out.status.success() {
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         return Err(format!("$ {} {} {} -o {}\n{}", nvcc.display(), args.join(" "), job.src.display(), job.ptx.display(), text));
@@ -788,13 +720,7 @@ fn compile(nvcc: &Path, job: &Job) -> Result<Vec<Built>, String> {
             ["-gencode", &format!("arch={},code={}", t.virtual_arch, t.arch), "-cubin", "-Xptxas", "-v"].map(String::from).to_vec()
         };
         args.extend(job.args.iter().cloned());
-        let out = Command::new(nvcc)
-            .args(&args)
-            .arg(&job.src)
-            .arg("-o")
-            .arg(&tmp)
-            .output()
-            .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
+        let out = Command::new(nvcc).args(&args).arg(&job.src).arg("-o").arg(&tmp).output().map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
             let _ = fs::remove_file(&tmp);
@@ -840,14 +766,7 @@ fn compile_nvrtc(nvrtc: &Nvrtc, ptxas: &Path, job: &Job) -> Result<Vec<Built>, S
         let text = log.clone() + &String::from_utf8_lossy(&out.stdout) + &String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
             let _ = fs::remove_file(&tmp);
-            return Err(format!(
-                "$ {} {} {} -o {}\n{}",
-                ptxas.display(),
-                o.ptxas_args.join(" "),
-                job.ptx.display(),
-                tmp.display(),
-                text
-            ));
+            return Err(format!("$ {} {} {} -o {}\n{}", ptxas.display(), o.ptxas_args.join(" "), job.ptx.display(), tmp.display(), text));
         }
         fs::rename(&tmp, &o.image).map_err(|e| format!("moving {}: {e}", tmp.display()))?;
         let (report, diagnostics) = split_output(&text);
@@ -896,10 +815,7 @@ fn split_output(text: &str) -> (String, Vec<String>) {
     let mut diags = Vec::new();
     let mut in_ptxas = false;
     for line in text.lines() {
-        if line.starts_with("ptxas info")
-            || line.starts_with("ptxas warning")
-            || line.starts_with("ptxas ")
-        {
+        if line.starts_with("ptxas info") || line.starts_with("ptxas warning") || line.starts_with("ptxas ") {
             in_ptxas = true;
             if line.contains("Compile time") {
                 continue;
@@ -916,12 +832,7 @@ fn split_output(text: &str) -> (String, Vec<String>) {
     }
     // ptxas warnings (e.g. ignored setmaxnreg) are worth seeing without the verbose switch;
     // the wgmma serialisation notes are "ptxas info" lines, handled by `report`.
-    diags.extend(
-        report
-            .lines()
-            .filter(|l| l.starts_with("ptxas warning"))
-            .map(String::from),
-    );
+    diags.extend(report.lines().filter(|l| l.starts_with("ptxas warning")).map(String::from));
     (report, diags)
 }
 
@@ -961,10 +872,7 @@ fn entry_stats(report: &str) -> Vec<(String, FnStats)> {
     let mut order: Vec<String> = Vec::new();
     let mut cur: Option<String> = None;
     for line in report.lines() {
-        let body = line
-            .split_once(':')
-            .map(|(_, r)| r.trim())
-            .unwrap_or(line.trim());
+        let body = line.split_once(':').map(|(_, r)| r.trim()).unwrap_or(line.trim());
         if let Some(rest) = body.strip_prefix("Compiling entry function '") {
             let name = rest.split('\'').next().unwrap_or("").to_string();
             if !fns.contains_key(&name) {
@@ -1035,7 +943,10 @@ fn report(out_dir: &Path, built: &[Built], compiler: &str, enforce: bool) {
             }
             if f.spills() {
                 if NO_SPILL_MARKERS.iter().any(|m| name.contains(m)) {
-                    errors.push(format!("{}: kernel {name} spills (spill stores {} B, spill loads {} B); a wgmma/TMA kernel must not spill", b.name, f.spill_st, f.spill_ld));
+                    errors.push(format!(
+                        "{}: kernel {name} spills (spill stores {} B, spill loads {} B); a wgmma/TMA kernel must not spill",
+                        b.name, f.spill_st, f.spill_ld
+                    ));
                 } else if !verbose && enforce {
                     println!("cargo:warning={} ({}): {line}", b.name, b.arch);
                 }
@@ -1070,7 +981,10 @@ fn report(out_dir: &Path, built: &[Built], compiler: &str, enforce: bool) {
     if enforce {
         for (name, codes) in KNOWN_WGMMA_WARNINGS {
             if !built.is_empty() && !known_seen.iter().any(|n| n == name) {
-                println!("cargo:warning=KNOWN_WGMMA_WARNINGS in crates/mla-kernels/build.rs allows {} for {name}, which no longer trips them: remove the row", codes.join("/"));
+                println!(
+                    "cargo:warning=KNOWN_WGMMA_WARNINGS in crates/mla-kernels/build.rs allows {} for {name}, which no longer trips them: remove the row",
+                    codes.join("/")
+                );
             }
         }
     }
@@ -1105,11 +1019,7 @@ fn report(out_dir: &Path, built: &[Built], compiler: &str, enforce: bool) {
 /// The integer just before `unit` in `s` ("... 44 registers" -> 44); 0 when absent.
 fn number_before(s: &str, unit: &str) -> u64 {
     let Some(i) = s.find(unit) else { return 0 };
-    s[..i]
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .rfind(|w| !w.is_empty())
-        .and_then(|w| w.parse().ok())
-        .unwrap_or(0)
+    s[..i].split(|c: char| c == ',' || c.is_whitespace()).rfind(|w| !w.is_empty()).and_then(|w| w.parse().ok()).unwrap_or(0)
 }
 
 fn write_registry(out_dir: &Path, built: &[Built], reason: &str, version: &str, compiler: &str) {
@@ -1169,7 +1079,8 @@ fn load_prebuilt(dir: &Path, sources: &str) -> Result<Prebuilt, String> {
             "version" => p.version = v.to_string(),
             "module" => {
                 let (name, arch) = v.split_once(' ').ok_or_else(|| format!("bad manifest line '{line}'"))?;
-                let folder = FOLDERS.iter().find(|f| name.split('/').next() == Some(f.dir)).ok_or_else(|| format!("module {name} is in no folder of FOLDERS"))?;
+                let folder =
+                    FOLDERS.iter().find(|f| name.split('/').next() == Some(f.dir)).ok_or_else(|| format!("module {name} is in no folder of FOLDERS"))?;
                 let t = folder.targets.iter().find(|t| t.arch == arch).ok_or_else(|| format!("{name}: {arch} is not a target of kernels/{}", folder.dir))?;
                 p.modules.push((name.to_string(), t.arch));
             }
@@ -1242,10 +1153,7 @@ fn write_manifest(out_dir: &Path, built: &[Built], sources: &str, version: &str,
 }
 
 fn env_flag(name: &str) -> bool {
-    matches!(
-        env::var(name).as_deref(),
-        Ok("1") | Ok("true") | Ok("yes") | Ok("on")
-    )
+    matches!(env::var(name).as_deref(), Ok("1") | Ok("true") | Ok("yes") | Ok("on"))
 }
 
 /// `*.cu` files under `dir` (its stage folders: `sm90/decode/*.cu`), sorted.

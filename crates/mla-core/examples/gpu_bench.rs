@@ -58,7 +58,19 @@ fn main() -> mla_core::Result<()> {
     csv.push_str(if invariant { ",default_ms,vs_default\n" } else { "\n" });
     println!(
         "{:<10} {:>4} {:>3} {:>6} {:>4} {:>3} {:>9} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7}{}",
-        "tag", "b", "s_q", "mean", "h_q", "var", "ms", "GB/s", "TFLOPS", "%copy", "floor ms", "anchor", "speedup",
+        "tag",
+        "b",
+        "s_q",
+        "mean",
+        "h_q",
+        "var",
+        "ms",
+        "GB/s",
+        "TFLOPS",
+        "%copy",
+        "floor ms",
+        "anchor",
+        "speedup",
         if invariant { format!(" {:>10} {:>10}", "default ms", "vs default") } else { String::new() }
     );
     let mut speedups = Vec::new();
@@ -132,7 +144,10 @@ fn main() -> mla_core::Result<()> {
     }
     if let Some(gm) = geomean(&vs_grid) {
         let worst = vs_grid.iter().cloned().fold(0.0, f64::max);
-        println!("grid: batch-invariant / default plan time, geometric mean {gm:.3}x over {} configurations (target <= 1.10), worst {worst:.3}x", vs_grid.len());
+        println!(
+            "grid: batch-invariant / default plan time, geometric mean {gm:.3}x over {} configurations (target <= 1.10), worst {worst:.3}x",
+            vs_grid.len()
+        );
     }
     if let Some(gm) = geomean(&vs_beyond) {
         println!("beyond: batch-invariant / default plan time, geometric mean {gm:.3}x over {} configurations", vs_beyond.len());

@@ -20,12 +20,12 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
 
+use crate::consts::{BLOCK_SIZE, HEAD_DIM};
 use crate::device::{Device, StepId};
 use crate::dtype::{f32_slice_to_half, DType};
 use crate::error::{ErrorCode, MlaError, Result};
 use crate::gpu::{DeviceBuffer, GpuDevice, StagePart};
 use crate::tensor::{as_bytes, Tensor};
-use crate::consts::{BLOCK_SIZE, HEAD_DIM};
 
 pub use crate::consts::BLOCK_TABLE_PAD;
 
@@ -523,7 +523,12 @@ impl KvCache {
     /// tensor), with no host round trip; only their destinations are copied from the host.
     pub fn append_batch_from(&mut self, seqs: &[SeqId], rows: &Tensor) -> Result<StepId> {
         if !rows.device().same(self.device()) {
-            return Err(MlaError::arg(ErrorCode::DeviceMismatch, "rows", format!("a tensor on {:?} (the cache's device)", self.device()), format!("{:?}", rows.device())));
+            return Err(MlaError::arg(
+                ErrorCode::DeviceMismatch,
+                "rows",
+                format!("a tensor on {:?} (the cache's device)", self.device()),
+                format!("{:?}", rows.device()),
+            ));
         }
         if rows.dtype() != self.dtype {
             return Err(MlaError::arg(ErrorCode::DtypeMismatch, "rows", self.dtype, rows.dtype()));
@@ -690,7 +695,12 @@ impl KvCache {
         let need = states.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
         for (name, t) in [("block_table", &*block_table), ("cache_seqlens", &*cache_seqlens)] {
             if !t.device().same(self.device()) {
-                return Err(MlaError::arg(ErrorCode::DeviceMismatch, name, format!("a tensor on {:?} (the cache's device)", self.device()), format!("{:?}", t.device())));
+                return Err(MlaError::arg(
+                    ErrorCode::DeviceMismatch,
+                    name,
+                    format!("a tensor on {:?} (the cache's device)", self.device()),
+                    format!("{:?}", t.device()),
+                ));
             }
             if t.dtype() != DType::I32 {
                 return Err(MlaError::arg(ErrorCode::DtypeMismatch, name, DType::I32, t.dtype()));
@@ -728,11 +738,7 @@ impl KvCache {
 
 impl std::fmt::Debug for KvCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvCache")
-            .field("pool", &self.pool)
-            .field("free_blocks", &self.free.len())
-            .field("sequences", &self.seqs.len())
-            .finish()
+        f.debug_struct("KvCache").field("pool", &self.pool).field("free_blocks", &self.free.len()).field("sequences", &self.seqs.len()).finish()
     }
 }
 

@@ -15,10 +15,10 @@
 //! are ordered by the stream; when a plan moves to another stream, that stream first waits
 //! for the plan's earlier work (see `Plan`), so sharing a plan is always safe.
 
+use crate::consts::HEAD_DIM_V;
 use crate::device::{Device, StepId};
 use crate::dtype::DType;
 use crate::error::{ErrorCode, MlaError, Result};
-use crate::consts::HEAD_DIM_V;
 use crate::plan::{Plan, PlanOptions};
 use crate::step::shape::DecodeInputs;
 use crate::tensor::Tensor;

@@ -38,9 +38,7 @@ impl HostBuf {
     pub fn zeroed(len: usize) -> Result<Self> {
         let n = len.div_ceil(4);
         let mut words = Vec::new();
-        words
-            .try_reserve_exact(n)
-            .map_err(|_| MlaError::new(ErrorCode::OutOfMemory, format!("cannot allocate {len} bytes of host memory")))?;
+        words.try_reserve_exact(n).map_err(|_| MlaError::new(ErrorCode::OutOfMemory, format!("cannot allocate {len} bytes of host memory")))?;
         words.resize(n, 0);
         LIVE_HOST_BYTES.fetch_add(n * 4, Ordering::Relaxed);
         Ok(HostBuf { words, len })

@@ -168,7 +168,17 @@ pub fn plan_with(seqlens: &Tensor, rows: usize, h_kv: usize, opts: &PlanOptions)
             let metadata = Tensor::zeros(&device, &[num_parts, META_INTS], DType::I32)?;
             let num_splits = Tensor::zeros(&device, &[b + 1], DType::I32)?;
             let workspace = g.alloc_zeroed(WorkspaceLayout::new(b, slots, rows).bytes)?;
-            let mut p = Plan { batch: b, rows, num_parts, slots, chunks, metadata, num_splits, workspace: Some(workspace), last_stream: Mutex::new(Some(g.stream().clone())) };
+            let mut p = Plan {
+                batch: b,
+                rows,
+                num_parts,
+                slots,
+                chunks,
+                metadata,
+                num_splits,
+                workspace: Some(workspace),
+                last_stream: Mutex::new(Some(g.stream().clone())),
+            };
             g.step("plan", &g.stream().clone(), || crate::gpu::ops::plan_into(g, seqlens, &mut p, None, i32::MAX))?;
             Ok(p)
         }
@@ -217,4 +227,3 @@ fn replan_step(seqlens: &Tensor, plan: &mut Plan, stream: Option<Arc<CudaStream>
         }
     }
 }
-

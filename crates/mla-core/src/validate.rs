@@ -1,11 +1,11 @@
 //! Argument checks done before anything is launched (the contract's "Bad input").
 
+use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{ErrorCode, MlaError, Result};
 use crate::step::plan::Plan;
 use crate::tensor::Tensor;
-use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
 pub use crate::step::shape::DecodeShape;
 
@@ -22,12 +22,7 @@ fn want_dtype(arg: &str, t: &Tensor, d: DType) -> Result<()> {
 
 fn want_device(arg: &str, t: &Tensor, dev: &Device) -> Result<()> {
     if !t.device().same(dev) {
-        return Err(MlaError::arg(
-            ErrorCode::DeviceMismatch,
-            arg,
-            format!("a tensor on {:?} (where q is)", dev),
-            format!("{:?}", t.device()),
-        ));
+        return Err(MlaError::arg(ErrorCode::DeviceMismatch, arg, format!("a tensor on {:?} (where q is)", dev), format!("{:?}", t.device())));
     }
     Ok(())
 }

@@ -80,9 +80,7 @@ fn rejected(c: &Call, code: ErrorCode, names: &str) {
     assert_err(e, code, names);
     let mut out = poisoned(&[B, S_Q, H_Q, DV], DType::BF16);
     let mut lse = poisoned(&[B, H_Q, S_Q], DType::F32);
-    let e = decode_into(&c.q, &c.kv, &c.bt, &c.sl, &c.plan, &c.opts, &mut out, &mut lse)
-        .err()
-        .unwrap_or_else(|| panic!("decode_into accepted bad `{names}`"));
+    let e = decode_into(&c.q, &c.kv, &c.bt, &c.sl, &c.plan, &c.opts, &mut out, &mut lse).err().unwrap_or_else(|| panic!("decode_into accepted bad `{names}`"));
     assert_err(e, code, names);
     assert!(untouched(&out) && untouched(&lse), "outputs were written despite bad `{names}`");
 }

@@ -494,8 +494,7 @@ fn end_to_end_decode_on_cpu() {
         let len = kv.len() / D;
         for h in 0..h_q {
             let qrow = &qf[(i * h_q + h) * D..(i * h_q + h + 1) * D];
-            let logits: Vec<f64> =
-                (0..len).map(|t| scale * qrow.iter().zip(&kv[t * D..(t + 1) * D]).map(|(&a, &b)| a as f64 * b).sum::<f64>()).collect();
+            let logits: Vec<f64> = (0..len).map(|t| scale * qrow.iter().zip(&kv[t * D..(t + 1) * D]).map(|(&a, &b)| a as f64 * b).sum::<f64>()).collect();
             let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = logits.iter().map(|l| (l - m).exp()).sum();
             let want_lse = m + sum.ln();

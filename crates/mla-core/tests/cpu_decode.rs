@@ -38,15 +38,7 @@ fn run_direct(inp: &Inputs, causal: bool, parts: usize, isa: Isa) -> (Vec<u16>, 
 }
 
 fn run_with_plan(inp: &Inputs, causal: bool, meta: &[i32], splits: &[i32], parts: usize, isa: Isa) -> (Vec<u16>, Vec<f32>) {
-    let shape = DecodeShape {
-        b: inp.b,
-        s_q: inp.s_q,
-        h_q: inp.h_q,
-        h_kv: 1,
-        num_blocks: inp.num_blocks,
-        max_blocks_per_seq: inp.max_blocks,
-        dtype: inp.dtype,
-    };
+    let shape = DecodeShape { b: inp.b, s_q: inp.s_q, h_q: inp.h_q, h_kv: 1, num_blocks: inp.num_blocks, max_blocks_per_seq: inp.max_blocks, dtype: inp.dtype };
     let args = CpuDecodeArgs {
         shape,
         q: &inp.q,
@@ -113,13 +105,7 @@ fn plain_normal_inputs() {
             let lens = shuffled(&mut rng, &[300, 65, 0, 1000, 7]);
             let inp = make_inputs(&mut rng, s_q, 16, &lens, dtype, Dist::Normal, false);
             let (out, lse) = run_api(&inp, causal);
-            check(
-                &format!("normal {dtype} s_q={s_q} causal={causal} seed={}", rng.seed),
-                &inp,
-                &out,
-                &lse,
-                &reference(&inp, causal, SCALE),
-            );
+            check(&format!("normal {dtype} s_q={s_q} causal={causal} seed={}", rng.seed), &inp, &out, &lse, &reference(&inp, causal, SCALE));
         }
     }
 }
@@ -283,13 +269,7 @@ fn softmax_scale_is_used() {
     for scale in [0.5f32, 0.01] {
         let opts = DecodeOptions { softmax_scale: Some(scale), ..Default::default() };
         let res = decode(&q, &kv, &bt, &sl, &p, &opts).unwrap();
-        check(
-            &format!("scale {scale} seed={}", rng.seed),
-            &inp,
-            &bits_of(&res.out),
-            &res.lse.to_f32().unwrap(),
-            &reference(&inp, false, scale),
-        );
+        check(&format!("scale {scale} seed={}", rng.seed), &inp, &bits_of(&res.out), &res.lse.to_f32().unwrap(), &reference(&inp, false, scale));
     }
 }
 

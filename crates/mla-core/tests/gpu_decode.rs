@@ -86,8 +86,20 @@ fn adversarial_logits_rising_maxima_and_spikes() {
                     let spike = rng.below(100) == 0;
                     let t = match i % 4 {
                         0 => big * x,
-                        1 => if spike { big * (0.5 + 0.5 * rng.uniform()) } else { 50.0 * rng.normal() },
-                        2 => if j == 3 { big } else { big * (0.5 - x) },
+                        1 => {
+                            if spike {
+                                big * (0.5 + 0.5 * rng.uniform())
+                            } else {
+                                50.0 * rng.normal()
+                            }
+                        }
+                        2 => {
+                            if j == 3 {
+                                big
+                            } else {
+                                big * (0.5 - x)
+                            }
+                        }
                         _ => big * 0.6 * x + if spike { big * 0.4 } else { 0.0 },
                     };
                     let blk = inp.block_table[i * inp.max_blocks + j / BLOCK_SIZE] as usize;
@@ -416,12 +428,9 @@ fn host_checks_still_run_for_device_tensors() {
 fn sanitizer_small_cases() {
     let Some(dev) = gpu("sanitizer_small_cases") else { return };
     let mut rng = Rng::fresh();
-    for (dtype, h_q, s_q, lens) in [
-        (DType::BF16, 16, 1, vec![0, 1, 65, 700]),
-        (DType::F16, 3, 4, vec![2, 140, 0]),
-        (DType::BF16, 64, 2, vec![300, 64]),
-        (DType::BF16, 128, 1, vec![130]),
-    ] {
+    for (dtype, h_q, s_q, lens) in
+        [(DType::BF16, 16, 1, vec![0, 1, 65, 700]), (DType::F16, 3, 4, vec![2, 140, 0]), (DType::BF16, 64, 2, vec![300, 64]), (DType::BF16, 128, 1, vec![130])]
+    {
         let inp = Inputs::random(Case::new(dtype, h_q, s_q, lens), false, &mut rng);
         let (out, lse) = run_on(&dev, &inp, true);
         let (ref_out, ref_lse) = inp.reference(true, None);

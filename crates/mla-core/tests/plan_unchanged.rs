@@ -110,8 +110,26 @@ fn default_plan_decodes_are_bit_for_bit_unchanged() {
     // (dtype, h_q, s_q, lengths, causal, parts, input seed, [(portable out, lse), (AVX2 out, lse)])
     type Case<'a> = (DType, usize, usize, &'a [i32], bool, usize, u64, [(u64, u64); 2]);
     let cases: &[Case] = &[
-        (DType::BF16, 16, 1, &[0, 1, 63, 64, 65, 300, 4096, 7000], false, 3, 11, [(0x84807b43e65d1224, 0xf755c9a7b8d32071), (0x084db51d97a05804, 0x22abecb49dbb78f5)]),
-        (DType::BF16, 16, 1, &[0, 1, 63, 64, 65, 300, 4096, 7000], false, 16, 11, [(0xe6327ab6a5cb199f, 0x1e4cf42c603992fb), (0xa0fec1066a9ac74b, 0x28468d39fc634e1e)]),
+        (
+            DType::BF16,
+            16,
+            1,
+            &[0, 1, 63, 64, 65, 300, 4096, 7000],
+            false,
+            3,
+            11,
+            [(0x84807b43e65d1224, 0xf755c9a7b8d32071), (0x084db51d97a05804, 0x22abecb49dbb78f5)],
+        ),
+        (
+            DType::BF16,
+            16,
+            1,
+            &[0, 1, 63, 64, 65, 300, 4096, 7000],
+            false,
+            16,
+            11,
+            [(0xe6327ab6a5cb199f, 0x1e4cf42c603992fb), (0xa0fec1066a9ac74b, 0x28468d39fc634e1e)],
+        ),
         (DType::F16, 128, 2, &[2, 130, 2500, 5000], true, 5, 12, [(0x114b7e03eae7480e, 0xb6c404e3252722cb), (0xd723058ab4035d53, 0x8616f1f578130a99)]),
         (DType::BF16, 64, 1, &[3000, 0, 1], true, 1, 13, [(0xbad6b1236a2dbcfd, 0x40a9964c3f8cfdfd), (0x3cc341c11293f406, 0x71d8c386e3902689)]),
     ];

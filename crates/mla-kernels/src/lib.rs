@@ -91,7 +91,12 @@ pub fn targets() -> Vec<&'static str> {
         }
     }
     // sm_80 < sm_86 < ... < sm_120 by number, PTX after the cubins.
-    t.sort_by_key(|a| (a.starts_with("compute_"), a.trim_start_matches(|c: char| !c.is_ascii_digit()).trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().unwrap_or(0)));
+    t.sort_by_key(|a| {
+        (
+            a.starts_with("compute_"),
+            a.trim_start_matches(|c: char| !c.is_ascii_digit()).trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().unwrap_or(0),
+        )
+    });
     t
 }
 
@@ -155,7 +160,8 @@ mod tests {
         // Every decode entry of every target has one; the others none.
         for m in MODULES {
             for e in ENTRIES.iter().filter(|e| e.module == m.name) {
-                let built = m.resource_report.contains(&format!("entry function '{}'", e.name)) || (m.is_ptx() && std::str::from_utf8(m.image).unwrap().contains(&format!(".entry {}(", e.name)));
+                let built = m.resource_report.contains(&format!("entry function '{}'", e.name))
+                    || (m.is_ptx() && std::str::from_utf8(m.image).unwrap().contains(&format!(".entry {}(", e.name)));
                 let decode = e.name.starts_with("mla_decode_");
                 assert_eq!(m.dynamic_smem(e.name).is_some(), decode && built, "{e} ({})", m.arch);
             }

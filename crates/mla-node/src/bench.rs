@@ -106,13 +106,8 @@ pub fn bench_load_anchors(csv_text: String) -> Result<HashMap<String, f64>> {
 fn seed_of(seed: Option<f64>) -> Result<u64> {
     match seed {
         None => Ok(bench::DEFAULT_SEED),
-        Some(s) if s.is_finite() && s >= 0.0 && s.fract() == 0.0 && s <= 9007199254740991.0 => {
-            Ok(s as u64)
-        }
-        Some(s) => Err(err(
-            ErrorCode::InvalidArgument,
-            format!("seed: expected a non-negative integer, got {s}"),
-        )),
+        Some(s) if s.is_finite() && s >= 0.0 && s.fract() == 0.0 && s <= 9007199254740991.0 => Ok(s as u64),
+        Some(s) => Err(err(ErrorCode::InvalidArgument, format!("seed: expected a non-negative integer, got {s}"))),
     }
 }
 
@@ -132,19 +127,13 @@ pub fn bench_run(
     let dev = device.get()?.clone();
     let dtype = parse_dtype(dtype.as_deref().unwrap_or("bf16"))?;
     if !dtype.is_half() {
-        return Err(err(
-            ErrorCode::DtypeMismatch,
-            format!("dtype: expected 'bf16' or 'fp16', got '{}'", dtype.name()),
-        ));
+        return Err(err(ErrorCode::DtypeMismatch, format!("dtype: expected 'bf16' or 'fp16', got '{}'", dtype.name())));
     }
     let cfg = config.to_core();
     core(|| cfg.validate())?;
     let reps = reps.unwrap_or(if dev.is_cuda() { 30 } else { 5 }) as usize;
     if reps == 0 {
-        return Err(err(
-            ErrorCode::InvalidArgument,
-            "reps: expected at least 1, got 0",
-        ));
+        return Err(err(ErrorCode::InvalidArgument, "reps: expected at least 1, got 0"));
     }
     let seed = seed_of(seed)?;
     let batch_invariant = batch_invariant.unwrap_or(false);
@@ -202,13 +191,7 @@ pub struct HostConfig {
 
 impl HostConfig {
     fn to_core(&self) -> bench::HostConfig {
-        bench::HostConfig {
-            b: self.b as usize,
-            h_q: self.h_q as usize,
-            s_q: self.s_q as usize,
-            length: self.length as usize,
-            layers: self.layers as usize,
-        }
+        bench::HostConfig { b: self.b as usize, h_q: self.h_q as usize, s_q: self.s_q as usize, length: self.length as usize, layers: self.layers as usize }
     }
 }
 
@@ -218,24 +201,14 @@ pub fn bench_host_configs(device: &Device, quick: Option<bool>) -> Result<Vec<Ho
     let d = device.get()?;
     Ok(bench::host_configs(d, quick.unwrap_or(false))
         .into_iter()
-        .map(|c| HostConfig {
-            b: c.b as u32,
-            h_q: c.h_q as u32,
-            s_q: c.s_q as u32,
-            length: c.length as u32,
-            layers: c.layers as u32,
-        })
+        .map(|c| HostConfig { b: c.b as u32, h_q: c.h_q as u32, s_q: c.s_q as u32, length: c.length as u32, layers: c.layers as u32 })
         .collect())
 }
 
 /// The kernels' own time of one layer in microseconds (`mla_core::bench::host_kernel_us`),
 /// on the libuv thread pool.
 #[napi(ts_return_type = "Promise<number>")]
-pub fn bench_host_kernel_us(
-    device: &Device,
-    config: HostConfig,
-    reps: Option<u32>,
-) -> Result<AsyncTask<HostKernelTask>> {
+pub fn bench_host_kernel_us(device: &Device, config: HostConfig, reps: Option<u32>) -> Result<AsyncTask<HostKernelTask>> {
     let (dev, cfg, reps) = (device.get()?.clone(), config.to_core(), reps.unwrap_or(20) as usize);
     Ok(CoreTask::new(move || core(|| bench::host_kernel_us(&dev, &cfg, reps)), |us| us))
 }
@@ -266,10 +239,7 @@ pub struct TraceLog {
 #[napi]
 pub fn bench_trace_take() -> TraceLog {
     let v = mla_core::trace::take();
-    TraceLog {
-        labels: v.iter().map(|(l, _)| l.to_string()).collect(),
-        ns: v.iter().map(|(_, t)| *t as f64).collect(),
-    }
+    TraceLog { labels: v.iter().map(|(l, _)| l.to_string()).collect(), ns: v.iter().map(|(_, t)| *t as f64).collect() }
 }
 
 /// Facts about the device's host path that a breakdown reports with its numbers: whether

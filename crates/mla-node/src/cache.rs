@@ -27,10 +27,7 @@ pub struct CacheBatch {
 
 fn seq_id(seq: i64) -> Result<SeqId> {
     if seq < 0 {
-        return Err(err(
-            ErrorCode::UnknownSequence,
-            format!("sequence: expected an id returned by this cache, got {seq}"),
-        ));
+        return Err(err(ErrorCode::UnknownSequence, format!("sequence: expected an id returned by this cache, got {seq}")));
     }
     Ok(SeqId(seq as u64))
 }
@@ -41,10 +38,7 @@ pub fn seq_ids(seqs: &[f64]) -> Result<Vec<SeqId>> {
     seqs.iter()
         .map(|&v| {
             if v.fract() != 0.0 || !(v.abs() <= 9007199254740991.0) {
-                return Err(err(
-                    ErrorCode::InvalidArgument,
-                    format!("seqs: expected sequence ids (integers), got {v}"),
-                ));
+                return Err(err(ErrorCode::InvalidArgument, format!("seqs: expected sequence ids (integers), got {v}")));
             }
             seq_id(v as i64)
         })
@@ -76,18 +70,8 @@ impl KvCache {
         // The same name and range as index.ts and the core (which says num_blocks).
         let max = mla_core::cache::BLOCK_TABLE_PAD as i64;
         let num_blocks = core(|| mla_core::validate::int_within("numBlocks", num_blocks, 1, max))?;
-        let c = core(|| {
-            mla_core::KvCache::new(
-                d,
-                KvCacheConfig {
-                    num_blocks,
-                    dtype,
-                },
-            )
-        })?;
-        Ok(KvCache {
-            inner: Some(Arc::new(Mutex::new(c))),
-        })
+        let c = core(|| mla_core::KvCache::new(d, KvCacheConfig { num_blocks, dtype }))?;
+        Ok(KvCache { inner: Some(Arc::new(Mutex::new(c))) })
     }
 
     /// A new, empty sequence; returns its id.
@@ -117,8 +101,7 @@ impl KvCache {
     pub fn append_batch_f32(&self, seqs: &[f64], rows: &[f32]) -> Result<i64> {
         mla_core::trace::mark("native:enter");
         let ids = seq_ids(seqs)?;
-        self.with(|c| c.append_batch_f32(&ids, rows))
-            .map(|id| id as i64)
+        self.with(|c| c.append_batch_f32(&ids, rows)).map(|id| id as i64)
     }
 
     /// `KvCache::append_batch` with raw bits of the cache's dtype.
@@ -126,8 +109,7 @@ impl KvCache {
     pub fn append_batch_bits(&self, seqs: &[f64], rows: &[u16]) -> Result<i64> {
         mla_core::trace::mark("native:enter");
         let ids = seq_ids(seqs)?;
-        self.with(|c| c.append_batch(&ids, rows))
-            .map(|id| id as i64)
+        self.with(|c| c.append_batch(&ids, rows)).map(|id| id as i64)
     }
 
     /// `KvCache::append_batch_from`: the rows from a tensor of its own on the cache's device
@@ -137,31 +119,19 @@ impl KvCache {
         mla_core::trace::mark("native:enter");
         let ids = seq_ids(seqs)?;
         match rows.arg("rows")? {
-            TensorSrc::Owned(t) => self
-                .with(|c| c.append_batch_from(&ids, &t))
-                .map(|id| id as i64),
-            _ => Err(err(
-                ErrorCode::InvalidArgument,
-                "rows: expected a tensor of its own, got a view of a cache or a plan",
-            )),
+            TensorSrc::Owned(t) => self.with(|c| c.append_batch_from(&ids, &t)).map(|id| id as i64),
+            _ => Err(err(ErrorCode::InvalidArgument, "rows: expected a tensor of its own, got a view of a cache or a plan")),
         }
     }
 
     /// `KvCache::batch_into`: block table and lengths for `seqs` written into existing
     /// int32 tensors (tensors of their own, no pending operation on them).
     #[napi]
-    pub fn batch_into(
-        &self,
-        seqs: &[f64],
-        block_table: &mut Tensor,
-        cache_seqlens: &mut Tensor,
-    ) -> Result<()> {
+    pub fn batch_into(&self, seqs: &[f64], block_table: &mut Tensor, cache_seqlens: &mut Tensor) -> Result<()> {
         let ids = seq_ids(seqs)?;
         // Looked at by reference: a clone of an owned tensor's source would make it "in use".
         let (a, b) = (block_table.src()?, cache_seqlens.src()?);
-        if let (TensorSrc::Step(s1, StepPart::BlockTable), TensorSrc::Step(s2, StepPart::Seqlens)) =
-            (a, b)
-        {
+        if let (TensorSrc::Step(s1, StepPart::BlockTable), TensorSrc::Step(s2, StepPart::Seqlens)) = (a, b) {
             if Arc::ptr_eq(s1, s2) {
                 // A captured step's own block table and lengths.
                 let (c, s) = (self.get()?.clone(), s1.clone());
@@ -238,10 +208,7 @@ impl KvCache {
     pub fn batch(&self, seqs: &[f64], max_blocks_per_seq: Option<u32>) -> Result<CacheBatch> {
         let ids = seq_ids(seqs)?;
         let (bt, lens) = self.with(|c| c.batch(&ids, max_blocks_per_seq.map(|m| m as usize)))?;
-        Ok(CacheBatch {
-            block_table: Tensor::owned(bt),
-            cache_seqlens: Tensor::owned(lens),
-        })
+        Ok(CacheBatch { block_table: Tensor::owned(bt), cache_seqlens: Tensor::owned(lens) })
     }
 
     /// The pool [numBlocks, 64, 1, 576] as a tensor view (no copy), usable as `kvCache`.

@@ -69,13 +69,7 @@ fn args(
 /// first when no plan is given); content errors belong to the step.
 fn enqueue(a: &Args) -> Result<mla_core::DecodeOutput> {
     let plans: Vec<&Arc<SharedPlan>> = a.plan.iter().collect();
-    with_all(
-        &[&a.q, &a.kv, &a.block_table, &a.seqlens],
-        &plans,
-        |t, p| {
-            core(|| mla_core::decode::enqueue(t[0], t[1], t[2], t[3], p.first().copied(), &a.opts))
-        },
-    )
+    with_all(&[&a.q, &a.kv, &a.block_table, &a.seqlens], &plans, |t, p| core(|| mla_core::decode::enqueue(t[0], t[1], t[2], t[3], p.first().copied(), &a.opts)))
 }
 
 fn device_of(a: &Args) -> mla_core::Device {
@@ -83,11 +77,7 @@ fn device_of(a: &Args) -> mla_core::Device {
 }
 
 fn to_js(r: mla_core::DecodeOutput) -> DecodeResult {
-    DecodeResult {
-        step: r.step as i64,
-        out: Tensor::owned(r.out),
-        lse: Tensor::owned(r.lse),
-    }
+    DecodeResult { step: r.step as i64, out: Tensor::owned(r.out), lse: Tensor::owned(r.lse) }
 }
 
 /// One decode step as a promise. On CUDA the step is enqueued on the calling thread and the
@@ -106,23 +96,9 @@ pub fn decode(
     label: Option<String>,
     batch_invariant: Option<bool>,
 ) -> Result<AsyncTask<DecodeTask>> {
-    let a = args(
-        q,
-        kv_cache,
-        block_table,
-        cache_seqlens,
-        plan,
-        causal,
-        softmax_scale,
-        label,
-        batch_invariant,
-    )?;
+    let a = args(q, kv_cache, block_table, cache_seqlens, plan, causal, softmax_scale, label, batch_invariant)?;
     let device = device_of(&a);
-    let work = if device.is_cuda() {
-        Work::Wait(enqueue(&a)?)
-    } else {
-        Work::Compute(a)
-    };
+    let work = if device.is_cuda() { Work::Wait(enqueue(&a)?) } else { Work::Compute(a) };
     Ok(CoreTask::new(
         move || {
             let out = match work {
@@ -155,17 +131,7 @@ pub fn decode_enqueue(
     batch_invariant: Option<bool>,
 ) -> Result<Option<DecodeResult>> {
     mla_core::trace::mark("native:enter");
-    let a = args(
-        q,
-        kv_cache,
-        block_table,
-        cache_seqlens,
-        plan,
-        causal,
-        softmax_scale,
-        label,
-        batch_invariant,
-    )?;
+    let a = args(q, kv_cache, block_table, cache_seqlens, plan, causal, softmax_scale, label, batch_invariant)?;
     if !device_of(&a).is_cuda() {
         return Ok(None);
     }
@@ -198,17 +164,7 @@ pub fn decode_sync(
     label: Option<String>,
     batch_invariant: Option<bool>,
 ) -> Result<DecodeResult> {
-    let a = args(
-        q,
-        kv_cache,
-        block_table,
-        cache_seqlens,
-        plan,
-        causal,
-        softmax_scale,
-        label,
-        batch_invariant,
-    )?;
+    let a = args(q, kv_cache, block_table, cache_seqlens, plan, causal, softmax_scale, label, batch_invariant)?;
     let r = enqueue(&a)?;
     let d = device_of(&a);
     core(|| d.wait_step(r.step))?;
@@ -234,38 +190,13 @@ pub fn decode_into(
     lse: &mut Tensor,
 ) -> Result<i64> {
     mla_core::trace::mark("native:enter");
-    let a = args(
-        q,
-        kv_cache,
-        block_table,
-        cache_seqlens,
-        plan,
-        causal,
-        softmax_scale,
-        label,
-        batch_invariant,
-    )?;
+    let a = args(q, kv_cache, block_table, cache_seqlens, plan, causal, softmax_scale, label, batch_invariant)?;
     let out = out.owned_mut("out")?;
     let lse = lse.owned_mut("lse")?;
     let plans: Vec<&Arc<SharedPlan>> = a.plan.iter().collect();
-    with_all(
-        &[&a.q, &a.kv, &a.block_table, &a.seqlens],
-        &plans,
-        |t, p| {
-            core(|| {
-                mla_core::decode::enqueue_into_auto(
-                    t[0],
-                    t[1],
-                    t[2],
-                    t[3],
-                    p.first().copied(),
-                    &a.opts,
-                    out,
-                    lse,
-                )
-            })
-        },
-    )
+    with_all(&[&a.q, &a.kv, &a.block_table, &a.seqlens], &plans, |t, p| {
+        core(|| mla_core::decode::enqueue_into_auto(t[0], t[1], t[2], t[3], p.first().copied(), &a.opts, out, lse))
+    })
     .map(|id| {
         mla_core::trace::mark("native:exit");
         id as i64

@@ -5,8 +5,8 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use crate::error::{core, disposed, err, Result};
-use crate::task::CoreTask;
 use crate::plan::Plan;
+use crate::task::CoreTask;
 use crate::tensor::Tensor;
 
 /// Whether the CUDA path can be used, and why not.
@@ -106,12 +106,7 @@ impl Device {
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType> {
-    DType::parse(s).ok_or_else(|| {
-        err(
-            ErrorCode::DtypeMismatch,
-            format!("dtype: expected one of 'bf16', 'fp16', 'fp32', 'int32', got '{s}'"),
-        )
-    })
+    DType::parse(s).ok_or_else(|| err(ErrorCode::DtypeMismatch, format!("dtype: expected one of 'bf16', 'fp16', 'fp32', 'int32', got '{s}'")))
 }
 
 fn dims(shape: &[i64]) -> Result<Vec<usize>> {
@@ -132,12 +127,10 @@ impl Device {
         if let Some(o) = options {
             opts.force_portable = o.portable.unwrap_or(false);
             if let Some(p) = o.kernel_path {
-                opts.kernel_path = Some(mla_core::KernelPath::parse(&p).ok_or_else(|| {
-                    err(
-                        ErrorCode::InvalidArgument,
-                        format!("kernelPath: expected 'hopper', 'portable' or 'portable-ptx', got '{p}'"),
-                    )
-                })?);
+                opts.kernel_path = Some(
+                    mla_core::KernelPath::parse(&p)
+                        .ok_or_else(|| err(ErrorCode::InvalidArgument, format!("kernelPath: expected 'hopper', 'portable' or 'portable-ptx', got '{p}'")))?,
+                );
             }
         }
         let asked = opts != mla_core::DeviceOptions::default();
@@ -146,24 +139,13 @@ impl Device {
             "auto" if asked => core(|| mla_core::Device::cuda_with(0, opts))?,
             "auto" => core(|| Ok(mla_core::Device::best()))?,
             "cpu" if asked => {
-                return Err(err(
-                    ErrorCode::InvalidArgument,
-                    "options: portable / kernelPath choose CUDA kernels; the 'cpu' device has none".to_string(),
-                ))
+                return Err(err(ErrorCode::InvalidArgument, "options: portable / kernelPath choose CUDA kernels; the 'cpu' device has none".to_string()))
             }
             "cpu" => mla_core::Device::cpu(),
             "cuda" => core(|| mla_core::Device::cuda_with(0, opts))?,
-            s => match s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-            {
+            s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
                 Some(n) => core(|| mla_core::Device::cuda_with(n, opts))?,
-                None => {
-                    return Err(err(
-                        ErrorCode::InvalidArgument,
-                        format!("device: expected 'auto', 'cpu', 'cuda' or 'cuda:<n>', got '{s}'"),
-                    ))
-                }
+                None => return Err(err(ErrorCode::InvalidArgument, format!("device: expected 'auto', 'cpu', 'cuda' or 'cuda:<n>', got '{s}'"))),
             },
         };
         Ok(Device::wrap(d))
@@ -295,14 +277,7 @@ impl Device {
     /// Scheduling metadata for `cache_seqlens` (a [b] int32 tensor on this device):
     /// `mla_core::plan_with(seqlens, s_q * h_q / h_kv, h_kv, { batch_invariant })`.
     #[napi]
-    pub fn plan(
-        &self,
-        cache_seqlens: &Tensor,
-        s_q: i64,
-        h_q: i64,
-        h_kv: i64,
-        batch_invariant: Option<bool>,
-    ) -> Result<Plan> {
+    pub fn plan(&self, cache_seqlens: &Tensor, s_q: i64, h_q: i64, h_kv: i64, batch_invariant: Option<bool>) -> Result<Plan> {
         let d = self.get()?.clone();
         for (name, v) in [("s_q", s_q), ("h_q", h_q), ("h_kv", h_kv)] {
             core(|| mla_core::validate::int_at_least(name, v, 1))?;
@@ -310,20 +285,11 @@ impl Device {
         let src = cache_seqlens.src()?;
         src.with(|t| {
             if !t.device().same(&d) {
-                return Err(err(
-                    ErrorCode::DeviceMismatch,
-                    format!(
-                        "cache_seqlens: expected a tensor on {d:?} (the plan's device), got {:?}",
-                        t.device()
-                    ),
-                ));
+                return Err(err(ErrorCode::DeviceMismatch, format!("cache_seqlens: expected a tensor on {d:?} (the plan's device), got {:?}", t.device())));
             }
             // s_q * h_q must fit a u32 (the plan's `rows` getter).
             let rows = core(|| mla_core::validate::plan_rows(s_q, h_q, h_kv))?;
-            let popts = mla_core::PlanOptions {
-                batch_invariant: batch_invariant.unwrap_or(false),
-                chunks: None,
-            };
+            let popts = mla_core::PlanOptions { batch_invariant: batch_invariant.unwrap_or(false), chunks: None };
             core(|| mla_core::plan_with(t, rows, h_kv as usize, &popts))
         })
         .map(Plan::wrap)

@@ -44,10 +44,7 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 pub fn core<T>(f: impl FnOnce() -> mla_core::Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r.map_err(to_napi),
-        Err(p) => Err(napi::Error::new(
-            ERR_INTERNAL.to_string(),
-            format!("panic in native code: {}", panic_message(p)),
-        )),
+        Err(p) => Err(napi::Error::new(ERR_INTERNAL.to_string(), format!("panic in native code: {}", panic_message(p)))),
     }
 }
 
@@ -59,10 +56,7 @@ pub struct Failure {
 
 impl From<napi::Error<String>> for Failure {
     fn from(e: napi::Error<String>) -> Self {
-        Failure {
-            code: e.status,
-            message: e.reason,
-        }
+        Failure { code: e.status, message: e.reason }
     }
 }
 
@@ -70,10 +64,7 @@ impl From<napi::Error<String>> for Failure {
 pub fn core_async<T>(f: impl FnOnce() -> Result<T>) -> std::result::Result<T, Failure> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r.map_err(Failure::from),
-        Err(p) => Err(Failure {
-            code: ERR_INTERNAL.to_string(),
-            message: format!("panic in native code: {}", panic_message(p)),
-        }),
+        Err(p) => Err(Failure { code: ERR_INTERNAL.to_string(), message: format!("panic in native code: {}", panic_message(p)) }),
     }
 }
 

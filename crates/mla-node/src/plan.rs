@@ -18,9 +18,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn wrap(p: mla_core::Plan) -> Plan {
-        Plan {
-            inner: Some(Arc::new(SharedPlan::new(p))),
-        }
+        Plan { inner: Some(Arc::new(SharedPlan::new(p))) }
     }
     pub fn from_arc(p: Arc<SharedPlan>) -> Plan {
         Plan { inner: Some(p) }
@@ -78,10 +76,7 @@ impl Plan {
         let src = cache_seqlens.arg("cacheSeqlens")?;
         if let TensorSrc::PlanMetadata(q) | TensorSrc::PlanNumSplits(q) = &src {
             if Arc::ptr_eq(q, &p) {
-                return Err(err(
-                    ErrorCode::InvalidArgument,
-                    "cacheSeqlens: expected a lengths tensor, got a view of this plan's own metadata",
-                ));
+                return Err(err(ErrorCode::InvalidArgument, "cacheSeqlens: expected a lengths tensor, got a view of this plan's own metadata"));
             }
         }
         with_all(&[&src], &[], |t, _| core(|| p.replan(t[0]))).map(|id| {
@@ -131,11 +126,7 @@ pub fn sched_meta_layout() -> SchedMetaLayout {
         ints: mla_core::plan::META_INTS as u32,
         fields: mla_core::plan::SchedMeta::FIELDS
             .iter()
-            .map(|&(name, offset)| SchedMetaField {
-                name: name.to_string(),
-                index: (offset / 4) as u32,
-                offset: offset as u32,
-            })
+            .map(|&(name, offset)| SchedMetaField { name: name.to_string(), index: (offset / 4) as u32, offset: offset as u32 })
             .collect(),
     }
 }

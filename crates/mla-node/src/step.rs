@@ -28,10 +28,7 @@ impl CapturedStep {
     }
     fn layer(&self, l: u32) -> Result<usize> {
         if l >= self.layers {
-            return Err(err(
-                ErrorCode::InvalidArgument,
-                format!("layer: expected an index below {}, got {l}", self.layers),
-            ));
+            return Err(err(ErrorCode::InvalidArgument, format!("layer: expected an index below {}, got {l}", self.layers)));
         }
         Ok(l as usize)
     }
@@ -63,10 +60,7 @@ pub fn capture_step(
         .enumerate()
         .map(|(l, t)| match t.arg(&format!("kv[{l}]"))? {
             s @ (TensorSrc::Owned(_) | TensorSrc::CachePool(_)) => Ok(s),
-            _ => Err(err(
-                ErrorCode::InvalidArgument,
-                format!("kv[{l}]: expected a cache pool or a tensor of its own, got a view of a plan or a step"),
-            )),
+            _ => Err(err(ErrorCode::InvalidArgument, format!("kv[{l}]: expected a cache pool or a tensor of its own, got a view of a plan or a step"))),
         })
         .collect::<Result<Vec<_>>>()?;
     let spec = StepSpec {
@@ -82,17 +76,10 @@ pub fn capture_step(
     };
     let refs: Vec<&TensorSrc> = srcs.iter().collect();
     let step = with_locked(&refs, &[], None, |t, _, _| {
-        let popts = mla_core::PlanOptions {
-            batch_invariant: batch_invariant.unwrap_or(false),
-            chunks: None,
-        };
+        let popts = mla_core::PlanOptions { batch_invariant: batch_invariant.unwrap_or(false), chunks: None };
         core(|| d.capture_step_with(&spec, t, &popts))
     })?;
-    Ok(CapturedStep {
-        inner: Some(Arc::new(Mutex::new(step))),
-        layers: srcs.len() as u32,
-        kv: srcs,
-    })
+    Ok(CapturedStep { inner: Some(Arc::new(Mutex::new(step))), layers: srcs.len() as u32, kv: srcs })
 }
 
 #[napi]
@@ -103,10 +90,7 @@ impl CapturedStep {
     pub fn replay(&self) -> Result<i64> {
         let s = self.get()?.clone();
         let refs: Vec<&TensorSrc> = self.kv.iter().collect();
-        with_locked(&refs, &[], Some(&s), |t, _, st| {
-            core(|| st.unwrap().replay(t))
-        })
-        .map(|id| id as i64)
+        with_locked(&refs, &[], Some(&s), |t, _, st| core(|| st.unwrap().replay(t))).map(|id| id as i64)
     }
 
     /// The block table and lengths for `seqs` of `cache`, written into the step's own

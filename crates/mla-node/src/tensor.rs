@@ -11,8 +11,8 @@ use napi_derive::napi;
 
 use crate::device::Device;
 use crate::error::{core, disposed, err, Result};
-use crate::task::CoreTask;
 use crate::plan::Plan;
+use crate::task::CoreTask;
 
 /// Locks a cache or a captured step, ignoring poisoning (a panic is reported where it
 /// happened).
@@ -55,10 +55,7 @@ impl StepPart {
 }
 
 /// Locks two mutexes in address order (the global lock order of the binding).
-pub fn lock_two<'a, A, B>(
-    a: &'a Arc<Mutex<A>>,
-    b: &'a Arc<Mutex<B>>,
-) -> (MutexGuard<'a, A>, MutexGuard<'a, B>) {
+pub fn lock_two<'a, A, B>(a: &'a Arc<Mutex<A>>, b: &'a Arc<Mutex<B>>) -> (MutexGuard<'a, A>, MutexGuard<'a, B>) {
     if (Arc::as_ptr(a) as *const u8 as usize) < (Arc::as_ptr(b) as *const u8 as usize) {
         let ga = lock(a);
         (ga, lock(b))
@@ -113,11 +110,7 @@ impl TensorSrc {
 
 /// Calls `f` with the core tensors of `srcs` and the core plans of `plans`: see
 /// [`with_locked`].
-pub fn with_all<R>(
-    srcs: &[&TensorSrc],
-    plans: &[&Arc<SharedPlan>],
-    f: impl FnOnce(&[&mla_core::Tensor], &[&mla_core::Plan]) -> R,
-) -> R {
+pub fn with_all<R>(srcs: &[&TensorSrc], plans: &[&Arc<SharedPlan>], f: impl FnOnce(&[&mla_core::Tensor], &[&mla_core::Plan]) -> R) -> R {
     with_locked(srcs, plans, None, |t, p, _| f(t, p))
 }
 
@@ -149,11 +142,7 @@ pub fn with_locked<R>(
     srcs: &[&TensorSrc],
     plans: &[&Arc<SharedPlan>],
     held: Option<&StepRef>,
-    f: impl FnOnce(
-        &[&mla_core::Tensor],
-        &[&mla_core::Plan],
-        Option<&mut mla_core::gpu::graph::CapturedStep>,
-    ) -> R,
+    f: impl FnOnce(&[&mla_core::Tensor], &[&mla_core::Plan], Option<&mut mla_core::gpu::graph::CapturedStep>) -> R,
 ) -> R {
     let mut order: Vec<Lockable<'_>> = srcs
         .iter()
@@ -177,15 +166,10 @@ pub fn with_locked<R>(
             Lockable::Step(s) => steps.push((l.addr(), lock(s))),
         }
     }
-    let mut all_plans: Vec<&Arc<SharedPlan>> = srcs
-        .iter()
-        .filter_map(|s| s.plan())
-        .chain(plans.iter().copied())
-        .collect();
+    let mut all_plans: Vec<&Arc<SharedPlan>> = srcs.iter().filter_map(|s| s.plan()).chain(plans.iter().copied()).collect();
     all_plans.sort_by_key(|p| Arc::as_ptr(p) as usize);
     all_plans.dedup_by(|a, b| Arc::ptr_eq(a, b));
-    let plan_guards: Vec<RwLockReadGuard<'_, mla_core::Plan>> =
-        all_plans.iter().map(|p| p.read()).collect();
+    let plan_guards: Vec<RwLockReadGuard<'_, mla_core::Plan>> = all_plans.iter().map(|p| p.read()).collect();
     let plan_of = |p: &Arc<SharedPlan>| -> &mla_core::Plan {
         let i = all_plans.iter().position(|k| Arc::ptr_eq(k, p)).unwrap();
         &plan_guards[i]
@@ -202,11 +186,7 @@ pub fn with_locked<R>(
             TensorSrc::PlanNumSplits(p) => plan_of(p).num_splits(),
             TensorSrc::Step(st, part) => {
                 let a = Arc::as_ptr(st) as *const u8 as usize;
-                part.of(&steps
-                    .iter()
-                    .find(|(k, _)| *k == a)
-                    .expect("a held step is not viewed too")
-                    .1)
+                part.of(&steps.iter().find(|(k, _)| *k == a).expect("a held step is not viewed too").1)
             }
         })
         .collect();
@@ -222,9 +202,7 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn owned(t: mla_core::Tensor) -> Tensor {
-        Tensor {
-            src: Some(TensorSrc::Owned(Arc::new(t))),
-        }
+        Tensor { src: Some(TensorSrc::Owned(Arc::new(t))) }
     }
     pub fn view(src: TensorSrc) -> Tensor {
         Tensor { src: Some(src) }
@@ -235,11 +213,7 @@ impl Tensor {
     /// Calls `f` with the core tensor for writing: a tensor of its own that no pending
     /// operation uses, or a writable tensor of a captured step (its queries, block table,
     /// lengths; under the step's lock).
-    pub fn with_mut<R>(
-        &mut self,
-        name: &str,
-        f: impl FnOnce(&mut mla_core::Tensor) -> Result<R>,
-    ) -> Result<R> {
+    pub fn with_mut<R>(&mut self, name: &str, f: impl FnOnce(&mut mla_core::Tensor) -> Result<R>) -> Result<R> {
         if let Some(TensorSrc::Step(s, part)) = &self.src {
             let (s, part) = (s.clone(), *part);
             return f(part.of_mut(&mut lock(&s)));
@@ -252,23 +226,15 @@ impl Tensor {
     pub fn owned_mut(&mut self, name: &str) -> Result<&mut mla_core::Tensor> {
         match self.src.as_mut().ok_or_else(|| disposed(&format!("tensor '{name}'")))? {
             TensorSrc::Owned(t) => Arc::get_mut(t).ok_or_else(|| {
-                err(
-                    ErrorCode::InvalidArgument,
-                    format!("{name}: expected a tensor no pending operation uses, got one in use (a pending read or decode)"),
-                )
+                err(ErrorCode::InvalidArgument, format!("{name}: expected a tensor no pending operation uses, got one in use (a pending read or decode)"))
             }),
-            _ => Err(err(
-                ErrorCode::Unsupported,
-                format!("{name}: expected a tensor of its own, got a view of a cache, a plan or a captured step"),
-            )),
+            _ => Err(err(ErrorCode::Unsupported, format!("{name}: expected a tensor of its own, got a view of a cache, a plan or a captured step"))),
         }
     }
 
     /// The source, with the argument's name in the disposed error.
     pub fn arg(&self, name: &str) -> Result<TensorSrc> {
-        self.src
-            .clone()
-            .ok_or_else(|| disposed(&format!("tensor '{name}'")))
+        self.src.clone().ok_or_else(|| disposed(&format!("tensor '{name}'")))
     }
 }
 
@@ -279,25 +245,16 @@ enum ReadAs {
     Bits,
 }
 
-fn read(
-    t: &mla_core::Tensor,
-    how: ReadAs,
-) -> Result<Either3<Float32Array, Int32Array, Uint16Array>> {
+fn read(t: &mla_core::Tensor, how: ReadAs) -> Result<Either3<Float32Array, Int32Array, Uint16Array>> {
     match how {
         ReadAs::F32 => Ok(Either3::A(Float32Array::new(core(|| t.to_f32())?))),
         ReadAs::I32 => Ok(Either3::B(Int32Array::new(core(|| t.to_i32())?))),
         ReadAs::Bits => {
             if !t.dtype().is_half() {
-                return Err(err(
-                    ErrorCode::DtypeMismatch,
-                    format!("tensor: expected bf16 or fp16, got {}", t.dtype()),
-                ));
+                return Err(err(ErrorCode::DtypeMismatch, format!("tensor: expected bf16 or fp16, got {}", t.dtype())));
             }
             let bytes = core(|| t.to_bytes())?;
-            let bits = bytes
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect();
+            let bits = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
             Ok(Either3::C(Uint16Array::new(bits)))
         }
     }
@@ -307,9 +264,7 @@ fn read(
 impl Tensor {
     #[napi(getter)]
     pub fn shape(&self) -> Result<Vec<u32>> {
-        Ok(self
-            .src()?
-            .with(|t| t.shape().iter().map(|&d| d as u32).collect()))
+        Ok(self.src()?.with(|t| t.shape().iter().map(|&d| d as u32).collect()))
     }
 
     /// "bf16", "fp16", "fp32" or "int32".
@@ -356,9 +311,7 @@ impl Tensor {
     #[napi]
     pub fn source_plan(&self) -> Result<Option<Plan>> {
         Ok(match self.src()? {
-            TensorSrc::PlanMetadata(p) | TensorSrc::PlanNumSplits(p) => {
-                Some(Plan::from_arc(p.clone()))
-            }
+            TensorSrc::PlanMetadata(p) | TensorSrc::PlanNumSplits(p) => Some(Plan::from_arc(p.clone())),
             _ => None,
         })
     }
@@ -380,25 +333,16 @@ impl Tensor {
     /// Values as f32 (bf16 / fp16 widened exactly), copied to the host off the JS thread.
     #[napi]
     pub fn to_float32_array(&self) -> Result<AsyncTask<ReadTask>> {
-        Ok(read_task(
-            self.src()?.clone(),
-            ReadAs::F32,
-        ))
+        Ok(read_task(self.src()?.clone(), ReadAs::F32))
     }
     #[napi]
     pub fn to_int32_array(&self) -> Result<AsyncTask<ReadTask>> {
-        Ok(read_task(
-            self.src()?.clone(),
-            ReadAs::I32,
-        ))
+        Ok(read_task(self.src()?.clone(), ReadAs::I32))
     }
     /// Raw bf16 / fp16 bits.
     #[napi]
     pub fn to_uint16_array(&self) -> Result<AsyncTask<ReadTask>> {
-        Ok(read_task(
-            self.src()?.clone(),
-            ReadAs::Bits,
-        ))
+        Ok(read_task(self.src()?.clone(), ReadAs::Bits))
     }
 
     #[napi]
@@ -428,24 +372,15 @@ impl Tensor {
     #[napi]
     pub fn fill(&mut self, byte: u32) -> Result<()> {
         if byte > 255 {
-            return Err(err(
-                ErrorCode::InvalidArgument,
-                format!("byte: expected 0..=255, got {byte}"),
-            ));
+            return Err(err(ErrorCode::InvalidArgument, format!("byte: expected 0..=255, got {byte}")));
         }
         match self.src.as_mut().ok_or_else(|| disposed("tensor"))? {
             TensorSrc::Owned(t) => match Arc::get_mut(t) {
                 Some(t) => core(|| t.fill_bytes(byte as u8)),
-                None => Err(err(
-                    ErrorCode::InvalidArgument,
-                    "tensor: it is in use by a pending operation",
-                )),
+                None => Err(err(ErrorCode::InvalidArgument, "tensor: it is in use by a pending operation")),
             },
             TensorSrc::Step(..) => self.with_mut("tensor", |t| core(|| t.fill_bytes(byte as u8))),
-            _ => Err(err(
-                ErrorCode::Unsupported,
-                "fill: only tensors of their own (or of a captured step) can be filled, not views of a cache or a plan",
-            )),
+            _ => Err(err(ErrorCode::Unsupported, "fill: only tensors of their own (or of a captured step) can be filled, not views of a cache or a plan")),
         }
     }
 
@@ -461,13 +396,7 @@ impl Tensor {
     pub fn write_bits(&mut self, data: &[u16]) -> Result<()> {
         self.with_mut("tensor", |t| {
             if !t.dtype().is_half() {
-                return Err(err(
-                    ErrorCode::DtypeMismatch,
-                    format!(
-                        "tensor: expected bf16 or fp16 for Uint16Array data, got {}",
-                        t.dtype()
-                    ),
-                ));
+                return Err(err(ErrorCode::DtypeMismatch, format!("tensor: expected bf16 or fp16 for Uint16Array data, got {}", t.dtype())));
             }
             write_all(t, mla_core::tensor::as_bytes(data), data.len())
         })
@@ -478,13 +407,7 @@ impl Tensor {
     pub fn write_i32(&mut self, data: &[i32]) -> Result<()> {
         self.with_mut("tensor", |t| {
             if t.dtype() != mla_core::DType::I32 {
-                return Err(err(
-                    ErrorCode::DtypeMismatch,
-                    format!(
-                        "tensor: expected int32 for Int32Array data, got {}",
-                        t.dtype()
-                    ),
-                ));
+                return Err(err(ErrorCode::DtypeMismatch, format!("tensor: expected int32 for Int32Array data, got {}", t.dtype())));
             }
             write_all(t, mla_core::tensor::as_bytes(data), data.len())
         })
@@ -497,16 +420,11 @@ impl Tensor {
         let s = src.arg("src")?;
         if let (Some(TensorSrc::Step(a, _)), TensorSrc::Step(b, _)) = (&self.src, &s) {
             if Arc::ptr_eq(a, b) {
-                return Err(err(
-                    ErrorCode::Unsupported,
-                    "src: expected a tensor outside this captured step, got one of its own tensors",
-                ));
+                return Err(err(ErrorCode::Unsupported, "src: expected a tensor outside this captured step, got one of its own tensors"));
             }
         }
         if let Some(TensorSrc::Step(held, part)) = self.src.clone() {
-            return with_locked(&[&s], &[], Some(&held), |x, _, st| {
-                core(|| part.of_mut(st.unwrap()).copy_from(x[0]))
-            });
+            return with_locked(&[&s], &[], Some(&held), |x, _, st| core(|| part.of_mut(st.unwrap()).copy_from(x[0])));
         }
         let t = self.owned_mut("tensor")?;
         with_all(&[&s], &[], |x, _| core(|| t.copy_from(x[0])))
@@ -523,15 +441,8 @@ fn write_f32_into(t: &mut mla_core::Tensor, data: &[f32]) -> Result<()> {
     {
         let bytes: Vec<u8> = match t.dtype() {
             mla_core::DType::F32 => mla_core::tensor::as_bytes(data).to_vec(),
-            d if d.is_half() => {
-                mla_core::tensor::as_bytes(&mla_core::dtype::f32_slice_to_half(data, d)).to_vec()
-            }
-            d => {
-                return Err(err(
-                    ErrorCode::DtypeMismatch,
-                    format!("tensor: expected a floating tensor for Float32Array data, got {d}"),
-                ))
-            }
+            d if d.is_half() => mla_core::tensor::as_bytes(&mla_core::dtype::f32_slice_to_half(data, d)).to_vec(),
+            d => return Err(err(ErrorCode::DtypeMismatch, format!("tensor: expected a floating tensor for Float32Array data, got {d}"))),
         };
         write_all(t, &bytes, data.len())
     }
@@ -540,14 +451,7 @@ fn write_f32_into(t: &mut mla_core::Tensor, data: &[f32]) -> Result<()> {
 /// Writes `bytes` (of `n` elements) over the whole tensor.
 fn write_all(t: &mut mla_core::Tensor, bytes: &[u8], n: usize) -> Result<()> {
     if n != t.numel() {
-        return Err(err(
-            ErrorCode::ShapeMismatch,
-            format!(
-                "data: expected {} elements (shape {:?}), got {n}",
-                t.numel(),
-                t.shape()
-            ),
-        ));
+        return Err(err(ErrorCode::ShapeMismatch, format!("data: expected {} elements (shape {:?}), got {n}", t.numel(), t.shape())));
     }
     core(|| t.write_bytes(0, bytes))
 }

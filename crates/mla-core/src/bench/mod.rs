@@ -36,8 +36,8 @@ pub use timing::*;
 mod tests {
     use super::rng::Rng;
     use super::*;
-    use crate::device::Device;
     use crate::consts::BLOCK_TABLE_PAD;
+    use crate::device::Device;
     use crate::dtype::DType;
     use crate::plan::PlanOptions;
 

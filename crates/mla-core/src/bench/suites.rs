@@ -50,7 +50,9 @@ impl BenchConfig {
 
     /// Checks the sizes (a typed error naming the field).
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, expected: &str, got: String| Err(MlaError::arg(ErrorCode::InvalidArgument, &format!("bench config {}: {what}", self.label()), expected, got));
+        let bad = |what: &str, expected: &str, got: String| {
+            Err(MlaError::arg(ErrorCode::InvalidArgument, &format!("bench config {}: {what}", self.label()), expected, got))
+        };
         if self.b == 0 {
             return bad("b", "at least 1", self.b.to_string());
         }

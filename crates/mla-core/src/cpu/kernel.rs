@@ -7,8 +7,8 @@
 //! `avx2.rs`, which instantiates it: this module does not know that build), chosen at
 //! run time.
 
-use crate::dtype::DType;
 use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
+use crate::dtype::DType;
 
 const D: usize = HEAD_DIM;
 const DV: usize = HEAD_DIM_V;

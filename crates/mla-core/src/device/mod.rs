@@ -202,11 +202,9 @@ impl Device {
     pub fn memory_stats(&self) -> MemoryStats {
         match self {
             Device::Cpu => MemoryStats { host_tensor_bytes: crate::host::live_host_bytes() as u64, pending_steps: 0, gpu: None },
-            Device::Cuda(g) => MemoryStats {
-                host_tensor_bytes: crate::host::live_host_bytes() as u64,
-                pending_steps: g.pending_steps() as u64,
-                gpu: Some(g.memory_stats()),
-            },
+            Device::Cuda(g) => {
+                MemoryStats { host_tensor_bytes: crate::host::live_host_bytes() as u64, pending_steps: g.pending_steps() as u64, gpu: Some(g.memory_stats()) }
+            }
         }
     }
 

@@ -456,13 +456,7 @@ fn create_pool(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<sys::CUmemoryPo
     props.location.id = ordinal as i32;
     let pool = unsafe { result::mem_pool::create(&props)? };
     let mut threshold = POOL_RELEASE_THRESHOLD;
-    unsafe {
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut threshold as *mut u64 as *mut c_void,
-        )?
-    };
+    unsafe { result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut c_void)? };
     Ok(pool)
 }
 

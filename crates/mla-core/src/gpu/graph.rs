@@ -33,6 +33,7 @@ pub unsafe fn capture(stream: &Arc<CudaStream>, body: impl FnOnce() -> Result<()
 
 use std::borrow::Cow;
 
+use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 use crate::decode::{enqueue_into, DecodeOptions};
 use crate::device::{Device, StepId};
 use crate::dtype::DType;
@@ -40,7 +41,6 @@ use crate::plan::{plan_with, Plan, PlanOptions};
 use crate::step::shape::DecodeInputs;
 use crate::tensor::Tensor;
 use crate::validate::{check_decode, check_outputs, check_scale, DecodeShape};
-use crate::consts::{BLOCK_SIZE, HEAD_DIM, HEAD_DIM_V};
 
 /// What [`capture_step`] captures: one decode step of `layers` layers over `batch`
 /// sequences (block tables of `max_blocks_per_seq` entries), `s_q` query tokens and `h_q`

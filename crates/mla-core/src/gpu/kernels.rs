@@ -75,14 +75,11 @@ impl Kernels {
             ));
         };
         let smem_bytes = m.0.dynamic_smem(name).unwrap_or(0);
-        let f = m.1.load_function(name).map_err(|_| {
-            MlaError::new(ErrorCode::KernelsUnavailable, format!("kernel {module}:{name} is not in the {} build of {module}", self.target))
-        })?;
+        let f =
+            m.1.load_function(name)
+                .map_err(|_| MlaError::new(ErrorCode::KernelsUnavailable, format!("kernel {module}:{name} is not in the {} build of {module}", self.target)))?;
         if smem_bytes > 48 * 1024 {
-            f.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem_bytes as i32,
-            )?;
+            f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes as i32)?;
         }
         cache.insert(name, (f.clone(), smem_bytes));
         Ok((f, smem_bytes))

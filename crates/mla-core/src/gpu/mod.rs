@@ -8,13 +8,13 @@
 mod buffer;
 pub mod graph;
 pub mod kernels;
-pub mod ops;
-pub mod util;
 pub mod launch;
+pub mod ops;
 pub mod params;
 pub mod path;
 pub mod tma;
 pub mod tma_cache;
+pub mod util;
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -25,12 +25,12 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream};
 
-pub(crate) use buffer::{MemCtx, PinnedBuf};
 pub use buffer::{DeviceBuffer, PoolStats, StagePart};
+pub(crate) use buffer::{MemCtx, PinnedBuf};
 
 use crate::device::info::{DeviceInfo, DeviceOptions, GpuDeviceStatus, GpuStatus, MIN_DRIVER_CUDA_VERSION};
-use path::{KernelPath, PathChoice, Request};
 use crate::error::{ErrorCode, MlaError, Result};
+use path::{KernelPath, PathChoice, Request};
 
 struct Driver {
     /// The CUDA version the driver supports, as (major, minor).
@@ -230,10 +230,7 @@ impl GpuDevice {
             return Err(MlaError::arg(ErrorCode::GpuUnavailable, "device", format!("an ordinal below {count}"), ordinal));
         }
         if !mla_kernels::available() {
-            return Err(MlaError::new(
-                ErrorCode::KernelsUnavailable,
-                format!("this build has no GPU kernels: {}", mla_kernels::UNAVAILABLE_REASON),
-            ));
+            return Err(MlaError::new(ErrorCode::KernelsUnavailable, format!("this build has no GPU kernels: {}", mla_kernels::UNAVAILABLE_REASON)));
         }
         // The path first, from the device's attributes: a device that cannot run any is
         // refused before a context exists.
@@ -388,11 +385,25 @@ impl GpuDevice {
     /// A step whose kernels were given `flag` (a device int) at capture time instead of a
     /// slot of the log (a CUDA graph's own flag): after its work, `flag` is copied into the
     /// step's slot and cleared, in stream order.
-    pub(crate) fn step_with_flag<T>(&self, label: Cow<'static, str>, stream: &Arc<CudaStream>, flag: u64, tracked: bool, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+    pub(crate) fn step_with_flag<T>(
+        &self,
+        label: Cow<'static, str>,
+        stream: &Arc<CudaStream>,
+        flag: u64,
+        tracked: bool,
+        enqueue: impl FnOnce() -> Result<T>,
+    ) -> Result<(StepId, T)> {
         self.step_inner(label, stream, Some(flag), tracked, enqueue)
     }
 
-    fn step_inner<T>(&self, label: Cow<'static, str>, stream: &Arc<CudaStream>, shared: Option<u64>, tracked: bool, enqueue: impl FnOnce() -> Result<T>) -> Result<(StepId, T)> {
+    fn step_inner<T>(
+        &self,
+        label: Cow<'static, str>,
+        stream: &Arc<CudaStream>,
+        shared: Option<u64>,
+        tracked: bool,
+        enqueue: impl FnOnce() -> Result<T>,
+    ) -> Result<(StepId, T)> {
         if let Some(c) = current_step(self) {
             return enqueue().map(|v| (c.id, v));
         }
@@ -830,7 +841,13 @@ impl StepLog {
             flags,
             flags_dev,
             mem: mem.clone(),
-            state: Mutex::new(StepState { next_id: 1, free: (0..STEP_SLOTS as u32).rev().collect(), pending: VecDeque::new(), tracked: VecDeque::new(), failed: Vec::new() }),
+            state: Mutex::new(StepState {
+                next_id: 1,
+                free: (0..STEP_SLOTS as u32).rev().collect(),
+                pending: VecDeque::new(),
+                tracked: VecDeque::new(),
+                failed: Vec::new(),
+            }),
             harvest_lock: Mutex::new(()),
             ambient_used: AtomicBool::new(false),
         })

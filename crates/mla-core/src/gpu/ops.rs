@@ -12,6 +12,7 @@ use super::path::KernelPath;
 // Tensor maps through the per-thread cache (gpu/tma_cache.rs: same functions as tma.rs).
 use super::tma_cache as tma;
 use super::GpuDevice;
+use crate::consts::BLOCK_SIZE;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::step::options::DecodeOptions;
@@ -19,7 +20,6 @@ use crate::step::plan::Plan;
 use crate::step::sched::{split_fixed_cost, GPU_ROW_TILE};
 use crate::step::shape::{DecodeInputs, DecodeShape};
 use crate::tensor::Tensor;
-use crate::consts::BLOCK_SIZE;
 
 fn ptr(t: &Tensor) -> u64 {
     t.device_ptr().expect("a CUDA tensor")
@@ -127,14 +127,7 @@ impl DecodeKernel {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn decode_into(
-    g: &GpuDevice,
-    s: &DecodeShape,
-    inp: &DecodeInputs,
-    opts: &DecodeOptions,
-    out: &mut Tensor,
-    lse: &mut Tensor,
-) -> Result<()> {
+pub fn decode_into(g: &GpuDevice, s: &DecodeShape, inp: &DecodeInputs, opts: &DecodeOptions, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
     let DecodeInputs { q, kv, block_table, seqlens, plan } = *inp;
     let rows = s.rows();
     if s.b == 0 {
@@ -180,16 +173,12 @@ pub fn decode_into(
         kv_map: Default::default(),
     };
     let p = match kernel {
-        DecodeKernel::Tma { tile } => MlaDecodeParams {
-            q_map: tma::q_map(p.q, s.dtype, s.b, rows, tile)?,
-            kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE / 2)?,
-            ..p
-        },
-        DecodeKernel::WarpSpecialized | DecodeKernel::Seesaw => MlaDecodeParams {
-            q_map: tma::q_map(p.q, s.dtype, s.b, rows, GPU_ROW_TILE)?,
-            kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE)?,
-            ..p
-        },
+        DecodeKernel::Tma { tile } => {
+            MlaDecodeParams { q_map: tma::q_map(p.q, s.dtype, s.b, rows, tile)?, kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE / 2)?, ..p }
+        }
+        DecodeKernel::WarpSpecialized | DecodeKernel::Seesaw => {
+            MlaDecodeParams { q_map: tma::q_map(p.q, s.dtype, s.b, rows, GPU_ROW_TILE)?, kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE)?, ..p }
+        }
         _ => p,
     };
     let dims = LaunchDims { grid: (plan.num_parts as u32, rows.div_ceil(tile) as u32, 1), block: (threads, 1, 1), smem };

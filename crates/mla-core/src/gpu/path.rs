@@ -139,7 +139,11 @@ pub fn select(cc: (i32, i32), built: &[(&'static str, &'static str)], req: Reque
         let mut t: Vec<&str> = built.iter().map(|b| b.1).collect();
         t.sort();
         t.dedup();
-        if t.is_empty() { "none".to_string() } else { t.join(", ") }
+        if t.is_empty() {
+            "none".to_string()
+        } else {
+            t.join(", ")
+        }
     };
     let candidates: &[KernelPath] = match req {
         Request::Auto if cc == (9, 0) => &[KernelPath::Hopper, KernelPath::Portable, KernelPath::PortablePtx],
@@ -170,7 +174,12 @@ pub fn select(cc: (i32, i32), built: &[(&'static str, &'static str)], req: Reque
     }
     let what = match req {
         Request::Exact(KernelPath::Hopper) if cc != (9, 0) => {
-            return Err(MlaError::arg(ErrorCode::KernelsUnavailable, "kernel path 'hopper'", "a compute capability 9.0 device (the sm_90a kernels)", format!("{}.{}", cc.0, cc.1)));
+            return Err(MlaError::arg(
+                ErrorCode::KernelsUnavailable,
+                "kernel path 'hopper'",
+                "a compute capability 9.0 device (the sm_90a kernels)",
+                format!("{}.{}", cc.0, cc.1),
+            ));
         }
         Request::Exact(p) => format!("kernel path '{p}' ({} kernels)", if p == KernelPath::PortablePtx { PTX_TARGET.to_string() } else { cubin_target(cc, p) }),
         _ => "kernels".to_string(),

@@ -7,9 +7,9 @@
 use cudarc::driver::sys;
 
 use super::params::TmaMap;
+use crate::consts::{BLOCK_SIZE, HEAD_DIM};
 use crate::dtype::DType;
 use crate::error::{ErrorCode, MlaError, Result};
-use crate::consts::{BLOCK_SIZE, HEAD_DIM};
 
 /// Columns of one TMA box: 64 two-byte values = the 128 bytes the 128-byte swizzle spans,
 /// so each box lands as one swizzled column region of the kernels' shared-memory layout.
@@ -63,10 +63,7 @@ fn encode_rows(ptr: u64, dtype: DType, dims: [u64; 3], box_rows: u32) -> Result<
         )
     };
     if rc != sys::CUresult::CUDA_SUCCESS {
-        return Err(MlaError::new(
-            ErrorCode::Cuda,
-            format!("cuTensorMapEncodeTiled({dims:?}, box {BOX_COLS}x{box_rows}) failed: {rc:?}"),
-        ));
+        return Err(MlaError::new(ErrorCode::Cuda, format!("cuTensorMapEncodeTiled({dims:?}, box {BOX_COLS}x{box_rows}) failed: {rc:?}")));
     }
     // SAFETY: initialised by the driver above.
     let map = unsafe { map.assume_init() };

@@ -82,8 +82,16 @@ impl SchedMeta {
     /// Writes this row as row `p` of `metadata`.
     pub fn write(&self, metadata: &mut [i32], p: usize) {
         let r = self.reserved;
-        metadata[p * META_INTS..(p + 1) * META_INTS]
-            .copy_from_slice(&[self.begin_seq, self.begin_block, self.end_seq, self.end_block, self.begin_split, r[0], r[1], r[2]]);
+        metadata[p * META_INTS..(p + 1) * META_INTS].copy_from_slice(&[
+            self.begin_seq,
+            self.begin_block,
+            self.end_seq,
+            self.end_block,
+            self.begin_split,
+            r[0],
+            r[1],
+            r[2],
+        ]);
     }
 
     /// The named fields, in row order.
@@ -203,7 +211,14 @@ fn invariant_walk(nb: &[i64], n: &[i64], num_parts: usize, cap: i64, fixed: i64,
             }
         }
         if let Some(m) = meta.as_deref_mut() {
-            let row = SchedMeta { begin_seq: bs as i32, begin_block: start_blk(bs, bk), end_seq: s as i32, end_block: start_blk(s, k), begin_split: bk as i32, reserved: [0; 3] };
+            let row = SchedMeta {
+                begin_seq: bs as i32,
+                begin_block: start_blk(bs, bk),
+                end_seq: s as i32,
+                end_block: start_blk(s, k),
+                begin_split: bk as i32,
+                reserved: [0; 3],
+            };
             row.write(m, p);
         }
     }

@@ -410,8 +410,7 @@ pub fn reference_seq(inp: &Inputs, i: usize, causal: bool, scale: f32) -> (Vec<f
             return;
         }
         let qrow: Vec<f64> = inp.q[((i * s_q + j) * h_q + h) * D..][..D].iter().map(|&x| half_to_f64(x, dt)).collect();
-        let scores: Vec<f64> =
-            keys[..=last as usize].iter().map(|k| scale * k.iter().zip(&qrow).map(|(k, q)| k * q).sum::<f64>()).collect();
+        let scores: Vec<f64> = keys[..=last as usize].iter().map(|k| scale * k.iter().zip(&qrow).map(|(k, q)| k * q).sum::<f64>()).collect();
         let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let mut sum = 0.0;
         for (t, &s) in scores.iter().enumerate() {
@@ -534,8 +533,8 @@ pub fn check(what: &str, inp: &Inputs, out_bits: &[u16], lse: &[f32], r: &Refere
     err
 }
 
-pub mod serve;
 pub mod invariant;
+pub mod serve;
 
 /// CUDA device 0 for a GPU test, or None after printing "SKIPPED <test> (no GPU: ...)";
 /// with MLA_TEST_DEVICE=cuda (the GPU suite sets it) a missing GPU fails the test instead.

@@ -243,7 +243,11 @@ pub fn replan_in_place_equals_a_fresh_plan(dev: &Device) {
         enqueue_into(&t.q, &t.kv, &t.block_table, &sl, &p, &opts("replanned"), &mut out, &mut lse).unwrap();
         dev.synchronize().unwrap();
         let after = dev.memory_stats();
-        assert_eq!((after.host_tensor_bytes, after.gpu.map(|g| g.live_buffers)), (before.host_tensor_bytes, before.gpu.map(|g| g.live_buffers)), "replan allocates nothing");
+        assert_eq!(
+            (after.host_tensor_bytes, after.gpu.map(|g| g.live_buffers)),
+            (before.host_tensor_bytes, before.gpu.map(|g| g.live_buffers)),
+            "replan allocates nothing"
+        );
         let fresh = plan(&sl, 16, 1).unwrap();
         assert_eq!(p.metadata().to_i32().unwrap(), fresh.metadata().to_i32().unwrap(), "metadata for {lens:?}");
         assert_eq!(p.num_splits().to_i32().unwrap(), fresh.num_splits().to_i32().unwrap(), "num_splits for {lens:?}");
@@ -430,7 +434,17 @@ pub fn graph_replay_with_new_lengths_equals_eager_decode(dev: &Device) {
             c.append(s, &random_bits(&mut rng, start[i] * 576, dtype)).unwrap();
         }
     }
-    let spec = mla_core::gpu::graph::StepSpec { batch: b, max_blocks_per_seq: 8, s_q, h_q, layers, dtype, causal: true, softmax_scale: None, label: Some("tokens".into()) };
+    let spec = mla_core::gpu::graph::StepSpec {
+        batch: b,
+        max_blocks_per_seq: 8,
+        s_q,
+        h_q,
+        layers,
+        dtype,
+        causal: true,
+        softmax_scale: None,
+        label: Some("tokens".into()),
+    };
     let kv: Vec<&Tensor> = caches.iter().map(|c| c.tensor()).collect();
     let mut step = dev.capture_step(&spec, &kv).unwrap();
     assert_eq!(step.is_graph(), dev.is_cuda());
@@ -462,7 +476,15 @@ pub fn graph_replay_with_new_lengths_equals_eager_decode(dev: &Device) {
             assert!(bits_of(step.lse(l)) == bits_of(&r.lse), "round {round} layer {l}: lse differs from an eager decode");
         }
         if round == 5 {
-            let inp = Inputs::from_device(&Tensor::from_half_bits(dev, &qs[2], &[b, s_q, h_q, 576], dtype).unwrap(), kv[2], &bt.to_i32().unwrap(), 8, &sl.to_i32().unwrap(), dtype, rng.seed);
+            let inp = Inputs::from_device(
+                &Tensor::from_half_bits(dev, &qs[2], &[b, s_q, h_q, 576], dtype).unwrap(),
+                kv[2],
+                &bt.to_i32().unwrap(),
+                8,
+                &sl.to_i32().unwrap(),
+                dtype,
+                rng.seed,
+            );
             check_outputs(&inp, step.out(2), step.lse(2), "graph replay vs the reference");
         }
     }
@@ -478,7 +500,17 @@ pub fn graph_replay_reports_bad_steps(dev: &Device) {
     let seqs = [cache.create_sequence(), cache.create_sequence()];
     cache.append(seqs[0], &random_bits(&mut rng, 100 * 576, DType::BF16)).unwrap();
     cache.append(seqs[1], &random_bits(&mut rng, 150 * 576, DType::BF16)).unwrap();
-    let spec = mla_core::gpu::graph::StepSpec { batch: b, max_blocks_per_seq: 4, s_q, h_q, layers: 1, dtype: DType::BF16, causal: false, softmax_scale: None, label: None };
+    let spec = mla_core::gpu::graph::StepSpec {
+        batch: b,
+        max_blocks_per_seq: 4,
+        s_q,
+        h_q,
+        layers: 1,
+        dtype: DType::BF16,
+        causal: false,
+        softmax_scale: None,
+        label: None,
+    };
     let mut step = dev.capture_step(&spec, &[cache.tensor()]).unwrap();
     step.q_mut(0).write_bytes(0, mla_core::tensor::as_bytes(&random_bits(&mut rng, b * h_q * 576, DType::BF16))).unwrap();
     let good = |step: &mut mla_core::gpu::graph::CapturedStep, cache: &KvCache| {
@@ -556,11 +588,22 @@ pub fn soak(dev: &Device, steps: usize) {
     let mut sl = Tensor::zeros(dev, &[b], DType::I32).unwrap();
     cache.batch_into(&slots, &mut bt, &mut sl).unwrap();
     let mut p = plan(&sl, s_q * h_q, 1).unwrap();
-    let qs: Vec<Tensor> = (0..layers).map(|_| Tensor::from_half_bits(dev, &random_bits(&mut rng, b * s_q * h_q * 576, dtype), &[b, s_q, h_q, 576], dtype).unwrap()).collect();
+    let qs: Vec<Tensor> =
+        (0..layers).map(|_| Tensor::from_half_bits(dev, &random_bits(&mut rng, b * s_q * h_q * 576, dtype), &[b, s_q, h_q, 576], dtype).unwrap()).collect();
     let mut outs: Vec<(Tensor, Tensor)> = (0..layers)
         .map(|_| (Tensor::zeros(dev, &[b, s_q, h_q, HEAD_DIM_V], dtype).unwrap(), Tensor::zeros(dev, &[b, h_q, s_q], DType::F32).unwrap()))
         .collect();
-    let spec = mla_core::gpu::graph::StepSpec { batch: b, max_blocks_per_seq: width, s_q, h_q, layers, dtype, causal: true, softmax_scale: None, label: Some("soak replay".into()) };
+    let spec = mla_core::gpu::graph::StepSpec {
+        batch: b,
+        max_blocks_per_seq: width,
+        s_q,
+        h_q,
+        layers,
+        dtype,
+        causal: true,
+        softmax_scale: None,
+        label: Some("soak replay".into()),
+    };
     let mut step = dev.capture_step(&spec, &vec![cache.tensor(); layers]).unwrap();
     for (l, q) in qs.iter().enumerate() {
         step.q_mut(l).copy_from(q).unwrap();
