@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `npm test`: the format check of the TypeScript (prettier), the Rust tests of the core
-# crates, the TypeScript suite (ava) on the built native module, the npm pack test and the
+# `npm test`: the format checks of the TypeScript (prettier) and the Rust (rustfmt), the
+# Rust tests of the core crates, the TypeScript suite (ava) on the built native module, the npm pack test and the
 # Rust package test; then a summary of passed / failed / skipped per stage. Every stage
 # runs even when an earlier one failed; the exit status is non-zero when any failed.
 #
@@ -13,8 +13,8 @@
 # and return without a usable GPU, the ava GPU tests (registered as skipped), and ignored
 # tests.
 #
-# The format check (prettier) is a stage like the others: a file that `npm run format`
-# would change fails it.
+# The format checks are stages like the others: a file that `npm run format` (prettier) or
+# `cargo fmt --all` (rustfmt) would change fails them.
 #
 # Environment: MLA_TEST_DEVICE=cuda makes the GPU tests fail instead of skipping when no
 # GPU is usable; MLA_TEST_SEED=<n> replays the random inputs of an earlier run;
@@ -53,6 +53,27 @@ n=$(grep -c '^\[debug\] resolve config from ' "$logs/format.log")
 f=$(grep -oE '^\[(warn|error)\] [^ :]+\.ts' "$logs/format.log" | sort -u | grep -c .)
 [[ $rc == 0 && $n -gt 0 ]] || { failed=1; [[ $f -gt 0 ]] || f="$f+exit $rc"; }
 row "format check" "$((n > ${f%%+*} ? n - ${f%%+*} : 0))" "$f" 0 "(npm run format fixes it; $((SECONDS - t0)) s)"
+
+stage "rust format check (cargo fmt --all -- --check, rustfmt.toml)"
+t0=$SECONDS
+# rustfmt prints a "Diff in <file>:<line>:" header per hunk; the failed count is the files
+# named. The passed count is the workspace's .rs files less those.
+if ! cargo fmt --version >/dev/null 2>&1; then
+  echo "npm test: rustfmt is not installed (rustup component add rustfmt)" >&2
+  failed=1
+  row "rust format check" 0 "1+no rustfmt" 0 "($((SECONDS - t0)) s)"
+else
+  cargo fmt --all -- --check --color never >"$logs/rustfmt.log" 2>&1
+  rc=$?
+  grep -E '^Diff in ' "$logs/rustfmt.log" | sed -E 's/:[0-9]+:$//' | sort | uniq -c
+  f=$(grep -oE '^Diff in [^:]+' "$logs/rustfmt.log" | sort -u | grep -c .)
+  n=$(git ls-files 'crates/*.rs' | grep -c .)
+  if [[ $rc != 0 ]]; then
+    failed=1
+    [[ $f -gt 0 ]] || { grep -v '^Diff in ' "$logs/rustfmt.log" | head -20; f="$f+exit $rc"; }
+  fi
+  row "rust format check" "$((n > ${f%%+*} ? n - ${f%%+*} : 0))" "$f" 0 "(cargo fmt --all fixes it; $((SECONDS - t0)) s)"
+fi
 
 if [[ ${MLA_SKIP_CARGO_TEST:-0} != 1 ]]; then
   stage "cargo test --release --target $triple -p mla-core -p mla-kernels"
