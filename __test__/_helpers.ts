@@ -19,6 +19,7 @@ import {
   type ErrorCode,
   type HalfDType,
 } from '../index'
+import { native } from '../src/native'
 
 /** Expects `f` to throw / reject an MlaError with `code` whose message mentions `mention`. */
 export async function expectCode(t: ExecutionContext, f: () => unknown, code: ErrorCode, mention?: string): Promise<void> {
@@ -331,8 +332,21 @@ export function caseSeed(index: number, dist: Dist): number {
 // ---------------------------------------------------------------------------------------
 // The plan scheduler (a port of mla_core::plan::host_plan) and a coverage check.
 
-export const META_INTS = 8
-const SPLIT_FIXED_COST = 5
+// The row layout and the split cost come from the binding (one source with the core's
+// SchedMeta and the kernels' MlaSchedMeta).
+const LAYOUT = native.schedMetaLayout()
+export const META_INTS = LAYOUT.ints
+const SPLIT_FIXED_COST = LAYOUT.splitFixedCost
+function field(name: string): number {
+  const f = LAYOUT.fields.find((x) => x.name === name)
+  if (f === undefined) throw new Error(`schedMetaLayout(): no field '${name}' (fields: ${LAYOUT.fields.map((x) => x.name).join(', ')})`)
+  return f.index
+}
+const BEGIN_SEQ = field('begin_seq')
+const BEGIN_BLOCK = field('begin_block')
+const END_SEQ = field('end_seq')
+const END_BLOCK = field('end_block')
+const BEGIN_SPLIT = field('begin_split')
 
 export function hostPlan(seqlens: ArrayLike<number>, numParts: number): { meta: Int32Array; numSplits: Int32Array } {
   const b = seqlens.length
@@ -347,9 +361,9 @@ export function hostPlan(seqlens: ArrayLike<number>, numParts: number): { meta: 
   let splitsInSeq = 0
   for (let p = 0; p < numParts; p++) {
     const m = p * META_INTS
-    meta[m] = seq
-    meta[m + 1] = blk
-    meta[m + 4] = splitsInSeq
+    meta[m + BEGIN_SEQ] = seq
+    meta[m + BEGIN_BLOCK] = blk
+    meta[m + BEGIN_SPLIT] = splitsInSeq
     let remain = payload
     while (seq < b) {
       const left = nb[seq]! - blk
@@ -366,8 +380,8 @@ export function hostPlan(seqlens: ArrayLike<number>, numParts: number): { meta: 
       blk = 0
       splitsInSeq = 0
     }
-    meta[m + 2] = seq
-    meta[m + 3] = blk
+    meta[m + END_SEQ] = seq
+    meta[m + END_BLOCK] = blk
   }
   return { meta, numSplits }
 }
@@ -384,13 +398,13 @@ export function planProblems(seqlens: ArrayLike<number>, meta: Int32Array, numSp
   const segs = new Array<number>(b).fill(0)
   for (let p = 0; p < numParts; p++) {
     const m = p * META_INTS
-    const [bs, bb, es, eb] = [meta[m]!, meta[m + 1]!, meta[m + 2]!, meta[m + 3]!]
+    const [bs, bb, es, eb] = [meta[m + BEGIN_SEQ]!, meta[m + BEGIN_BLOCK]!, meta[m + END_SEQ]!, meta[m + END_BLOCK]!]
     for (let s = bs; s <= Math.min(es, b - 1); s++) {
       const nb = Math.ceil(seqlens[s]! / BLOCK_SIZE)
       const lo = s === bs ? bb : 0
       const hi = s === es ? eb : nb
       if (hi > lo) {
-        const local = s === bs ? meta[m + 4]! : 0
+        const local = s === bs ? meta[m + BEGIN_SPLIT]! : 0
         if (local !== segs[s]) problems.push(`part ${p}: split index ${local} of seq ${s}, expected ${segs[s]}`)
         segs[s]! += 1
         seen[s]! += hi - lo

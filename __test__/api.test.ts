@@ -31,6 +31,7 @@ import {
   type HalfDType,
 } from '../index'
 import { BASE_SEED, D, META_INTS, Rng, caseTensors, hostPlan, makeCase, planProblems, randomF32 } from './_helpers'
+import { native } from '../src/native'
 
 const cpu = Device.open('cpu')
 
@@ -303,6 +304,35 @@ test('decode is deterministic and the async form equals the sync form; concurren
 test('the contract metrics', (t) => {
   t.is(decodeBytes([100, 200], 2, 16), (300 * 576 + 2 * 2 * 16 * 576 + 2 * 2 * 16 * 512) * 2)
   t.is(decodeFlops([100, 200], 2, 16), 2 * 2 * 300 * 16 * (576 + 512))
+})
+
+test('the contract metrics come from the core: lengths and counts are checked, not truncated', (t) => {
+  for (const bad of [[1.5], [-1], [NaN], [2 ** 31]]) {
+    const e = t.throws(() => decodeBytes(bad, 1, 16))
+    t.is((e as MlaError).code, 'ERR_INVALID_ARGUMENT', String(bad))
+    t.regex(e!.message, /seqlens\[0\]/)
+  }
+  t.is((t.throws(() => decodeFlops([64], 1.5, 16)) as MlaError).code, 'ERR_INVALID_ARGUMENT')
+  t.is((t.throws(() => decodeBytes(null as unknown as number[], 1, 16)) as MlaError).code, 'ERR_INVALID_ARGUMENT')
+  // Lengths past 2^24 (f32's integers) stay exact: the core sums in f64.
+  t.is(decodeBytes([2 ** 30 + 1, 2 ** 30 + 3], 1, 1), ((2 ** 31 + 4) * 576 + 2 * 576 + 2 * 512) * 2)
+})
+
+test('the scheduling metadata layout: the row the kernels and the core share', (t) => {
+  const l = native.schedMetaLayout()
+  t.is(l.ints, META_INTS)
+  t.is(l.ints, 8)
+  t.deepEqual(
+    l.fields.map((f) => [f.name, f.index, f.offset]),
+    [
+      ['begin_seq', 0, 0],
+      ['begin_block', 1, 4],
+      ['end_seq', 2, 8],
+      ['end_block', 3, 12],
+      ['begin_split', 4, 16],
+    ],
+  )
+  t.true(l.splitFixedCost >= 1)
 })
 
 test('an unrelated random q over the same cache keeps outputs finite (plain N(0,1))', async (t) => {

@@ -19,19 +19,35 @@ import type { Tensor } from './tensor'
 // ---------------------------------------------------------------------------------------
 // Measuring (the contract's formulas)
 
+// One home for the formulas: the core's `bench::metrics`, through the binding (the Rust
+// benchmarks and the CLI's columns use the same functions).
+
 /** Bytes moved by one decode step: (sum(seqlens) * 576 + b*sQ*hQ*576 + b*sQ*hQ*512) * 2. */
 export function decodeBytes(seqlens: ArrayLike<number>, sQ: number, hQ: number): number {
-  let total = 0
-  for (let i = 0; i < seqlens.length; i++) total += seqlens[i]!
-  const b = seqlens.length
-  return (total * HEAD_DIM + b * sQ * hQ * HEAD_DIM + b * sQ * hQ * HEAD_DIM_V) * 2
+  return native.benchDecodeBytes(lensArg('seqlens', seqlens), int('sQ', sQ, 0, MAX_I32), int('hQ', hQ, 0, MAX_I32))
 }
 
 /** Floating-point operations of one decode step: 2 * sQ * sum(seqlens) * hQ * (576 + 512). */
 export function decodeFlops(seqlens: ArrayLike<number>, sQ: number, hQ: number): number {
-  let total = 0
-  for (let i = 0; i < seqlens.length; i++) total += seqlens[i]!
-  return 2 * sQ * total * hQ * (HEAD_DIM + HEAD_DIM_V)
+  return native.benchDecodeFlops(lensArg('seqlens', seqlens), int('sQ', sQ, 0, MAX_I32), int('hQ', hQ, 0, MAX_I32))
+}
+
+/** `bytes` moved in `ms` milliseconds, in GB/s (1e9 bytes per second). @internal */
+export const gbps = (bytes: number, ms: number): number => native.benchGbps(bytes, ms)
+/** `flops` done in `ms` milliseconds, in TFLOPS (1e12 per second). @internal */
+export const tflops = (flops: number, ms: number): number => native.benchTflops(flops, ms)
+/**
+ * The floor of a step in ms: its bytes at the copy ceiling (GB/s), or its FLOPs at the
+ * matmul ceiling (TFLOPS) when that is finite, the larger. @internal
+ */
+export const floorMs = (bytes: number, flops: number, copyGbps: number, matmulTflops: number): number =>
+  native.benchFloorMs(bytes, flops, copyGbps, Number.isFinite(matmulTflops) ? matmulTflops : undefined)
+
+function lensArg(name: string, seqlens: ArrayLike<number>): number[] {
+  if (seqlens == null || typeof (seqlens as ArrayLike<number>).length !== 'number') {
+    fail('ERR_INVALID_ARGUMENT', `${name}: expected an array of lengths, got ${describe(seqlens)}`)
+  }
+  return Array.from(seqlens, (l, i) => int(`${name}[${i}]`, l, 0, MAX_I32))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -466,7 +482,7 @@ export namespace bench {
     length: number
     /** `await` (polled completion), `await-pool` (the wait on the libuv pool), `enqueue` (plan.update + decodeInto + synchronizeSync), `appendBatch`, `appendBatch-device`, `appendBatch-f32`; `stub-poll` / `stub-pool`: the two completion paths around a stand-in wait of 30 or 500 µs, no GPU work. */
     mode: string
-    /** `from -> to`: two consecutive marks (`js:*` in index.ts, `native:*` in the binding, the rest in the core); a repeated mark gets `#2`, `#3`. */
+    /** `from -> to`: two consecutive marks (`js:*` in src/, `native:*` in the binding, the rest in the core); a repeated mark gets `#2`, `#3`. */
     phase: string
     /** Median µs over the calls that had this phase. */
     us: number

@@ -6,7 +6,7 @@
  * integer argument is therefore checked here, before the native call.
  */
 
-import { BLOCK_SIZE } from './constants'
+import { BLOCK_SIZE, BLOCK_TABLE_PAD } from './constants'
 import { fail, type ErrorCode } from './errors'
 
 /** Largest value of a count the kernels index with 32-bit ints (i32::MAX). */
@@ -14,10 +14,10 @@ export const MAX_I32 = 2 ** 31 - 1
 /** Largest tensor extent the binding accepts (u32::MAX). */
 export const MAX_EXTENT = 2 ** 32 - 1
 /**
- * Largest pool (blocks): `mla_core::cache::BLOCK_TABLE_PAD` (i32::MAX - 4095), the value
- * batch() pads block tables with, so that no real block index can equal it.
+ * Largest pool (blocks): `mla_core::BLOCK_TABLE_PAD` (i32::MAX - 4095), the value batch()
+ * pads block tables with, so that no real block index can equal it.
  */
-export const MAX_CACHE_BLOCKS = 2 ** 31 - 4096
+export const MAX_CACHE_BLOCKS = BLOCK_TABLE_PAD
 /** Largest block-table width: max_blocks_per_seq * 64 must stay below 2^31 (i32::MAX / 64). */
 export const MAX_BLOCKS_PER_SEQ = Math.floor(MAX_I32 / BLOCK_SIZE)
 

@@ -1,6 +1,7 @@
 /** The benchmark's SVG chart (bench.svg). */
 
 import { bench } from '../../index'
+import { gbps, tflops } from '../bench'
 import { fmt, type Row } from './report'
 
 // ---------------------------------------------------------------------------------------
@@ -54,10 +55,8 @@ export function svgChart(
   const height = top + plotH + 74
   const withAnchors = rows.some((r) => r.anchorMs !== undefined)
 
-  const maxG =
-    Math.max(ceiling, ...rows.map((r) => r.m.gbps), ...rows.map((r) => (r.anchorMs ? r.m.bytes / (r.anchorMs * 1e-3) / 1e9 : 0))) * 1.08
-  const maxT =
-    Math.max(1e-9, ...rows.map((r) => r.m.tflops), ...rows.map((r) => (r.anchorMs ? r.m.flops / (r.anchorMs * 1e-3) / 1e12 : 0))) * 1.12
+  const maxG = Math.max(ceiling, ...rows.map((r) => r.m.gbps), ...rows.map((r) => (r.anchorMs ? gbps(r.m.bytes, r.anchorMs) : 0))) * 1.08
+  const maxT = Math.max(1e-9, ...rows.map((r) => r.m.tflops), ...rows.map((r) => (r.anchorMs ? tflops(r.m.flops, r.anchorMs) : 0))) * 1.12
   const stepG = niceStep(maxG)
   const stepT = niceStep(maxT)
   const domG = Math.ceil(maxG / stepG) * stepG
@@ -133,10 +132,18 @@ export function svgChart(
     o.push(`<text class="ms" x="${x0a - 8}" y="${y + rowH / 2 + 4}" text-anchor="end" font-size="11">${esc(msText)}</text>`)
     const color = tagColor(r.config)
     // FlashMLA's time on the same shape, as a rate: a black marker on the bar's row.
-    const anchorRate = (work: number, scale: number) => (r.anchorMs !== undefined ? work / (r.anchorMs * 1e-3) / scale : undefined)
+    const a = r.anchorMs
     for (const [x0, v, av, dom, unit, cls, digits] of [
-      [x0a, r.m.gbps, anchorRate(r.m.bytes, 1e9), domG, 'GB/s', 'gbps', r.m.gbps >= 100 ? 0 : 1],
-      [x0b, r.m.tflops, anchorRate(r.m.flops, 1e12), domT, 'TFLOPS', 'tflops', r.m.tflops >= 10 ? 1 : r.m.tflops >= 0.1 ? 2 : 3],
+      [x0a, r.m.gbps, a !== undefined ? gbps(r.m.bytes, a) : undefined, domG, 'GB/s', 'gbps', r.m.gbps >= 100 ? 0 : 1],
+      [
+        x0b,
+        r.m.tflops,
+        a !== undefined ? tflops(r.m.flops, a) : undefined,
+        domT,
+        'TFLOPS',
+        'tflops',
+        r.m.tflops >= 10 ? 1 : r.m.tflops >= 0.1 ? 2 : 3,
+      ],
     ] as const) {
       const w = Math.max(0.5, sx(v, dom))
       const tip = `${r.config.label} (b=${r.m.b}): ${v.toFixed(digits)} ${unit}, ${fmt.ms(r.m.ms)} ms`

@@ -58,7 +58,7 @@ bench --host options (--device, --out, --quick as above):
 bench --host-breakdown options (--device, --out, --quick, --steps as --host's; --steps is
 the calls per mode, default 200 on CUDA, 20 on the CPU):
   For each shape of --host (one layer), the median gap between consecutive phase marks of
-  one call (js:* in index.ts, native:* in the binding, the rest in the core, all on
+  one call (js:* in src/, native:* in the binding, the rest in the core, all on
   CLOCK_MONOTONIC) for: await (completion polled from the event loop), await-pool (the
   wait on the libuv pool, MLA_AWAIT_SPIN_US=0), enqueue (plan.update + decodeInto +
   synchronizeSync), appendBatch (host bits), appendBatch-device, appendBatch-f32; and the

@@ -1,6 +1,7 @@
 /** The benchmark's results as text: number formats, the table, the CSV files. */
 
 import { bench } from '../../index'
+import { floorMs as floor } from '../bench'
 
 export const CSV_HEADER = 'tag,b,s_q,mean_sk,h_q,varlen,ms,gbps,tflops,pct_copy_ceiling,floor_ms,anchor_ms,speedup'
 
@@ -63,7 +64,7 @@ export function csv(rows: Row[], ceiling: number, matmulTflops: number): string 
   const withDefault = rows.some((r) => r.m.defaultMs != null)
   const lines = rows.map(({ config: c, m, anchorMs }) => {
     // The floor: bytes at the copy ceiling or FLOPs at the matmul ceiling, the larger.
-    const floorMs = Math.max(m.bytes / (ceiling * 1e9), Number.isFinite(matmulTflops) ? m.flops / (matmulTflops * 1e12) : 0) * 1e3
+    const floorMs = floor(m.bytes, m.flops, ceiling, matmulTflops)
     return [
       c.tag,
       m.b,

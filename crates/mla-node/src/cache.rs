@@ -9,7 +9,7 @@ use crate::device::{parse_dtype, Device};
 use crate::error::{core, disposed, err, Result};
 use crate::tensor::{lock, lock_two, StepPart, Tensor, TensorSrc};
 
-/// Native side of `KvCache` in index.ts. The core cache sits behind a mutex: a decode
+/// Native side of `KvCache` (src/cache.ts). The core cache sits behind a mutex: a decode
 /// that reads the pool holds it while it runs, and cache calls made meanwhile wait.
 #[napi]
 pub struct KvCache {
@@ -32,7 +32,7 @@ fn seq_id(seq: i64) -> Result<SeqId> {
     Ok(SeqId(seq as u64))
 }
 
-/// Sequence ids as index.ts passes them: a Float64Array of safe integers (`seqList`), read
+/// Sequence ids as the TS entry passes them: a Float64Array of safe integers (`seqList`), read
 /// in one go rather than one JS value at a time.
 pub fn seq_ids(seqs: &[f64]) -> Result<Vec<SeqId>> {
     seqs.iter()
@@ -67,7 +67,7 @@ impl KvCache {
     pub fn new(device: &Device, num_blocks: i64, dtype: String) -> Result<KvCache> {
         let d = device.get()?;
         let dtype = parse_dtype(&dtype)?;
-        // The same name and range as index.ts and the core (which says num_blocks).
+        // The same name and range as src/cache.ts and the core (which says num_blocks).
         let max = mla_core::cache::BLOCK_TABLE_PAD as i64;
         let num_blocks = core(|| mla_core::validate::int_within("numBlocks", num_blocks, 1, max))?;
         let c = core(|| mla_core::KvCache::new(d, KvCacheConfig { num_blocks, dtype }))?;

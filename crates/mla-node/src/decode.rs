@@ -113,7 +113,7 @@ pub fn decode(
 }
 
 /// CUDA: `mla_core::decode::enqueue` on the calling thread, returning the outputs and the
-/// step at once (the outputs are valid once the step completed: index.ts polls
+/// step at once (the outputs are valid once the step completed: src/decode.ts polls
 /// `pollStep`, then falls back to `Device.waitStep`). The result objects are made here,
 /// while the kernels run, not after the wait. Other devices: `null`, nothing done (their
 /// `decode` computes on the libuv pool).

@@ -39,7 +39,7 @@ pub struct GpuDeviceStatus {
     pub reason: Option<String>,
 }
 
-/// Options of `Device.open` (native side of `DeviceOpenOptions` in index.ts).
+/// Options of `Device.open` (native side of `DeviceOpenOptions` in src/device.ts).
 #[napi(object)]
 pub struct DeviceOpenOptions {
     /// The portable kernels even on Hopper (as MLA_FORCE_PORTABLE=1).
@@ -90,7 +90,7 @@ pub struct DeviceInfo {
     pub total_memory: f64,
 }
 
-/// A compute device (native side of `Device` in index.ts).
+/// A compute device (native side of `Device` in src/device.ts).
 #[napi]
 pub struct Device {
     inner: Option<mla_core::Device>,

@@ -2,8 +2,8 @@
 //!
 //! This crate only translates: JS values in, `mla_core` calls, JS values out. Every
 //! behaviour (checks, scheduling, the decode itself) lives in `mla-core`. The generated
-//! `binding.js` / `binding.d.ts` are wrapped by the hand-written `index.ts`, which is the
-//! package's public API.
+//! `binding.js` / `binding.d.ts` are wrapped by the hand-written TS entry (`index.ts` over
+//! `src/*.ts`), which is the package's public API.
 //!
 //! Errors: every `mla_core::MlaError` becomes a JS `Error` whose `code` is the stable
 //! string of its `ErrorCode` (`ERR_SHAPE`, ...). A panic inside native code is caught and
@@ -13,6 +13,7 @@
 
 mod bench;
 mod cache;
+mod consts;
 mod convert;
 mod decode;
 mod device;

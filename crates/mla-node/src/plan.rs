@@ -8,7 +8,7 @@ use napi_derive::napi;
 use crate::error::{core, disposed, err, Result};
 use crate::tensor::{with_all, Tensor, TensorSrc};
 
-/// Native side of `Plan` in index.ts: a handle to a core `SharedPlan` (its tensor views and
+/// Native side of `Plan` in src/plan.ts: a handle to a core `SharedPlan` (its tensor views and
 /// pending decodes hold their own references). The core orders decodes that share a plan
 /// and serialises `update` with them.
 #[napi]
@@ -117,6 +117,9 @@ pub struct SchedMetaLayout {
     /// Int32 values per row (8).
     pub ints: u32,
     pub fields: Vec<SchedMetaField>,
+    /// The scheduler's cost of one split, in blocks (`split_fixed_cost()`: 5, or
+    /// `MLA_SPLIT_FIXED_COST`), for code that re-derives a plan.
+    pub split_fixed_cost: u32,
 }
 
 /// See [`SchedMetaLayout`].
@@ -128,5 +131,6 @@ pub fn sched_meta_layout() -> SchedMetaLayout {
             .iter()
             .map(|&(name, offset)| SchedMetaField { name: name.to_string(), index: (offset / 4) as u32, offset: offset as u32 })
             .collect(),
+        split_fixed_cost: mla_core::plan::split_fixed_cost() as u32,
     }
 }

@@ -13,7 +13,7 @@ use crate::device::{parse_dtype, Device};
 use crate::error::{core, disposed, err, Result};
 use crate::tensor::{with_locked, StepPart, StepRef, Tensor, TensorSrc};
 
-/// Native side of `CapturedStep` in index.ts.
+/// Native side of `CapturedStep` in src/step.ts.
 #[napi]
 pub struct CapturedStep {
     inner: Option<StepRef>,

@@ -194,7 +194,7 @@ pub fn with_locked<R>(
     f(&tensors, &plans, held_guard.as_deref_mut())
 }
 
-/// A dense tensor (native side of `Tensor` in index.ts).
+/// A dense tensor (native side of `Tensor` in src/tensor.ts).
 #[napi]
 pub struct Tensor {
     src: Option<TensorSrc>,
