@@ -5,12 +5,14 @@
 # portable kernels forced on this (Hopper) card: rust-portable, bench-portable.
 # `invariant` (batch-invariant decoding: its tests with each decode kernel, and under
 # compute-sanitizer) runs by default, `bench-invariant` (its cost) on request.
+# `bench-multi` (issue 12): gpu_bench --devices all on h_q 16, s_q 1, mean 16384, every GPU
+# at once: per GPU, total and the scaling vs GPU 0 alone (one GPU: about 1.0).
 #   bash scripts/gpu-suite.sh [stage ...]     (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-stages=${*:-"info sass rust pipeline multi invariant rust-portable rust-tma sanitizer ts matmul bench-cli bench-host bench-host-breakdown bench-portable"}
+stages=${*:-"info sass rust pipeline multi invariant rust-portable rust-tma sanitizer ts matmul bench-cli bench-multi bench-host bench-host-breakdown bench-portable"}
 declare -A result
 export MLA_TEST_DEVICE=cuda
 ANCHORS=${ANCHORS:-.device/anchors/flashmla-h200.csv}
@@ -140,6 +142,11 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
     bench-cli)
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
       run_stage bench-cli bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --no-progress --out '$OUT/cli' --anchors ../anchors/$(basename "$ANCHORS") ${mm:+--matmul-tflops $mm} ${BENCH_ARGS:-}" ;;
+    # Several GPUs at once (issue 12): the grid shape h_q 16, s_q 1, mean 16384 (fixed and
+    # variable lengths) on every GPU present, after GPU 0 alone; the total row's scaling is
+    # the issue's target (two GPUs: >= 1.9x). MULTI_ARGS: more gpu_bench options (--reps N).
+    bench-multi)
+      run_stage bench-multi .device/bin/gpu_bench --devices all --filter grid/1/16384/16/ --csv "$OUT/bench-multi.csv" ${MULTI_ARGS:-} ;;
     # The host benchmark (issue 9): decode steps driven from TypeScript vs the kernels'
     # own time; writes $OUT/host.csv and $OUT/host-ops.csv.
     bench-host)
@@ -171,13 +178,13 @@ done
 
 echo
 echo "=== summary"
-for s in info sass rust pipeline multi invariant-default invariant-tma invariant-ws invariant-portable memcheck-invariant racecheck-invariant synccheck-invariant bench-invariant rust-portable pipeline-portable memcheck-portable racecheck-portable synccheck-portable memcheck-pipeline-portable rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device bench-portable ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
+for s in info sass rust pipeline multi invariant-default invariant-tma invariant-ws invariant-portable memcheck-invariant racecheck-invariant synccheck-invariant bench-invariant rust-portable pipeline-portable memcheck-portable racecheck-portable synccheck-portable memcheck-pipeline-portable rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device bench-multi bench-portable ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
   [[ -n "${result[$s]:-}" ]] && printf '%-26s %s\n' "$s" "${result[$s]}"
 done
 grep -H "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/pipeline*.log "$OUT"/ts.log 2>/dev/null | tail -12
 grep -H "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/memcheck*.log "$OUT"/racecheck*.log "$OUT"/synccheck*.log 2>/dev/null
 cat "$OUT"/sass.log 2>/dev/null
-grep -H "copy ceiling\|matmul\|geometric\|SM clock" "$OUT"/bench-*.log "$OUT"/matmul.log 2>/dev/null
+grep -H "copy ceiling\|matmul\|geometric\|SM clock\|at once" "$OUT"/bench-*.log "$OUT"/matmul.log 2>/dev/null
 [[ -f "$OUT/host.csv" ]] && { column -s, -t < "$OUT/host.csv" 2>/dev/null || cat "$OUT/host.csv"; }
 [[ -f "$OUT/host-ab.csv" ]] && { echo "previous paths (bench-host-ab):"; column -s, -t < "$OUT/host-ab.csv" 2>/dev/null || cat "$OUT/host-ab.csv"; }
 

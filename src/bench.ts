@@ -637,3 +637,102 @@ export namespace bench {
     return { phases, info }
   }
 }
+
+// ---------------------------------------------------------------------------------------
+// Several GPUs at once (the engine of `npx mla-decode bench --devices`; issue 12)
+
+export namespace bench {
+  /** One device's timed steps in {@link bench.runMulti}. */
+  export interface DeviceRun {
+    /** The CUDA ordinal. */
+    ordinal: number
+    name: string
+    /** Median time of its steps, milliseconds, and the rates at the median. */
+    ms: number
+    gbps: number
+    tflops: number
+    /** From the barrier to its last step done, milliseconds. */
+    wallMs: number
+  }
+
+  /** The result of {@link bench.runMulti}. */
+  export interface MultiMeasurement {
+    /** The first device alone (the others idle): the same inputs and loop. */
+    alone: DeviceRun
+    /** Every device, all at once, in the order given. */
+    devices: DeviceRun[]
+    /** Timed steps per device. */
+    reps: number
+    /** From the barrier to the last device done, milliseconds. */
+    wallMs: number
+    /** Bytes and FLOPs of every device's steps together. */
+    bytes: number
+    flops: number
+    /** The aggregate: bytes / wall span (GB/s), flops / wall span (TFLOPS). */
+    gbps: number
+    tflops: number
+    /** The first device alone: its steps' bytes over its own wall span (GB/s). */
+    aloneGbps: number
+    /** gbps / aloneGbps: the total throughput in units of one GPU's. */
+    scaling: number
+  }
+
+  /**
+   * The CUDA ordinals of a device selection: `'all'` (every usable CUDA device) or a list
+   * like `'0,1'`. `'all'` without a usable CUDA device throws `ERR_GPU_UNAVAILABLE` (never
+   * the CPU backend); a malformed list `ERR_INVALID_ARGUMENT`.
+   */
+  export function resolveDevices(spec: string): number[] {
+    if (typeof spec !== 'string') fail('ERR_INVALID_ARGUMENT', `devices: expected a string, got ${describe(spec)}`)
+    return call(() => native.benchResolveDevices(spec))
+  }
+
+  /**
+   * Runs one configuration on several CUDA devices at once, off the JS thread: one native
+   * thread per device, each with its own inputs (the same seed), plan and stream; the first
+   * device alone first, then all together after a barrier. Each device's steps are timed
+   * back to back with CUDA events; the total is the bytes of every device's steps over the
+   * wall span (barrier to the last device done), the scaling that total over the first
+   * device's alone. One device works too (scaling about 1).
+   *
+   * @example
+   * ```ts
+   * using d0 = Device.open('cuda:0')
+   * using d1 = Device.open('cuda:1')
+   * const c = bench.configs('flashmla').find((c) => c.label === 'grid/1/16384/16/0')!
+   * const m = await bench.runMulti([d0, d1], c)
+   * console.log(m.gbps.toFixed(0), 'GB/s in total', m.scaling.toFixed(2) + 'x one GPU')
+   * ```
+   */
+  export function runMulti(
+    devices: Device[],
+    config: Config,
+    opts: { reps?: number; dtype?: HalfDType; seed?: number } = {},
+  ): Promise<MultiMeasurement> {
+    return callAsync(() => {
+      if (!Array.isArray(devices) || devices.length === 0)
+        fail('ERR_INVALID_ARGUMENT', `devices: expected a non-empty array of CUDA devices, got ${show(devices)}`)
+      const ordinals = devices.map((d, i) => {
+        const dev = want(d, Device, `devices[${i}]`)
+        if (dev.kind !== 'cuda') fail('ERR_INVALID_ARGUMENT', `devices[${i}]: expected a CUDA device, got ${dev.kind}`)
+        return dev.info.ordinal
+      })
+      if (config == null || typeof config !== 'object') fail('ERR_INVALID_ARGUMENT', `config: expected a bench.Config, got ${show(config)}`)
+      for (const k of ['b', 'sQ', 'mean', 'hQ'] as const) int(`config.${k}`, config[k], 0, MAX_I32)
+      if (opts.reps !== undefined) int('reps', opts.reps, 1, MAX_I32)
+      if (opts.seed !== undefined) int('seed', opts.seed, 0, Number.MAX_SAFE_INTEGER)
+      const c: Native.BenchConfig = {
+        tag: config.tag,
+        b: config.b,
+        sQ: config.sQ,
+        mean: config.mean,
+        hQ: config.hQ,
+        varlen: config.varlen,
+        label: config.label ?? '',
+        flashmlaShape: config.flashmlaShape ?? false,
+      }
+      if (config.lens) c.lens = config.lens
+      return call(() => native.benchRunMulti(ordinals, c, opts.reps, opts.dtype, opts.seed))
+    })
+  }
+}

@@ -8,6 +8,9 @@ Usage:
   mla-decode bench --host-breakdown
                                phases of one call of each host-path mode (see below);
                                write host-breakdown.csv
+  mla-decode bench --devices all|LIST
+                               the same configurations on several GPUs at once (see
+                               below); write bench-multi.csv
   mla-decode info [--device D] GPU status and the device that would run
   mla-decode --help            this text
 
@@ -41,6 +44,19 @@ bench options:
                                plan on the same inputs: adds default_ms and vs_default
                                (invariant time / default time) and their geometric mean
   --no-progress                no in-place progress bar (also off when stderr is no TTY)
+
+bench --devices all|LIST options (--quick, --suite, --filter, --reps, --dtype, --out,
+--no-progress as above; not with --device, --host, --host-breakdown, --batch-invariant,
+--anchors, --matmul-tflops):
+  all: every usable CUDA device; LIST: distinct ordinals, e.g. 0,1. Each configuration
+  runs on every listed GPU at once (one native thread, inputs, plan and stream per GPU,
+  started after a barrier), after the first GPU alone. Per GPU its median ms, GB/s and
+  TFLOPS; in total the bytes of every GPU's steps over the wall span (barrier to the last
+  GPU done), and the scaling: total / the first GPU alone (over its own wall span), e.g.
+  two GPUs at h_q 16, s_q 1, mean 16384: --devices 0,1 --filter grid/1/16384/16/0.
+  One GPU works too (scaling about 1); without a CUDA GPU: ERR_GPU_UNAVAILABLE, exit 1.
+    bench-multi.csv  tag,b,s_q,mean_sk,h_q,varlen,device,ms,gbps,tflops,scaling
+                     (device: the ordinal, alone:N, or total)
 
 bench --host options (--device, --out, --quick as above):
   --steps N                    timed steps per mode (default 200 on CUDA, 10 on the CPU)

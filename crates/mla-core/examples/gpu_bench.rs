@@ -5,12 +5,22 @@
 //! cargo run --release -p mla-core --example gpu_bench -- [--quick] [--csv out.csv]
 //!     [--anchors flashmla-h100.csv,flashmla-h100-beyond.csv] [--reps 30]
 //!     [--matmul-tflops T] [--filter prefix,prefix...] [--device cuda:N|cpu]
-//!     [--batch-invariant]
+//!     [--batch-invariant] [--devices all|0,1,...]
 //!
 //! --batch-invariant: every configuration is measured with a batch-invariant plan and,
 //! on the same inputs with the timed runs alternating, with the default plan; the CSV gains
 //! default_ms and vs_default (invariant time / default time), and the geometric mean of
 //! vs_default over the grid is printed (the target: at most 1.10).
+//!
+//! --devices all|LIST: every selected configuration on all those CUDA devices at once (one
+//! thread, Device, input set and plan each; `mla_core::bench::run_config_multi`), after the
+//! first device alone: a row per device (its median ms, GB/s, TFLOPS), the first device
+//! alone, and a total row (the bytes of every device's steps over the wall span from the
+//! barrier to the last device done, and the scaling: total / the first device alone, both
+//! over their wall spans). The CSV then has tag,b,s_q,mean_sk,h_q,varlen,device,ms,gbps,
+//! tflops,scaling with device = the ordinal, `alone:N` or `total`. One GPU works too
+//! (scaling about 1); without a CUDA device it is ERR_GPU_UNAVAILABLE. Not with --device
+//! or --batch-invariant.
 //!
 //! Inputs are random (never zeros), generated on the device; block tables map each
 //! sequence to its own blocks; the cache is far larger than L2 for every grid shape.
@@ -20,8 +30,11 @@
 use std::collections::HashMap;
 use std::io::Write;
 
-use mla_core::bench::{anchor_ms, copy_ceiling_gbps, geomean, load_anchors, run_config_plans, suite_configs, DEFAULT_SEED};
-use mla_core::{DType, Device, PlanOptions};
+use mla_core::bench::{
+    anchor_ms, copy_ceiling_gbps, geomean, load_anchors, open_devices, resolve_devices, run_config_multi, run_config_plans, suite_configs, BenchConfig,
+    DEFAULT_SEED,
+};
+use mla_core::{DType, Device, ErrorCode, MlaError, PlanOptions};
 
 fn main() -> mla_core::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -39,6 +52,13 @@ fn main() -> mla_core::Result<()> {
     let mut anchors = HashMap::new();
     for p in opt("--anchors").unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
         anchors.extend(load_anchors(&std::fs::read_to_string(p).unwrap_or_default()));
+    }
+    if let Some(spec) = opt("--devices") {
+        if opt("--device").is_some() || invariant {
+            return Err(MlaError::new(ErrorCode::InvalidArgument, "--devices: not with --device or --batch-invariant"));
+        }
+        let configs: Vec<BenchConfig> = suite_configs("flashmla", quick)?.into_iter().filter(|c| filters.iter().any(|f| c.label().starts_with(f))).collect();
+        return multi_main(&spec, &configs, reps, opt("--csv"));
     }
     let dev = match opt("--device").as_deref() {
         None | Some("cuda") => Device::cuda(0)?,
@@ -153,6 +173,58 @@ fn main() -> mla_core::Result<()> {
         println!("beyond: batch-invariant / default plan time, geometric mean {gm:.3}x over {} configurations", vs_beyond.len());
     }
     if let Some(path) = opt("--csv") {
+        std::fs::File::create(&path).and_then(|mut f| f.write_all(csv.as_bytes())).expect("writing the CSV");
+    }
+    Ok(())
+}
+
+/// `--devices`: each configuration on every listed GPU at once; a table and the CSV.
+fn multi_main(spec: &str, configs: &[BenchConfig], reps: usize, csv_path: Option<String>) -> mla_core::Result<()> {
+    let devs = open_devices(&resolve_devices(spec)?)?;
+    for d in &devs {
+        let i = d.info();
+        let path = i.kernel_path.map(|p| format!(", kernel path {p}")).unwrap_or_default();
+        println!("device cuda:{}: {} ({} SMs{path})", i.ordinal, i.name, i.multiprocessors);
+    }
+    println!(
+        "{} GPU(s) at once, median of {reps} steps each; total = bytes of every device's steps / wall span (barrier to last device done); scaling = total / cuda:{} alone (its steps' bytes / its wall span)",
+        devs.len(),
+        devs[0].info().ordinal
+    );
+    let mut csv = String::from("tag,b,s_q,mean_sk,h_q,varlen,device,ms,gbps,tflops,scaling\n");
+    println!("{:<22} {:>8} {:>9} {:>7} {:>7} {:>8}", "label", "device", "ms", "GB/s", "TFLOPS", "scaling");
+    for c in configs {
+        let r = run_config_multi(&devs, c, DType::BF16, reps, DEFAULT_SEED)?;
+        let key = format!("{},{},{},{},{},{}", c.tag, r.alone.m.b, c.s_q, c.mean, c.h_q, c.varlen as u8);
+        let mut row = |device: String, ms: f64, gbps: f64, tflops: f64, scaling: Option<f64>| {
+            println!(
+                "{:<22} {:>8} {:>9.4} {:>7.0} {:>7.1} {:>8}",
+                c.label(),
+                device,
+                ms,
+                gbps,
+                tflops,
+                scaling.map(|s| format!("{s:.3}x")).unwrap_or_default()
+            );
+            csv.push_str(&format!("{key},{device},{ms:.5},{gbps:.1},{tflops:.2},{}\n", scaling.map(|s| format!("{s:.4}")).unwrap_or_default()));
+        };
+        let a = &r.alone;
+        row(format!("alone:{}", a.ordinal), a.m.ms, a.m.gbps, a.m.tflops, None);
+        for d in &r.devices {
+            row(d.ordinal.to_string(), d.m.ms, d.m.gbps, d.m.tflops, None);
+        }
+        row("total".into(), r.wall_ms / r.reps as f64, r.gbps, r.tflops, Some(r.scaling));
+        println!(
+            "{}: {} GPU(s) at once {:.0} GB/s in total = {:.3}x cuda:{} alone ({:.0} GB/s over its wall span)",
+            c.label(),
+            r.devices.len(),
+            r.gbps,
+            r.scaling,
+            a.ordinal,
+            r.alone_gbps
+        );
+    }
+    if let Some(path) = csv_path {
         std::fs::File::create(&path).and_then(|mut f| f.write_all(csv.as_bytes())).expect("writing the CSV");
     }
     Ok(())

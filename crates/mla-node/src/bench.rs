@@ -325,3 +325,94 @@ pub fn bench_tflops(flops: f64, ms: f64) -> f64 {
 pub fn bench_floor_ms(bytes: f64, flops: f64, copy_gbps: f64, matmul_tflops: Option<f64>) -> f64 {
     bench::floor_ms(bytes, flops, copy_gbps, matmul_tflops)
 }
+
+// Several GPUs at once (issue 12): `mla_core::bench::multi`.
+
+/// The CUDA ordinals of a `--devices` value, "all" or "0,1" (`bench::resolve_devices`):
+/// ERR_GPU_UNAVAILABLE for "all" without a usable CUDA device, ERR_INVALID_ARGUMENT for a
+/// malformed list.
+#[napi]
+pub fn bench_resolve_devices(spec: String) -> Result<Vec<u32>> {
+    Ok(core(|| bench::resolve_devices(&spec))?.into_iter().map(|o| o as u32).collect())
+}
+
+/// One device's run in `benchRunMulti` (`mla_core::bench::DeviceRun`).
+#[napi(object)]
+pub struct BenchDeviceRun {
+    pub ordinal: u32,
+    pub name: String,
+    /// Median ms of its steps and the rates at the median.
+    pub ms: f64,
+    pub gbps: f64,
+    pub tflops: f64,
+    /// From the barrier to its last step done, milliseconds.
+    pub wall_ms: f64,
+}
+
+/// The result of `benchRunMulti` (`mla_core::bench::MultiMeasurement`).
+#[napi(object)]
+pub struct BenchMultiMeasurement {
+    /// The first device alone, then every device at once.
+    pub alone: BenchDeviceRun,
+    pub devices: Vec<BenchDeviceRun>,
+    pub reps: u32,
+    /// From the barrier to the last device done, milliseconds.
+    pub wall_ms: f64,
+    pub bytes: f64,
+    pub flops: f64,
+    /// bytes / wall span, flops / wall span: the aggregate.
+    pub gbps: f64,
+    pub tflops: f64,
+    /// The first device alone: its steps' bytes over its own wall span.
+    pub alone_gbps: f64,
+    /// gbps / alone_gbps.
+    pub scaling: f64,
+}
+
+fn device_run(d: &bench::DeviceRun) -> BenchDeviceRun {
+    BenchDeviceRun { ordinal: d.ordinal as u32, name: d.name.clone(), ms: d.m.ms, gbps: d.m.gbps, tflops: d.m.tflops, wall_ms: d.wall_ms }
+}
+
+/// Measures one configuration on the CUDA devices `ordinals` at once, on the libuv thread
+/// pool (`mla_core::bench::run_config_multi`: one thread per device; the first device alone
+/// first). `reps` timed steps per device (default 30).
+#[napi(ts_return_type = "Promise<BenchMultiMeasurement>")]
+pub fn bench_run_multi(
+    ordinals: Vec<u32>,
+    config: BenchConfig,
+    reps: Option<u32>,
+    dtype: Option<String>,
+    seed: Option<f64>,
+) -> Result<AsyncTask<BenchMultiTask>> {
+    let dtype = parse_dtype(dtype.as_deref().unwrap_or("bf16"))?;
+    if !dtype.is_half() {
+        return Err(err(ErrorCode::DtypeMismatch, format!("dtype: expected 'bf16' or 'fp16', got '{}'", dtype.name())));
+    }
+    let cfg = config.to_core();
+    core(|| cfg.validate())?;
+    let reps = reps.unwrap_or(30) as usize;
+    let seed = seed_of(seed)?;
+    let ordinals: Vec<usize> = ordinals.into_iter().map(|o| o as usize).collect();
+    Ok(CoreTask::new(
+        move || {
+            core(|| {
+                let devs = bench::open_devices(&ordinals)?;
+                bench::run_config_multi(&devs, &cfg, dtype, reps, seed)
+            })
+        },
+        |m: bench::MultiMeasurement| BenchMultiMeasurement {
+            alone: device_run(&m.alone),
+            devices: m.devices.iter().map(device_run).collect(),
+            reps: m.reps as u32,
+            wall_ms: m.wall_ms,
+            bytes: m.bytes,
+            flops: m.flops,
+            gbps: m.gbps,
+            tflops: m.tflops,
+            alone_gbps: m.alone_gbps,
+            scaling: m.scaling,
+        },
+    ))
+}
+
+pub type BenchMultiTask = CoreTask<bench::MultiMeasurement, BenchMultiMeasurement>;

@@ -11,6 +11,7 @@ import { Progress } from '../progress'
 import { csv, fmt, geomean, table, type Row } from '../report'
 import { cmdBenchHost } from './host'
 import { cmdBenchHostBreakdown } from './host-breakdown'
+import { cmdBenchMulti, parseDevicesFlag } from './multi'
 
 export async function cmdBench(argv: string[]): Promise<number> {
   const { values } = parseArgs({
@@ -19,6 +20,7 @@ export async function cmdBench(argv: string[]): Promise<number> {
     allowPositionals: false,
     options: {
       device: { type: 'string', default: 'auto' },
+      devices: { type: 'string' },
       quick: { type: 'boolean', default: false },
       suite: { type: 'string' },
       tiny: { type: 'boolean', default: false }, // hidden: the 'tiny' suite (tests)
@@ -40,6 +42,14 @@ export async function cmdBench(argv: string[]): Promise<number> {
   if (values.help) {
     console.log(HELP)
     return 0
+  }
+  if (values.devices !== undefined) {
+    // Several GPUs at once: its own command; the single-device flags do not apply.
+    parseDevicesFlag(values.devices)
+    const single = ['--device', '--host', '--host-breakdown', '--batch-invariant', '--anchors', '--matmul-tflops', '--steps', '--modes']
+    const given = single.filter((f) => argv.some((a) => a === f || a.startsWith(`${f}=`)))
+    if (given.length > 0) throw new UsageError(`--devices: not with ${given.join(', ')} (--device picks one device, --devices several)`)
+    return cmdBenchMulti({ ...values, devices: values.devices })
   }
   if (values['host-breakdown']) {
     if (values.host || values.modes !== undefined) throw new UsageError('--host-breakdown runs on its own (no --host, no --modes)')

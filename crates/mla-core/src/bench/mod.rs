@@ -7,7 +7,9 @@
 //!   tables mapping each sequence to its own blocks, one plan, warm-up, then the median of
 //!   `reps` timed `decode_into` runs (CUDA events on CUDA, `Instant` on the CPU);
 //! - [`copy_ceiling_gbps`]: the copy ceiling of the same device, measured in the same run;
-//! - [`load_anchors`]: FlashMLA's times from the anchor CSVs (`bench/anchors/`).
+//! - [`load_anchors`]: FlashMLA's times from the anchor CSVs (`bench/anchors/`);
+//! - [`run_config_multi`]: one configuration on several CUDA devices at once, per device
+//!   and in total, with the scaling against the first device alone.
 //!
 //! GB/s = (sum(seqlens) * d + b*s_q*h_q*d + b*s_q*h_q*dv) * 2 bytes / time, and
 //! TFLOPS = 2 * s_q * sum(seqlens) * h_q * (d + dv) / time ([`decode_bytes`], [`decode_flops`],
@@ -15,11 +17,13 @@
 //!
 //! By concern: [`suites`] (configurations and lengths), `rng`, [`inputs`], [`metrics`]
 //! (formulas, the floor, [`Measurement`]), [`stats`], [`timing`] (runs and copy ceilings),
-//! [`anchors`] (the CSV parser). Everything is re-exported here.
+//! [`anchors`] (the CSV parser), [`multi`] (one configuration on several GPUs at once:
+//! [`run_config_multi`]). Everything is re-exported here.
 
 pub mod anchors;
 pub mod inputs;
 pub mod metrics;
+pub mod multi;
 pub(crate) mod rng;
 pub mod stats;
 pub mod suites;
@@ -28,6 +32,7 @@ pub mod timing;
 pub use anchors::*;
 pub use inputs::*;
 pub use metrics::*;
+pub use multi::*;
 pub use stats::*;
 pub use suites::*;
 pub use timing::*;

@@ -35,21 +35,11 @@ pub fn run_config(dev: &Device, cfg: &BenchConfig, dtype: DType, reps: usize, se
 /// the same inputs: every plan is warmed up, then the timed runs alternate between the
 /// plans (so that a drift of the clock falls on all alike). One measurement per plan.
 pub fn run_config_plans(dev: &Device, cfg: &BenchConfig, dtype: DType, reps: usize, seed: u64, plans: &[PlanOptions]) -> Result<Vec<Measurement>> {
-    cfg.validate()?;
     if reps == 0 {
         return Err(MlaError::arg(ErrorCode::InvalidArgument, "reps", "at least 1", reps));
     }
-    let lens = seqlens_for(cfg, seed);
-    let b = lens.len();
-    let (table, max_nb, total_blocks) = own_blocks_table(&lens);
-    let data_seed = seed ^ fnv1a(&cfg.label());
-    let kv = random_tensor(dev, &[total_blocks.max(1), BLOCK_SIZE, 1, HEAD_DIM], dtype, data_seed ^ 1000, 0.1, 1.0)?;
-    let q = random_tensor(dev, &[b, cfg.s_q, cfg.h_q, HEAD_DIM], dtype, data_seed ^ 2000, 0.1, 1.0)?;
-    let bt = Tensor::from_i32(dev, &table, &[b, max_nb])?;
-    let sl = Tensor::from_i32(dev, &lens, &[b])?;
+    let Prepared { lens, kv, q, bt, sl, mut out, mut lse } = prepare(dev, cfg, dtype, seed)?;
     let ps = plans.iter().map(|o| plan_with(&sl, cfg.s_q * cfg.h_q, 1, o)).collect::<Result<Vec<_>>>()?;
-    let mut out = Tensor::zeros(dev, &[b, cfg.s_q, cfg.h_q, HEAD_DIM_V], dtype)?;
-    let mut lse = Tensor::zeros(dev, &[b, cfg.h_q, cfg.s_q], DType::F32)?;
     let opts = DecodeOptions { causal: true, ..Default::default() };
     let mut times = vec![Vec::with_capacity(reps); ps.len()];
     match dev {
@@ -84,6 +74,37 @@ pub fn run_config_plans(dev: &Device, cfg: &BenchConfig, dtype: DType, reps: usi
         }
     }
     Ok(times.iter().map(|t| Measurement::from_times(&lens, cfg.s_q, cfg.h_q, t)).collect())
+}
+
+/// The inputs and outputs of one configuration on one device (what [`run_config_plans`]
+/// and [`run_config_multi`](crate::bench::run_config_multi) time).
+pub(crate) struct Prepared {
+    /// The lengths measured ([`seqlens_for`]).
+    pub lens: Vec<i32>,
+    pub kv: Tensor,
+    pub q: Tensor,
+    pub bt: Tensor,
+    pub sl: Tensor,
+    pub out: Tensor,
+    pub lse: Tensor,
+}
+
+/// Random inputs of `cfg` on `dev` from `seed` (never zeros: generated on the device on
+/// CUDA), a block table mapping each sequence to its own blocks, and the outputs. The same
+/// `seed` gives the same inputs on every device.
+pub(crate) fn prepare(dev: &Device, cfg: &BenchConfig, dtype: DType, seed: u64) -> Result<Prepared> {
+    cfg.validate()?;
+    let lens = seqlens_for(cfg, seed);
+    let b = lens.len();
+    let (table, max_nb, total_blocks) = own_blocks_table(&lens);
+    let data_seed = seed ^ fnv1a(&cfg.label());
+    let kv = random_tensor(dev, &[total_blocks.max(1), BLOCK_SIZE, 1, HEAD_DIM], dtype, data_seed ^ 1000, 0.1, 1.0)?;
+    let q = random_tensor(dev, &[b, cfg.s_q, cfg.h_q, HEAD_DIM], dtype, data_seed ^ 2000, 0.1, 1.0)?;
+    let bt = Tensor::from_i32(dev, &table, &[b, max_nb])?;
+    let sl = Tensor::from_i32(dev, &lens, &[b])?;
+    let out = Tensor::zeros(dev, &[b, cfg.s_q, cfg.h_q, HEAD_DIM_V], dtype)?;
+    let lse = Tensor::zeros(dev, &[b, cfg.h_q, cfg.s_q], DType::F32)?;
+    Ok(Prepared { lens, kv, q, bt, sl, out, lse })
 }
 
 // ---------------------------------------------------------------------------------------

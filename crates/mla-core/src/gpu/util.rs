@@ -90,6 +90,33 @@ impl Timer {
     }
 }
 
+/// Back-to-back intervals on a stream: `n + 1` CUDA events, recorded between the
+/// iterations of a loop that never waits on the host, so the stream stays full and each
+/// interval is one iteration's device time.
+pub struct Stamps {
+    events: Vec<cudarc::driver::CudaEvent>,
+    stream: Arc<CudaStream>,
+}
+
+impl Stamps {
+    /// `n + 1` events (at least 2) on `stream`.
+    pub fn new(g: &GpuDevice, stream: &Arc<CudaStream>, n: usize) -> Result<Stamps> {
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let events = (0..n.max(1) + 1).map(|_| g.context().new_event(flags)).collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Stamps { events, stream: stream.clone() })
+    }
+    /// Records event `i` (0 before the first iteration, `i` after iteration `i`).
+    pub fn record(&self, i: usize) -> Result<()> {
+        let e = self.events.get(i).ok_or_else(|| MlaError::arg(ErrorCode::InvalidArgument, "stamp", format!("below {}", self.events.len()), i))?;
+        Ok(e.record(&self.stream)?)
+    }
+    /// Waits for the last event and returns the `n` intervals in milliseconds.
+    pub fn intervals_ms(&self) -> Result<Vec<f64>> {
+        self.events.last().expect("at least two events").synchronize()?;
+        self.events.windows(2).map(|w| Ok(w[0].elapsed_ms(&w[1])? as f64)).collect()
+    }
+}
+
 /// The device-to-device copy ceiling in GB/s (bytes read + bytes written), as the
 /// contract measures it: median of `reps` copies of `bytes` bytes.
 pub fn copy_ceiling_gbps(g: &GpuDevice, bytes: usize, reps: usize) -> Result<f64> {
