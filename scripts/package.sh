@@ -28,7 +28,7 @@ version=$(node -p "require('./package.json').version")
 [[ $(node -p "require('./package.json').optionalDependencies['mla-decode-linux-x64-gnu']") == "$version" ]] \
   || die "optionalDependencies must pin mla-decode-linux-x64-gnu@$version"
 
-if [[ $(node -p "require('./dist').gpuStatus().kernelsBuilt") == true ]]; then
+if [[ $(node -p "String(require('./dist').gpuStatus().kernelsBuilt)") == true ]]; then
   echo "== prebuilt cubins for the Rust crate"
   bash scripts/prebuild-kernels.sh
 else

@@ -103,15 +103,20 @@ stage "ava (dist/__test__/*.test.js)"
 t0=$SECONDS
 npx ava 2>&1 | tee "$logs/ava.log"
 rc=${PIPESTATUS[0]}
+# Counted from the log without its colour escapes (FORCE_COLOR colours ava's ✔ and its
+# summary even into a pipe).
+sed 's/\x1b\[[0-9;]*m//g' "$logs/ava.log" >"$logs/ava.txt"
 count() { # the number before "<word>" in ava's summary ("116 tests passed", "1 test failed")
-  grep -E "^\s+[0-9]+ $1" "$logs/ava.log" | awk '{s += $1} END {print s + 0}'
+  grep -E "^\s+[0-9]+ $1" "$logs/ava.txt" | awk '{s += $1} END {print s + 0}'
 }
 # Passed: the tests' own ✔ lines (ava prints no "N tests passed" line when a test failed);
 # "✔ [expected fail]" is a known failure, counted below.
-p=$(grep -E '^\s+✔ ' "$logs/ava.log" | grep -vc '✔ \[expected fail\]')
+p=$(grep -E '^\s+✔ ' "$logs/ava.txt" | grep -vc '✔ \[expected fail\]')
 s=$(count 'tests? skipped'); todo=$(count 'tests? todo')
 f=$(( $(count 'tests? failed') + $(count 'known failures?') + $(count 'uncaught exceptions?') + $(count 'unhandled rejections?') ))
 [[ $rc == 0 ]] || { failed=1; [[ $f -gt 0 ]] || f="$f+exit $rc"; }
+# A run that passed nothing tested nothing: a failure, whatever ava's exit status.
+[[ $p -gt 0 ]] || { failed=1; [[ $f != 0 ]] || f="0+none passed"; }
 row "ava" "$p" "$f" "$((s + todo))" "($((SECONDS - t0)) s)"
 
 if [[ ${MLA_SKIP_PACK_TEST:-0} != 1 ]]; then
@@ -126,7 +131,7 @@ fi
 if [[ ${MLA_SKIP_RUST_PACKAGE_TEST:-0} != 1 ]]; then
   stage "Rust package test (scripts/rust-package-test.sh: cargo package, scratch project without nvcc)"
   t0=$SECONDS
-  if [[ $(node -p "require('./dist').gpuStatus().kernelsBuilt") != true ]]; then
+  if [[ $(node -p "String(require('./dist').gpuStatus().kernelsBuilt)") != true ]]; then
     echo "skipped: this build has no GPU kernels, so there are no cubins to package"
     row "rust package test" 0 0 1 "(a CPU-only build: no cubins to package)"
   elif bash scripts/rust-package-test.sh; then row "rust package test" 1 0 0 "($((SECONDS - t0)) s)"
