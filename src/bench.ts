@@ -43,6 +43,31 @@ export const tflops = (flops: number, ms: number): number => native.benchTflops(
 export const floorMs = (bytes: number, flops: number, copyGbps: number, matmulTflops: number): number =>
   native.benchFloorMs(bytes, flops, copyGbps, Number.isFinite(matmulTflops) ? matmulTflops : undefined)
 
+/**
+ * A bench configuration as the binding takes it. Counts go to the binding as u32 / i32:
+ * checked here, where 1.5 or -1 would be truncated or wrapped there. Their meaning (b >= 1,
+ * lens.length == b, ...) is checked natively.
+ */
+function nativeConfig(config: bench.Config): Native.BenchConfig {
+  for (const k of ['b', 'sQ', 'mean', 'hQ'] as const) int(`config.${k}`, config[k], 0, MAX_I32)
+  if (config.lens != null) {
+    if (!Array.isArray(config.lens)) fail('ERR_INVALID_ARGUMENT', `config.lens: expected an array of lengths, got ${show(config.lens)}`)
+    config.lens.forEach((l, i) => int(`config.lens[${i}]`, l, 0, MAX_I32))
+  }
+  const c: Native.BenchConfig = {
+    tag: config.tag,
+    b: config.b,
+    sQ: config.sQ,
+    mean: config.mean,
+    hQ: config.hQ,
+    varlen: config.varlen,
+    label: config.label ?? '',
+    flashmlaShape: config.flashmlaShape ?? false,
+  }
+  if (config.lens) c.lens = config.lens
+  return c
+}
+
 function lensArg(name: string, seqlens: ArrayLike<number>): number[] {
   if (seqlens == null || typeof (seqlens as ArrayLike<number>).length !== 'number') {
     fail('ERR_INVALID_ARGUMENT', `${name}: expected an array of lengths, got ${describe(seqlens)}`)
@@ -164,29 +189,11 @@ export namespace bench {
     return callAsync(() => {
       if (config == null || typeof config !== 'object') fail('ERR_INVALID_ARGUMENT', `config: expected a bench.Config, got ${show(config)}`)
       if (opts == null || typeof opts !== 'object') fail('ERR_INVALID_ARGUMENT', `opts: expected an options object, got ${show(opts)}`)
-      // Counts go to the binding as u32 / i32: checked here, where 1.5 or -1 would be
-      // truncated or wrapped there. Their meaning (b >= 1, lens.length == b, ...) is checked
-      // natively.
-      for (const k of ['b', 'sQ', 'mean', 'hQ'] as const) int(`config.${k}`, config[k], 0, MAX_I32)
-      if (config.lens != null) {
-        if (!Array.isArray(config.lens)) fail('ERR_INVALID_ARGUMENT', `config.lens: expected an array of lengths, got ${show(config.lens)}`)
-        config.lens.forEach((l, i) => int(`config.lens[${i}]`, l, 0, MAX_I32))
-      }
+      const c = nativeConfig(config)
       if (opts.reps !== undefined) int('reps', opts.reps, 1, MAX_I32)
       if (opts.seed !== undefined) int('seed', opts.seed, 0, Number.MAX_SAFE_INTEGER)
       if (opts.batchInvariant != null && typeof opts.batchInvariant !== 'boolean')
         fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(opts.batchInvariant)}`)
-      const c: Native.BenchConfig = {
-        tag: config.tag,
-        b: config.b,
-        sQ: config.sQ,
-        mean: config.mean,
-        hQ: config.hQ,
-        varlen: config.varlen,
-        label: config.label ?? '',
-        flashmlaShape: config.flashmlaShape ?? false,
-      }
-      if (config.lens) c.lens = config.lens
       return call(() => native.benchRun(d, c, opts.reps, opts.dtype, opts.seed, opts.batchInvariant ?? undefined))
     })
   }
@@ -718,20 +725,9 @@ export namespace bench {
         return dev.info.ordinal
       })
       if (config == null || typeof config !== 'object') fail('ERR_INVALID_ARGUMENT', `config: expected a bench.Config, got ${show(config)}`)
-      for (const k of ['b', 'sQ', 'mean', 'hQ'] as const) int(`config.${k}`, config[k], 0, MAX_I32)
+      const c = nativeConfig(config)
       if (opts.reps !== undefined) int('reps', opts.reps, 1, MAX_I32)
       if (opts.seed !== undefined) int('seed', opts.seed, 0, Number.MAX_SAFE_INTEGER)
-      const c: Native.BenchConfig = {
-        tag: config.tag,
-        b: config.b,
-        sQ: config.sQ,
-        mean: config.mean,
-        hQ: config.hQ,
-        varlen: config.varlen,
-        label: config.label ?? '',
-        flashmlaShape: config.flashmlaShape ?? false,
-      }
-      if (config.lens) c.lens = config.lens
       return call(() => native.benchRunMulti(ordinals, c, opts.reps, opts.dtype, opts.seed))
     })
   }

@@ -103,6 +103,15 @@ pub fn bench_load_anchors(csv_text: String) -> Result<HashMap<String, f64>> {
     core(|| Ok(bench::load_anchors(&csv_text)))
 }
 
+/// The benchmarks' dtype: bf16 by default, else 'bf16' or 'fp16' (ERR_DTYPE_MISMATCH).
+fn half_dtype(dtype: Option<&str>) -> Result<mla_core::DType> {
+    let dtype = parse_dtype(dtype.unwrap_or("bf16"))?;
+    if !dtype.is_half() {
+        return Err(err(ErrorCode::DtypeMismatch, format!("dtype: expected 'bf16' or 'fp16', got '{}'", dtype.name())));
+    }
+    Ok(dtype)
+}
+
 fn seed_of(seed: Option<f64>) -> Result<u64> {
     match seed {
         None => Ok(bench::DEFAULT_SEED),
@@ -125,10 +134,7 @@ pub fn bench_run(
     batch_invariant: Option<bool>,
 ) -> Result<AsyncTask<BenchRunTask>> {
     let dev = device.get()?.clone();
-    let dtype = parse_dtype(dtype.as_deref().unwrap_or("bf16"))?;
-    if !dtype.is_half() {
-        return Err(err(ErrorCode::DtypeMismatch, format!("dtype: expected 'bf16' or 'fp16', got '{}'", dtype.name())));
-    }
+    let dtype = half_dtype(dtype.as_deref())?;
     let cfg = config.to_core();
     core(|| cfg.validate())?;
     let reps = reps.unwrap_or(if dev.is_cuda() { 30 } else { 5 }) as usize;
@@ -384,10 +390,7 @@ pub fn bench_run_multi(
     dtype: Option<String>,
     seed: Option<f64>,
 ) -> Result<AsyncTask<BenchMultiTask>> {
-    let dtype = parse_dtype(dtype.as_deref().unwrap_or("bf16"))?;
-    if !dtype.is_half() {
-        return Err(err(ErrorCode::DtypeMismatch, format!("dtype: expected 'bf16' or 'fp16', got '{}'", dtype.name())));
-    }
+    let dtype = half_dtype(dtype.as_deref())?;
     let cfg = config.to_core();
     core(|| cfg.validate())?;
     let reps = reps.unwrap_or(30) as usize;
