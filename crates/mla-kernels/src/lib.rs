@@ -148,7 +148,7 @@ mod tests {
             (MLA_DECODE_BF16_TMA16, "sm_90a", 207_136),
             (MLA_DECODE_FP16_TMA32, "sm_90a", 227_808),
             (MLA_DECODE_BF16_WS64, "sm_90a", 230_720),
-            (MLA_DECODE_FP16_WS64S, "sm_90a", 224_328),
+            (MLA_DECODE_FP16_WS64, "sm_90a", 230_720),
             (MLA_DECODE_BF16_M16, "sm_86", 95_424),
             (MLA_DECODE_FP16_M16, "compute_80", 95_424),
             (MLA_DECODE_BF16_M32, "sm_80", 152_960),
@@ -251,7 +251,6 @@ mod tests {
         let mut checks: Vec<(&str, &[Entry])> = vec![
             ("sm_90a", &[MLA_DECODE_BF16_TMA16, MLA_DECODE_BF16_TMA32, MLA_DECODE_FP16_TMA16, MLA_DECODE_FP16_TMA32]),
             ("sm_90a", &[MLA_DECODE_BF16_WS64, MLA_DECODE_FP16_WS64]),
-            ("sm_90a", &[MLA_DECODE_BF16_WS64S, MLA_DECODE_FP16_WS64S]),
             // Shared memory picks the tiles: 32-row tiles (149 KiB) only on sm_80 (163 KiB a
             // block); the 99 KiB parts get 16-row tiles only.
             ("sm_80", m16_m32),

@@ -74,10 +74,6 @@ pub enum DecodeKernel {
     /// Warp-specialised wgmma, tiles of 64 rows: a TMA producer warpgroup and two consumer
     /// warpgroups (`mla_decode_ws.cu`): the default for 32 rows and more.
     WarpSpecialized,
-    /// The same with the seesaw schedule (`mla_decode_ws2.cu`, issue 8 C2): each consumer
-    /// warpgroup computes S and the softmax of alternate blocks. MLA_DECODE_KERNEL=ws2
-    /// only, until measured.
-    Seesaw,
 }
 
 impl DecodeKernel {
@@ -97,7 +93,6 @@ impl DecodeKernel {
             Ok("tma") => DecodeKernel::Tma { tile },
             Ok("mma") => DecodeKernel::MmaSync { tile },
             Ok("ws") => DecodeKernel::WarpSpecialized,
-            Ok("ws2") => DecodeKernel::Seesaw,
             // 32 rows and more: the warp-specialised kernel measured faster on every
             // shape of the H200 grid (BENCHMARKS.md, 2026-12-02).
             _ if rows <= 16 => DecodeKernel::Tma { tile },
@@ -107,7 +102,7 @@ impl DecodeKernel {
     pub fn tile(self) -> usize {
         match self {
             DecodeKernel::Tma { tile } | DecodeKernel::MmaSync { tile } => tile,
-            DecodeKernel::WarpSpecialized | DecodeKernel::Seesaw => GPU_ROW_TILE,
+            DecodeKernel::WarpSpecialized => GPU_ROW_TILE,
         }
     }
     /// The entry point for `dtype` and its threads per block (the kernels' launch
@@ -121,7 +116,6 @@ impl DecodeKernel {
             DecodeKernel::MmaSync { tile: 16 } => (pick(k::MLA_DECODE_BF16_M16, k::MLA_DECODE_FP16_M16), 256),
             DecodeKernel::MmaSync { .. } => (pick(k::MLA_DECODE_BF16_M32, k::MLA_DECODE_FP16_M32), 256),
             DecodeKernel::WarpSpecialized => (pick(k::MLA_DECODE_BF16_WS64, k::MLA_DECODE_FP16_WS64), 384),
-            DecodeKernel::Seesaw => (pick(k::MLA_DECODE_BF16_WS64S, k::MLA_DECODE_FP16_WS64S), 384),
         }
     }
 }
@@ -176,7 +170,7 @@ pub fn decode_into(g: &GpuDevice, s: &DecodeShape, inp: &DecodeInputs, opts: &De
         DecodeKernel::Tma { tile } => {
             MlaDecodeParams { q_map: tma::q_map(p.q, s.dtype, s.b, rows, tile)?, kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE / 2)?, ..p }
         }
-        DecodeKernel::WarpSpecialized | DecodeKernel::Seesaw => {
+        DecodeKernel::WarpSpecialized => {
             MlaDecodeParams { q_map: tma::q_map(p.q, s.dtype, s.b, rows, GPU_ROW_TILE)?, kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE)?, ..p }
         }
         _ => p,
