@@ -145,9 +145,17 @@ pub fn host_configs(dev: &Device, quick: bool) -> Vec<HostConfig> {
 
 /// The kernels' own time of one layer, in microseconds: the median over `reps` of (one plan
 /// + `layers` decodes into fixed outputs) / `layers`, on random inputs of `cfg`'s shape
-/// (each sequence in its own blocks, causal, bf16). On CUDA timed with events around work
-/// that was queued entirely behind a long fill kernel, so host launch gaps are not counted;
-/// on the CPU the wall time of the same calls (there the host is the device).
+/// (each sequence in its own blocks, causal, bf16). On the CPU the wall time of the same
+/// calls (there the host is the device).
+///
+/// On CUDA the steps run back to back, as a serving loop runs them: ~50 ms of untimed steps
+/// (the clocks settle where sustained load puts them: a compute-bound step draws enough
+/// power to lower the SM clock 5-10%), then `reps` steps with an event between each, all
+/// queued behind fill kernels so the stream never waits on the host and no launch gap is
+/// counted. Should the device still catch up with the host (the event before the last
+/// step complete when the last is queued), the stream ran dry and the intervals would
+/// hold host time: then each step is timed alone behind a fill instead (as before
+/// 2026-12-02; lower by the clock difference on compute-bound shapes).
 pub fn host_kernel_us(dev: &Device, cfg: &HostConfig, reps: usize) -> Result<f64> {
     if cfg.b == 0 || cfg.h_q == 0 || cfg.s_q == 0 || cfg.layers == 0 || reps == 0 {
         return Err(MlaError::arg(ErrorCode::InvalidArgument, "host bench config", "b, h_q, s_q, layers and reps >= 1", format!("{cfg:?}, reps {reps}")));
@@ -177,18 +185,38 @@ pub fn host_kernel_us(dev: &Device, cfg: &HostConfig, reps: usize) -> Result<f64
         Device::Cuda(g) => {
             step(&mut p)?;
             dev.synchronize()?;
-            // A fill of 1 GiB (~0.3 ms) keeps the device busy while the step is queued.
+            // A fill of 1 GiB (~0.3 ms) keeps the device busy while steps are queued.
             let mut blocker = Tensor::empty(dev, &[1 << 29], DType::BF16)?;
             let timer = crate::gpu::util::Timer::new(g, g.stream())?;
+            let mut alone = Vec::with_capacity(reps);
             for i in 0..reps + 2 {
                 crate::gpu::util::fill_random(&mut blocker, i as u64, 1.0, 0.0)?;
                 timer.start()?;
                 step(&mut p)?;
                 let ms = timer.stop()? as f64;
                 if i >= 2 {
-                    times.push(ms * 1e3);
+                    alone.push(ms * 1e3);
                 }
             }
+            let warm = (50e3 / median(&alone).max(1.0)).ceil().clamp(2.0, 5000.0) as usize;
+            for i in 0..4 {
+                crate::gpu::util::fill_random(&mut blocker, i as u64, 1.0, 0.0)?;
+            }
+            for _ in 0..warm {
+                step(&mut p)?;
+            }
+            let stamps = crate::gpu::util::Stamps::new(g, g.stream(), reps)?;
+            stamps.record(0)?;
+            let mut ran_dry = false;
+            for i in 0..reps {
+                if i + 1 == reps {
+                    ran_dry = stamps.is_complete(i)?;
+                }
+                step(&mut p)?;
+                stamps.record(i + 1)?;
+            }
+            let back_to_back: Vec<f64> = stamps.intervals_ms()?.into_iter().map(|ms| ms * 1e3).collect();
+            times = if ran_dry { alone } else { back_to_back };
             dev.synchronize()?;
         }
         Device::Cpu => {

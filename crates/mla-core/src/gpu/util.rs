@@ -110,6 +110,11 @@ impl Stamps {
         let e = self.events.get(i).ok_or_else(|| MlaError::arg(ErrorCode::InvalidArgument, "stamp", format!("below {}", self.events.len()), i))?;
         Ok(e.record(&self.stream)?)
     }
+    /// Whether the work before event `i` has completed (false before it is recorded).
+    pub fn is_complete(&self, i: usize) -> Result<bool> {
+        let e = self.events.get(i).ok_or_else(|| MlaError::arg(ErrorCode::InvalidArgument, "stamp", format!("below {}", self.events.len()), i))?;
+        Ok(e.try_is_complete()?)
+    }
     /// Waits for the last event and returns the `n` intervals in milliseconds.
     pub fn intervals_ms(&self) -> Result<Vec<f64>> {
         self.events.last().expect("at least two events").synchronize()?;
