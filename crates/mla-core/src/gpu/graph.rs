@@ -203,6 +203,10 @@ pub fn capture_step_with(dev: &Device, spec: &StepSpec, kv: &[&Tensor], popts: &
             // checks against the pools it is given.
             unsafe {
                 capture(&stream, || {
+                    // The replay's first node clears the graph's error flag: the copy into the
+                    // step's slot behind the previous replay has read it (stream order), and a
+                    // replay then adds one stream operation, not two (step_with_flag).
+                    sys::cuMemsetD32Async(flag.ptr(), 0, 1, stream.cu_stream()).result()?;
                     crate::gpu::ops::plan_into(g, seqlens, p, Some(stream.clone()), max_seqlen)?;
                     for l in 0..kv.len() {
                         let inp = DecodeInputs { q: &q[l], kv: kv[l], block_table, seqlens, plan: p };

@@ -867,8 +867,8 @@ impl StepLog {
         matches!(self.flags, Flags::Mapped { .. })
     }
 
-    /// Queues after the step's work on `stream`: for a shared flag, its copy into the slot
-    /// and its clear; for a tracked step, with device flags the copy of its flag into its
+    /// Queues after the step's work on `stream`: for a shared flag (a graph's, which the
+    /// graph's first node clears), its copy into the slot; for a tracked step, with device flags the copy of its flag into its
     /// pinned slot, and an event (returned).
     fn finish(&self, mem: &MemCtx, stream: &CudaStream, slot: u32, shared: Option<u64>, tracked: bool) -> Result<Option<Arc<CudaEvent>>> {
         mem.ctx.bind_to_thread()?;
@@ -889,9 +889,6 @@ impl StepLog {
                         sys::cuMemcpyDtoDAsync_v2(self.slot_ptr(slot), f, 4, s).result()?;
                     }
                 }
-            }
-            if let Some(f) = shared {
-                sys::cuMemsetD32Async(f, 0, 1, s).result()?;
             }
         }
         if !tracked {
