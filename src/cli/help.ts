@@ -64,8 +64,8 @@ bench --host options (--device, --out, --quick as above):
   Shapes: on CUDA b=1 h_q=16 1024 tokens, b=128 h_q=16 and 128 4096 tokens, 1 and 8
   layers per step; on the CPU backend small shapes (--quick: the smallest). Per mode, the
   median wall time of a step (plan.update + the layers' decodes, and the wait) divided by
-  the layers, next to the kernels' own time per layer (CUDA events around work queued
-  behind a long fill, so launch gaps are not counted):
+  the layers, next to the kernels' own time per layer (CUDA events between steps run back
+  to back, queued ahead of the device, so launch gaps are not counted):
     host.csv      b,h_q,s_q,length,layers,mode,kernel_us,step_us
     host-ops.csv  b,h_q,s_q,length,op,us   (append-loop, appendBatch, appendBatch-device,
                   appendBatch-f32, batch, batchInto, plan, plan.update: host time of one
