@@ -172,11 +172,10 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
       run_stage bench-host-ab bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH MLA_STEP_FLAGS=device MLA_BUFFER_REUSE=0 MLA_TMA_CACHE=0 MLA_AWAIT_SPIN_US=0 node dist/cli.js bench --host --device cuda --no-progress --out '$OUT/ab' ${HOST_ARGS:-} && mv '$OUT/ab/host.csv' '$OUT/host-ab.csv' && mv '$OUT/ab/host-ops.csv' '$OUT/host-ops-ab.csv' && rmdir '$OUT/ab'" ;;
     # Nsight Compute on one decode launch per shape (NCU_FILTERS, gpu_bench --filter
     # patterns; NCU_KERNEL, a kernel-name regex, default the ws kernel): the full set, as
-    # text, $OUT/ncu-<filter>.txt (shared-memory and tensor-pipe use, stall reasons).
+    # text, in ncu-<filter>.log (logs.tgz): shared-memory and tensor-pipe use, stall reasons.
     ncu)
       for f in ${NCU_FILTERS:-grid/1/4096/128/ grid/1/4096/64/}; do
         run_stage "ncu-${f//\//_}" ncu --clock-control none --set full -k "regex:${NCU_KERNEL:-ws64}" --launch-skip 3 -c 1 .device/bin/gpu_bench --filter "$f" --reps 3
-        cp "$OUT/ncu-${f//\//_}.log" "$OUT/ncu-${f//\//_}.txt" 2>/dev/null
       done ;;
     # The serving-path tests with the step flags in device memory (the fallback path).
     rust-flags-device)

@@ -868,8 +868,8 @@ impl StepLog {
     }
 
     /// Queues after the step's work on `stream`: for a shared flag (a graph's, which the
-    /// graph's first node clears), its copy into the slot; for a tracked step, with device flags the copy of its flag into its
-    /// pinned slot, and an event (returned).
+    /// graph's first node clears), its copy into the slot; for a tracked step, with device
+    /// flags the copy of its flag into its pinned slot, and an event (returned).
     fn finish(&self, mem: &MemCtx, stream: &CudaStream, slot: u32, shared: Option<u64>, tracked: bool) -> Result<Option<Arc<CudaEvent>>> {
         mem.ctx.bind_to_thread()?;
         let s = stream.cu_stream();

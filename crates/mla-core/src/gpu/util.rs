@@ -105,15 +105,16 @@ impl Stamps {
         let events = (0..n.max(1) + 1).map(|_| g.context().new_event(flags)).collect::<std::result::Result<Vec<_>, _>>()?;
         Ok(Stamps { events, stream: stream.clone() })
     }
+    fn event(&self, i: usize) -> Result<&cudarc::driver::CudaEvent> {
+        self.events.get(i).ok_or_else(|| MlaError::arg(ErrorCode::InvalidArgument, "stamp", format!("below {}", self.events.len()), i))
+    }
     /// Records event `i` (0 before the first iteration, `i` after iteration `i`).
     pub fn record(&self, i: usize) -> Result<()> {
-        let e = self.events.get(i).ok_or_else(|| MlaError::arg(ErrorCode::InvalidArgument, "stamp", format!("below {}", self.events.len()), i))?;
-        Ok(e.record(&self.stream)?)
+        Ok(self.event(i)?.record(&self.stream)?)
     }
-    /// Whether the work before event `i` has completed (false before it is recorded).
+    /// Whether the work before event `i` has completed (true before it is first recorded).
     pub fn is_complete(&self, i: usize) -> Result<bool> {
-        let e = self.events.get(i).ok_or_else(|| MlaError::arg(ErrorCode::InvalidArgument, "stamp", format!("below {}", self.events.len()), i))?;
-        Ok(e.try_is_complete()?)
+        Ok(self.event(i)?.try_is_complete()?)
     }
     /// Waits for the last event and returns the `n` intervals in milliseconds.
     pub fn intervals_ms(&self) -> Result<Vec<f64>> {
