@@ -37,6 +37,34 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
     }
 }
 
+// Thread block clusters: this CTA's rank and the cluster's size (1 for a launch without
+// clusters), a barrier over all of the cluster's threads, and a barrier of another CTA.
+__device__ __forceinline__ uint32_t cluster_rank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ uint32_t cluster_size() {
+    uint32_t n;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+    return n;
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// The shared::cluster address of the same offset as `addr` in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t cluster_addr(uint32_t addr, uint32_t rank) {
+    uint32_t r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+    return r;
+}
+// An arrival on a barrier of any CTA of the cluster (`addr` from cluster_addr), with the
+// default semantics (release, CTA scope): what it orders are this thread's waited-for
+// wgmma reads, before the other CTA's TMA overwrites the stage.
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t addr) {
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(addr) : "memory");
+}
+
 // L2 policy for data read once (the KV cache): evict it first.
 __device__ __forceinline__ uint64_t l2_evict_first() {
     uint64_t pol;
@@ -58,6 +86,16 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TmaMap* map, int
         "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
         " [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
         "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "l"(policy)
+        : "memory");
+}
+// The same box multicast to every CTA of the cluster in `mask` (sm_90a): it lands at the
+// same offset in each one's shared memory and completes on the barrier at `bar`'s offset
+// in each, so one L2 read feeds them all.
+__device__ __forceinline__ void tma_load_3d_multicast(uint32_t dst, const TmaMap* map, int c0, int c1, int c2, uint32_t bar, uint16_t mask, uint64_t policy) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster.L2::cache_hint"
+        " [%0], [%1, {%2, %3, %4}], [%5], %6, %7;\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "h"(mask), "l"(policy)
         : "memory");
 }
 __device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {

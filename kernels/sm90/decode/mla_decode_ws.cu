@@ -13,7 +13,10 @@
 //       block n + 1 is issued right behind PV-left of block n (no drain between them).
 //   WG1: the right half of O (V columns 256-511, P from shared memory), rescaled by the
 //       factors WG0 published. Its PV of block n runs under WG0's S of block n + 1.
-// Handshakes: full / empty per stage (empty counts WG0 and WG1 once each), Q full / empty,
+// Clusters: the row tiles of a part may run as a 2-CTA cluster (the launcher decides,
+//       BENCHMARKS.md row 9); each producer then loads half of every block's regions and
+//       multicasts them to both CTAs, and a stage is free once both CTAs' consumers are done.
+// Handshakes: full / empty per stage (empty counts WG0 and WG1 of every CTA of the cluster), Q full / empty,
 // P full (128 WG0 arrivals) / P free (128 WG1 arrivals), used once more at the end of a
 // segment, where WG0 hands WG1 the row sums' inverses through the factors' slot.
 //
@@ -21,7 +24,7 @@
 // coordinate (its stage is zero-filled, MLA_ERR_BLOCK_INDEX); rows past the sequence end
 // are masked in S and zeroed in the stage before any product reads them as V.
 //
-// Launch: grid (num_parts, ceil(rows / 64)), block 384, dynamic smem Smem::ALLOC;
+// Launch: grid (num_parts, ceil(rows / 64)), cluster (1, 1 or 2, 1), block 384, dynamic smem Smem::ALLOC;
 // params as __grid_constant__. The default for 32 rows and more (BENCHMARKS.md).
 #include "mla_common.cuh"
 #include "tma.cuh"
@@ -86,11 +89,16 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     const int r0 = blockIdx.y * M;
     const uint32_t full0 = sbase + L::BARS, empty0 = full0 + STAGES * 8;
     const uint32_t q_full = empty0 + STAGES * 8, q_empty = q_full + 8, p_full = q_empty + 8, p_free = p_full + 8;
+    // A cluster (1 x CS x 1) holds row tiles of the same part: they read the same blocks, so
+    // each CTA loads 1 / CS of every block and multicasts it to all (rank r: the 64-column
+    // regions c with c % CS == r). A stage is then written by every CTA of the cluster, so
+    // it is free only when the consumers of all of them are done with it (CS x 2 arrivals).
+    const uint32_t cs = cluster_size(), rank = cluster_rank();
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(full0 + 8 * s, 1);
-            mbar_init(empty0 + 8 * s, 2);
+            mbar_init(empty0 + 8 * s, 2 * cs);
         }
         mbar_init(q_full, 1);
         mbar_init(q_empty, 1);
@@ -102,7 +110,8 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
         tma_prefetch_map(&p.q_map);
         tma_prefetch_map(&p.kv_map);
     }
-    __syncthreads();
+    // Every barrier of the cluster is initialised before any CTA multicasts into another.
+    if (cs > 1) cluster_sync(); else __syncthreads();
 
     if (wg == 2) {
         // ---- producer ----
@@ -125,8 +134,13 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 } else {
                     mbar_arrive_expect_tx(full, TILE);
                     const uint32_t dst = sbase + L::KV + ring.slot() * TILE;
+                    if (cs == 1) {
 #pragma unroll
-                    for (int c = 0; c < D / 64; ++c) tma_load_3d(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full, kv_policy);
+                        for (int c = 0; c < D / 64; ++c) tma_load_3d(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full, kv_policy);
+                    } else {
+                        for (int c = rank; c < D / 64; c += cs)
+                            tma_load_3d_multicast(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full, (uint16_t)((1u << cs) - 1), kv_policy);
+                    }
                 }
                 ring.step();
             };
@@ -140,6 +154,12 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
             ++q_loads;
             for (int n = sg.lo + 1; n < sg.hi; ++n) load_block(n);
         });
+        // The other CTAs of the cluster arrive on this one's empty barriers until their last
+        // block: wait for every stage's last release before this CTA may exit.
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
+            ring.step();
+        }
         return;
     }
 
@@ -151,6 +171,15 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     Ring<STAGES> ring;
     uint32_t q_loads = 0, p_uses = 0;
     float o[128];
+    // Releases a stage: one arrival on its empty barrier in every CTA of the cluster.
+    const auto release = [&](int slot) {
+        if (wt != 0) return;
+        if (cs == 1) {
+            mbar_arrive(empty0 + 8 * slot);
+        } else {
+            for (uint32_t r = 0; r < cs; ++r) mbar_arrive_cluster(cluster_addr(empty0 + 8 * slot, r));
+        }
+    };
 
     for_each_segment(p, [&](const Segment& sg) {
         const int len = sg.len;
@@ -197,7 +226,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 // block n - 1's stage is free for this warpgroup, Q too after the last S.
                 issue_s(n, ring);
                 wgmma_wait<0>();
-                if (n > sg.lo && wt == 0) mbar_arrive(empty0 + 8 * Ring<STAGES>{ring.i - 1}.slot());
+                if (n > sg.lo) release(Ring<STAGES>{ring.i - 1}.slot());
                 if (n + 1 == sg.hi && wt == 0) mbar_arrive(q_empty);
 
                 // Online softmax of block n (log2 domain), rows row0 / row1. Only a block
@@ -279,7 +308,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 ring.step();
             }
             wgmma_wait<0>();
-            if (wt == 0) mbar_arrive(empty0 + 8 * Ring<STAGES>{ring.i - 1}.slot());
+            release(Ring<STAGES>{ring.i - 1}.slot());
             ++q_loads;
             // Row sums: the 4 threads of a row hold partial sums.
             l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -316,7 +345,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 wgmma_commit();
                 wgmma_wait<0>();
                 mbar_arrive(p_free);
-                if (wt == 0) mbar_arrive(empty0 + 8 * ring.slot());
+                release(ring.slot());
                 ring.step();
             }
             mbar_wait(p_full, p_uses & 1);

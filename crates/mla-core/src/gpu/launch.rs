@@ -2,7 +2,7 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{result, CudaFunction, CudaStream, DeviceRepr};
+use cudarc::driver::{result, sys, CudaFunction, CudaStream, DeviceRepr};
 
 use crate::error::Result;
 
@@ -43,12 +43,45 @@ pub unsafe fn launch_args(f: &CudaFunction, stream: &CudaStream, dims: &LaunchDi
 /// # Safety
 /// As [`launch`]; and the kernel must wait as said before reading its predecessor's output.
 pub unsafe fn launch_dependent<P: DeviceRepr>(f: &CudaFunction, stream: &CudaStream, dims: &LaunchDims, params: &P) -> Result<()> {
-    use cudarc::driver::sys;
-    stream.context().bind_to_thread()?;
     let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
     attr.value.programmaticStreamSerializationAllowed = 1;
-    let config = sys::CUlaunchConfig {
+    launch_ex(f, stream, dims, &mut attr, params)
+}
+
+/// Launches `f` like [`launch`] in thread block clusters of `cluster` CTAs (each grid
+/// dimension a multiple of the cluster's).
+///
+/// # Safety
+/// As [`launch`].
+pub unsafe fn launch_cluster<P: DeviceRepr>(f: &CudaFunction, stream: &CudaStream, dims: &LaunchDims, cluster: (u32, u32, u32), params: &P) -> Result<()> {
+    let mut attr = cluster_attr(cluster);
+    launch_ex(f, stream, dims, &mut attr, params)
+}
+
+/// How many clusters of `cluster` CTAs of `f`, launched as `dims`, the device can run at once
+/// (`cuOccupancyMaxActiveClusters`: it depends on how the SMs are grouped, not only their count).
+pub fn max_active_clusters(f: &CudaFunction, stream: &CudaStream, dims: &LaunchDims, cluster: (u32, u32, u32)) -> Result<u32> {
+    stream.context().bind_to_thread()?;
+    let mut attr = cluster_attr(cluster);
+    let config = launch_config(stream, dims, &mut attr);
+    let mut n: std::ffi::c_int = 0;
+    unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config).result()? };
+    Ok(n.max(0) as u32)
+}
+
+fn cluster_attr(cluster: (u32, u32, u32)) -> sys::CUlaunchAttribute {
+    // SAFETY: a plain C struct and union, valid when zeroed.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim.x = cluster.0;
+    attr.value.clusterDim.y = cluster.1;
+    attr.value.clusterDim.z = cluster.2;
+    attr
+}
+
+fn launch_config(stream: &CudaStream, dims: &LaunchDims, attr: &mut sys::CUlaunchAttribute) -> sys::CUlaunchConfig {
+    sys::CUlaunchConfig {
         gridDimX: dims.grid.0,
         gridDimY: dims.grid.1,
         gridDimZ: dims.grid.2,
@@ -57,9 +90,15 @@ pub unsafe fn launch_dependent<P: DeviceRepr>(f: &CudaFunction, stream: &CudaStr
         blockDimZ: dims.block.2,
         sharedMemBytes: dims.smem,
         hStream: stream.cu_stream(),
-        attrs: &mut attr,
+        attrs: attr,
         numAttrs: 1,
-    };
+    }
+}
+
+/// `cuLaunchKernelEx` with one launch attribute.
+unsafe fn launch_ex<P: DeviceRepr>(f: &CudaFunction, stream: &CudaStream, dims: &LaunchDims, attr: &mut sys::CUlaunchAttribute, params: &P) -> Result<()> {
+    stream.context().bind_to_thread()?;
+    let config = launch_config(stream, dims, attr);
     let mut args = [params as *const P as *mut c_void];
     sys::cuLaunchKernelEx(&config, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()).result()?;
     Ok(())

@@ -177,6 +177,8 @@ pub struct GpuDevice {
     kernels: kernels::Kernels,
     mem: Arc<MemCtx>,
     steps: StepLog,
+    /// How many pairs of the warp-specialised decode run at once (`ops::ws_cluster`), asked once.
+    pair_clusters: std::sync::OnceLock<u32>,
 }
 
 impl Drop for GpuDevice {
@@ -258,7 +260,7 @@ impl GpuDevice {
         let mem = MemCtx::new(&ctx, &stream, ordinal)?;
         let steps = StepLog::new(&mem)?;
         stream.synchronize()?;
-        Ok(Arc::new(GpuDevice { ordinal, choice, portable_max_tile, ctx, stream, info, kernels, mem, steps }))
+        Ok(Arc::new(GpuDevice { ordinal, choice, portable_max_tile, ctx, stream, info, kernels, mem, steps, pair_clusters: Default::default() }))
     }
 
     pub fn ordinal(&self) -> usize {
@@ -289,6 +291,15 @@ impl GpuDevice {
     /// A new stream on this device, for callers that overlap independent work.
     pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
         Ok(self.ctx.new_stream()?)
+    }
+    /// The device's answer to `ask` (the occupancy of the decode's 2-CTA clusters: the same
+    /// for both entries, whose resources are equal), asked on first use.
+    pub(crate) fn max_pair_clusters(&self, ask: impl FnOnce() -> Result<u32>) -> Result<u32> {
+        if let Some(n) = self.pair_clusters.get() {
+            return Ok(*n);
+        }
+        let n = ask()?;
+        Ok(*self.pair_clusters.get_or_init(|| n))
     }
     pub fn kernels(&self) -> &kernels::Kernels {
         &self.kernels
