@@ -3,20 +3,22 @@
 //
 //   WG2 (producer): warp 8's lane 0 walks the part's segments (for_each_segment) and
 //       streams each 64-token block into one of 2 full stages by TMA (9 boxes of 64
-//       columns x 64 rows, 128-byte swizzle), completing on the stage's full mbarrier; Q
+//       columns x 64 rows, 128-byte swizzle), each region completing on its own full
+//       mbarrier, so S starts on the first region while the rest is in flight; Q
 //       (64 rows x 576) likewise once per segment. Its other warps exit; setmaxnreg gives
 //       its registers to the consumers.
 //   WG0: S = Q K^T of every block (36 x m64n64k16 from shared memory: each warp owns 16
 //       whole rows, so the softmax needs no cross-warp reduction), the online softmax in
 //       registers, P published to shared memory with the per-row rescale factors, and the
-//       left half of O (V columns 0-255, 4 x m64n256k16 with P from registers). S of
-//       block n + 1 is issued right behind PV-left of block n (no drain between them).
+//       left half of O (V columns 0-255, 4 x m64n256k16 with P from registers). Before
+//       S of block n + 1 it waits for PV-left of block n and releases n's stage, so the
+//       load of block n + 2 is under way while S(n + 1) runs.
 //   WG1: the right half of O (V columns 256-511, P from shared memory), rescaled by the
 //       factors WG0 published. Its PV of block n runs under WG0's S of block n + 1.
 // Clusters: the row tiles of a part may run as a 2-CTA cluster (the launcher decides,
 //       BENCHMARKS.md row 9); each producer then loads half of every block's regions and
 //       multicasts them to both CTAs, and a stage is free once both CTAs' consumers are done.
-// Handshakes: full / empty per stage (empty counts WG0 and WG1 of every CTA of the cluster), Q full / empty,
+// Handshakes: full per region and empty per stage (empty counts WG0 and WG1 of every CTA of the cluster), Q full / empty,
 // P full (128 WG0 arrivals) / P free (128 WG1 arrivals), used once more at the end of a
 // segment, where WG0 hands WG1 the row sums' inverses through the factors' slot.
 //
@@ -52,8 +54,8 @@ struct Smem {
     static constexpr int KV = Q + TILE;                // STAGES x TILE
     static constexpr int P = KV + STAGES * TILE;       // 64 x 64 T, one swizzled region
     static constexpr int SCALE = P + REGION;           // [64] f32: this block's rescale factors, or 1 / l at a segment's end
-    static constexpr int BARS = SCALE + M * 4;         // full[2], empty[2], q_full, q_empty, p_full, p_free
-    static constexpr int TOTAL = BARS + (2 * STAGES + 4) * 8;
+    static constexpr int BARS = SCALE + M * 4;         // full[2][9] (one per region), empty[2], q_full, q_empty, p_full, p_free
+    static constexpr int TOTAL = BARS + (STAGES * (D / 64) + STAGES + 4) * 8;
     static constexpr int ALLOC = TOTAL + 1024;
     static_assert(ALLOC <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
@@ -87,7 +89,8 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int wg = warp >> 2, wt = tid & 127;  // warpgroup, thread within it
     const int r0 = blockIdx.y * M;
-    const uint32_t full0 = sbase + L::BARS, empty0 = full0 + STAGES * 8;
+    constexpr int NR = D / 64;  // regions per block, each with its full barrier
+    const uint32_t full0 = sbase + L::BARS, empty0 = full0 + STAGES * NR * 8;
     const uint32_t q_full = empty0 + STAGES * 8, q_empty = q_full + 8, p_full = q_empty + 8, p_free = p_full + 8;
     // A cluster (1 x CS x 1) holds row tiles of the same part: they read the same blocks, so
     // each CTA loads 1 / CS of every block and multicasts it to all (rank r: the 64-column
@@ -97,7 +100,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
-            mbar_init(full0 + 8 * s, 1);
+            for (int c = 0; c < NR; ++c) mbar_init(full0 + 8 * (s * NR + c), 1);
             mbar_init(empty0 + 8 * s, 2 * cs);
         }
         mbar_init(q_full, 1);
@@ -122,7 +125,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
         uint32_t q_loads = 0;
         for_each_segment(p, [&](const Segment& sg) {
             const auto load_block = [&](int n) {
-                const uint32_t full = full0 + 8 * ring.slot();
+                const uint32_t full = full0 + 8 * NR * ring.slot();  // region c: full + 8 c
                 mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
                 const int idx = p.block_table[(size_t)sg.seq * p.max_blocks_per_seq + n];
                 if (idx < 0 || idx >= p.num_blocks) {
@@ -130,16 +133,16 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                     uint4* z = reinterpret_cast<uint4*>(smem + L::KV + ring.slot() * TILE);
                     for (int i = 0; i < TILE / 16; ++i) z[i] = make_uint4(0, 0, 0, 0);
                     fence_async_smem();
-                    mbar_arrive(full);
+                    for (int c = 0; c < NR; ++c) mbar_arrive(full + 8 * c);
                 } else {
-                    mbar_arrive_expect_tx(full, TILE);
+                    for (int c = 0; c < NR; ++c) mbar_arrive_expect_tx(full + 8 * c, REGION);
                     const uint32_t dst = sbase + L::KV + ring.slot() * TILE;
                     if (cs == 1) {
 #pragma unroll
-                        for (int c = 0; c < D / 64; ++c) tma_load_3d(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full, kv_policy);
+                        for (int c = 0; c < D / 64; ++c) tma_load_3d(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full + 8 * c, kv_policy);
                     } else {
                         for (int c = rank; c < D / 64; c += cs)
-                            tma_load_3d_multicast(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full, (uint16_t)((1u << cs) - 1), kv_policy);
+                            tma_load_3d_multicast(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full + 8 * c, (uint16_t)((1u << cs) - 1), kv_policy);
                     }
                 }
                 ring.step();
@@ -197,9 +200,10 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
             // and issues S = Q K^T as one commit group.
             const auto issue_s = [&](int n, const Ring<STAGES>& r) {
                 const uint32_t stage = sbase + L::KV + r.slot() * TILE;
-                mbar_wait(full0 + 8 * r.slot(), r.phase());
+                const uint32_t full = full0 + 8 * NR * r.slot();
                 const int valid = len - n * BS;
                 if (valid < BS) {
+                    for (int c = 0; c < NR; ++c) mbar_wait(full + 8 * c, r.phase());
                     char* st = smem + L::KV + r.slot() * TILE;
                     for (int i = wt; i < (BS - valid) * 64; i += 128) {
                         const int row = valid + (i >> 6);
@@ -208,12 +212,19 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                     fence_async_smem();
                     named_sync<2, 128>();
                 }
-                // The first k-step overwrites S (scale-d 0): no register of S is written
-                // while the PV before it is in flight.
+                // Each region's 4 k-steps go in as soon as that region has landed, so S
+                // runs under the rest of the block's load (BENCHMARKS.md row 10). The first
+                // k-step overwrites S (scale-d 0): no register of S is written while the PV
+                // before it is in flight.
+                mbar_wait(full, r.phase());
                 wgmma_fence();
                 Mma<T>::template qk<0>(s, sw128_desc(sbase + L::Q, 16, 1024), sw128_desc(stage, 16, 1024));
 #pragma unroll
                 for (int kk = 1; kk < D / 16; ++kk) {
+                    if ((kk & 3) == 0) {
+                        mbar_wait(full + 8 * (kk >> 2), r.phase());
+                        wgmma_fence();  // after the wait's own registers, as ptxas wants (C7519)
+                    }
                     const uint32_t off = (kk >> 2) * REGION + (kk & 3) * 32;
                     Mma<T>::template qk<1>(s, sw128_desc(sbase + L::Q + off, 16, 1024), sw128_desc(stage + off, 16, 1024));
                 }
@@ -222,11 +233,15 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
             mbar_wait(q_full, q_loads & 1);
             for (int n = sg.lo; n < sg.hi; ++n) {
                 const uint32_t stage = sbase + L::KV + ring.slot() * TILE;
-                // S(n) goes in right behind PV-left(n - 1), then both retire (in order):
-                // block n - 1's stage is free for this warpgroup, Q too after the last S.
+                // PV-left(n - 1) retires and block n - 1's stage is released (for this
+                // warpgroup) before S(n) goes in: the producer refills it under S(n)
+                // (BENCHMARKS.md row 11). Q is free after the last S.
+                if (n > sg.lo) {
+                    wgmma_wait<0>();
+                    release(Ring<STAGES>{ring.i - 1}.slot());
+                }
                 issue_s(n, ring);
                 wgmma_wait<0>();
-                if (n > sg.lo) release(Ring<STAGES>{ring.i - 1}.slot());
                 if (n + 1 == sg.hi && wt == 0) mbar_arrive(q_empty);
 
                 // Online softmax of block n (log2 domain), rows row0 / row1. Only a block
