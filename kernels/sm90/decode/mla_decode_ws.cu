@@ -80,7 +80,7 @@ __device__ __forceinline__ void issue_pv_ss(float* o, uint32_t p_addr, uint32_t 
         Mma<T>::pv_ss(o, sw128_desc(p_addr + ks * 32, 16, 1024), sw128_desc(stage + half * 4 * REGION + ks * 16 * 128, REGION, 1024));
 }
 
-template <typename T, int PF>
+template <typename T>
 __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     using L = Smem;
     const uint32_t raw = smem_u32(smem_raw);
@@ -144,13 +144,6 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                         for (int c = rank; c < D / 64; c += cs)
                             tma_load_3d_multicast(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full + 8 * c, (uint16_t)((1u << cs) - 1), kv_policy);
                     }
-                }
-                // PF > 0 (an experiment, BENCHMARKS.md row 12): block n + PF of the segment
-                // into L2 now, so its TMA load later comes from L2; one CTA of a cluster per block.
-                if (PF > 0 && n + PF < sg.hi && (cs == 1 || (uint32_t)(n & 1) == rank)) {
-                    const int pidx = p.block_table[(size_t)sg.seq * p.max_blocks_per_seq + n + PF];
-                    if (pidx >= 0 && pidx < p.num_blocks)
-                        bulk_prefetch_l2(static_cast<const char*>(p.kv) + (size_t)pidx * TILE, TILE);
                 }
                 ring.step();
             };
@@ -387,15 +380,13 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
 
 }  // namespace
 
-#define MLA_DECODE_WS_KERNEL(NAME, T, PF)                                                                        \
+#define MLA_DECODE_WS_KERNEL(NAME, T)                                                                        \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ MlaDecodeParams p) { \
         extern __shared__ __align__(1024) char smem[];                                                       \
         mla::pdl_launch_dependents(); /* the combine may launch now */ \
-        decode_ws<T, PF>(p, smem);                                                                               \
+        decode_ws<T>(p, smem);                                                                               \
     }                                                                                                        \
     MLA_ENTRY_SMEM(NAME, Smem::ALLOC)
 
-MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64, __nv_bfloat16, 0)
-MLA_DECODE_WS_KERNEL(mla_decode_fp16_ws64, __half, 0)
-MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64f2, __nv_bfloat16, 2)
-MLA_DECODE_WS_KERNEL(mla_decode_fp16_ws64f2, __half, 2)
+MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64, __nv_bfloat16)
+MLA_DECODE_WS_KERNEL(mla_decode_fp16_ws64, __half)

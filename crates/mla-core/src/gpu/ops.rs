@@ -72,10 +72,8 @@ pub enum DecodeKernel {
     /// cp.async + mma.sync, tiles of 16 or 32 rows (`kernels/portable/decode/mla_decode.cu`): the portable path.
     MmaSync { tile: usize },
     /// Warp-specialised wgmma, tiles of 64 rows: a TMA producer warpgroup and two consumer
-    /// warpgroups (`mla_decode_ws.cu`): the default for 32 rows and more. `pairs`: the
-    /// variant that takes a segment's blocks in pairs, one warpgroup computing S of each
-    /// (`mla_decode_wsp.cu`, MLA_DECODE_KERNEL=wsp; BENCHMARKS.md row 12).
-    WarpSpecialized { pairs: bool },
+    /// warpgroups (`mla_decode_ws.cu`): the default for 32 rows and more.
+    WarpSpecialized,
 }
 
 impl DecodeKernel {
@@ -94,18 +92,17 @@ impl DecodeKernel {
         match std::env::var("MLA_DECODE_KERNEL").as_deref() {
             Ok("tma") => DecodeKernel::Tma { tile },
             Ok("mma") => DecodeKernel::MmaSync { tile },
-            Ok("ws") => DecodeKernel::WarpSpecialized { pairs: false },
-            Ok("wsp") => DecodeKernel::WarpSpecialized { pairs: true },
+            Ok("ws") => DecodeKernel::WarpSpecialized,
             // 32 rows and more: the warp-specialised kernel measured faster on every
             // shape of the H200 grid (BENCHMARKS.md, 2026-12-02).
             _ if rows <= 16 => DecodeKernel::Tma { tile },
-            _ => DecodeKernel::WarpSpecialized { pairs: false },
+            _ => DecodeKernel::WarpSpecialized,
         }
     }
     pub fn tile(self) -> usize {
         match self {
             DecodeKernel::Tma { tile } | DecodeKernel::MmaSync { tile } => tile,
-            DecodeKernel::WarpSpecialized { .. } => GPU_ROW_TILE,
+            DecodeKernel::WarpSpecialized => GPU_ROW_TILE,
         }
     }
     /// The entry point for `dtype` and its threads per block (the kernels' launch
@@ -118,18 +115,7 @@ impl DecodeKernel {
             DecodeKernel::Tma { .. } => (pick(k::MLA_DECODE_BF16_TMA32, k::MLA_DECODE_FP16_TMA32), 384),
             DecodeKernel::MmaSync { tile: 16 } => (pick(k::MLA_DECODE_BF16_M16, k::MLA_DECODE_FP16_M16), 256),
             DecodeKernel::MmaSync { .. } => (pick(k::MLA_DECODE_BF16_M32, k::MLA_DECODE_FP16_M32), 256),
-            // MLA_WS_PREFETCH=2|4: the L2-prefetching entries (an experiment, BENCHMARKS.md row 12).
-            DecodeKernel::WarpSpecialized { pairs } => {
-                let pf = std::env::var("MLA_WS_PREFETCH").unwrap_or_default();
-                let e = match (pairs, pf.as_str()) {
-                    (false, "2") => pick(k::MLA_DECODE_BF16_WS64F2, k::MLA_DECODE_FP16_WS64F2),
-                    (false, _) => pick(k::MLA_DECODE_BF16_WS64, k::MLA_DECODE_FP16_WS64),
-                    (true, "2") => pick(k::MLA_DECODE_BF16_WS64P2, k::MLA_DECODE_FP16_WS64P2),
-                    (true, "4") => pick(k::MLA_DECODE_BF16_WS64P4, k::MLA_DECODE_FP16_WS64P4),
-                    (true, _) => pick(k::MLA_DECODE_BF16_WS64P, k::MLA_DECODE_FP16_WS64P),
-                };
-                (e, 384)
-            }
+            DecodeKernel::WarpSpecialized => (pick(k::MLA_DECODE_BF16_WS64, k::MLA_DECODE_FP16_WS64), 384),
         }
     }
 }
@@ -198,14 +184,14 @@ pub fn decode_into(g: &GpuDevice, s: &DecodeShape, inp: &DecodeInputs, opts: &De
         DecodeKernel::Tma { tile } => {
             MlaDecodeParams { q_map: tma::q_map(p.q, s.dtype, s.b, rows, tile)?, kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE / 2)?, ..p }
         }
-        DecodeKernel::WarpSpecialized { .. } => {
+        DecodeKernel::WarpSpecialized => {
             MlaDecodeParams { q_map: tma::q_map(p.q, s.dtype, s.b, rows, GPU_ROW_TILE)?, kv_map: tma::kv_map(p.kv, s.dtype, s.num_blocks, BLOCK_SIZE)?, ..p }
         }
         _ => p,
     };
     let dims = LaunchDims { grid: (plan.num_parts as u32, rows.div_ceil(tile) as u32, 1), block: (threads, 1, 1), smem };
     match kernel {
-        DecodeKernel::WarpSpecialized { .. } if ws_cluster(g, &f, &dims)? == 2 => unsafe { launch_cluster(&f, stream, &dims, (1, 2, 1), &p)? },
+        DecodeKernel::WarpSpecialized if ws_cluster(g, &f, &dims)? == 2 => unsafe { launch_cluster(&f, stream, &dims, (1, 2, 1), &p)? },
         _ => unsafe { launch(&f, stream, &dims, &p)? },
     }
 
