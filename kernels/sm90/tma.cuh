@@ -60,7 +60,10 @@ __device__ __forceinline__ uint32_t cluster_addr(uint32_t addr, uint32_t rank) {
 }
 // An arrival on a barrier of any CTA of the cluster (`addr` from cluster_addr), with the
 // default semantics (release, CTA scope): what it orders are this thread's waited-for
-// wgmma reads, before the other CTA's TMA overwrites the stage.
+// wgmma reads, before the other CTA's TMA overwrites the stage. The reads have retired
+// (wgmma_wait) before the arrive. Cluster scope on both sides (release.cluster here,
+// acquire.cluster in the producer's wait) measured 15% slower on the clustered shapes
+// (BENCHMARKS.md, 2026-12-03, row 16).
 __device__ __forceinline__ void mbar_arrive_cluster(uint32_t addr) {
     asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(addr) : "memory");
 }

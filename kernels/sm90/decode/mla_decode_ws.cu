@@ -26,7 +26,8 @@
 // coordinate (its stage is zero-filled, MLA_ERR_BLOCK_INDEX); rows past the sequence end
 // are masked in S and zeroed in the stage before any product reads them as V.
 //
-// Launch: grid (num_parts, ceil(rows / 64)), cluster (1, 1 or 2, 1), block 384, dynamic smem Smem::ALLOC;
+// Launch: grid (num_parts, ceil(rows / 64)), cluster (1, 1 or 2, 1) (the CTAs of a cluster
+// must share blockIdx.x: they walk the same segments), block 384, dynamic smem Smem::ALLOC;
 // params as __grid_constant__. The default for 32 rows and more (BENCHMARKS.md).
 #include "mla_common.cuh"
 #include "tma.cuh"
@@ -127,6 +128,9 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
             const auto load_block = [&](int n) {
                 const uint32_t full = full0 + 8 * NR * ring.slot();  // region c: full + 8 c
                 mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
+                // Both CTAs of a cluster read this same entry (the table, like every input,
+                // must not change while the decode runs), so a bad one is seen by both: each
+                // zero-fills its whole stage and neither multicasts.
                 const int idx = p.block_table[(size_t)sg.seq * p.max_blocks_per_seq + n];
                 if (idx < 0 || idx >= p.num_blocks) {
                     atomicOr(p.error_flag, MLA_ERR_BLOCK_INDEX);

@@ -293,13 +293,11 @@ impl GpuDevice {
         Ok(self.ctx.new_stream()?)
     }
     /// The device's answer to `ask` (the occupancy of the decode's 2-CTA clusters: the same
-    /// for both entries, whose resources are equal), asked on first use.
-    pub(crate) fn max_pair_clusters(&self, ask: impl FnOnce() -> Result<u32>) -> Result<u32> {
-        if let Some(n) = self.pair_clusters.get() {
-            return Ok(*n);
-        }
-        let n = ask()?;
-        Ok(*self.pair_clusters.get_or_init(|| n))
+    /// for both entries, whose resources are equal), asked on first use. A device that cannot
+    /// answer (an error from the query) counts as running none: the decode then launches
+    /// without clusters instead of failing.
+    pub(crate) fn max_pair_clusters(&self, ask: impl FnOnce() -> Result<u32>) -> u32 {
+        *self.pair_clusters.get_or_init(|| ask().unwrap_or(0))
     }
     pub fn kernels(&self) -> &kernels::Kernels {
         &self.kernels

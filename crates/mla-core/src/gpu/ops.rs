@@ -129,7 +129,7 @@ fn ws_cluster(g: &GpuDevice, f: &cudarc::driver::CudaFunction, dims: &LaunchDims
     if dims.grid.1 % 2 != 0 || *OFF.get_or_init(|| std::env::var("MLA_WS_CLUSTER").as_deref() == Ok("1")) {
         return Ok(1);
     }
-    let pairs = g.max_pair_clusters(|| max_active_clusters(f, g.stream(), dims, (1, 2, 1)))?;
+    let pairs = g.max_pair_clusters(|| max_active_clusters(f, g.stream(), dims, (1, 2, 1)));
     let wanted = (dims.grid.0 * dims.grid.1).min(g.info().multiprocessors as u32) / 2;
     Ok(if pairs >= wanted { 2 } else { 1 })
 }
