@@ -3,6 +3,7 @@
 
   python3 bench/report.py table RESULT.csv          # one row per configuration
   python3 bench/report.py variants A.csv B.csv ...  # key configurations side by side
+  python3 bench/report.py classes A.csv B.csv ...   # speed-up by row class, each vs the first
 """
 import csv
 import math
@@ -60,5 +61,25 @@ def variants(paths):
     print("| geomean vs FlashMLA, grid at mean 4096 (16 configs) | " + " | ".join(cells) + " |")
 
 
+# Row classes (rows = s_q * h_q): the grid's memory-bound (<= 16, 32), one-tile (64) and
+# compute-bound (>= 128) shapes, and every configuration beyond the grid.
+CLASSES = [("grid", lambda k: k[0] == "grid"), ("<=16", lambda k: k[0] == "grid" and k[1] * k[3] <= 16),
+           ("32", lambda k: k[0] == "grid" and k[1] * k[3] == 32), ("64", lambda k: k[0] == "grid" and k[1] * k[3] == 64),
+           (">=128", lambda k: k[0] == "grid" and k[1] * k[3] >= 128), ("beyond", lambda k: k[0] != "grid")]
+
+
+def classes(paths):
+    """Geometric-mean speed-up over FlashMLA per row class, and each CSV's ratio to the first."""
+    print("| csv | " + " | ".join(name for name, _ in CLASSES) + " |")
+    print("|---|" + "---:|" * len(CLASSES))
+    base = None
+    for p in paths:
+        d = {key(r): float(r["speedup"]) for r in rows(p) if r.get("speedup")}
+        g = [geomean([v for k, v in d.items() if sel(k)]) for _, sel in CLASSES]
+        cells = [f"{x:.3f}x" + (f" ({x / b - 1:+.1%})" if base else "") for x, b in zip(g, base or g)]
+        base = base or g
+        print(f"| {p.split('/')[-1].replace('.csv', '')} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-    {"table": lambda: table(sys.argv[2]), "variants": lambda: variants(sys.argv[2:])}[sys.argv[1]]()
+    {"table": lambda: table(sys.argv[2]), "variants": lambda: variants(sys.argv[2:]), "classes": lambda: classes(sys.argv[2:])}[sys.argv[1]]()

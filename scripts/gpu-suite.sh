@@ -25,6 +25,16 @@ run_stage() {  # name, command...
   tail -n 25 "$OUT/$name.log"
 }
 
+# The bench stage's run names: every variant of BENCH_VARIANTS, ROUNDS times in alternation.
+bench_names() {
+  local r v
+  for ((r = 1; r <= ${ROUNDS:-1}; r++)); do
+    for v in ${BENCH_VARIANTS:-default}; do
+      if (( ${ROUNDS:-1} > 1 )); then echo "$v-r$r"; else echo "$v"; fi
+    done
+  done
+}
+
 for s in $stages; do
   case $s in
     info) run_stage info bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nvcc --version | tail -1' ;;
@@ -108,16 +118,25 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
       mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" | grep -o '^[0-9]*' || true)
       # A variant is a kernel name (MLA_DECODE_KERNEL); ENV_<variant> (dashes as
       # underscores) may hold more VAR=value settings for it, e.g. ENV_ws_a="MLA_X=1".
-      for v in ${BENCH_VARIANTS:-default}; do
+      # ROUNDS=N runs the variants N times in alternation (names -r1 .. -rN): compare them
+      # within a round, as the card's clock drifts between rounds and machine starts.
+      csvs=()
+      for name in $(bench_names); do
+        v=$name; (( ${ROUNDS:-1} > 1 )) && v=${name%-r*}
         extra=ENV_${v//-/_}
         knobs=(MLA_DECODE_KERNEL=${v%%-*} ${!extra:-})
         # The SM clock while the bench runs (sampled every 100 ms), summarised in the log.
-        nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$OUT/clock-$v.txt" 2>/dev/null &
+        nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$OUT/clock-$name.txt" 2>/dev/null &
         smi=$!
-        run_stage "bench-$v" env "${knobs[@]}" .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-$v.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
+        run_stage "bench-$name" env "${knobs[@]}" .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-$name.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
         kill $smi 2>/dev/null
-        awk -F', *' '$1 > 1000 {n++; s += $1; if (!lo || $1 < lo) lo = $1; if ($1 > hi) hi = $1} END {if (n) printf "SM clock under load: mean %.0f MHz, min %d, max %d (%d samples)\n", s / n, lo, hi, n}' "$OUT/clock-$v.txt" | tee -a "$OUT/bench-$v.log"
-      done ;;
+        awk -F', *' '$1 > 1000 {n++; s += $1; if (!lo || $1 < lo) lo = $1; if ($1 > hi) hi = $1} END {if (n) printf "SM clock under load: mean %.0f MHz, min %d, max %d (%d samples)\n", s / n, lo, hi, n}' "$OUT/clock-$name.txt" | tee -a "$OUT/bench-$name.log"
+        [[ -f "$OUT/bench-$name.csv" ]] && csvs+=("$OUT/bench-$name.csv")
+      done
+      # Speed-up by row class, each run against the first (bench/report.py classes).
+      ((${#csvs[@]})) && python3 bench/report.py classes "${csvs[@]}" | tee "$OUT/bench-classes.md"
+      # Many rounds: the CSVs in one archive (the device tool brings back few files).
+      if (( ${ROUNDS:-1} > 1 )); then (cd "$OUT" && tar -czf bench-csv.tgz bench-*.csv && rm -f bench-*.csv); fi ;;
     # The benchmark on the forced portable path (what the workstation GPUs run, here on
     # Hopper's bandwidth: for the record, not a target).
     bench-portable)
@@ -185,7 +204,7 @@ done
 
 echo
 echo "=== summary"
-for s in info sass rust pipeline multi invariant-default invariant-tma invariant-ws invariant-portable memcheck-invariant racecheck-invariant synccheck-invariant bench-invariant rust-portable pipeline-portable memcheck-portable racecheck-portable synccheck-portable memcheck-pipeline-portable rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device bench-multi bench-portable ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for v in ${BENCH_VARIANTS:-default}; do echo bench-$v; done); do
+for s in info sass rust pipeline multi invariant-default invariant-tma invariant-ws invariant-portable memcheck-invariant racecheck-invariant synccheck-invariant bench-invariant rust-portable pipeline-portable memcheck-portable racecheck-portable synccheck-portable memcheck-pipeline-portable rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device bench-multi bench-portable ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for n in $(bench_names); do echo bench-$n; done); do
   [[ -n "${result[$s]:-}" ]] && printf '%-26s %s\n' "$s" "${result[$s]}"
 done
 grep -H "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/pipeline*.log "$OUT"/ts.log 2>/dev/null | tail -12
