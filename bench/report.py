@@ -63,9 +63,12 @@ def variants(paths):
 
 # Row classes (rows = s_q * h_q): the grid's memory-bound (<= 16, 32), one-tile (64) and
 # compute-bound (>= 128) shapes, and every configuration beyond the grid.
-CLASSES = [("grid", lambda k: k[0] == "grid"), ("<=16", lambda k: k[0] == "grid" and k[1] * k[3] <= 16),
-           ("32", lambda k: k[0] == "grid" and k[1] * k[3] == 32), ("64", lambda k: k[0] == "grid" and k[1] * k[3] == 64),
-           (">=128", lambda k: k[0] == "grid" and k[1] * k[3] >= 128), ("beyond", lambda k: k[0] != "grid")]
+def grid_rows(test):
+    return lambda k: k[0] == "grid" and test(k[1] * k[3])
+
+
+CLASSES = [("grid", grid_rows(lambda n: True)), ("<=16", grid_rows(lambda n: n <= 16)), ("32", grid_rows(lambda n: n == 32)),
+           ("64", grid_rows(lambda n: n == 64)), (">=128", grid_rows(lambda n: n >= 128)), ("beyond", lambda k: k[0] != "grid")]
 
 
 def classes(paths):

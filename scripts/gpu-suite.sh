@@ -25,13 +25,13 @@ run_stage() {  # name, command...
   tail -n 25 "$OUT/$name.log"
 }
 
-# The bench stage's run names: every variant of BENCH_VARIANTS, ROUNDS times in alternation.
+# The bench stage's run name of variant $1 in round $2 (a suffix only when ROUNDS > 1), and
+# every run's, the variants of BENCH_VARIANTS ROUNDS times in alternation.
+bench_name() { if (( ${ROUNDS:-1} > 1 )); then echo "$1-r$2"; else echo "$1"; fi; }
 bench_names() {
   local r v
   for ((r = 1; r <= ${ROUNDS:-1}; r++)); do
-    for v in ${BENCH_VARIANTS:-default}; do
-      if (( ${ROUNDS:-1} > 1 )); then echo "$v-r$r"; else echo "$v"; fi
-    done
+    for v in ${BENCH_VARIANTS:-default}; do bench_name "$v" "$r"; done
   done
 }
 
@@ -121,8 +121,8 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
       # ROUNDS=N runs the variants N times in alternation (names -r1 .. -rN): compare them
       # within a round, as the card's clock drifts between rounds and machine starts.
       csvs=()
-      for name in $(bench_names); do
-        v=$name; (( ${ROUNDS:-1} > 1 )) && v=${name%-r*}
+      for ((r = 1; r <= ${ROUNDS:-1}; r++)); do for v in ${BENCH_VARIANTS:-default}; do
+        name=$(bench_name "$v" "$r")
         extra=ENV_${v//-/_}
         knobs=(MLA_DECODE_KERNEL=${v%%-*} ${!extra:-})
         # The SM clock while the bench runs (sampled every 100 ms), summarised in the log.
@@ -132,7 +132,7 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
         kill $smi 2>/dev/null
         awk -F', *' '$1 > 1000 {n++; s += $1; if (!lo || $1 < lo) lo = $1; if ($1 > hi) hi = $1} END {if (n) printf "SM clock under load: mean %.0f MHz, min %d, max %d (%d samples)\n", s / n, lo, hi, n}' "$OUT/clock-$name.txt" | tee -a "$OUT/bench-$name.log"
         [[ -f "$OUT/bench-$name.csv" ]] && csvs+=("$OUT/bench-$name.csv")
-      done
+      done; done
       # Speed-up by row class, each run against the first (bench/report.py classes).
       ((${#csvs[@]})) && python3 bench/report.py classes "${csvs[@]}" | tee "$OUT/bench-classes.md"
       # Many rounds: the CSVs in one archive (the device tool brings back few files).

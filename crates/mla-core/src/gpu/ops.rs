@@ -124,14 +124,18 @@ impl DecodeKernel {
 /// read the same blocks, so each CTA of a pair loads half of every block and multicasts it
 /// to both: half the L2 reads, BENCHMARKS.md) where the grid's tiles pair up and the device
 /// runs a pair on every two multiprocessors at once; else 1. MLA_WS_CLUSTER=1 forces 1.
-fn ws_cluster(g: &GpuDevice, f: &cudarc::driver::CudaFunction, dims: &LaunchDims) -> Result<u32> {
+fn ws_cluster(g: &GpuDevice, f: &cudarc::driver::CudaFunction, dims: &LaunchDims) -> u32 {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if dims.grid.1 % 2 != 0 || *OFF.get_or_init(|| std::env::var("MLA_WS_CLUSTER").as_deref() == Ok("1")) {
-        return Ok(1);
+        return 1;
     }
     let pairs = g.max_pair_clusters(|| max_active_clusters(f, g.stream(), dims, (1, 2, 1)));
     let wanted = (dims.grid.0 * dims.grid.1).min(g.info().multiprocessors as u32) / 2;
-    Ok(if pairs >= wanted { 2 } else { 1 })
+    if pairs >= wanted {
+        2
+    } else {
+        1
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -191,7 +195,7 @@ pub fn decode_into(g: &GpuDevice, s: &DecodeShape, inp: &DecodeInputs, opts: &De
     };
     let dims = LaunchDims { grid: (plan.num_parts as u32, rows.div_ceil(tile) as u32, 1), block: (threads, 1, 1), smem };
     match kernel {
-        DecodeKernel::WarpSpecialized if ws_cluster(g, &f, &dims)? == 2 => unsafe { launch_cluster(&f, stream, &dims, (1, 2, 1), &p)? },
+        DecodeKernel::WarpSpecialized if ws_cluster(g, &f, &dims) == 2 => unsafe { launch_cluster(&f, stream, &dims, (1, 2, 1), &p)? },
         _ => unsafe { launch(&f, stream, &dims, &p)? },
     }
 
