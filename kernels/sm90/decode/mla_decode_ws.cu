@@ -55,8 +55,8 @@ struct Smem {
     static constexpr int KV = Q + TILE;                // STAGES x TILE
     static constexpr int P = KV + STAGES * TILE;       // 64 x 64 T, one swizzled region
     static constexpr int SCALE = P + REGION;           // [64] f32: this block's rescale factors, or 1 / l at a segment's end
-    static constexpr int BARS = SCALE + M * 4;         // full[2][9] (one per region), empty[2][3] (one per region group), q_full, q_empty, p_full, p_free
-    static constexpr int TOTAL = BARS + (STAGES * (D / 64) + STAGES * 3 + 4) * 8;
+    static constexpr int BARS = SCALE + M * 4;         // full[2][9] (one per region), empty[2], q_full, q_empty, p_full, p_free
+    static constexpr int TOTAL = BARS + (STAGES * (D / 64) + STAGES + 4) * 8;
     static constexpr int ALLOC = TOTAL + 1024;
     static_assert(ALLOC <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
@@ -81,12 +81,7 @@ __device__ __forceinline__ void issue_pv_ss(float* o, uint32_t p_addr, uint32_t 
         Mma<T>::pv_ss(o, sw128_desc(p_addr + ks * 32, 16, 1024), sw128_desc(stage + half * 4 * REGION + ks * 16 * 128, REGION, 1024));
 }
 
-// Region groups of a stage, each with its empty barrier when GROUPS: R, the rope region
-// (read by S only), A, V's left half (regions 0-3, read last by PV-left), B, the right
-// half (4-7, PV-right). S reads R first, then A, then B: the order they come back.
-constexpr int GR = 0, GA = 1, GB = 2;
-
-template <typename T, bool GROUPS>
+template <typename T>
 __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     using L = Smem;
     const uint32_t raw = smem_u32(smem_raw);
@@ -97,23 +92,17 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     const int r0 = blockIdx.y * M;
     constexpr int NR = D / 64;  // regions per block, each with its full barrier
     const uint32_t full0 = sbase + L::BARS, empty0 = full0 + STAGES * NR * 8;
-    const uint32_t q_full = empty0 + STAGES * 3 * 8, q_empty = q_full + 8, p_full = q_empty + 8, p_free = p_full + 8;
+    const uint32_t q_full = empty0 + STAGES * 8, q_empty = q_full + 8, p_full = q_empty + 8, p_free = p_full + 8;
     // A cluster (1 x CS x 1) holds row tiles of the same part: they read the same blocks, so
     // each CTA loads 1 / CS of every block and multicasts it to all (rank r: the 64-column
     // regions c with c % CS == r). A stage is then written by every CTA of the cluster, so
     // it is free only when the consumers of all of them are done with it (CS x 2 arrivals).
     const uint32_t cs = cluster_size(), rank = cluster_rank();
-    // Empty barrier of group grp of a stage (without GROUPS one per stage, group 0).
-    const auto empty_of = [&](int slot, int grp) { return empty0 + 8 * (slot * 3 + (GROUPS ? grp : 0)); };
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             for (int c = 0; c < NR; ++c) mbar_init(full0 + 8 * (s * NR + c), 1);
-            if (GROUPS) {
-                for (int grp = 0; grp < 3; ++grp) mbar_init(empty_of(s, grp), cs);
-            } else {
-                mbar_init(empty_of(s, 0), 2 * cs);
-            }
+            mbar_init(empty0 + 8 * s, 2 * cs);
         }
         mbar_init(q_full, 1);
         mbar_init(q_empty, 1);
@@ -138,41 +127,26 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
         for_each_segment(p, [&](const Segment& sg) {
             const auto load_block = [&](int n) {
                 const uint32_t full = full0 + 8 * NR * ring.slot();  // region c: full + 8 c
+                mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
                 // Both CTAs of a cluster read this same entry (the table, like every input,
                 // must not change while the decode runs), so a bad one is seen by both: each
                 // zero-fills its whole stage and neither multicasts.
                 const int idx = p.block_table[(size_t)sg.seq * p.max_blocks_per_seq + n];
                 if (idx < 0 || idx >= p.num_blocks) {
-                    for (int grp = 0; grp < (GROUPS ? 3 : 1); ++grp) mbar_wait(empty_of(ring.slot(), grp), ring.phase() ^ 1);
                     atomicOr(p.error_flag, MLA_ERR_BLOCK_INDEX);
                     uint4* z = reinterpret_cast<uint4*>(smem + L::KV + ring.slot() * TILE);
                     for (int i = 0; i < TILE / 16; ++i) z[i] = make_uint4(0, 0, 0, 0);
                     fence_async_smem();
                     for (int c = 0; c < NR; ++c) mbar_arrive(full + 8 * c);
                 } else {
+                    for (int c = 0; c < NR; ++c) mbar_arrive_expect_tx(full + 8 * c, REGION);
                     const uint32_t dst = sbase + L::KV + ring.slot() * TILE;
-                    // Regions c in [c0, c1): this CTA expects all of them, loads those of its rank.
-                    const auto load_regions = [&](int c0, int c1) {
-                        for (int c = c0; c < c1; ++c) mbar_arrive_expect_tx(full + 8 * c, REGION);
-                        for (int c = c0; c < c1; ++c) {
-                            if (cs == 1) {
-                                tma_load_3d(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full + 8 * c, kv_policy);
-                            } else if (c % cs == rank) {
-                                tma_load_3d_multicast(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full + 8 * c, (uint16_t)((1u << cs) - 1), kv_policy);
-                            }
-                        }
-                    };
-                    if (GROUPS) {
-                        // Each group as soon as its last reader of the block before is done.
-                        mbar_wait(empty_of(ring.slot(), GR), ring.phase() ^ 1);
-                        load_regions(8, 9);
-                        mbar_wait(empty_of(ring.slot(), GA), ring.phase() ^ 1);
-                        load_regions(0, 4);
-                        mbar_wait(empty_of(ring.slot(), GB), ring.phase() ^ 1);
-                        load_regions(4, 8);
+                    if (cs == 1) {
+#pragma unroll
+                        for (int c = 0; c < D / 64; ++c) tma_load_3d(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full + 8 * c, kv_policy);
                     } else {
-                        mbar_wait(empty_of(ring.slot(), 0), ring.phase() ^ 1);
-                        load_regions(0, NR);
+                        for (int c = rank; c < D / 64; c += cs)
+                            tma_load_3d_multicast(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full + 8 * c, (uint16_t)((1u << cs) - 1), kv_policy);
                     }
                 }
                 ring.step();
@@ -190,7 +164,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
         // The other CTAs of the cluster arrive on this one's empty barriers until their last
         // block: wait for every stage's last release before this CTA may exit.
         for (int s = 0; s < STAGES; ++s) {
-            for (int grp = 0; grp < (GROUPS ? 3 : 1); ++grp) mbar_wait(empty_of(ring.slot(), grp), ring.phase() ^ 1);
+            mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
             ring.step();
         }
         return;
@@ -204,15 +178,13 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     Ring<STAGES> ring;
     uint32_t q_loads = 0, p_uses = 0;
     float o[128];
-    // Releases a group of a stage (without GROUPS: this warpgroup's share of the whole stage,
-    // group R a no-op): one arrival on its empty barrier in every CTA of the cluster.
-    const auto release = [&](int slot, int grp) {
-        if (wt != 0 || (!GROUPS && grp == GR)) return;
-        const uint32_t bar = empty_of(slot, grp);
+    // Releases a stage: one arrival on its empty barrier in every CTA of the cluster.
+    const auto release = [&](int slot) {
+        if (wt != 0) return;
         if (cs == 1) {
-            mbar_arrive(bar);
+            mbar_arrive(empty0 + 8 * slot);
         } else {
-            for (uint32_t r = 0; r < cs; ++r) mbar_arrive_cluster(cluster_addr(bar, r));
+            for (uint32_t r = 0; r < cs; ++r) mbar_arrive_cluster(cluster_addr(empty0 + 8 * slot, r));
         }
     };
 
@@ -248,19 +220,16 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 // runs under the rest of the block's load (BENCHMARKS.md row 10). The first
                 // k-step overwrites S (scale-d 0): no register of S is written while the PV
                 // before it is in flight.
-                // With GROUPS the rope region goes first (it is refilled first).
-                constexpr int FIRST = GROUPS ? 8 : 0;
-                mbar_wait(full + 8 * FIRST, r.phase());
+                mbar_wait(full, r.phase());
                 wgmma_fence();
-                Mma<T>::template qk<0>(s, sw128_desc(sbase + L::Q + FIRST * REGION, 16, 1024), sw128_desc(stage + FIRST * REGION, 16, 1024));
+                Mma<T>::template qk<0>(s, sw128_desc(sbase + L::Q, 16, 1024), sw128_desc(stage, 16, 1024));
 #pragma unroll
                 for (int kk = 1; kk < D / 16; ++kk) {
-                    const int c = GROUPS ? (kk < 4 ? 8 : (kk >> 2) - 1) : kk >> 2;
                     if ((kk & 3) == 0) {
-                        mbar_wait(full + 8 * c, r.phase());
+                        mbar_wait(full + 8 * (kk >> 2), r.phase());
                         wgmma_fence();  // after the wait's own registers, as ptxas wants (C7519)
                     }
-                    const uint32_t off = c * REGION + (kk & 3) * 32;
+                    const uint32_t off = (kk >> 2) * REGION + (kk & 3) * 32;
                     Mma<T>::template qk<1>(s, sw128_desc(sbase + L::Q + off, 16, 1024), sw128_desc(stage + off, 16, 1024));
                 }
                 wgmma_commit();
@@ -273,11 +242,10 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 // (BENCHMARKS.md row 11). Q is free after the last S.
                 if (n > sg.lo) {
                     wgmma_wait<0>();
-                    release(Ring<STAGES>{ring.i - 1}.slot(), GA);
+                    release(Ring<STAGES>{ring.i - 1}.slot());
                 }
                 issue_s(n, ring);
                 wgmma_wait<0>();
-                release(ring.slot(), GR);  // S was the rope region's only reader
                 if (n + 1 == sg.hi && wt == 0) mbar_arrive(q_empty);
 
                 // Online softmax of block n (log2 domain), rows row0 / row1. Only a block
@@ -359,7 +327,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 ring.step();
             }
             wgmma_wait<0>();
-            release(Ring<STAGES>{ring.i - 1}.slot(), GA);
+            release(Ring<STAGES>{ring.i - 1}.slot());
             ++q_loads;
             // Row sums: the 4 threads of a row hold partial sums.
             l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -396,7 +364,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 wgmma_commit();
                 wgmma_wait<0>();
                 mbar_arrive(p_free);
-                release(ring.slot(), GB);
+                release(ring.slot());
                 ring.step();
             }
             mbar_wait(p_full, p_uses & 1);
@@ -416,16 +384,13 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
 
 }  // namespace
 
-#define MLA_DECODE_WS_KERNEL(NAME, T, GROUPS)                                                                      \
+#define MLA_DECODE_WS_KERNEL(NAME, T)                                                                        \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ MlaDecodeParams p) { \
         extern __shared__ __align__(1024) char smem[];                                                       \
         mla::pdl_launch_dependents(); /* the combine may launch now */ \
-        decode_ws<T, GROUPS>(p, smem);                                                                           \
+        decode_ws<T>(p, smem);                                                                               \
     }                                                                                                        \
     MLA_ENTRY_SMEM(NAME, Smem::ALLOC)
 
-MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64, __nv_bfloat16, false)
-MLA_DECODE_WS_KERNEL(mla_decode_fp16_ws64, __half, false)
-// Experiment (BENCHMARKS.md row 17): each region group released on its own.
-MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64g, __nv_bfloat16, true)
-MLA_DECODE_WS_KERNEL(mla_decode_fp16_ws64g, __half, true)
+MLA_DECODE_WS_KERNEL(mla_decode_bf16_ws64, __nv_bfloat16)
+MLA_DECODE_WS_KERNEL(mla_decode_fp16_ws64, __half)

@@ -115,8 +115,6 @@ impl DecodeKernel {
             DecodeKernel::Tma { .. } => (pick(k::MLA_DECODE_BF16_TMA32, k::MLA_DECODE_FP16_TMA32), 384),
             DecodeKernel::MmaSync { tile: 16 } => (pick(k::MLA_DECODE_BF16_M16, k::MLA_DECODE_FP16_M16), 256),
             DecodeKernel::MmaSync { .. } => (pick(k::MLA_DECODE_BF16_M32, k::MLA_DECODE_FP16_M32), 256),
-            // Experiment (BENCHMARKS.md row 17): MLA_WS_GROUPS=1, each region group released on its own.
-            DecodeKernel::WarpSpecialized if std::env::var("MLA_WS_GROUPS").as_deref() == Ok("1") => (pick(k::MLA_DECODE_BF16_WS64G, k::MLA_DECODE_FP16_WS64G), 384),
             DecodeKernel::WarpSpecialized => (pick(k::MLA_DECODE_BF16_WS64, k::MLA_DECODE_FP16_WS64), 384),
         }
     }
