@@ -422,15 +422,20 @@ fn host_checks_still_run_for_device_tensors() {
 }
 
 /// The reduced set compute-sanitizer runs (memcheck, racecheck): splits, causal rows
-/// with no keys, every row tile, both dtypes, and a bad index. Run with --ignored.
+/// with no keys, every row tile, both dtypes, and a bad index; two and eight 64-row tiles
+/// (one and four cluster pairs of the ws kernel per part). Run with --ignored.
 #[test]
 #[ignore = "run by scripts/gpu-suite.sh under compute-sanitizer"]
 fn sanitizer_small_cases() {
     let Some(dev) = gpu("sanitizer_small_cases") else { return };
     let mut rng = Rng::fresh();
-    for (dtype, h_q, s_q, lens) in
-        [(DType::BF16, 16, 1, vec![0, 1, 65, 700]), (DType::F16, 3, 4, vec![2, 140, 0]), (DType::BF16, 64, 2, vec![300, 64]), (DType::BF16, 128, 1, vec![130]), (DType::BF16, 128, 4, vec![200, 70])]
-    {
+    for (dtype, h_q, s_q, lens) in [
+        (DType::BF16, 16, 1, vec![0, 1, 65, 700]),
+        (DType::F16, 3, 4, vec![2, 140, 0]),
+        (DType::BF16, 64, 2, vec![300, 64]),
+        (DType::BF16, 128, 1, vec![130]),
+        (DType::BF16, 128, 4, vec![200, 70]),
+    ] {
         let inp = Inputs::random(Case::new(dtype, h_q, s_q, lens), false, &mut rng);
         let (out, lse) = run_on(&dev, &inp, true);
         let (ref_out, ref_lse) = inp.reference(true, None);
