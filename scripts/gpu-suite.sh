@@ -191,10 +191,16 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
       run_stage bench-host-ab bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH MLA_STEP_FLAGS=device MLA_BUFFER_REUSE=0 MLA_TMA_CACHE=0 MLA_AWAIT_SPIN_US=0 node dist/cli.js bench --host --device cuda --no-progress --out '$OUT/ab' ${HOST_ARGS:-} && mv '$OUT/ab/host.csv' '$OUT/host-ab.csv' && mv '$OUT/ab/host-ops.csv' '$OUT/host-ops-ab.csv' && rmdir '$OUT/ab'" ;;
     # Nsight Compute on one decode launch per shape (NCU_FILTERS, gpu_bench --filter
     # patterns; NCU_KERNEL, a kernel-name regex, default the ws kernel): the full set, as
-    # text, in ncu-<filter>.log (logs.tgz): shared-memory and tensor-pipe use, stall reasons.
+    # text, in ncu-<filter>-details.log (logs.tgz): shared-memory and tensor-pipe use, stall
+    # reasons; the samples per SASS instruction in ncu-<filter>-sass.csv and their summary
+    # (bench/ncu_samples.py: by opcode, by mbarrier wait site) in ncu-<filter>-samples.log.
     ncu)
       for f in ${NCU_FILTERS:-grid/1/4096/128/ grid/1/4096/64/}; do
-        run_stage "ncu-${f//\//_}" ncu --clock-control none --set full -k "regex:${NCU_KERNEL:-ws64}" --launch-skip 3 -c 1 .device/bin/gpu_bench --filter "$f" --reps 3
+        tag="ncu-${f//\//_}"
+        run_stage "$tag" ncu --clock-control none --set full -k "regex:${NCU_KERNEL:-ws64}" --launch-skip 3 -c 1 -f -o "/tmp/$tag" .device/bin/gpu_bench --filter "$f" --reps 3
+        ncu -i "/tmp/$tag.ncu-rep" --page details > "$OUT/$tag-details.log" 2>&1
+        ncu -i "/tmp/$tag.ncu-rep" --page source --print-source sass --csv > "$OUT/$tag-sass.csv" 2>&1
+        python3 bench/ncu_samples.py "$OUT/$tag-sass.csv" > "$OUT/$tag-samples.log" 2>&1
       done ;;
     # The serving-path tests with the step flags in device memory (the fallback path).
     rust-flags-device)
@@ -211,8 +217,9 @@ grep -H "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/pipeline*.log "$OU
 grep -H "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/memcheck*.log "$OUT"/racecheck*.log "$OUT"/synccheck*.log 2>/dev/null
 cat "$OUT"/sass.log 2>/dev/null
 grep -H "copy ceiling\|matmul\|geometric\|SM clock\|at once" "$OUT"/bench-*.log "$OUT"/matmul.log 2>/dev/null
+for f in "$OUT"/ncu-*-samples.log; do [[ -f $f ]] && { echo "== $(basename "$f")"; head -34 "$f"; }; done
 [[ -f "$OUT/host.csv" ]] && { column -s, -t < "$OUT/host.csv" 2>/dev/null || cat "$OUT/host.csv"; }
 [[ -f "$OUT/host-ab.csv" ]] && { echo "previous paths (bench-host-ab):"; column -s, -t < "$OUT/host-ab.csv" 2>/dev/null || cat "$OUT/host-ab.csv"; }
 
 # At most 8 files come back from the device tool: keep the CSVs and the chart, pack the logs.
-(cd "$OUT" && tar -czf logs.tgz ./*.log ./clock-*.txt && rm -f ./*.log ./clock-*.txt) 2>/dev/null || true
+(cd "$OUT" && tar -czf logs.tgz ./*.log ./clock-*.txt $(ls ./ncu-*.csv 2>/dev/null) && rm -f ./*.log ./clock-*.txt ./ncu-*.csv) 2>/dev/null || true
