@@ -6,7 +6,8 @@
 
 Prints the share of all warp samples by SASS opcode, by mbarrier wait site (the inline
 test's branch to its out-of-line retry loop, with that loop's samples) and the N
-instructions with the most samples. BENCHMARKS.md's per-phase counts (rows 8, 12, 18) are sums of these.
+instructions with the most samples. BENCHMARKS.md's per-phase counts (rows 8, 12, 18) are
+sums of these.
 """
 import csv
 import sys
