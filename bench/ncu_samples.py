@@ -4,8 +4,8 @@
   ncu -i REPORT.ncu-rep --page source --print-source sass --csv > SASS.csv
   python3 bench/ncu_samples.py SASS.csv [--top N]
 
-Prints the share of all warp samples by SASS opcode, by mbarrier wait site (the inline
-test's branch to its out-of-line retry loop, with that loop's samples) and the N
+Prints the share of all warp samples by SASS opcode, by mbarrier wait site (an out-of-line
+retry loop, with the samples of the inline tests' branches into it) and the N
 instructions with the most samples. BENCHMARKS.md's per-phase counts (rows 8, 12, 18) are
 sums of these.
 """
@@ -46,16 +46,17 @@ def main(argv):
 
     by_op = {}
     for _, s, n in ins:
-        by_op[opcode(s)] = by_op.get(opcode(s), 0) + n
+        op = opcode(s)
+        by_op[op] = by_op.get(op, 0) + n
     print("\nby opcode:")
     for op, n in sorted(by_op.items(), key=lambda x: -x[1])[:12]:
         print(f"  {pct(n)}  {op}")
 
     # mbarrier waits: ptxas emits a first test inline, then a predicated branch to an
-    # out-of-line retry loop (a SYNCS test and a branch back). A wait site is such a branch:
-    # its own samples plus its retry loop's, named by the branch's instruction index.
+    # out-of-line retry loop (a SYNCS test and a branch back). A wait site is such a loop:
+    # its own samples (once) plus those of every branch into it, named by the first branch.
     index = {addr: i for i, (addr, _, _) in enumerate(ins)}
-    sites = []
+    sites = {}  # retry loop's index -> [samples, first branch's index, its address]
     for i, (addr, s, n) in enumerate(ins):
         if opcode(s) != "BRA" or not s.startswith("@"):
             continue
@@ -65,9 +66,10 @@ def main(argv):
             continue
         body = ins[j : j + 4]
         if j > i and any(opcode(b) == "SYNCS" for _, b, _ in body):
-            sites.append((n + sum(m for _, _, m in body), i, addr))
+            site = sites.setdefault(j, [sum(m for _, _, m in body), i, addr])
+            site[0] += n
     print("\nmbarrier wait sites (branch to the retry loop: share, instruction index, address):")
-    for n, i, addr in sorted(sites, reverse=True)[:12]:
+    for n, i, addr in sorted(sites.values(), reverse=True)[:12]:
         print(f"  {pct(n)}  #{i:<5d} 0x{addr:x}")
 
     print(f"\ntop {top} instructions:")
