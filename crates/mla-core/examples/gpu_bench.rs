@@ -4,7 +4,7 @@
 //!
 //! cargo run --release -p mla-core --example gpu_bench -- [--quick] [--csv out.csv]
 //!     [--anchors flashmla-h100.csv,flashmla-h100-beyond.csv] [--reps 30]
-//!     [--matmul-tflops T] [--filter prefix,prefix...] [--device cuda:N|cpu]
+//!     [--matmul-tflops T] [--filter prefix,prefix...] [--device cuda:N|cpu] [--idle-ms X]
 //!     [--batch-invariant] [--devices all|0,1,...]
 //!
 //! --batch-invariant: every configuration is measured with a batch-invariant plan and,
@@ -21,6 +21,12 @@
 //! tflops,scaling with device = the ordinal, `alone:N` or `total`. One GPU works too
 //! (scaling about 1); without a CUDA device it is ERR_GPU_UNAVAILABLE. Not with --device
 //! or --batch-invariant.
+//!
+//! --idle-ms X (a diagnostic of issue 9's one-layer steps): after each configuration, its
+//! decode after X ms of an idle device, behind a short fill kernel (the host's launch
+//! hidden) and bare (from an event on the idle stream), next to the back-to-back median.
+//! A timing build (`MLA_NVCC_FLAGS=-DMLA_PHASE_TIMING=1`) also prints the ws kernel's
+//! per-phase clocks of each configuration (`phases ...` lines; `kernels/sm90/phase_clock.cuh`).
 //!
 //! Inputs are random (never zeros), generated on the device; block tables map each
 //! sequence to its own blocks; the cache is far larger than L2 for every grid shape.
@@ -100,7 +106,13 @@ fn main() -> mla_core::Result<()> {
         if !filters.iter().any(|f| c.label().starts_with(f)) {
             continue;
         }
+        phase_clock(&dev, None)?; // a timing build's sums start from this configuration
         let ms = run_config_plans(&dev, &c, DType::BF16, reps, DEFAULT_SEED, &plans)?;
+        phase_clock(&dev, Some(&c.label()))?;
+        if let Some(idle_ms) = opt("--idle-ms").and_then(|s| s.parse::<f64>().ok()) {
+            let (fill, bare) = mla_core::bench::run_config_after_idle(&dev, &c, reps, idle_ms)?;
+            println!("after {idle_ms} ms idle {}: behind a fill {fill:.4} ms, bare {bare:.4} ms (back to back {:.4})", c.label(), ms[0].ms);
+        }
         let m = &ms[0];
         let vs = ms.get(1).map(|d| (d.ms, m.ms / d.ms));
         if let Some((_, r)) = vs {
@@ -174,6 +186,26 @@ fn main() -> mla_core::Result<()> {
     }
     if let Some(path) = opt("--csv") {
         std::fs::File::create(&path).and_then(|mut f| f.write_all(csv.as_bytes())).expect("writing the CSV");
+    }
+    Ok(())
+}
+
+/// A timing build's per-phase sums of the ws kernel (`kernels/sm90/phase_clock.cuh`) over
+/// the launches of one configuration, printed per role as mean clocks per block (a phase
+/// that counts, like blocks or segments, prints its total per thread); nothing in a
+/// production build. `label` None: only zero them.
+fn phase_clock(dev: &Device, label: Option<&str>) -> mla_core::Result<()> {
+    let Device::Cuda(g) = dev else { return Ok(()) };
+    let Some(v) = g.kernels().take_phase_clock(mla_kernels::entries::MLA_DECODE_BF16_WS64.module, g.stream())? else { return Ok(()) };
+    let Some(label) = label else { return Ok(()) };
+    // Role: its name, the slot of its block count, its slots that are counts, not clocks.
+    for (role, (name, blocks, counts)) in [("producer", 3, &[3][..]), ("wg0", 11, &[11, 14][..]), ("wg1", 11, &[11, 14][..])].iter().enumerate() {
+        let row = &v[role * 16..role * 16 + 16];
+        let (threads, n) = (row[15].max(1) as f64, row[*blocks].max(1) as f64);
+        let cells: Vec<String> = (0..15)
+            .map(|i| if counts.contains(&i) { format!("{:.1}", row[i] as f64 / threads) } else { format!("{:.0}", row[i] as f64 / n) })
+            .collect();
+        println!("phases {label} {name} (threads {}): {}", row[15], cells.join(" "));
     }
     Ok(())
 }

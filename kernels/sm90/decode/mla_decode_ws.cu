@@ -13,14 +13,15 @@
 //       left half of O (V columns 0-255, 4 x m64n256k16 with P from registers). Before
 //       S of block n + 1 it waits for PV-left of block n and releases n's stage, so the
 //       load of block n + 2 is under way while S(n + 1) runs.
-//   WG1: the right half of O (V columns 256-511, P from shared memory), rescaled by the
-//       factors WG0 published. Its PV of block n runs under WG0's S of block n + 1.
+//   WG1: the right half of O (V columns 256-511, P from the stage's rope region), rescaled
+//       by the factors WG0 published. Its PV of block n runs under WG0's S of block n + 1.
 // Clusters: the row tiles of a part may run as a 2-CTA cluster (the launcher decides,
 //       BENCHMARKS.md row 9); each producer then loads half of every block's regions and
 //       multicasts them to both CTAs, and a stage is free once both CTAs' consumers are done.
-// Handshakes: full per region and empty per stage (empty counts WG0 and WG1 of every CTA of the cluster), Q full / empty,
-// P full (128 WG0 arrivals) / P free (128 WG1 arrivals), used once more at the end of a
-// segment, where WG0 hands WG1 the row sums' inverses through the factors' slot.
+// Handshakes: full per region and empty per stage (empty counts WG0 and WG1 of every CTA
+// of the cluster), Q full / empty, P full per stage (128 WG0 arrivals: P lives in the
+// stage's rope region, its factors by stage, so the ring frees both), and at a segment's
+// end inverse full / free, where WG0 hands WG1 the row sums' inverses.
 //
 // Untrusted input as in the other kernels: a bad block index never becomes a TMA
 // coordinate (its stage is zero-filled, MLA_ERR_BLOCK_INDEX); rows past the sequence end
@@ -32,6 +33,7 @@
 #include "mla_common.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
+#include "phase_clock.cuh"
 
 namespace {
 
@@ -42,7 +44,16 @@ constexpr int REGION = M * 128;           // one 64-column box of a 64-row tile 
 constexpr int TILE = D / 64 * REGION;     // 9 regions: Q, or one cache block (72 KiB)
 constexpr int STAGES = 2;
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 2 * 128 * 232 + 128 * 40 = 384 * 168
-constexpr float LAZY_TAU = 8.f;  // log2 units the reference max may lag a row's true max
+constexpr float LAZY_TAU = 8.f;
+#ifndef MLA_WS_IDX_AHEAD
+#define MLA_WS_IDX_AHEAD 0
+#endif
+#ifndef MLA_WS_L2_AHEAD
+#define MLA_WS_L2_AHEAD 0
+#endif
+#ifndef MLA_WS_EPI16
+#define MLA_WS_EPI16 0
+#endif  // log2 units the reference max may lag a row's true max
 
 __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
     return (chunk >> 3) * REGION + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
@@ -53,10 +64,13 @@ __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
 struct Smem {
     static constexpr int Q = 0;
     static constexpr int KV = Q + TILE;                // STAGES x TILE
-    static constexpr int P = KV + STAGES * TILE;       // 64 x 64 T, one swizzled region
-    static constexpr int SCALE = P + REGION;           // [64] f32: this block's rescale factors, or 1 / l at a segment's end
-    static constexpr int BARS = SCALE + M * 4;         // full[2][9] (one per region), empty[2], q_full, q_empty, p_full, p_free
-    static constexpr int TOTAL = BARS + (STAGES * (D / 64) + STAGES + 4) * 8;
+    static constexpr int P = KV + STAGES * TILE;       // 64 x 64 T, one swizzled region: P without clusters
+    static constexpr int SCALE = P + REGION;           // [STAGES][64] f32: a block's rescale factors, by its stage
+    static constexpr int INV = SCALE + STAGES * M * 4; // [64] f32: 1 / l at a segment's end
+    static constexpr int BARS = INV + M * 4;           // full[2][9] (one per region), empty[2], q_full, q_empty, p_full[2], p_free, inv_full, inv_free
+    static constexpr int TS = BARS + (STAGES * (D / 64) + 2 * STAGES + 5) * 8;  // timing builds: [STAGES] u32 load issue clocks
+    static constexpr int MARKS = TS + STAGES * 4;  // [THREADS / 32] u32 phase marks, timing builds only
+    static constexpr int TOTAL = MLA_PHASE_TIMING ? MARKS + THREADS / 32 * 4 : TS;
     static constexpr int ALLOC = TOTAL + 1024;
     static_assert(ALLOC <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
@@ -92,7 +106,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     const int r0 = blockIdx.y * M;
     constexpr int NR = D / 64;  // regions per block, each with its full barrier
     const uint32_t full0 = sbase + L::BARS, empty0 = full0 + STAGES * NR * 8;
-    const uint32_t q_full = empty0 + STAGES * 8, q_empty = q_full + 8, p_full = q_empty + 8, p_free = p_full + 8;
+    const uint32_t q_full = empty0 + STAGES * 8, q_empty = q_full + 8, p_full0 = q_empty + 8, p_free = p_full0 + STAGES * 8, inv_full = p_free + 8, inv_free = inv_full + 8;
     // A cluster (1 x CS x 1) holds row tiles of the same part: they read the same blocks, so
     // each CTA loads 1 / CS of every block and multicasts it to all (rank r: the 64-column
     // regions c with c % CS == r). A stage is then written by every CTA of the cluster, so
@@ -106,8 +120,10 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
         }
         mbar_init(q_full, 1);
         mbar_init(q_empty, 1);
-        mbar_init(p_full, 128);
+        for (int s = 0; s < STAGES; ++s) mbar_init(p_full0 + 8 * s, 128);
         mbar_init(p_free, 128);
+        mbar_init(inv_full, 128);
+        mbar_init(inv_free, 128);
         mbar_init_fence();
     }
     if (warp == 8 && lane == 0) {
@@ -124,14 +140,28 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
         const uint64_t kv_policy = l2_evict_first(), q_policy = l2_evict_last();
         Ring<STAGES> ring;
         uint32_t q_loads = 0;
+        PhaseClock<4> pc;  // timing builds (role 0): empty wait, issue, Q-empty wait, blocks
+        pc.start(reinterpret_cast<uint32_t*>(smem + L::MARKS) + warp);
         for_each_segment(p, [&](const Segment& sg) {
+            const int* table = p.block_table + (size_t)sg.seq * p.max_blocks_per_seq;
+            int idx_next = MLA_WS_IDX_AHEAD ? table[sg.lo] : 0;
             const auto load_block = [&](int n) {
                 const uint32_t full = full0 + 8 * NR * ring.slot();  // region c: full + 8 c
+#if MLA_WS_IDX_AHEAD
+                const int idx = idx_next;
+                if (n + 1 < sg.hi) idx_next = table[n + 1];
+#endif
                 mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
+                pc.lap(0);
+#if MLA_PHASE_TIMING
+                reinterpret_cast<volatile uint32_t*>(smem + L::TS)[ring.slot()] = pc.now();
+#endif
                 // Both CTAs of a cluster read this same entry (the table, like every input,
                 // must not change while the decode runs), so a bad one is seen by both: each
                 // zero-fills its whole stage and neither multicasts.
-                const int idx = p.block_table[(size_t)sg.seq * p.max_blocks_per_seq + n];
+#if !MLA_WS_IDX_AHEAD
+                const int idx = table[n];
+#endif
                 if (idx < 0 || idx >= p.num_blocks) {
                     atomicOr(p.error_flag, MLA_ERR_BLOCK_INDEX);
                     uint4* z = reinterpret_cast<uint4*>(smem + L::KV + ring.slot() * TILE);
@@ -149,12 +179,22 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                             tma_load_3d_multicast(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full + 8 * c, (uint16_t)((1u << cs) - 1), kv_policy);
                     }
                 }
+#if MLA_WS_L2_AHEAD
+                // Clusters only: block n + AHEAD into L2, each CTA of the pair every other block.
+                if (cs > 1 && (n & 1) == (int)rank && n + MLA_WS_L2_AHEAD < sg.hi) {
+                    const int pidx = table[n + MLA_WS_L2_AHEAD];
+                    if (pidx >= 0 && pidx < p.num_blocks) bulk_prefetch_l2(static_cast<const char*>(p.kv) + (size_t)pidx * TILE, TILE);
+                }
+#endif
                 ring.step();
+                pc.lap(1);
+                pc.add(3, 1);
             };
             // The first block needs a stage the previous segment frees before its last S,
             // Q the consumers free after that S.
             load_block(sg.lo);
             mbar_wait(q_empty, (q_loads & 1) ^ 1);
+            pc.lap(2);
             mbar_arrive_expect_tx(q_full, TILE);
 #pragma unroll
             for (int c = 0; c < D / 64; ++c) tma_load_3d(sbase + L::Q + c * REGION, &p.q_map, c * 64, r0, sg.seq, q_full, q_policy);
@@ -167,6 +207,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
             mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
             ring.step();
         }
+        pc.flush(0);
         return;
     }
 
@@ -174,10 +215,19 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     regs_inc<CONSUMER_REGS>();
     const int wl = warp & 3, g = lane >> 2, t4 = lane & 3;
     const int row0 = 16 * wl + g, row1 = row0 + 8;  // this thread's accumulator rows
-    float* scale_s = reinterpret_cast<float*>(smem + L::SCALE);
+    float* const scale0 = reinterpret_cast<float*>(smem + L::SCALE);
+    float* const inv_s = reinterpret_cast<float*>(smem + L::INV);
     Ring<STAGES> ring;
-    uint32_t q_loads = 0, p_uses = 0;
+    uint32_t segs = 0, blocks_done = 0;  // segments done; blocks whose P WG0 published
+    const bool p_in_stage = cs > 1;
     float o[128];
+    // Timing builds (phase_clock.cuh, roles 1 + wg). WG0: 0 PV-left(n - 1) wait + release, 1 first region
+    // wait, 2 rest of S's issue (its region waits), 3 S wait, 4 softmax, 5 P-free wait,
+    // 6 publish, 7 rescale + PV-left issue, 8 Q wait, 12 / 13 first / last region landed
+    // after its load's issue. WG1: 0 P wait, 1 rescale + PV-right issue, 2 its wait,
+    // 3 release. Both: 9 segment tail, 10 epilogue, 11 blocks, 14 segments.
+    PhaseClock<15> pc;
+    pc.start(reinterpret_cast<uint32_t*>(smem + L::MARKS) + warp);
     // Releases a stage: one arrival on its empty barrier in every CTA of the cluster.
     const auto release = [&](int slot) {
         if (wt != 0) return;
@@ -221,20 +271,31 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 // k-step overwrites S (scale-d 0): no register of S is written while the PV
                 // before it is in flight.
                 mbar_wait(full, r.phase());
+                pc.lap(1);
+#if MLA_PHASE_TIMING
+                const uint32_t issued = reinterpret_cast<volatile uint32_t*>(smem + L::TS)[r.slot()];
+                pc.add(12, pc.now() - issued);
+#endif
                 wgmma_fence();
                 Mma<T>::template qk<0>(s, sw128_desc(sbase + L::Q, 16, 1024), sw128_desc(stage, 16, 1024));
 #pragma unroll
                 for (int kk = 1; kk < D / 16; ++kk) {
                     if ((kk & 3) == 0) {
                         mbar_wait(full + 8 * (kk >> 2), r.phase());
+#if MLA_PHASE_TIMING
+                        if (kk == D / 16 - 4) pc.add(13, pc.now() - issued);
+#endif
                         wgmma_fence();  // after the wait's own registers, as ptxas wants (C7519)
                     }
                     const uint32_t off = (kk >> 2) * REGION + (kk & 3) * 32;
                     Mma<T>::template qk<1>(s, sw128_desc(sbase + L::Q + off, 16, 1024), sw128_desc(stage + off, 16, 1024));
                 }
                 wgmma_commit();
+                pc.lap(2);
             };
-            mbar_wait(q_full, q_loads & 1);
+            mbar_wait(q_full, segs & 1);
+            pc.lap(8);
+            pc.add(14, 1);
             for (int n = sg.lo; n < sg.hi; ++n) {
                 const uint32_t stage = sbase + L::KV + ring.slot() * TILE;
                 // PV-left(n - 1) retires and block n - 1's stage is released (for this
@@ -244,8 +305,10 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                     wgmma_wait<0>();
                     release(Ring<STAGES>{ring.i - 1}.slot());
                 }
+                pc.lap(0);
                 issue_s(n, ring);
                 wgmma_wait<0>();
+                pc.lap(3);
                 if (n + 1 == sg.hi && wt == 0) mbar_arrive(q_empty);
 
                 // Online softmax of block n (log2 domain), rows row0 / row1. Only a block
@@ -291,9 +354,16 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 l0 = l0 * a0 + ps0;
                 l1 = l1 * a1 + ps1;
 
-                // Publish P and the factors for WG1 once it is done with the previous P.
-                if (p_uses > 0) mbar_wait(p_free, (p_uses - 1) & 1);
-                char* sp = smem + L::P;
+                // Publish P and the factors for WG1, the factors by stage. In a cluster P goes
+                // into the stage's rope region (only S reads it, and S has retired), so the
+                // ring double-buffers it: WG1 releases the stage after its PV. Alone, into the
+                // P region once WG1 is done with the previous P (one-tile shapes measured 2%
+                // faster so, BENCHMARKS.md row 22).
+                pc.lap(4);
+                if (!p_in_stage && blocks_done > 0) mbar_wait(p_free, (blocks_done - 1) & 1);
+                pc.lap(5);
+                char* sp = p_in_stage ? smem + L::KV + ring.slot() * TILE + 8 * REGION : smem + L::P;
+                float* const scale_s = scale0 + ring.slot() * M;
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     const int key = j * 8 + t4 * 2;
@@ -305,8 +375,9 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                     scale_s[row1] = a1;
                 }
                 fence_async_smem();  // P is read by wgmma next
-                mbar_arrive(p_full);
-                ++p_uses;
+                mbar_arrive(p_full0 + 8 * ring.slot());
+                ++blocks_done;
+                pc.lap(6);
 
                 // O_left = O_left * a + P V[:, 0:256], P from registers. Accumulator groups 2ks
                 // and 2ks + 1 (pa[4ks .. 4ks + 3]) are k-step ks's A fragment.
@@ -325,10 +396,11 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 }
                 wgmma_commit();
                 ring.step();
+                pc.lap(7);
+                pc.add(11, 1);
             }
             wgmma_wait<0>();
             release(Ring<STAGES>{ring.i - 1}.slot());
-            ++q_loads;
             // Row sums: the 4 threads of a row hold partial sums.
             l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
             l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
@@ -336,21 +408,23 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
             l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
             inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
             inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-            // Hand WG1 the inverses through the factors' slot, as one more P hand-off.
-            if (p_uses > 0) mbar_wait(p_free, (p_uses - 1) & 1);
+            // Hand WG1 the inverses (once it has read the previous segment's).
+            if (segs > 0) mbar_wait(inv_free, (segs - 1) & 1);
             if (t4 == 0) {
-                scale_s[row0] = inv0;
-                scale_s[row1] = inv1;
+                inv_s[row0] = inv0;
+                inv_s[row1] = inv1;
                 if (r0 + row0 < p.rows) write_lse(p, sg, r0 + row0, m0, l0);
                 if (r0 + row1 < p.rows) write_lse(p, sg, r0 + row1, m1, l1);
             }
-            mbar_arrive(p_full);
-            ++p_uses;
+            mbar_arrive(inv_full);
+            pc.lap(9);
         } else {
+            pc.add(14, 1);
             for (int n = sg.lo; n < sg.hi; ++n) {
                 const uint32_t stage = sbase + L::KV + ring.slot() * TILE;
-                mbar_wait(p_full, p_uses & 1);
-                ++p_uses;
+                mbar_wait(p_full0 + 8 * ring.slot(), ring.phase());
+                pc.lap(0);
+                const float* const scale_s = scale0 + ring.slot() * M;
                 const float a0 = scale_s[row0], a1 = scale_s[row1];
                 if (!__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) {
 #pragma unroll
@@ -360,18 +434,22 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                     }
                 }
                 wgmma_fence();
-                issue_pv_ss<T>(o, sbase + L::P, stage, 1);
+                issue_pv_ss<T>(o, p_in_stage ? stage + 8 * REGION : sbase + L::P, stage, 1);
                 wgmma_commit();
+                pc.lap(1);
                 wgmma_wait<0>();
-                mbar_arrive(p_free);
+                pc.lap(2);
+                mbar_arrive(p_free);  // waited for only without clusters
                 release(ring.slot());
                 ring.step();
+                pc.lap(3);
+                pc.add(11, 1);
             }
-            mbar_wait(p_full, p_uses & 1);
-            ++p_uses;
-            inv0 = scale_s[row0];
-            inv1 = scale_s[row1];
-            mbar_arrive(p_free);
+            mbar_wait(inv_full, segs & 1);
+            inv0 = inv_s[row0];
+            inv1 = inv_s[row1];
+            mbar_arrive(inv_free);
+            pc.lap(9);
         }
 #pragma unroll
         for (int i = 0; i < 128; i += 4) {
@@ -379,7 +457,10 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
             if (r0 + row0 < p.rows) write_out2<T>(p, sg, r0 + row0, col, o[i] * inv0, o[i + 1] * inv0);
             if (r0 + row1 < p.rows) write_out2<T>(p, sg, r0 + row1, col, o[i + 2] * inv1, o[i + 3] * inv1);
         }
+        pc.lap(10);
+        ++segs;
     });
+    if (wt == 0) pc.flush(1 + wg);
 }
 
 }  // namespace

@@ -76,6 +76,38 @@ pub fn run_config_plans(dev: &Device, cfg: &BenchConfig, dtype: DType, reps: usi
     Ok(times.iter().map(|t| Measurement::from_times(&lens, cfg.s_q, cfg.h_q, t)).collect())
 }
 
+/// A diagnostic for issue 9's one-layer steps (`gpu_bench --idle-ms`): `cfg`'s decode on a
+/// CUDA device left idle for `idle_ms` before each run, medians over `reps` in ms:
+/// `(behind_fill, bare)`. `behind_fill` queues the decode behind a ~25 us fill kernel, so
+/// the host's launch is hidden and what remains is the device's own start after idling;
+/// `bare` times it from an event recorded on the idle stream, host launch included.
+pub fn run_config_after_idle(dev: &Device, cfg: &BenchConfig, reps: usize, idle_ms: f64) -> Result<(f64, f64)> {
+    let Device::Cuda(g) = dev else { return Err(MlaError::new(ErrorCode::InvalidArgument, "the idle diagnostic needs a CUDA device")) };
+    let Prepared { kv, q, bt, sl, mut out, mut lse, .. } = prepare(dev, cfg, DType::BF16, DEFAULT_SEED)?;
+    let p = plan(&sl, cfg.s_q * cfg.h_q, 1)?;
+    let opts = DecodeOptions { causal: true, ..Default::default() };
+    for _ in 0..3 {
+        decode_into(&q, &kv, &bt, &sl, &p, &opts, &mut out, &mut lse)?;
+    }
+    dev.synchronize()?;
+    let mut pad = Tensor::empty(dev, &[32 << 20], DType::BF16)?; // 64 MiB
+    let timer = crate::gpu::util::Timer::new(g, g.stream())?;
+    let idle = std::time::Duration::from_secs_f64(idle_ms.max(0.0) / 1e3);
+    let (mut fill, mut bare) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    for i in 0..reps.max(1) {
+        std::thread::sleep(idle);
+        crate::gpu::util::fill_random(&mut pad, i as u64, 1.0, 0.0)?;
+        timer.start()?;
+        decode_into(&q, &kv, &bt, &sl, &p, &opts, &mut out, &mut lse)?;
+        fill.push(timer.stop()? as f64);
+        std::thread::sleep(idle);
+        timer.start()?;
+        decode_into(&q, &kv, &bt, &sl, &p, &opts, &mut out, &mut lse)?;
+        bare.push(timer.stop()? as f64);
+    }
+    Ok((median(&fill), median(&bare)))
+}
+
 /// The inputs and outputs of one configuration on one device (what [`run_config_plans`]
 /// and [`run_config_multi`](crate::bench::run_config_multi) time).
 pub(crate) struct Prepared {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
 use mla_kernels::{Entry, Module};
 
@@ -83,5 +83,22 @@ impl Kernels {
         }
         cache.insert(name, (f.clone(), smem_bytes));
         Ok((f, smem_bytes))
+    }
+
+    /// The per-phase clock sums of a timing build (`kernels/sm90/phase_clock.cuh`, built with
+    /// `MLA_NVCC_FLAGS=-DMLA_PHASE_TIMING=1`): `module`'s `mla_phase_clock` (3 roles x 16
+    /// slots, the last of each a count), zeroed once read. None for a module without it:
+    /// every production build.
+    pub fn take_phase_clock(&self, module: &str, stream: &Arc<CudaStream>) -> Result<Option<Vec<u64>>> {
+        let Some((_, m)) = self.modules.iter().find(|(n, _)| n.name == module) else { return Ok(None) };
+        let Ok(global) = m.get_global("mla_phase_clock", stream) else { return Ok(None) };
+        let (ptr, _guard) = global.device_ptr(stream);
+        let mut sums = vec![0u64; global.len() / 8];
+        unsafe {
+            result::memcpy_dtoh_async(&mut sums, ptr, stream.cu_stream())?;
+            result::memset_d8_async(ptr, 0, global.len(), stream.cu_stream())?;
+        }
+        stream.synchronize()?;
+        Ok(Some(sums))
     }
 }
