@@ -68,11 +68,6 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint32_t addr) {
     asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(addr) : "memory");
 }
 
-// Starts bringing `bytes` at `src` (16-byte aligned, a multiple of 16) into L2, no completion.
-__device__ __forceinline__ void bulk_prefetch_l2(const void* src, uint32_t bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(reinterpret_cast<uint64_t>(src)), "r"(bytes) : "memory");
-}
-
 // L2 policy for data read once (the KV cache): evict it first.
 __device__ __forceinline__ uint64_t l2_evict_first() {
     uint64_t pol;

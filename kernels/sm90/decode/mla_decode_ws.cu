@@ -13,15 +13,16 @@
 //       left half of O (V columns 0-255, 4 x m64n256k16 with P from registers). Before
 //       S of block n + 1 it waits for PV-left of block n and releases n's stage, so the
 //       load of block n + 2 is under way while S(n + 1) runs.
-//   WG1: the right half of O (V columns 256-511, P from the stage's rope region), rescaled
-//       by the factors WG0 published. Its PV of block n runs under WG0's S of block n + 1.
+//   WG1: the right half of O (V columns 256-511, P from shared memory), rescaled by the
+//       factors WG0 published. Its PV of block n runs under WG0's S of block n + 1.
 // Clusters: the row tiles of a part may run as a 2-CTA cluster (the launcher decides,
 //       BENCHMARKS.md row 9); each producer then loads half of every block's regions and
 //       multicasts them to both CTAs, and a stage is free once both CTAs' consumers are done.
 // Handshakes: full per region and empty per stage (empty counts WG0 and WG1 of every CTA
-// of the cluster), Q full / empty, P full per stage (128 WG0 arrivals: P lives in the
-// stage's rope region, its factors by stage, so the ring frees both), and at a segment's
-// end inverse full / free, where WG0 hands WG1 the row sums' inverses.
+// of the cluster), Q full / empty, P full per stage (128 WG0 arrivals; the factors by
+// stage; in a cluster P lives in the stage's rope region, so the ring frees both, alone in
+// the P region behind P free, 128 WG1 arrivals), and at a segment's end inverse full /
+// free, where WG0 hands WG1 the row sums' inverses.
 //
 // Untrusted input as in the other kernels: a bad block index never becomes a TMA
 // coordinate (its stage is zero-filled, MLA_ERR_BLOCK_INDEX); rows past the sequence end
@@ -44,16 +45,7 @@ constexpr int REGION = M * 128;           // one 64-column box of a 64-row tile 
 constexpr int TILE = D / 64 * REGION;     // 9 regions: Q, or one cache block (72 KiB)
 constexpr int STAGES = 2;
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 2 * 128 * 232 + 128 * 40 = 384 * 168
-constexpr float LAZY_TAU = 8.f;
-#ifndef MLA_WS_IDX_AHEAD
-#define MLA_WS_IDX_AHEAD 0
-#endif
-#ifndef MLA_WS_L2_AHEAD
-#define MLA_WS_L2_AHEAD 0
-#endif
-#ifndef MLA_WS_EPI16
-#define MLA_WS_EPI16 0
-#endif  // log2 units the reference max may lag a row's true max
+constexpr float LAZY_TAU = 8.f;  // log2 units the reference max may lag a row's true max
 
 __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
     return (chunk >> 3) * REGION + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
@@ -144,13 +136,13 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
         pc.start(reinterpret_cast<uint32_t*>(smem + L::MARKS) + warp);
         for_each_segment(p, [&](const Segment& sg) {
             const int* table = p.block_table + (size_t)sg.seq * p.max_blocks_per_seq;
-            int idx_next = MLA_WS_IDX_AHEAD ? table[sg.lo] : 0;
+            int idx_next = table[sg.lo];
             const auto load_block = [&](int n) {
                 const uint32_t full = full0 + 8 * NR * ring.slot();  // region c: full + 8 c
-#if MLA_WS_IDX_AHEAD
+                // The next entry is read before this stage's wait, so its latency runs under
+                // the wait (BENCHMARKS.md row 22).
                 const int idx = idx_next;
                 if (n + 1 < sg.hi) idx_next = table[n + 1];
-#endif
                 mbar_wait(empty0 + 8 * ring.slot(), ring.phase() ^ 1);
                 pc.lap(0);
 #if MLA_PHASE_TIMING
@@ -159,9 +151,6 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 // Both CTAs of a cluster read this same entry (the table, like every input,
                 // must not change while the decode runs), so a bad one is seen by both: each
                 // zero-fills its whole stage and neither multicasts.
-#if !MLA_WS_IDX_AHEAD
-                const int idx = table[n];
-#endif
                 if (idx < 0 || idx >= p.num_blocks) {
                     atomicOr(p.error_flag, MLA_ERR_BLOCK_INDEX);
                     uint4* z = reinterpret_cast<uint4*>(smem + L::KV + ring.slot() * TILE);
@@ -179,13 +168,6 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                             tma_load_3d_multicast(dst + c * REGION, &p.kv_map, c * 64, 0, idx, full + 8 * c, (uint16_t)((1u << cs) - 1), kv_policy);
                     }
                 }
-#if MLA_WS_L2_AHEAD
-                // Clusters only: block n + AHEAD into L2, each CTA of the pair every other block.
-                if (cs > 1 && (n & 1) == (int)rank && n + MLA_WS_L2_AHEAD < sg.hi) {
-                    const int pidx = table[n + MLA_WS_L2_AHEAD];
-                    if (pidx >= 0 && pidx < p.num_blocks) bulk_prefetch_l2(static_cast<const char*>(p.kv) + (size_t)pidx * TILE, TILE);
-                }
-#endif
                 ring.step();
                 pc.lap(1);
                 pc.add(3, 1);
@@ -221,8 +203,8 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     uint32_t segs = 0, blocks_done = 0;  // segments done; blocks whose P WG0 published
     const bool p_in_stage = cs > 1;
     float o[128];
-    // Timing builds (phase_clock.cuh, roles 1 + wg). WG0: 0 PV-left(n - 1) wait + release, 1 first region
-    // wait, 2 rest of S's issue (its region waits), 3 S wait, 4 softmax, 5 P-free wait,
+    // Timing builds (phase_clock.cuh, roles 1 + wg). WG0: 0 PV-left(n - 1) wait + release,
+    // 1 first region wait, 2 rest of S's issue (its region waits), 3 S wait, 4 softmax, 5 P-free wait,
     // 6 publish, 7 rescale + PV-left issue, 8 Q wait, 12 / 13 first / last region landed
     // after its load's issue. WG1: 0 P wait, 1 rescale + PV-right issue, 2 its wait,
     // 3 release. Both: 9 segment tail, 10 epilogue, 11 blocks, 14 segments.

@@ -55,26 +55,8 @@ pub unsafe fn launch_dependent<P: DeviceRepr>(f: &CudaFunction, stream: &CudaStr
 /// # Safety
 /// As [`launch`].
 pub unsafe fn launch_cluster<P: DeviceRepr>(f: &CudaFunction, stream: &CudaStream, dims: &LaunchDims, cluster: (u32, u32, u32), params: &P) -> Result<()> {
-    let mut attrs = [cluster_attr(cluster), std::mem::zeroed()];
-    // EXPERIMENT (issue 9): the cluster scheduling policy, MLA_CLUSTER_POLICY=1 spread, 2 load balancing.
-    let policy: u32 = std::env::var("MLA_CLUSTER_POLICY").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let n = if policy > 0 {
-        attrs[1].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE;
-        attrs[1].value.clusterSchedulingPolicyPreference = if policy == 1 {
-            sys::CUclusterSchedulingPolicy::CU_CLUSTER_SCHEDULING_POLICY_SPREAD
-        } else {
-            sys::CUclusterSchedulingPolicy::CU_CLUSTER_SCHEDULING_POLICY_LOAD_BALANCING
-        };
-        2
-    } else {
-        1
-    };
-    stream.context().bind_to_thread()?;
-    let mut config = launch_config(stream, dims, &mut attrs[0]);
-    config.numAttrs = n;
-    let mut args = [params as *const P as *mut c_void];
-    sys::cuLaunchKernelEx(&config, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()).result()?;
-    Ok(())
+    let mut attr = cluster_attr(cluster);
+    launch_ex(f, stream, dims, &mut attr, params)
 }
 
 /// How many clusters of `cluster` CTAs of `f`, launched as `dims`, the device can run at once
