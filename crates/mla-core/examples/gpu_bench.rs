@@ -202,9 +202,8 @@ fn phase_clock(dev: &Device, label: Option<&str>) -> mla_core::Result<()> {
     for (role, (name, blocks, counts)) in [("producer", 3, &[3][..]), ("wg0", 11, &[11, 14][..]), ("wg1", 11, &[11, 14][..])].iter().enumerate() {
         let row = &v[role * 16..role * 16 + 16];
         let (threads, n) = (row[15].max(1) as f64, row[*blocks].max(1) as f64);
-        let cells: Vec<String> = (0..15)
-            .map(|i| if counts.contains(&i) { format!("{:.1}", row[i] as f64 / threads) } else { format!("{:.0}", row[i] as f64 / n) })
-            .collect();
+        let cells: Vec<String> =
+            (0..15).map(|i| if counts.contains(&i) { format!("{:.1}", row[i] as f64 / threads) } else { format!("{:.0}", row[i] as f64 / n) }).collect();
         println!("phases {label} {name} (threads {}): {}", row[15], cells.join(" "));
     }
     Ok(())
