@@ -36,8 +36,9 @@ export interface KvCacheOptions {
 export class KvCache extends Handle {
   /** @internal */
   declare readonly _n: Native.KvCache
-  /** The pool view that decode calls pass (made once, disposed with the cache). */
+  /** The pool view that decode calls pass (made once, disposed with the cache), and its id. */
   private _pool: Native.Tensor | undefined
+  private _poolNid = 0
 
   constructor(device: Device, opts: KvCacheOptions) {
     const d = want(device, Device, 'device')
@@ -170,25 +171,26 @@ export class KvCache extends Handle {
   }
 
   /**
-   * @internal The pool as a native view for decode arguments: one per cache, not one per
-   * call (making a view object costs about a microsecond). Throws `ERR_DISPOSED` once the
-   * cache is disposed, as {@link tensor} does.
+   * @internal The id of the pool as a native view (see {@link Tensor._id}), for decode
+   * arguments: one view per cache, not one per call (making a view object costs about a
+   * microsecond). Throws `ERR_DISPOSED` once the cache is disposed, as {@link tensor} does:
+   * {@link dispose} drops the view.
    */
-  _poolView(): Native.Tensor {
-    if (this._pool !== undefined && !this._n.disposed) return this._pool
-    this._pool = call(() => this._n.tensor)
-    return this._pool
+  _poolId(): number {
+    if (this._pool === undefined) {
+      const pool = call(() => this._n.tensor)
+      this._poolNid = call(() => native.tensorId(pool))
+      this._pool = pool
+    }
+    return this._poolNid
   }
 
   /** Releases this handle (views of the pool and pending decodes keep the pool alive). */
   override dispose(): void {
-    try {
-      this._pool?.dispose()
-    } catch {
-      // Borrowed by a pending decode call: the view goes when it is collected, as the
-      // per-call views of earlier versions did.
-    }
+    // The decodes hold no native reference to the view (they take its id), so it can go now.
+    this._pool?.dispose()
     this._pool = undefined
+    this._poolNid = 0
     super.dispose()
   }
 

@@ -47,13 +47,14 @@ export interface DecodeResult {
   step: number
 }
 
+/** The binding's arguments: the tensors and the plan as their ids (see {@link Tensor._id}), checked here. */
 function nativeArgs(a: DecodeArgs) {
   if (a == null || typeof a !== 'object') fail('ERR_INVALID_ARGUMENT', `decode: expected an arguments object, got ${describe(a)}`)
-  const q = want(a.q, Tensor, 'q')
-  const kv = a.kvCache instanceof KvCache ? a.kvCache._poolView() : want(a.kvCache, Tensor, 'kvCache')._n
-  const bt = want(a.blockTable, Tensor, 'blockTable')
-  const sl = want(a.cacheSeqlens, Tensor, 'cacheSeqlens')
-  const plan = a.plan == null ? undefined : want(a.plan, Plan, 'plan')
+  const q = want(a.q, Tensor, 'q')._id()
+  const kv = a.kvCache instanceof KvCache ? a.kvCache._poolId() : want(a.kvCache, Tensor, 'kvCache')._id()
+  const bt = want(a.blockTable, Tensor, 'blockTable')._id()
+  const sl = want(a.cacheSeqlens, Tensor, 'cacheSeqlens')._id()
+  const plan = a.plan == null ? undefined : want(a.plan, Plan, 'plan')._id()
   if (a.causal != null && typeof a.causal !== 'boolean')
     fail('ERR_INVALID_ARGUMENT', `causal: expected a boolean, got ${describe(a.causal)}`)
   if (a.softmaxScale != null && typeof a.softmaxScale !== 'number')
@@ -62,11 +63,11 @@ function nativeArgs(a: DecodeArgs) {
   if (a.batchInvariant != null && typeof a.batchInvariant !== 'boolean')
     fail('ERR_INVALID_ARGUMENT', `batchInvariant: expected a boolean, got ${describe(a.batchInvariant)}`)
   return [
-    q._n,
+    q,
     kv,
-    bt._n,
-    sl._n,
-    plan?._n,
+    bt,
+    sl,
+    plan,
     a.causal ?? undefined,
     a.softmaxScale ?? undefined,
     a.label ?? undefined,
@@ -266,18 +267,16 @@ export function decodeInto(args: DecodeArgs, outputs: DecodeOutputs): number {
   const a = nativeArgs(args)
   if (outputs == null || typeof outputs !== 'object')
     fail('ERR_INVALID_ARGUMENT', `outputs: expected { out, lse }, got ${describe(outputs)}`)
-  const out = want(outputs.out, Tensor, 'out')
-  const lse = want(outputs.lse, Tensor, 'lse')
-  // Natively the outputs are written through exclusive references: no aliasing allowed.
-  const inputs = [a[0], a[1], a[2], a[3]] as const
-  if (out._n === lse._n) fail('ERR_INVALID_ARGUMENT', 'out, lse: expected two distinct tensors, got the same one twice')
-  for (const [name, t] of [
-    ['out', out],
-    ['lse', lse],
-  ] as const) {
-    if (inputs.some((x) => x === t._n)) fail('ERR_INVALID_ARGUMENT', `${name}: expected a tensor distinct from the inputs, got one of them`)
-  }
-  return call(() => native.decodeInto(...a, out._n, lse._n))
+  const out = want(outputs.out, Tensor, 'out')._id()
+  const lse = want(outputs.lse, Tensor, 'lse')._id()
+  // Natively the outputs are written through exclusive references: no aliasing allowed
+  // (one id per native tensor, so equal ids are the same tensor).
+  if (out === lse) fail('ERR_INVALID_ARGUMENT', 'out, lse: expected two distinct tensors, got the same one twice')
+  if (out === a[0] || out === a[1] || out === a[2] || out === a[3])
+    fail('ERR_INVALID_ARGUMENT', 'out: expected a tensor distinct from the inputs, got one of them')
+  if (lse === a[0] || lse === a[1] || lse === a[2] || lse === a[3])
+    fail('ERR_INVALID_ARGUMENT', 'lse: expected a tensor distinct from the inputs, got one of them')
+  return call(() => native.decodeInto(...a, out, lse))
 }
 
 /**

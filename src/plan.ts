@@ -4,6 +4,7 @@ import type * as Native from '../binding'
 import { int, MAX_I32, want } from './check'
 import { call, fail } from './errors'
 import { Handle } from './handle'
+import { native } from './native'
 import { Tensor } from './tensor'
 
 /**
@@ -19,9 +20,16 @@ import { Tensor } from './tensor'
 export class Plan extends Handle {
   /** @internal */
   declare readonly _n: Native.Plan
+  /** The native plan's id (0 until first used), see {@link _id}. */
+  private _nid = 0
 
   private constructor(n: Native.Plan) {
     super(n)
+  }
+
+  /** @internal The native plan's id for the hot native calls (as {@link Tensor._id}). */
+  _id(): number {
+    return this._nid || (this._nid = call(() => native.planId(this._n)))
   }
 
   /** Number of parts the work is divided into (SM groups on CUDA, threads on the CPU). */
@@ -87,7 +95,8 @@ export class Plan extends Handle {
    * ```
    */
   update(cacheSeqlens: Tensor): number {
-    return call(() => this._n.update(want(cacheSeqlens, Tensor, 'cacheSeqlens')._n))
+    const sl = want(cacheSeqlens, Tensor, 'cacheSeqlens')._id()
+    return call(() => native.planUpdate(this._id(), sl))
   }
   /**
    * Releases this handle. It does not dispose the {@link tileSchedulerMetadata} /

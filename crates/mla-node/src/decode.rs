@@ -1,16 +1,17 @@
 //! `decode` (a promise), `decodeSync` and `decodeInto` (enqueue only): translations of
 //! `mla_core::decode::{enqueue, enqueue_into_auto}` and `Device::wait_step`. The core owns
-//! every rule (plan when omitted, plan sharing, step errors).
+//! every rule (plan when omitted, plan sharing, step errors). The tensors and the plan come
+//! as ids (`handles`), which cost napi-rs nothing to convert: these are the hot calls.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use mla_core::{DecodeOptions, SharedPlan};
+use mla_core::{DecodeOptions, ErrorCode, SharedPlan};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::error::{core, Result};
-use crate::plan::Plan;
+use crate::error::{core, err, Result};
+use crate::handles;
 use crate::task::CoreTask;
 use crate::tensor::{with_all, Tensor, TensorSrc};
 
@@ -34,25 +35,36 @@ struct Args {
     opts: DecodeOptions,
 }
 
+/// Resolves the ids (`handles`) of a decode's tensors and plan: their sources are cloned
+/// here, so no reference to the native objects outlives this function.
 #[allow(clippy::too_many_arguments)]
 fn args(
-    q: &Tensor,
-    kv_cache: &Tensor,
-    block_table: &Tensor,
-    cache_seqlens: &Tensor,
-    plan: Option<&Plan>,
+    q: u32,
+    kv_cache: u32,
+    block_table: u32,
+    cache_seqlens: u32,
+    plan: Option<u32>,
     causal: Option<bool>,
     softmax_scale: Option<f64>,
     label: Option<String>,
     batch_invariant: Option<bool>,
 ) -> Result<Args> {
+    // SAFETY: the references die in this function, which runs no JS.
+    let (q, kv, block_table, seqlens) = unsafe {
+        (
+            handles::tensor(q, "q")?.arg("q")?,
+            handles::tensor(kv_cache, "kvCache")?.arg("kvCache")?,
+            handles::tensor(block_table, "blockTable")?.arg("blockTable")?,
+            handles::tensor(cache_seqlens, "cacheSeqlens")?.arg("cacheSeqlens")?,
+        )
+    };
     Ok(Args {
-        q: q.arg("q")?,
-        kv: kv_cache.arg("kvCache")?,
-        block_table: block_table.arg("blockTable")?,
-        seqlens: cache_seqlens.arg("cacheSeqlens")?,
+        q,
+        kv,
+        block_table,
+        seqlens,
         plan: match plan {
-            Some(p) => Some(p.get()?.clone()),
+            Some(p) => Some(unsafe { handles::plan(p, "plan")? }.get()?.clone()),
             None => None,
         },
         opts: DecodeOptions {
@@ -86,11 +98,11 @@ fn to_js(r: mla_core::DecodeOutput) -> DecodeResult {
 #[napi(ts_return_type = "Promise<DecodeResult>")]
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
-    q: &Tensor,
-    kv_cache: &Tensor,
-    block_table: &Tensor,
-    cache_seqlens: &Tensor,
-    plan: Option<&Plan>,
+    q: u32,
+    kv_cache: u32,
+    block_table: u32,
+    cache_seqlens: u32,
+    plan: Option<u32>,
     causal: Option<bool>,
     softmax_scale: Option<f64>,
     label: Option<String>,
@@ -120,11 +132,11 @@ pub fn decode(
 #[napi]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_enqueue(
-    q: &Tensor,
-    kv_cache: &Tensor,
-    block_table: &Tensor,
-    cache_seqlens: &Tensor,
-    plan: Option<&Plan>,
+    q: u32,
+    kv_cache: u32,
+    block_table: u32,
+    cache_seqlens: u32,
+    plan: Option<u32>,
     causal: Option<bool>,
     softmax_scale: Option<f64>,
     label: Option<String>,
@@ -154,11 +166,11 @@ pub fn poll_step(out: &Tensor, step: i64) -> Result<bool> {
 #[napi]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_sync(
-    q: &Tensor,
-    kv_cache: &Tensor,
-    block_table: &Tensor,
-    cache_seqlens: &Tensor,
-    plan: Option<&Plan>,
+    q: u32,
+    kv_cache: u32,
+    block_table: u32,
+    cache_seqlens: u32,
+    plan: Option<u32>,
     causal: Option<bool>,
     softmax_scale: Option<f64>,
     label: Option<String>,
@@ -177,22 +189,26 @@ pub fn decode_sync(
 #[napi]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_into(
-    q: &Tensor,
-    kv_cache: &Tensor,
-    block_table: &Tensor,
-    cache_seqlens: &Tensor,
-    plan: Option<&Plan>,
+    q: u32,
+    kv_cache: u32,
+    block_table: u32,
+    cache_seqlens: u32,
+    plan: Option<u32>,
     causal: Option<bool>,
     softmax_scale: Option<f64>,
     label: Option<String>,
     batch_invariant: Option<bool>,
-    out: &mut Tensor,
-    lse: &mut Tensor,
+    out: u32,
+    lse: u32,
 ) -> Result<i64> {
     mla_core::trace::mark("native:enter");
     let a = args(q, kv_cache, block_table, cache_seqlens, plan, causal, softmax_scale, label, batch_invariant)?;
-    let out = out.owned_mut("out")?;
-    let lse = lse.owned_mut("lse")?;
+    if out == lse {
+        return Err(err(ErrorCode::InvalidArgument, "out, lse: expected two distinct tensors, got the same one twice"));
+    }
+    // SAFETY: two distinct tensors (one id per object), used within this call only, which
+    // runs no JS; no other reference to them is held (`args` cloned the inputs' sources).
+    let (out, lse) = unsafe { (handles::tensor_mut(out, "out")?.owned_mut("out")?, handles::tensor_mut(lse, "lse")?.owned_mut("lse")?) };
     let plans: Vec<&Arc<SharedPlan>> = a.plan.iter().collect();
     with_all(&[&a.q, &a.kv, &a.block_table, &a.seqlens], &plans, |t, p| {
         core(|| mla_core::decode::enqueue_into_auto(t[0], t[1], t[2], t[3], p.first().copied(), &a.opts, out, lse))

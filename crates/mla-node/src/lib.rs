@@ -18,6 +18,7 @@ mod convert;
 mod decode;
 mod device;
 mod error;
+mod handles;
 mod plan;
 mod step;
 mod task;

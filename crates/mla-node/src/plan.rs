@@ -6,6 +6,7 @@ use mla_core::{ErrorCode, SharedPlan};
 use napi_derive::napi;
 
 use crate::error::{core, disposed, err, Result};
+use crate::handles;
 use crate::tensor::{with_all, Tensor, TensorSrc};
 
 /// Native side of `Plan` in src/plan.ts: a handle to a core `SharedPlan` (its tensor views and
@@ -14,14 +15,24 @@ use crate::tensor::{with_all, Tensor, TensorSrc};
 #[napi]
 pub struct Plan {
     inner: Option<Arc<SharedPlan>>,
+    /// Its id in `handles` (0: not registered).
+    pub(crate) slot: u32,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        if self.slot != 0 {
+            crate::handles::release(self.slot);
+        }
+    }
 }
 
 impl Plan {
     pub fn wrap(p: mla_core::Plan) -> Plan {
-        Plan { inner: Some(Arc::new(SharedPlan::new(p))) }
+        Plan::from_arc(Arc::new(SharedPlan::new(p)))
     }
     pub fn from_arc(p: Arc<SharedPlan>) -> Plan {
-        Plan { inner: Some(p) }
+        Plan { inner: Some(p), slot: 0 }
     }
     pub fn get(&self) -> Result<&Arc<SharedPlan>> {
         self.inner.as_ref().ok_or_else(|| disposed("plan"))
@@ -66,25 +77,6 @@ impl Plan {
         Ok(Tensor::view(TensorSrc::PlanNumSplits(self.get()?.clone())))
     }
 
-    /// `mla_core::Plan::replan`: re-plans in place for new lengths (a [b] int32 tensor on the
-    /// plan's device), with the plan's options (a batch-invariant plan stays one); returns
-    /// the step id (on CUDA the plan kernel is enqueued).
-    #[napi]
-    pub fn update(&self, cache_seqlens: &Tensor) -> Result<i64> {
-        mla_core::trace::mark("native:enter");
-        let p = self.get()?.clone();
-        let src = cache_seqlens.arg("cacheSeqlens")?;
-        if let TensorSrc::PlanMetadata(q) | TensorSrc::PlanNumSplits(q) = &src {
-            if Arc::ptr_eq(q, &p) {
-                return Err(err(ErrorCode::InvalidArgument, "cacheSeqlens: expected a lengths tensor, got a view of this plan's own metadata"));
-            }
-        }
-        with_all(&[&src], &[], |t, _| core(|| p.replan(t[0]))).map(|id| {
-            mla_core::trace::mark("native:exit");
-            id as i64
-        })
-    }
-
     #[napi(getter)]
     pub fn disposed(&self) -> bool {
         self.inner.is_none()
@@ -94,6 +86,26 @@ impl Plan {
     pub fn dispose(&mut self) {
         self.inner = None;
     }
+}
+
+/// `mla_core::Plan::replan` (`Plan.update` in src/plan.ts): re-plans `plan` in place for new
+/// lengths (`cache_seqlens`, a [b] int32 tensor on the plan's device), with the plan's
+/// options (a batch-invariant plan stays one); returns the step id (on CUDA the plan kernel
+/// is enqueued). Both are ids (`handles`): this is on the serving path.
+#[napi]
+pub fn plan_update(plan: u32, cache_seqlens: u32) -> Result<i64> {
+    mla_core::trace::mark("native:enter");
+    // SAFETY: used within this call only, which runs no JS.
+    let (p, src) = unsafe { (handles::plan(plan, "plan")?.get()?.clone(), handles::tensor(cache_seqlens, "cacheSeqlens")?.arg("cacheSeqlens")?) };
+    if let TensorSrc::PlanMetadata(q) | TensorSrc::PlanNumSplits(q) = &src {
+        if Arc::ptr_eq(q, &p) {
+            return Err(err(ErrorCode::InvalidArgument, "cacheSeqlens: expected a lengths tensor, got a view of this plan's own metadata"));
+        }
+    }
+    with_all(&[&src], &[], |t, _| core(|| p.replan(t[0]))).map(|id| {
+        mla_core::trace::mark("native:exit");
+        id as i64
+    })
 }
 
 /// One named field of a scheduling-metadata row (`mla_core::plan::SchedMeta`).

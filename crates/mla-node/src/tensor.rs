@@ -198,14 +198,24 @@ pub fn with_locked<R>(
 #[napi]
 pub struct Tensor {
     src: Option<TensorSrc>,
+    /// Its id in `handles` (0: not registered).
+    pub(crate) slot: u32,
+}
+
+impl Drop for Tensor {
+    fn drop(&mut self) {
+        if self.slot != 0 {
+            crate::handles::release(self.slot);
+        }
+    }
 }
 
 impl Tensor {
     pub fn owned(t: mla_core::Tensor) -> Tensor {
-        Tensor { src: Some(TensorSrc::Owned(Arc::new(t))) }
+        Tensor::view(TensorSrc::Owned(Arc::new(t)))
     }
     pub fn view(src: TensorSrc) -> Tensor {
-        Tensor { src: Some(src) }
+        Tensor { src: Some(src), slot: 0 }
     }
     pub fn src(&self) -> Result<&TensorSrc> {
         self.src.as_ref().ok_or_else(|| disposed("tensor"))
