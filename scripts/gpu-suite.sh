@@ -137,6 +137,30 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
       ((${#csvs[@]})) && python3 bench/report.py classes "${csvs[@]}" | tee "$OUT/bench-classes.md"
       # Many rounds: the CSVs in one archive (the device tool brings back few files).
       if (( ${ROUNDS:-1} > 1 )); then (cd "$OUT" && tar -czf bench-csv.tgz bench-*.csv && rm -f bench-*.csv); fi ;;
+    # Binaries of scripts/build-variants.sh (BENCH_BINS="a b ..."), ROUNDS times in
+    # alternation, each a full run with its SM clock; the classes table against the first.
+    # Everything of the stage goes into bench-bins.tgz (the device tool brings back few files).
+    bench-bins)
+      mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
+      csvs=()
+      for ((r = 1; r <= ${ROUNDS:-1}; r++)); do for v in ${BENCH_BINS:-}; do
+        name=bin-$v-r$r
+        nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$OUT/clock-$name.txt" 2>/dev/null &
+        smi=$!
+        run_stage "$name" ".device/bin/gpu_bench_$v" --matmul-tflops "${mm:-nan}" --csv "$OUT/$name.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
+        kill $smi 2>/dev/null
+        awk -F', *' '$1 > 1000 {n++; s += $1; if (!lo || $1 < lo) lo = $1} END {if (n) printf "SM clock under load: mean %.0f MHz, min %d (%d samples)\n", s / n, lo, n}' "$OUT/clock-$name.txt" | tee -a "$OUT/$name.log"
+        [[ -f "$OUT/$name.csv" ]] && csvs+=("$OUT/$name.csv")
+      done; done
+      ((${#csvs[@]})) && python3 bench/report.py classes "${csvs[@]}" | tee "$OUT/bench-bins-classes.md"
+      (cd "$OUT" && tar -czf bench-bins.tgz bin-*.csv bin-*.log clock-bin-*.txt bench-bins-classes.md 2>/dev/null && rm -f bin-*.csv clock-bin-*.txt) ;;
+    # The per-phase clocks of timing builds (PHASE_BINS, from build-variants.sh with
+    # -DMLA_PHASE_TIMING=1) on PHASE_FILTERS (gpu_bench --filter prefixes): phases.txt.
+    phases)
+      for v in ${PHASE_BINS:-}; do for f in ${PHASE_FILTERS:-grid/1/4096/64/0 grid/1/4096/128/0 mtp/4/4096/128 grid/1/16384/128/0}; do
+        ".device/bin/gpu_bench_$v" --filter "$f" --reps 10 2>&1 | grep -E "^phases" | sed "s|^|$v |"
+      done; done | tee "$OUT/phases.txt"
+      result[phases]="done" ;;
     # The benchmark on the forced portable path (what the workstation GPUs run, here on
     # Hopper's bandwidth: for the record, not a target).
     bench-portable)
@@ -210,7 +234,7 @@ done
 
 echo
 echo "=== summary"
-for s in info sass rust pipeline multi invariant-default invariant-tma invariant-ws invariant-portable memcheck-invariant racecheck-invariant synccheck-invariant bench-invariant rust-portable pipeline-portable memcheck-portable racecheck-portable synccheck-portable memcheck-pipeline-portable rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device bench-multi bench-portable ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for n in $(bench_names); do echo bench-$n; done); do
+for s in phases info sass rust pipeline multi invariant-default invariant-tma invariant-ws invariant-portable memcheck-invariant racecheck-invariant synccheck-invariant bench-invariant rust-portable pipeline-portable memcheck-portable racecheck-portable synccheck-portable memcheck-pipeline-portable rust-tma rust-pdl racecheck-pdl bench-pdl rust-ws pipeline-ws memcheck-ws racecheck-ws synccheck-ws bench-cli bench-host bench-host-breakdown bench-host-ab rust-flags-device bench-multi bench-portable ${VARIANTS:+$(for v in $VARIANTS; do echo rust-$v memcheck-$v racecheck-$v; done)} memcheck racecheck synccheck memcheck-pipeline racecheck-pipeline ts matmul $(for n in $(bench_names); do echo bench-$n; done) $(for ((r = 1; r <= ${ROUNDS:-1}; r++)); do for v in ${BENCH_BINS:-}; do echo bin-$v-r$r; done; done); do
   [[ -n "${result[$s]:-}" ]] && printf '%-26s %s\n' "$s" "${result[$s]}"
 done
 grep -H "test result\|passed\|failed" "$OUT"/rust*.log "$OUT"/pipeline*.log "$OUT"/ts.log 2>/dev/null | tail -12
