@@ -47,29 +47,6 @@ constexpr int STAGES = 2;
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 2 * 128 * 232 + 128 * 40 = 384 * 168
 constexpr float LAZY_TAU = 8.f;  // log2 units the reference max may lag a row's true max
 
-#ifndef MLA_WS_EX2_SPLIT
-#define MLA_WS_EX2_SPLIT 0
-#endif
-#ifndef MLA_WS_STMATRIX
-#define MLA_WS_STMATRIX 0
-#endif
-// EXPERIMENT (MLA_WS_EX2_SPLIT): 2^x on the FMA pipe, for half of the softmax's exponentials
-// (the MUFU pipe runs one ex2 warp-instruction per 8 clk per SMSP): round(x) into the
-// exponent bits, a Chebyshev cubic for 2^f, f in [-0.5, 0.5] (relative error 1e-4, under
-// bf16's rounding of P); 0 below 2^-126, as ex2.approx.ftz gives for a masked key (-inf).
-__device__ __forceinline__ float ex2_fma(float x) {
-    const float t = fmaxf(x, -127.f) + 12582912.f;  // 1.5 * 2^23: round(x) in the low bits
-    const float f = fmaxf(x, -127.f) - (t - 12582912.f);
-    const float q = fmaf(fmaf(fmaf(0.0558382829f, f, 0.242639479f), f, 0.693136734f), f, 0.999924557f);
-    const float r = __int_as_float(__float_as_int(q) + (__float_as_int(t) << 23));
-    return x < -126.f ? 0.f : r;
-}
-// EXPERIMENT (MLA_WS_STMATRIX): four 8 x 8 b16 matrices from registers to shared memory, one
-// row address per thread (threads 8m .. 8m + 7: matrix m's rows).
-__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
-}
-
 __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
     return (chunk >> 3) * REGION + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
 }
@@ -349,13 +326,8 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
                 for (int i = 0; i < 32; i += 4) {
-#if MLA_WS_EX2_SPLIT
-                    const float p00 = ex2_approx(fmaf(s[i], c, -u0)), p01 = ex2_fma(fmaf(s[i + 1], c, -u0));
-                    const float p10 = ex2_approx(fmaf(s[i + 2], c, -u1)), p11 = ex2_fma(fmaf(s[i + 3], c, -u1));
-#else
                     const float p00 = ex2_approx(fmaf(s[i], c, -u0)), p01 = ex2_approx(fmaf(s[i + 1], c, -u0));
                     const float p10 = ex2_approx(fmaf(s[i + 2], c, -u1)), p11 = ex2_approx(fmaf(s[i + 3], c, -u1));
-#endif
                     ps0 += p00 + p01;
                     ps1 += p10 + p11;
                     pa[i >> 1] = Ty<T>::pack(p00, p01);      // row0, keys 8j + 2t
@@ -374,23 +346,12 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 pc.lap(5);
                 char* sp = p_in_stage ? smem + L::KV + ring.slot() * TILE + 8 * REGION : smem + L::P;
                 float* const scale_s = scale0 + ring.slot() * M;
-#if MLA_WS_STMATRIX
-                {
-                    // Matrix m of each x4: rows 8 (m & 1) .. + 7 of this warp's 16, keys 8 (j + (m >> 1)) .. + 7.
-                    const int m = lane >> 3, r = 16 * wl + 8 * (m & 1) + (lane & 7);
-                    const uint32_t sp_addr = smem_u32(sp);
-#pragma unroll
-                    for (int j = 0; j < 8; j += 2)
-                        stmatrix_x4(sp_addr + tile_off(r, j + (m >> 1)), pa[2 * j], pa[2 * j + 1], pa[2 * j + 2], pa[2 * j + 3]);
-                }
-#else
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     const int key = j * 8 + t4 * 2;
                     *reinterpret_cast<uint32_t*>(sp + tile_off(row0, key >> 3) + (key & 7) * 2) = pa[2 * j];
                     *reinterpret_cast<uint32_t*>(sp + tile_off(row1, key >> 3) + (key & 7) * 2) = pa[2 * j + 1];
                 }
-#endif
                 if (t4 == 0) {
                     scale_s[row0] = a0;
                     scale_s[row1] = a1;
