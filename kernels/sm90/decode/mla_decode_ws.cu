@@ -421,7 +421,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 pc.lap(1);
                 wgmma_wait<0>();
                 pc.lap(2);
-                mbar_arrive(p_free);  // waited for only without clusters
+                mbar_arrive(p_free);  // waited for only without clusters (synccheck flags that: BENCHMARKS.md row 24)
                 release(ring.slot());
                 ring.step();
                 pc.lap(3);
