@@ -25,6 +25,20 @@ run_stage() {  # name, command...
   tail -n 25 "$OUT/$name.log"
 }
 
+# run_stage with the SM clock sampled by nvidia-smi every 100 ms into $OUT/clock-CLOCK.txt
+# and summarised at the end of the stage's log: run_clocked CLOCK STAGE command...
+run_clocked() {
+  local clock=$1 stage=$2; shift 2
+  nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$OUT/clock-$clock.txt" 2>/dev/null &
+  local smi=$!
+  run_stage "$stage" "$@"
+  kill $smi 2>/dev/null
+  awk -F', *' '$1 > 1000 {n++; s += $1; if (!lo || $1 < lo) lo = $1; if ($1 > hi) hi = $1} END {if (n) printf "SM clock under load: mean %.0f MHz, min %d, max %d (%d samples)\n", s / n, lo, hi, n}' "$OUT/clock-$clock.txt" | tee -a "$OUT/$stage.log"
+}
+
+# The matmul stage's TFLOP/s (empty before it has run), for the bench's floor.
+matmul_tflops() { grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true; }
+
 # The bench stage's run name of variant $1 in round $2 (a suffix only when ROUNDS > 1), and
 # every run's, the variants of BENCH_VARIANTS ROUNDS times in alternation.
 bench_name() { if (( ${ROUNDS:-1} > 1 )); then echo "$1-r$2"; else echo "$1"; fi; }
@@ -115,7 +129,7 @@ for _ in range(10):
     s.record(); a@b; e.record(); e.synchronize(); ts.append(s.elapsed_time(e))
 ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e12))' ;;
     bench)
-      mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" | grep -o '^[0-9]*' || true)
+      mm=$(matmul_tflops)
       # A variant is a kernel name (MLA_DECODE_KERNEL); ENV_<variant> (dashes as
       # underscores) may hold more VAR=value settings for it, e.g. ENV_ws_a="MLA_X=1".
       # ROUNDS=N runs the variants N times in alternation (names -r1 .. -rN): compare them
@@ -125,12 +139,8 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
         name=$(bench_name "$v" "$r")
         extra=ENV_${v//-/_}
         knobs=(MLA_DECODE_KERNEL=${v%%-*} ${!extra:-})
-        # The SM clock while the bench runs (sampled every 100 ms), summarised in the log.
-        nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$OUT/clock-$name.txt" 2>/dev/null &
-        smi=$!
-        run_stage "bench-$name" env "${knobs[@]}" .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-$name.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
-        kill $smi 2>/dev/null
-        awk -F', *' '$1 > 1000 {n++; s += $1; if (!lo || $1 < lo) lo = $1; if ($1 > hi) hi = $1} END {if (n) printf "SM clock under load: mean %.0f MHz, min %d, max %d (%d samples)\n", s / n, lo, hi, n}' "$OUT/clock-$name.txt" | tee -a "$OUT/bench-$name.log"
+        # The SM clock while the bench runs, summarised in the log.
+        run_clocked "$name" "bench-$name" env "${knobs[@]}" .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-$name.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
         [[ -f "$OUT/bench-$name.csv" ]] && csvs+=("$OUT/bench-$name.csv")
       done; done
       # Speed-up by row class, each run against the first (bench/report.py classes).
@@ -141,15 +151,11 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
     # alternation, each a full run with its SM clock; the classes table against the first.
     # Everything of the stage goes into bench-bins.tgz (the device tool brings back few files).
     bench-bins)
-      mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
+      mm=$(matmul_tflops)
       csvs=()
       for ((r = 1; r <= ${ROUNDS:-1}; r++)); do for v in ${BENCH_BINS:-}; do
         name=bin-$v-r$r
-        nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$OUT/clock-$name.txt" 2>/dev/null &
-        smi=$!
-        run_stage "$name" ".device/bin/gpu_bench_$v" --matmul-tflops "${mm:-nan}" --csv "$OUT/$name.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
-        kill $smi 2>/dev/null
-        awk -F', *' '$1 > 1000 {n++; s += $1; if (!lo || $1 < lo) lo = $1} END {if (n) printf "SM clock under load: mean %.0f MHz, min %d (%d samples)\n", s / n, lo, n}' "$OUT/clock-$name.txt" | tee -a "$OUT/$name.log"
+        run_clocked "$name" "$name" ".device/bin/gpu_bench_$v" --matmul-tflops "${mm:-nan}" --csv "$OUT/$name.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
         [[ -f "$OUT/$name.csv" ]] && csvs+=("$OUT/$name.csv")
       done; done
       ((${#csvs[@]})) && python3 bench/report.py classes "${csvs[@]}" | tee "$OUT/bench-bins-classes.md"
@@ -164,7 +170,7 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
     # The benchmark on the forced portable path (what the workstation GPUs run, here on
     # Hopper's bandwidth: for the record, not a target).
     bench-portable)
-      mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
+      mm=$(matmul_tflops)
       run_stage bench-portable env MLA_FORCE_PORTABLE=1 .device/bin/gpu_bench --matmul-tflops "${mm:-nan}" --csv "$OUT/bench-portable.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-} ;;
     # The cost of batch-invariant plans: each configuration with an invariant plan and,
     # on the same inputs (timed runs alternating), the default plan; writes
@@ -172,18 +178,14 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
     # mean of vs_default (target <= 1.10). INVARIANT_CHUNKS="16 64" also runs those chunk
     # sizes (MLA_INVARIANT_CHUNK_BLOCKS), into bench-invariant-c<N>.csv.
     bench-invariant)
-      mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
+      mm=$(matmul_tflops)
       for c in default ${INVARIANT_CHUNKS:-}; do
         if [[ $c == default ]]; then name=bench-invariant; chunk=(); else name=bench-invariant-c$c; chunk=(MLA_INVARIANT_CHUNK_BLOCKS=$c); fi
-        nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$OUT/clock-$name.txt" 2>/dev/null &
-        smi=$!
-        run_stage "$name" env "${chunk[@]}" .device/bin/gpu_bench --batch-invariant --matmul-tflops "${mm:-nan}" --csv "$OUT/$name.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
-        kill $smi 2>/dev/null
-        awk -F', *' '$1 > 1000 {n++; s += $1; if (!lo || $1 < lo) lo = $1; if ($1 > hi) hi = $1} END {if (n) printf "SM clock under load: mean %.0f MHz, min %d, max %d (%d samples)\n", s / n, lo, hi, n}' "$OUT/clock-$name.txt" | tee -a "$OUT/$name.log"
+        run_clocked "$name" "$name" env "${chunk[@]}" .device/bin/gpu_bench --batch-invariant --matmul-tflops "${mm:-nan}" --csv "$OUT/$name.csv" --anchors "$ANCHORS" ${BENCH_ARGS:-}
       done ;;
     # The user-facing command (TypeScript CLI over the same core): CSV + SVG chart.
     bench-cli)
-      mm=$(grep -o '[0-9]* TFLOP/s' "$OUT/matmul.log" 2>/dev/null | grep -o '^[0-9]*' || true)
+      mm=$(matmul_tflops)
       run_stage bench-cli bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --no-progress --out '$OUT/cli' --anchors ../anchors/$(basename "$ANCHORS") ${mm:+--matmul-tflops $mm} ${BENCH_ARGS:-}" ;;
     # Several GPUs at once (issue 12): the grid shape h_q 16, s_q 1, mean 16384 (fixed and
     # variable lengths) on every GPU present, after GPU 0 alone; the total row's scaling is

@@ -24,9 +24,9 @@ template <int N>
 struct PhaseClock {
 #if MLA_PHASE_TIMING
     // The last mark lives in shared memory (`mark`, one word per warp: its lanes run in
-    // step, and only lane 0's sums are kept): in a register,
-    // ptxas rematerialised it across the wgmma issue by reading the clock again (its
-    // register was wanted for an accumulator), and the time between the two reads was lost.
+    // step, and only lane 0's sums are kept): in a register, ptxas rematerialised it across
+    // the wgmma issue by reading the clock again (its register was wanted for an
+    // accumulator), and the time between the two reads was lost.
     volatile uint32_t* mark;
     uint32_t acc[N] = {};
     __device__ __forceinline__ static uint32_t now() {

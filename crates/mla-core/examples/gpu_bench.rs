@@ -55,6 +55,7 @@ fn main() -> mla_core::Result<()> {
     let filters: Vec<&str> = filter.split(',').collect();
     let matmul_tflops: f64 = opt("--matmul-tflops").and_then(|s| s.parse().ok()).unwrap_or(f64::NAN);
     let reps: usize = opt("--reps").and_then(|s| s.parse().ok()).unwrap_or(30);
+    let idle_ms: Option<f64> = opt("--idle-ms").and_then(|s| s.parse().ok());
     let mut anchors = HashMap::new();
     for p in opt("--anchors").unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
         anchors.extend(load_anchors(&std::fs::read_to_string(p).unwrap_or_default()));
@@ -109,7 +110,7 @@ fn main() -> mla_core::Result<()> {
         phase_clock(&dev, None)?; // a timing build's sums start from this configuration
         let ms = run_config_plans(&dev, &c, DType::BF16, reps, DEFAULT_SEED, &plans)?;
         phase_clock(&dev, Some(&c.label()))?;
-        if let Some(idle_ms) = opt("--idle-ms").and_then(|s| s.parse::<f64>().ok()) {
+        if let Some(idle_ms) = idle_ms {
             let (fill, bare) = mla_core::bench::run_config_after_idle(&dev, &c, reps, idle_ms)?;
             println!("after {idle_ms} ms idle {}: behind a fill {fill:.4} ms, bare {bare:.4} ms (back to back {:.4})", c.label(), ms[0].ms);
         }

@@ -200,13 +200,13 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     float* const scale0 = reinterpret_cast<float*>(smem + L::SCALE);
     float* const inv_s = reinterpret_cast<float*>(smem + L::INV);
     Ring<STAGES> ring;
-    uint32_t segs = 0, blocks_done = 0;  // segments done; blocks whose P WG0 published
+    uint32_t segs = 0;  // segments done
     const bool p_in_stage = cs > 1;
     float o[128];
     // Timing builds (phase_clock.cuh, roles 1 + wg). WG0: 0 PV-left(n - 1) wait + release,
-    // 1 first region wait, 2 rest of S's issue (its region waits), 3 S wait, 4 softmax, 5 P-free wait,
-    // 6 publish, 7 rescale + PV-left issue, 8 Q wait, 12 / 13 first / last region landed
-    // after its load's issue. WG1: 0 P wait, 1 rescale + PV-right issue, 2 its wait,
+    // 1 first region wait, 2 rest of S's issue (its region waits), 3 S wait, 4 softmax,
+    // 5 P-free wait, 6 publish, 7 rescale + PV-left issue, 8 Q wait, 12 / 13 first / last
+    // region landed after its load's issue. WG1: 0 P wait, 1 rescale + PV-right issue, 2 its wait,
     // 3 release. Both: 9 segment tail, 10 epilogue, 11 blocks, 14 segments.
     PhaseClock<15> pc;
     pc.start(reinterpret_cast<uint32_t*>(smem + L::MARKS) + warp);
@@ -342,7 +342,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 // P region once WG1 is done with the previous P (one-tile shapes measured 2%
                 // faster so, BENCHMARKS.md row 22).
                 pc.lap(4);
-                if (!p_in_stage && blocks_done > 0) mbar_wait(p_free, (blocks_done - 1) & 1);
+                if (!p_in_stage && ring.i > 0) mbar_wait(p_free, (ring.i - 1) & 1);  // ring.i: blocks published
                 pc.lap(5);
                 char* sp = p_in_stage ? smem + L::KV + ring.slot() * TILE + 8 * REGION : smem + L::P;
                 float* const scale_s = scale0 + ring.slot() * M;
@@ -358,7 +358,6 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 }
                 fence_async_smem();  // P is read by wgmma next
                 mbar_arrive(p_full0 + 8 * ring.slot());
-                ++blocks_done;
                 pc.lap(6);
 
                 // O_left = O_left * a + P V[:, 0:256], P from registers. Accumulator groups 2ks
