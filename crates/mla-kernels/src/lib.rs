@@ -147,8 +147,8 @@ mod tests {
         let want = [
             (MLA_DECODE_BF16_TMA16, "sm_90a", 207_136),
             (MLA_DECODE_FP16_TMA32, "sm_90a", 227_808),
-            (MLA_DECODE_BF16_WS64, "sm_90a", 231_384),
-            (MLA_DECODE_FP16_WS64, "sm_90a", 231_384),
+            (MLA_DECODE_BF16_WS64, "sm_90a", 231_392),
+            (MLA_DECODE_FP16_WS64, "sm_90a", 231_392),
             (MLA_DECODE_BF16_M16, "sm_86", 95_424),
             (MLA_DECODE_FP16_M16, "compute_80", 95_424),
             (MLA_DECODE_BF16_M32, "sm_80", 152_960),

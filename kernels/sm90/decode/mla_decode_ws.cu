@@ -59,8 +59,8 @@ struct Smem {
     static constexpr int P = KV + STAGES * TILE;       // 64 x 64 T, one swizzled region: P without clusters
     static constexpr int SCALE = P + REGION;           // [STAGES][64] f32: a block's rescale factors, by its stage
     static constexpr int INV = SCALE + STAGES * M * 4; // [64] f32: 1 / l at a segment's end
-    static constexpr int BARS = INV + M * 4;           // full[2][9] (one per region), empty[2], q_full, q_empty, p_full[2], p_free, inv_full, inv_free
-    static constexpr int TS = BARS + (STAGES * (D / 64) + 2 * STAGES + 5) * 8;  // timing builds: [STAGES] u32 load issue clocks
+    static constexpr int BARS = INV + M * 4;           // full[2][9] (one per region), empty[2], q_full, q_empty, p_full[2], p_free[2], inv_full, inv_free
+    static constexpr int TS = BARS + (STAGES * (D / 64) + 3 * STAGES + 4) * 8;  // timing builds: [STAGES] u32 load issue clocks
     static constexpr int MARKS = TS + STAGES * 4;  // [THREADS / 32] u32 phase marks, timing builds only
     static constexpr int TOTAL = MLA_PHASE_TIMING ? MARKS + THREADS / 32 * 4 : TS;
     static constexpr int ALLOC = TOTAL + 1024;
@@ -98,7 +98,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     const int r0 = blockIdx.y * M;
     constexpr int NR = D / 64;  // regions per block, each with its full barrier
     const uint32_t full0 = sbase + L::BARS, empty0 = full0 + STAGES * NR * 8;
-    const uint32_t q_full = empty0 + STAGES * 8, q_empty = q_full + 8, p_full0 = q_empty + 8, p_free = p_full0 + STAGES * 8, inv_full = p_free + 8, inv_free = inv_full + 8;
+    const uint32_t q_full = empty0 + STAGES * 8, q_empty = q_full + 8, p_full0 = q_empty + 8, p_free0 = p_full0 + STAGES * 8, inv_full = p_free0 + STAGES * 8, inv_free = inv_full + 8;
     // A cluster (1 x CS x 1) holds row tiles of the same part: they read the same blocks, so
     // each CTA loads 1 / CS of every block and multicasts it to all (rank r: the 64-column
     // regions c with c % CS == r). A stage is then written by every CTA of the cluster, so
@@ -113,7 +113,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
         mbar_init(q_full, 1);
         mbar_init(q_empty, 1);
         for (int s = 0; s < STAGES; ++s) mbar_init(p_full0 + 8 * s, 128);
-        mbar_init(p_free, 128);
+        for (int s = 0; s < STAGES; ++s) mbar_init(p_free0 + 8 * s, 128);
         mbar_init(inv_full, 128);
         mbar_init(inv_free, 128);
         mbar_init_fence();
@@ -204,9 +204,9 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     const bool p_in_stage = cs > 1;
     float o[128];
     // Timing builds (phase_clock.cuh, roles 1 + wg). WG0: 0 PV-left(n - 1) wait + release,
-    // 1 first region wait, 2 rest of S's issue (its region waits), 3 S wait, 4 softmax,
-    // 5 P-free wait, 6 publish, 7 rescale + PV-left issue, 8 Q wait, 12 / 13 first / last
-    // region landed after its load's issue. WG1: 0 P wait, 1 rescale + PV-right issue, 2 its wait,
+    // 1 first region wait, 2 rest of S's issue (its region waits), 3 S wait, 4 softmax, 5 P-free wait,
+    // 6 publish, 7 rescale + PV-left issue, 8 Q wait, 12 / 13 first / last region landed
+    // after its load's issue. WG1: 0 P wait, 1 rescale + PV-right issue, 2 its wait,
     // 3 release. Both: 9 segment tail, 10 epilogue, 11 blocks, 14 segments.
     PhaseClock<15> pc;
     pc.start(reinterpret_cast<uint32_t*>(smem + L::MARKS) + warp);
@@ -342,7 +342,15 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 // P region once WG1 is done with the previous P (one-tile shapes measured 2%
                 // faster so, BENCHMARKS.md row 22).
                 pc.lap(4);
-                if (!p_in_stage && ring.i > 0) mbar_wait(p_free, (ring.i - 1) & 1);  // ring.i: blocks published
+                // P free per stage (WG1 arrives once its PV of the stage's block has retired):
+                // in a cluster, the use of this stage two blocks back (a fresh barrier passes
+                // its first wait), which the ring has ordered already; alone, the block before.
+                if (p_in_stage) {
+                    mbar_wait(p_free0 + 8 * ring.slot(), ring.phase() ^ 1);
+                } else if (ring.i > 0) {
+                    const Ring<STAGES> prev{ring.i - 1};
+                    mbar_wait(p_free0 + 8 * prev.slot(), prev.phase());
+                }
                 pc.lap(5);
                 char* sp = p_in_stage ? smem + L::KV + ring.slot() * TILE + 8 * REGION : smem + L::P;
                 float* const scale_s = scale0 + ring.slot() * M;
@@ -420,7 +428,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 pc.lap(1);
                 wgmma_wait<0>();
                 pc.lap(2);
-                mbar_arrive(p_free);  // waited for only without clusters (synccheck flags that: BENCHMARKS.md row 24)
+                mbar_arrive(p_free0 + 8 * ring.slot());
                 release(ring.slot());
                 ring.step();
                 pc.lap(3);
