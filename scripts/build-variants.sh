@@ -6,8 +6,8 @@
 # copies it to .device/bin/gpu_bench_NAME. Run after scripts/prepare-device.sh (which wipes
 # .device/); then on the device: BENCH_BINS="NAME ..." scripts/gpu-suite.sh bench-bins, or
 # PHASE_BINS=... for the timing builds' per-phase clocks (stage phases). The device tool
-# carries at most 64 MiB: each binary is ~6 MB, so for bench-only calls prepare with
-# --no-node (the node binary is 24 MB).
+# carries at most 64 MiB: each binary is ~6 MB, so pack them with scripts/pack-device.sh
+# (xz: ~0.7 MB each; gpu-suite.sh unpacks) and name .device in the call's carry.
 #   bash scripts/build-variants.sh base="" timed="-DMLA_PHASE_TIMING=1" x="-DMY_SWITCH=1"
 set -euo pipefail
 cd "$(dirname "$0")/.."

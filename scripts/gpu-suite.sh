@@ -14,8 +14,16 @@ OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 stages=${*:-"info sass rust pipeline multi invariant rust-portable rust-tma sanitizer ts matmul bench-cli bench-multi bench-host bench-host-breakdown bench-portable"}
 declare -A result
+# Binaries packed by scripts/pack-device.sh (the device tool carries 64 MiB; xz shrinks them ~10x).
+if [[ -f .device/bins.tar.xz && ! -d .device/bin ]]; then tar -xJf .device/bins.tar.xz -C .device; fi
 export MLA_TEST_DEVICE=cuda
-ANCHORS=${ANCHORS:-.device/anchors/flashmla-h200.csv}
+# FlashMLA's times of the card at hand (the H100 pair when nvidia-smi names an H100).
+if [[ -z ${ANCHORS:-} ]]; then
+  case $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) in
+    *H100*) ANCHORS=.device/anchors/flashmla-h100.csv,.device/anchors/flashmla-h100-beyond.csv ;;
+    *) ANCHORS=.device/anchors/flashmla-h200.csv ;;
+  esac
+fi
 
 run_stage() {  # name, command...
   local name=$1; shift
@@ -98,7 +106,8 @@ for s in $stages; do
       run_stage synccheck compute-sanitizer --tool synccheck --error-exitcode 9 .device/bin/gpu_decode --test-threads=1 --ignored sanitizer_
       # The TMA producer across segment boundaries and splits.
       run_stage memcheck-pipeline compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/gpu_pipeline --test-threads=1
-      run_stage racecheck-pipeline compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_pipeline --test-threads=1 ;;
+      run_stage racecheck-pipeline compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/gpu_pipeline --test-threads=1
+      run_stage synccheck-pipeline compute-sanitizer --tool synccheck --error-exitcode 9 .device/bin/gpu_pipeline --test-threads=1 ;;
     # Batch-invariant decoding (issue 11): gpu_invariant with every decode kernel
     # (INVARIANT_KERNELS, default: the kernel by shape, tma and ws on every shape, and the
     # portable kernel forced),
@@ -167,6 +176,9 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
         ".device/bin/gpu_bench_$v" --filter "$f" --reps 10 2>&1 | grep -E "^phases" | sed "s|^|$v |"
       done; done | tee "$OUT/phases.txt"
       result[phases]="done" ;;
+    # Issue 9's idle-start probe: the SM clock's ramp after idle gaps, and a fixed kernel's
+    # event time by shared memory and what came before (scripts/probes/idle_start.cu).
+    probe-idle) run_stage probe-idle bash -c 'nvcc -O2 -arch=sm_90a -o /tmp/idle_start scripts/probes/idle_start.cu && /tmp/idle_start' ;;
     # The benchmark on the forced portable path (what the workstation GPUs run, here on
     # Hopper's bandwidth: for the record, not a target).
     bench-portable)
@@ -186,7 +198,7 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
     # The user-facing command (TypeScript CLI over the same core): CSV + SVG chart.
     bench-cli)
       mm=$(matmul_tflops)
-      run_stage bench-cli bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --no-progress --out '$OUT/cli' --anchors ../anchors/$(basename "$ANCHORS") ${mm:+--matmul-tflops $mm} ${BENCH_ARGS:-}" ;;
+      run_stage bench-cli bash -c "cd .device/pkg && PATH=/tmp/nodebin:\$PATH node dist/cli.js bench --no-progress --out '$OUT/cli' --anchors $(tr , '\n' <<<"$ANCHORS" | xargs -n1 basename | sed 's|^|../anchors/|' | paste -sd,) ${mm:+--matmul-tflops $mm} ${BENCH_ARGS:-}" ;;
     # Several GPUs at once (issue 12): the grid shape h_q 16, s_q 1, mean 16384 (fixed and
     # variable lengths) on every GPU present, after GPU 0 alone; the total row's scaling is
     # the issue's target (two GPUs: >= 1.9x). MULTI_ARGS: more gpu_bench options (--reps N).

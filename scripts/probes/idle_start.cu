@@ -1,0 +1,134 @@
+// Probe (issue 9): why a decode that starts on an idle GPU costs the ws kernel ~10 us more
+// than one queued behind other work. Two suspects, measured apart:
+//  (1) the SM clock ramps up after the device idles: a spin kernel records, every 2000 SM
+//      cycles, the global timer; ns per window gives the clock over the kernel's first 200 us;
+//  (2) the launch itself: a kernel of fixed cycles, with 0 or 227 KiB of dynamic shared memory
+//      (the ws kernel's carveout), timed by events after an idle gap or behind a fill kernel;
+//  (3) the memory side: a kernel that streams 256 MiB, timed after an idle gap, behind a spin
+//      kernel (SMs busy, memory idle) or behind another streaming kernel.
+// Build and run there: nvcc -O2 -arch=sm_90a -o /tmp/idle_start scripts/probes/idle_start.cu && /tmp/idle_start
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <thread>
+#include <vector>
+#include <cuda_runtime.h>
+
+#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); return 1; } } while (0)
+
+constexpr int WINDOWS = 160, WINDOW_CLK = 2000;
+
+__device__ unsigned long long gtimer() { unsigned long long t; asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t)); return t; }
+
+// Every CTA spins; CTA 0's thread 0 records the global timer at each window's end.
+// The launches' dynamic shared memory is reserved, not touched.
+__global__ void ramp(unsigned long long* ts) {
+    long long c0 = clock64();
+    for (int w = 0; w <= WINDOWS; ++w) {
+        while (clock64() - c0 < (long long)w * WINDOW_CLK) {}
+        if (blockIdx.x == 0 && threadIdx.x == 0) ts[w] = gtimer();
+    }
+}
+
+__global__ void spin(long long cycles) {
+    long long c0 = clock64();
+    while (clock64() - c0 < cycles) {}
+}
+
+// Sums 16-byte words of a buffer (grid-stride), so the read cannot be skipped.
+__global__ void stream(const int4* src, size_t n, int* sink) {
+    int acc = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const int4 v = src[i];
+        acc ^= v.x + v.y + v.z + v.w;
+    }
+    if (acc == 0x12345678) *sink = acc;
+}
+
+int main() {
+    int sms = 0;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    const int big = 227 * 1024;
+    CK(cudaFuncSetAttribute(ramp, cudaFuncAttributeMaxDynamicSharedMemorySize, big));
+    CK(cudaFuncSetAttribute(spin, cudaFuncAttributeMaxDynamicSharedMemorySize, big));
+    unsigned long long* d_ts;
+    CK(cudaMalloc(&d_ts, (WINDOWS + 1) * 8));
+    std::vector<unsigned long long> ts(WINDOWS + 1);
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    for (int i = 0; i < 20; ++i) spin<<<sms, 128>>>(200000);  // warm up
+    CK(cudaDeviceSynchronize());
+
+    // (1) the clock over the first WINDOWS * 2000 cycles, by what came before.
+    const char* cases[] = {"back-to-back (behind 25 us of spin)", "after 2 ms idle", "after 20 ms idle", "after 200 ms idle"};
+    const int idle_us[] = {0, 2000, 20000, 200000};
+    for (int c = 0; c < 4; ++c) {
+        double mhz[WINDOWS] = {};
+        const int reps = 5;
+        for (int r = 0; r < reps; ++r) {
+            CK(cudaDeviceSynchronize());
+            if (idle_us[c]) std::this_thread::sleep_for(std::chrono::microseconds(idle_us[c]));
+            else spin<<<sms, 128>>>(45000);
+            ramp<<<sms, 128, big>>>(d_ts);
+            CK(cudaGetLastError());
+            CK(cudaDeviceSynchronize());
+            CK(cudaMemcpy(ts.data(), d_ts, ts.size() * 8, cudaMemcpyDeviceToHost));
+            for (int w = 0; w < WINDOWS; ++w) mhz[w] += WINDOW_CLK * 1e3 / double(ts[w + 1] - ts[w]) / reps;
+        }
+        printf("clock %-38s", cases[c]);
+        const int marks[] = {0, 1, 2, 4, 8, 16, 32, 64, 128, WINDOWS - 1};
+        for (int m : marks) printf(" w%d %.0f", m, mhz[m]);
+        printf(" MHz (window %d clk)\n", WINDOW_CLK);
+    }
+
+    // (2) a fixed 40000-cycle kernel's event time, by shared memory and what came before.
+    for (int smem : {0, big}) {
+        for (int c = 0; c < 3; ++c) {
+            std::vector<float> ms;
+            for (int r = 0; r < 15; ++r) {
+                CK(cudaDeviceSynchronize());
+                if (c == 1) std::this_thread::sleep_for(std::chrono::microseconds(2000));
+                if (c == 0) spin<<<sms, 128>>>(45000);
+                if (c == 2) { std::this_thread::sleep_for(std::chrono::microseconds(2000)); spin<<<sms, 128, smem>>>(45000); }
+                CK(cudaEventRecord(e0));
+                spin<<<sms, 128, smem>>>(40000);
+                CK(cudaEventRecord(e1));
+                CK(cudaEventSynchronize(e1));
+                float t;
+                CK(cudaEventElapsedTime(&t, e0, e1));
+                ms.push_back(t);
+            }
+            std::sort(ms.begin(), ms.end());
+            const char* what[] = {"behind a spin kernel", "after 2 ms idle", "after 2 ms idle + a spin of the same smem"};
+            printf("launch smem %6d B %-42s median %.2f us (min %.2f, max %.2f)\n", smem, what[c], ms[ms.size() / 2] * 1e3, ms.front() * 1e3, ms.back() * 1e3);
+        }
+    }
+    // (3) 256 MiB streamed, by what came before.
+    const size_t words = (256u << 20) / 16;
+    int4* src;
+    int* sink;
+    CK(cudaMalloc(&src, words * 16));
+    CK(cudaMalloc(&sink, 4));
+    CK(cudaMemset(src, 1, words * 16));
+    for (int c = 0; c < 4; ++c) {
+        std::vector<float> ms;
+        for (int r = 0; r < 15; ++r) {
+            CK(cudaDeviceSynchronize());
+            if (c != 0) std::this_thread::sleep_for(std::chrono::microseconds(2000));
+            if (c == 2) spin<<<sms, 128>>>(45000);
+            if (c == 0 || c == 3) stream<<<sms * 8, 512>>>(src, words / 8, sink);
+            CK(cudaEventRecord(e0));
+            stream<<<sms * 8, 512>>>(src, words, sink);
+            CK(cudaEventRecord(e1));
+            CK(cudaEventSynchronize(e1));
+            float t;
+            CK(cudaEventElapsedTime(&t, e0, e1));
+            ms.push_back(t);
+        }
+        std::sort(ms.begin(), ms.end());
+        const char* what[] = {"behind a 32 MiB stream", "after 2 ms idle", "after 2 ms idle + a spin (no memory)", "after 2 ms idle + a 32 MiB stream"};
+        printf("stream 256 MiB %-40s median %.2f us (min %.2f, max %.2f)\n", what[c], ms[ms.size() / 2] * 1e3, ms.front() * 1e3, ms.back() * 1e3);
+    }
+    return 0;
+}
