@@ -176,8 +176,9 @@ ts.sort(); print("bf16 8192^3 matmul: %.0f TFLOP/s" % (2*8192**3/(ts[5]*1e-3)/1e
         ".device/bin/gpu_bench_$v" --filter "$f" --reps 10 2>&1 | grep -E "^phases" | sed "s|^|$v |"
       done; done | tee "$OUT/phases.txt"
       result[phases]="done" ;;
-    # Issue 9's idle-start probe: the SM clock's ramp after idle gaps, and a fixed kernel's
-    # event time by shared memory and what came before (scripts/probes/idle_start.cu).
+    # Issue 9's idle-start probe (scripts/probes/idle_start.cu): the SM clock after idle
+    # gaps, a fixed kernel's event time by shared memory and predecessor, and a streaming
+    # kernel's after idle, behind compute or behind another stream.
     probe-idle) run_stage probe-idle bash -c 'nvcc -O2 -arch=sm_90a -o /tmp/idle_start scripts/probes/idle_start.cu && /tmp/idle_start' ;;
     # The benchmark on the forced portable path (what the workstation GPUs run, here on
     # Hopper's bandwidth: for the record, not a target).
