@@ -46,21 +46,6 @@ constexpr int TILE = D / 64 * REGION;     // 9 regions: Q, or one cache block (7
 constexpr int STAGES = 2;
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 2 * 128 * 232 + 128 * 40 = 384 * 168
 constexpr float LAZY_TAU = 8.f;  // log2 units the reference max may lag a row's true max
-#ifndef MLA_WS_PSPLIT
-#define MLA_WS_PSPLIT 1
-#endif
-// P of a block in PH parts by key (EXPERIMENT, MLA_WS_PSPLIT=2): each part's exponentials,
-// publication and PV k-steps in turn, so the PV of the first half runs under the second
-// half's exponentials instead of the pipe idling through the whole softmax.
-constexpr int PH = MLA_WS_PSPLIT;
-static_assert(PH == 1 || PH == 2 || PH == 4, "P in 1, 2 or 4 parts");
-#ifndef MLA_WS_QREGIONS
-#define MLA_WS_QREGIONS 0
-#endif
-// Q's full barrier per region (EXPERIMENT, MLA_WS_QREGIONS=1): a segment's first S waits for
-// Q region by region as for the block's, and the first segment loads Q before its first block,
-// so the kernel's start waits for two regions rather than for Q and a whole block.
-constexpr int QR = MLA_WS_QREGIONS ? D / 64 : 1;
 
 __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
     return (chunk >> 3) * REGION + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
@@ -74,8 +59,8 @@ struct Smem {
     static constexpr int P = KV + STAGES * TILE;       // 64 x 64 T, one swizzled region: P without clusters
     static constexpr int SCALE = P + REGION;           // [STAGES][64] f32: a block's rescale factors, by its stage
     static constexpr int INV = SCALE + STAGES * M * 4; // [64] f32: 1 / l at a segment's end
-    static constexpr int BARS = INV + M * 4;           // full[2][9] (one per region), empty[2], q_full[QR], q_empty, p_full[2][PH], p_free[2], inv_full, inv_free
-    static constexpr int TS = BARS + (STAGES * (D / 64) + (2 + PH) * STAGES + 3 + QR) * 8;  // timing builds: [STAGES] u32 load issue clocks
+    static constexpr int BARS = INV + M * 4;           // full[2][9] (one per region), empty[2], q_full, q_empty, p_full[2], p_free[2], inv_full, inv_free
+    static constexpr int TS = BARS + (STAGES * (D / 64) + 3 * STAGES + 4) * 8;  // timing builds: [STAGES] u32 load issue clocks
     static constexpr int MARKS = TS + STAGES * 4;  // [THREADS / 32] u32 phase marks, timing builds only
     static constexpr int TOTAL = MLA_PHASE_TIMING ? MARKS + THREADS / 32 * 4 : TS;
     static constexpr int ALLOC = TOTAL + 1024;
@@ -94,12 +79,11 @@ template <> struct Mma<__half> {
     __device__ static void pv_ss(float* d, uint64_t a, uint64_t b) { wgmma_n256t_fp16(d, a, b); }
 };
 
-// O (this warpgroup's 64 x 256 half) += P V-half of the block in `stage`: k-steps of 16 keys,
-// part h of PH.
+// O (this warpgroup's 64 x 256 half) += P V-half of the block in `stage`, 4 k-steps of 16 keys.
 template <typename T>
-__device__ __forceinline__ void issue_pv_ss(float* o, uint32_t p_addr, uint32_t stage, int half, int h) {
+__device__ __forceinline__ void issue_pv_ss(float* o, uint32_t p_addr, uint32_t stage, int half) {
 #pragma unroll
-    for (int ks = h * BS / 16 / PH; ks < (h + 1) * BS / 16 / PH; ++ks)
+    for (int ks = 0; ks < BS / 16; ++ks)
         Mma<T>::pv_ss(o, sw128_desc(p_addr + ks * 32, 16, 1024), sw128_desc(stage + half * 4 * REGION + ks * 16 * 128, REGION, 1024));
 }
 
@@ -114,7 +98,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
     const int r0 = blockIdx.y * M;
     constexpr int NR = D / 64;  // regions per block, each with its full barrier
     const uint32_t full0 = sbase + L::BARS, empty0 = full0 + STAGES * NR * 8;
-    const uint32_t q_full = empty0 + STAGES * 8, q_empty = q_full + 8 * QR, p_full0 = q_empty + 8, p_free0 = p_full0 + STAGES * PH * 8, inv_full = p_free0 + STAGES * 8, inv_free = inv_full + 8;
+    const uint32_t q_full = empty0 + STAGES * 8, q_empty = q_full + 8, p_full0 = q_empty + 8, p_free0 = p_full0 + STAGES * 8, inv_full = p_free0 + STAGES * 8, inv_free = inv_full + 8;
     // A cluster (1 x CS x 1) holds row tiles of the same part: they read the same blocks, so
     // each CTA loads 1 / CS of every block and multicasts it to all (rank r: the 64-column
     // regions c with c % CS == r). A stage is then written by every CTA of the cluster, so
@@ -126,9 +110,9 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
             for (int c = 0; c < NR; ++c) mbar_init(full0 + 8 * (s * NR + c), 1);
             mbar_init(empty0 + 8 * s, 2 * cs);
         }
-        for (int c = 0; c < QR; ++c) mbar_init(q_full + 8 * c, 1);
+        mbar_init(q_full, 1);
         mbar_init(q_empty, 1);
-        for (int s = 0; s < STAGES * PH; ++s) mbar_init(p_full0 + 8 * s, 128);
+        for (int s = 0; s < STAGES; ++s) mbar_init(p_full0 + 8 * s, 128);
         for (int s = 0; s < STAGES; ++s) mbar_init(p_free0 + 8 * s, 128);
         mbar_init(inv_full, 128);
         mbar_init(inv_free, 128);
@@ -188,24 +172,15 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 pc.lap(1);
                 pc.add(3, 1);
             };
-            const auto load_q = [&] {
-                mbar_wait(q_empty, (q_loads & 1) ^ 1);
-                pc.lap(2);
-                if (QR == 1) mbar_arrive_expect_tx(q_full, TILE);
-                else for (int c = 0; c < QR; ++c) mbar_arrive_expect_tx(q_full + 8 * c, REGION);
-#pragma unroll
-                for (int c = 0; c < D / 64; ++c) tma_load_3d(sbase + L::Q + c * REGION, &p.q_map, c * 64, r0, sg.seq, q_full + 8 * (c % QR), q_policy);
-                ++q_loads;
-            };
             // The first block needs a stage the previous segment frees before its last S,
             // Q the consumers free after that S.
-            if (QR > 1 && q_loads == 0) {
-                load_q();
-                load_block(sg.lo);
-            } else {
-                load_block(sg.lo);
-                load_q();
-            }
+            load_block(sg.lo);
+            mbar_wait(q_empty, (q_loads & 1) ^ 1);
+            pc.lap(2);
+            mbar_arrive_expect_tx(q_full, TILE);
+#pragma unroll
+            for (int c = 0; c < D / 64; ++c) tma_load_3d(sbase + L::Q + c * REGION, &p.q_map, c * 64, r0, sg.seq, q_full, q_policy);
+            ++q_loads;
             for (int n = sg.lo + 1; n < sg.hi; ++n) load_block(n);
         });
         // The other CTAs of the cluster arrive on this one's empty barriers until their last
@@ -260,7 +235,6 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
             // past the sequence end (they may hold NaN) before any product reads the stage,
             // and issues S = Q K^T as one commit group.
             const auto issue_s = [&](int n, const Ring<STAGES>& r) {
-                const bool q_wait = QR > 1 && n == sg.lo;  // Q by region
                 const uint32_t stage = sbase + L::KV + r.slot() * TILE;
                 const uint32_t full = full0 + 8 * NR * r.slot();
                 const int valid = len - n * BS;
@@ -278,7 +252,6 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 // runs under the rest of the block's load (BENCHMARKS.md row 10). The first
                 // k-step overwrites S (scale-d 0): no register of S is written while the PV
                 // before it is in flight.
-                if (q_wait) mbar_wait(q_full, segs & 1);
                 mbar_wait(full, r.phase());
                 pc.lap(1);
 #if MLA_PHASE_TIMING
@@ -290,7 +263,6 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
 #pragma unroll
                 for (int kk = 1; kk < D / 16; ++kk) {
                     if ((kk & 3) == 0) {
-                        if (q_wait) mbar_wait(q_full + 8 * (kk >> 2), segs & 1);
                         mbar_wait(full + 8 * (kk >> 2), r.phase());
 #if MLA_PHASE_TIMING
                         if (kk == D / 16 - 4) pc.add(13, pc.now() - issued);
@@ -303,7 +275,7 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 wgmma_commit();
                 pc.lap(2);
             };
-            if (QR == 1) mbar_wait(q_full, segs & 1);
+            mbar_wait(q_full, segs & 1);
             pc.lap(8);
             pc.add(14, 1);
             for (int n = sg.lo; n < sg.hi; ++n) {
@@ -352,20 +324,17 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 m1 = mn1;
                 const float u0 = mn0 == -CUDART_INF_F ? 0.f : mn0, u1 = mn1 == -CUDART_INF_F ? 0.f : mn1;
                 float ps0 = 0.f, ps1 = 0.f;
-                // The exponentials of keys 32 h / PH .. of the 64 (s[32 h / PH ..]: 8 h / PH
-                // key groups of 8), packed as A fragments.
-                const auto exps = [&](int h) {
 #pragma unroll
-                    for (int i = h * 32 / PH; i < (h + 1) * 32 / PH; i += 4) {
-                        const float p00 = ex2_approx(fmaf(s[i], c, -u0)), p01 = ex2_approx(fmaf(s[i + 1], c, -u0));
-                        const float p10 = ex2_approx(fmaf(s[i + 2], c, -u1)), p11 = ex2_approx(fmaf(s[i + 3], c, -u1));
-                        ps0 += p00 + p01;
-                        ps1 += p10 + p11;
-                        pa[i >> 1] = Ty<T>::pack(p00, p01);      // row0, keys 8j + 2t
-                        pa[(i >> 1) + 1] = Ty<T>::pack(p10, p11);  // row1
-                    }
-                };
-                exps(0);
+                for (int i = 0; i < 32; i += 4) {
+                    const float p00 = ex2_approx(fmaf(s[i], c, -u0)), p01 = ex2_approx(fmaf(s[i + 1], c, -u0));
+                    const float p10 = ex2_approx(fmaf(s[i + 2], c, -u1)), p11 = ex2_approx(fmaf(s[i + 3], c, -u1));
+                    ps0 += p00 + p01;
+                    ps1 += p10 + p11;
+                    pa[i >> 1] = Ty<T>::pack(p00, p01);      // row0, keys 8j + 2t
+                    pa[(i >> 1) + 1] = Ty<T>::pack(p10, p11);  // row1
+                }
+                l0 = l0 * a0 + ps0;
+                l1 = l1 * a1 + ps1;
 
                 // Publish P and the factors for WG1, the factors by stage. In a cluster P goes
                 // into the stage's rope region (only S reads it, and S has retired), so the
@@ -386,41 +355,35 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                 char* sp = p_in_stage ? smem + L::KV + ring.slot() * TILE + 8 * REGION : smem + L::P;
                 float* const scale_s = scale0 + ring.slot() * M;
 #pragma unroll
-                for (int h = 0; h < PH; ++h) {
-                    if (h > 0) exps(h);
-#pragma unroll
-                    for (int j = h * 8 / PH; j < (h + 1) * 8 / PH; ++j) {
-                        const int key = j * 8 + t4 * 2;
-                        *reinterpret_cast<uint32_t*>(sp + tile_off(row0, key >> 3) + (key & 7) * 2) = pa[2 * j];
-                        *reinterpret_cast<uint32_t*>(sp + tile_off(row1, key >> 3) + (key & 7) * 2) = pa[2 * j + 1];
-                    }
-                    if (h == 0 && t4 == 0) {
-                        scale_s[row0] = a0;
-                        scale_s[row1] = a1;
-                    }
-                    fence_async_smem();  // P is read by wgmma next
-                    mbar_arrive(p_full0 + 8 * (ring.slot() * PH + h));
-                    if (h == 0) pc.lap(6);
-
-                    // O_left = O_left * a + P V[:, 0:256], P from registers. Accumulator groups
-                    // 2ks and 2ks + 1 (pa[4ks .. 4ks + 3]) are k-step ks's A fragment.
-                    if (h == 0 && !__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) {
-#pragma unroll
-                        for (int i = 0; i < 128; i += 4) {
-                            o[i] *= a0; o[i + 1] *= a0;
-                            o[i + 2] *= a1; o[i + 3] *= a1;
-                        }
-                    }
-                    wgmma_fence();
-#pragma unroll
-                    for (int ks = h * BS / 16 / PH; ks < (h + 1) * BS / 16 / PH; ++ks) {
-                        const uint32_t a[4] = {pa[4 * ks], pa[4 * ks + 1], pa[4 * ks + 2], pa[4 * ks + 3]};
-                        Mma<T>::pv_rs(o, a, sw128_desc(stage + ks * 16 * 128, REGION, 1024));
-                    }
-                    wgmma_commit();
+                for (int j = 0; j < 8; ++j) {
+                    const int key = j * 8 + t4 * 2;
+                    *reinterpret_cast<uint32_t*>(sp + tile_off(row0, key >> 3) + (key & 7) * 2) = pa[2 * j];
+                    *reinterpret_cast<uint32_t*>(sp + tile_off(row1, key >> 3) + (key & 7) * 2) = pa[2 * j + 1];
                 }
-                l0 = l0 * a0 + ps0;
-                l1 = l1 * a1 + ps1;
+                if (t4 == 0) {
+                    scale_s[row0] = a0;
+                    scale_s[row1] = a1;
+                }
+                fence_async_smem();  // P is read by wgmma next
+                mbar_arrive(p_full0 + 8 * ring.slot());
+                pc.lap(6);
+
+                // O_left = O_left * a + P V[:, 0:256], P from registers. Accumulator groups 2ks
+                // and 2ks + 1 (pa[4ks .. 4ks + 3]) are k-step ks's A fragment.
+                if (!__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) {
+#pragma unroll
+                    for (int i = 0; i < 128; i += 4) {
+                        o[i] *= a0; o[i + 1] *= a0;
+                        o[i + 2] *= a1; o[i + 3] *= a1;
+                    }
+                }
+                wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < BS / 16; ++ks) {
+                    const uint32_t a[4] = {pa[4 * ks], pa[4 * ks + 1], pa[4 * ks + 2], pa[4 * ks + 3]};
+                    Mma<T>::pv_rs(o, a, sw128_desc(stage + ks * 16 * 128, REGION, 1024));
+                }
+                wgmma_commit();
                 ring.step();
                 pc.lap(7);
                 pc.add(11, 1);
@@ -448,25 +411,20 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
             pc.add(14, 1);
             for (int n = sg.lo; n < sg.hi; ++n) {
                 const uint32_t stage = sbase + L::KV + ring.slot() * TILE;
+                mbar_wait(p_full0 + 8 * ring.slot(), ring.phase());
+                pc.lap(0);
+                const float* const scale_s = scale0 + ring.slot() * M;
+                const float a0 = scale_s[row0], a1 = scale_s[row1];
+                if (!__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) {
 #pragma unroll
-                for (int h = 0; h < PH; ++h) {
-                    mbar_wait(p_full0 + 8 * (ring.slot() * PH + h), ring.phase());
-                    if (h == 0) {
-                        pc.lap(0);
-                        const float* const scale_s = scale0 + ring.slot() * M;
-                        const float a0 = scale_s[row0], a1 = scale_s[row1];
-                        if (!__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) {
-#pragma unroll
-                            for (int i = 0; i < 128; i += 4) {
-                                o[i] *= a0; o[i + 1] *= a0;
-                                o[i + 2] *= a1; o[i + 3] *= a1;
-                            }
-                        }
+                    for (int i = 0; i < 128; i += 4) {
+                        o[i] *= a0; o[i + 1] *= a0;
+                        o[i + 2] *= a1; o[i + 3] *= a1;
                     }
-                    wgmma_fence();
-                    issue_pv_ss<T>(o, p_in_stage ? stage + 8 * REGION : sbase + L::P, stage, 1, h);
-                    wgmma_commit();
                 }
+                wgmma_fence();
+                issue_pv_ss<T>(o, p_in_stage ? stage + 8 * REGION : sbase + L::P, stage, 1);
+                wgmma_commit();
                 pc.lap(1);
                 wgmma_wait<0>();
                 pc.lap(2);
