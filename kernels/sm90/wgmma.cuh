@@ -39,31 +39,6 @@ __device__ __forceinline__ void wgmma_n64_fp16(float* d, uint64_t da, uint64_t d
         : "l"(da), "l"(db), "n"(ACC));
 }
 
-// S += Q K^T for one k-step with Q's A fragment from registers (RS; B = K K-major from
-// shared memory): the k-steps whose Q is held in registers read only K from shared memory.
-#define MLA_WGMMA_N64_RS(NAME, TY)                                                                                            \
-    __device__ __forceinline__ void NAME(float* d, const uint32_t* a, uint64_t db) {                                           \
-        asm volatile(                                                                                                          \
-            "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                                         \
-            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, " \
-            "{%32,%33,%34,%35}, %36, 1, 1, 1, 0;\n"                                                                           \
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),       \
-              "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),            \
-              "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),           \
-              "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                         \
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));                                                            \
-    }
-MLA_WGMMA_N64_RS(wgmma_n64_rs_bf16, "bf16")
-MLA_WGMMA_N64_RS(wgmma_n64_rs_fp16, "f16")
-#undef MLA_WGMMA_N64_RS
-
-// Four 8 x 8 b16 matrices from shared memory into A-fragment order (lanes 8m .. 8m + 7 give
-// matrix m's row addresses): a 16 x 16 tile as one k-step's A fragment.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
-}
-
 // O += P V with P from registers (the m64n64 score accumulator converted in place: the A
 // fragment of k-step ks is accumulator column groups 2ks and 2ks + 1) and V MN-major.
 __device__ __forceinline__ void wgmma_n256t_rs_bf16(float* d, const uint32_t* a, uint64_t db) {

@@ -46,14 +46,6 @@ constexpr int TILE = D / 64 * REGION;     // 9 regions: Q, or one cache block (7
 constexpr int STAGES = 2;
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 2 * 128 * 232 + 128 * 40 = 384 * 168
 constexpr float LAZY_TAU = 8.f;  // log2 units the reference max may lag a row's true max
-#ifndef MLA_WS_QREGS
-#define MLA_WS_QREGS 0
-#endif
-// EXPERIMENT (MLA_WS_QREGS=N): the last N of S's 36 k-steps with Q's fragment from registers
-// (loaded by ldmatrix once per segment, 4 registers per k-step), so those k-steps read only K
-// from shared memory: 2 KiB fewer bytes per k-step and block (BENCHMARKS.md row 26's count).
-constexpr int NQ = MLA_WS_QREGS;
-static_assert(NQ >= 0 && NQ <= D / 16 - 1, "k-step 0 stays SS (it overwrites S)");
 
 __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
     return (chunk >> 3) * REGION + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
@@ -78,13 +70,11 @@ struct Smem {
 template <typename T> struct Mma;
 template <> struct Mma<__nv_bfloat16> {
     template <int ACC> __device__ static void qk(float* d, uint64_t a, uint64_t b) { wgmma_n64_bf16<ACC>(d, a, b); }
-    __device__ static void qk_rs(float* d, const uint32_t* a, uint64_t b) { wgmma_n64_rs_bf16(d, a, b); }
     __device__ static void pv_rs(float* d, const uint32_t* a, uint64_t b) { wgmma_n256t_rs_bf16(d, a, b); }
     __device__ static void pv_ss(float* d, uint64_t a, uint64_t b) { wgmma_n256t_bf16(d, a, b); }
 };
 template <> struct Mma<__half> {
     template <int ACC> __device__ static void qk(float* d, uint64_t a, uint64_t b) { wgmma_n64_fp16<ACC>(d, a, b); }
-    __device__ static void qk_rs(float* d, const uint32_t* a, uint64_t b) { wgmma_n64_rs_fp16(d, a, b); }
     __device__ static void pv_rs(float* d, const uint32_t* a, uint64_t b) { wgmma_n256t_rs_fp16(d, a, b); }
     __device__ static void pv_ss(float* d, uint64_t a, uint64_t b) { wgmma_n256t_fp16(d, a, b); }
 };
@@ -241,7 +231,6 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
             float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.f, l1 = 0.f;  // running max (log2), partial sums
             float s[32];
             uint32_t pa[16];  // P as A fragments of the 4 k-steps of PV
-            uint32_t qa[NQ > 0 ? NQ : 1][4];  // Q's A fragments of S's last NQ k-steps
             // Waits for block n's stage (ring position r), zero-fills the V part of the rows
             // past the sequence end (they may hold NaN) before any product reads the stage,
             // and issues S = Q K^T as one commit group.
@@ -281,23 +270,12 @@ __device__ void decode_ws(const MlaDecodeParams& p, char* smem_raw) {
                         wgmma_fence();  // after the wait's own registers, as ptxas wants (C7519)
                     }
                     const uint32_t off = (kk >> 2) * REGION + (kk & 3) * 32;
-                    if (kk >= D / 16 - NQ) Mma<T>::qk_rs(s, qa[kk - (D / 16 - NQ)], sw128_desc(stage + off, 16, 1024));
-                    else Mma<T>::template qk<1>(s, sw128_desc(sbase + L::Q + off, 16, 1024), sw128_desc(stage + off, 16, 1024));
+                    Mma<T>::template qk<1>(s, sw128_desc(sbase + L::Q + off, 16, 1024), sw128_desc(stage + off, 16, 1024));
                 }
                 wgmma_commit();
                 pc.lap(2);
             };
             mbar_wait(q_full, segs & 1);
-            if (NQ > 0) {
-                // Matrix m of each x4: rows 8 (m & 1) .. + 7 of this warp's 16, k-step columns
-                // 8 (m >> 1) .. + 7: the RS A fragment (as P's from the accumulator).
-                const int m = lane >> 3, r = 16 * wl + 8 * (m & 1) + (lane & 7);
-#pragma unroll
-                for (int q = 0; q < (NQ > 0 ? NQ : 1); ++q) {
-                    const int kk = D / 16 - NQ + q;
-                    ldmatrix_x4(qa[q], sbase + L::Q + tile_off(r, 2 * kk + (m >> 1)));
-                }
-            }
             pc.lap(8);
             pc.add(14, 1);
             for (int n = sg.lo; n < sg.hi; ++n) {
