@@ -82,28 +82,38 @@ int main() {
         printf(" MHz (window %d clk)\n", WINDOW_CLK);
     }
 
+    // Event time of `run` (a launch) after `prep` (an idle gap, a predecessor), 15 times;
+    // prints the median, min and max. A failed launch ends the probe.
+    const auto timed = [&](const char* what, auto prep, auto run) -> bool {
+        std::vector<float> ms;
+        for (int r = 0; r < 15; ++r) {
+            if (cudaDeviceSynchronize() != cudaSuccess) return false;
+            prep();
+            if (cudaEventRecord(e0) != cudaSuccess) return false;
+            run();
+            if (cudaGetLastError() != cudaSuccess || cudaEventRecord(e1) != cudaSuccess || cudaEventSynchronize(e1) != cudaSuccess) return false;
+            float t;
+            if (cudaEventElapsedTime(&t, e0, e1) != cudaSuccess) return false;
+            ms.push_back(t);
+        }
+        std::sort(ms.begin(), ms.end());
+        printf("%-62s median %.2f us (min %.2f, max %.2f)\n", what, ms[ms.size() / 2] * 1e3, ms.front() * 1e3, ms.back() * 1e3);
+        return true;
+    };
+    const auto idle = [] { std::this_thread::sleep_for(std::chrono::microseconds(2000)); };
+    char what[96];
+
     // (2) a fixed 40000-cycle kernel's event time, by shared memory and what came before.
     for (int smem : {0, big}) {
-        for (int c = 0; c < 3; ++c) {
-            std::vector<float> ms;
-            for (int r = 0; r < 15; ++r) {
-                CK(cudaDeviceSynchronize());
-                if (c == 1) std::this_thread::sleep_for(std::chrono::microseconds(2000));
-                if (c == 0) spin<<<sms, 128>>>(45000);
-                if (c == 2) { std::this_thread::sleep_for(std::chrono::microseconds(2000)); spin<<<sms, 128, smem>>>(45000); }
-                CK(cudaEventRecord(e0));
-                spin<<<sms, 128, smem>>>(40000);
-                CK(cudaEventRecord(e1));
-                CK(cudaEventSynchronize(e1));
-                float t;
-                CK(cudaEventElapsedTime(&t, e0, e1));
-                ms.push_back(t);
-            }
-            std::sort(ms.begin(), ms.end());
-            const char* what[] = {"behind a spin kernel", "after 2 ms idle", "after 2 ms idle + a spin of the same smem"};
-            printf("launch smem %6d B %-42s median %.2f us (min %.2f, max %.2f)\n", smem, what[c], ms[ms.size() / 2] * 1e3, ms.front() * 1e3, ms.back() * 1e3);
-        }
+        const auto run = [&] { spin<<<sms, 128, smem>>>(40000); };
+        snprintf(what, sizeof what, "launch smem %6d B behind a spin kernel", smem);
+        if (!timed(what, [&] { spin<<<sms, 128>>>(45000); }, run)) return 1;
+        snprintf(what, sizeof what, "launch smem %6d B after 2 ms idle", smem);
+        if (!timed(what, idle, run)) return 1;
+        snprintf(what, sizeof what, "launch smem %6d B after 2 ms idle + a spin of the same smem", smem);
+        if (!timed(what, [&] { idle(); spin<<<sms, 128, smem>>>(45000); }, run)) return 1;
     }
+
     // (3) 256 MiB streamed, by what came before.
     const size_t words = (256u << 20) / 16;
     int4* src;
@@ -111,24 +121,11 @@ int main() {
     CK(cudaMalloc(&src, words * 16));
     CK(cudaMalloc(&sink, 4));
     CK(cudaMemset(src, 1, words * 16));
-    for (int c = 0; c < 4; ++c) {
-        std::vector<float> ms;
-        for (int r = 0; r < 15; ++r) {
-            CK(cudaDeviceSynchronize());
-            if (c != 0) std::this_thread::sleep_for(std::chrono::microseconds(2000));
-            if (c == 2) spin<<<sms, 128>>>(45000);
-            if (c == 0 || c == 3) stream<<<sms * 8, 512>>>(src, words / 8, sink);
-            CK(cudaEventRecord(e0));
-            stream<<<sms * 8, 512>>>(src, words, sink);
-            CK(cudaEventRecord(e1));
-            CK(cudaEventSynchronize(e1));
-            float t;
-            CK(cudaEventElapsedTime(&t, e0, e1));
-            ms.push_back(t);
-        }
-        std::sort(ms.begin(), ms.end());
-        const char* what[] = {"behind a 32 MiB stream", "after 2 ms idle", "after 2 ms idle + a spin (no memory)", "after 2 ms idle + a 32 MiB stream"};
-        printf("stream 256 MiB %-40s median %.2f us (min %.2f, max %.2f)\n", what[c], ms[ms.size() / 2] * 1e3, ms.front() * 1e3, ms.back() * 1e3);
-    }
+    const auto stream_all = [&] { stream<<<sms * 8, 512>>>(src, words, sink); };
+    const auto stream_32m = [&] { stream<<<sms * 8, 512>>>(src, words / 8, sink); };
+    if (!timed("stream 256 MiB behind a 32 MiB stream", stream_32m, stream_all)) return 1;
+    if (!timed("stream 256 MiB after 2 ms idle", idle, stream_all)) return 1;
+    if (!timed("stream 256 MiB after 2 ms idle + a spin (no memory)", [&] { idle(); spin<<<sms, 128>>>(45000); }, stream_all)) return 1;
+    if (!timed("stream 256 MiB after 2 ms idle + a 32 MiB stream", [&] { idle(); stream_32m(); }, stream_all)) return 1;
     return 0;
 }
