@@ -1,5 +1,5 @@
 // Probe (issue 9): why a decode that starts on an idle GPU costs the ws kernel ~10 us more
-// than one queued behind other work. Two suspects, measured apart:
+// than one queued behind other work. Three suspects, measured apart:
 //  (1) the SM clock ramps up after the device idles: a spin kernel records, every 2000 SM
 //      cycles, the global timer; ns per window gives the clock over the kernel's first 200 us;
 //  (2) the launch itself: a kernel of fixed cycles, with 0 or 227 KiB of dynamic shared memory
@@ -59,6 +59,7 @@ int main() {
     CK(cudaEventCreate(&e1));
     for (int i = 0; i < 20; ++i) spin<<<sms, 128>>>(200000);  // warm up
     CK(cudaDeviceSynchronize());
+    const auto busy = [&] { spin<<<sms, 128>>>(45000); };  // ~25 us on every SM, no memory
 
     // (1) the clock over the first WINDOWS * 2000 cycles, by what came before.
     const char* cases[] = {"back-to-back (behind 25 us of spin)", "after 2 ms idle", "after 20 ms idle", "after 200 ms idle"};
@@ -69,7 +70,7 @@ int main() {
         for (int r = 0; r < reps; ++r) {
             CK(cudaDeviceSynchronize());
             if (idle_us[c]) std::this_thread::sleep_for(std::chrono::microseconds(idle_us[c]));
-            else spin<<<sms, 128>>>(45000);
+            else busy();
             ramp<<<sms, 128, big>>>(d_ts);
             CK(cudaGetLastError());
             CK(cudaDeviceSynchronize());
@@ -83,17 +84,21 @@ int main() {
     }
 
     // Event time of `run` (a launch) after `prep` (an idle gap, a predecessor), 15 times;
-    // prints the median, min and max. A failed launch ends the probe.
+    // prints the median, min and max. A failed CUDA call is printed and ends the probe.
     const auto timed = [&](const char* what, auto prep, auto run) -> bool {
+        const auto ok = [&](cudaError_t e) {
+            if (e != cudaSuccess) printf("CUDA %s in '%s'\n", cudaGetErrorString(e), what);
+            return e == cudaSuccess;
+        };
         std::vector<float> ms;
         for (int r = 0; r < 15; ++r) {
-            if (cudaDeviceSynchronize() != cudaSuccess) return false;
+            if (!ok(cudaDeviceSynchronize())) return false;
             prep();
-            if (cudaEventRecord(e0) != cudaSuccess) return false;
+            if (!ok(cudaEventRecord(e0))) return false;
             run();
-            if (cudaGetLastError() != cudaSuccess || cudaEventRecord(e1) != cudaSuccess || cudaEventSynchronize(e1) != cudaSuccess) return false;
+            if (!ok(cudaGetLastError()) || !ok(cudaEventRecord(e1)) || !ok(cudaEventSynchronize(e1))) return false;
             float t;
-            if (cudaEventElapsedTime(&t, e0, e1) != cudaSuccess) return false;
+            if (!ok(cudaEventElapsedTime(&t, e0, e1))) return false;
             ms.push_back(t);
         }
         std::sort(ms.begin(), ms.end());
@@ -107,7 +112,7 @@ int main() {
     for (int smem : {0, big}) {
         const auto run = [&] { spin<<<sms, 128, smem>>>(40000); };
         snprintf(what, sizeof what, "launch smem %6d B behind a spin kernel", smem);
-        if (!timed(what, [&] { spin<<<sms, 128>>>(45000); }, run)) return 1;
+        if (!timed(what, busy, run)) return 1;
         snprintf(what, sizeof what, "launch smem %6d B after 2 ms idle", smem);
         if (!timed(what, idle, run)) return 1;
         snprintf(what, sizeof what, "launch smem %6d B after 2 ms idle + a spin of the same smem", smem);
@@ -125,7 +130,7 @@ int main() {
     const auto stream_32m = [&] { stream<<<sms * 8, 512>>>(src, words / 8, sink); };
     if (!timed("stream 256 MiB behind a 32 MiB stream", stream_32m, stream_all)) return 1;
     if (!timed("stream 256 MiB after 2 ms idle", idle, stream_all)) return 1;
-    if (!timed("stream 256 MiB after 2 ms idle + a spin (no memory)", [&] { idle(); spin<<<sms, 128>>>(45000); }, stream_all)) return 1;
+    if (!timed("stream 256 MiB after 2 ms idle + a spin (no memory)", [&] { idle(); busy(); }, stream_all)) return 1;
     if (!timed("stream 256 MiB after 2 ms idle + a 32 MiB stream", [&] { idle(); stream_32m(); }, stream_all)) return 1;
     return 0;
 }

@@ -19,10 +19,10 @@
 //       BENCHMARKS.md row 9); each producer then loads half of every block's regions and
 //       multicasts them to both CTAs, and a stage is free once both CTAs' consumers are done.
 // Handshakes: full per region and empty per stage (empty counts WG0 and WG1 of every CTA
-// of the cluster), Q full / empty, P full per stage (128 WG0 arrivals; the factors by
-// stage; in a cluster P lives in the stage's rope region, so the ring frees both, alone in
-// the P region behind P free, 128 WG1 arrivals), and at a segment's end inverse full /
-// free, where WG0 hands WG1 the row sums' inverses.
+// of the cluster), Q full / empty, P full and P free per stage (128 WG0 / WG1 arrivals; the
+// factors by stage; in a cluster P lives in the stage's rope region, alone in the P region,
+// which P free guards), and at a segment's end inverse full / free, where WG0 hands WG1 the
+// row sums' inverses.
 //
 // Untrusted input as in the other kernels: a bad block index never becomes a TMA
 // coordinate (its stage is zero-filled, MLA_ERR_BLOCK_INDEX); rows past the sequence end
